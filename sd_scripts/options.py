@@ -1,0 +1,491 @@
+"""THE option schema: every training option is declared here once, and nowhere else.
+
+The trainers' argparse parsers, the `--config_file` TOML they read, the GUI's widgets and `config.toml` defaults,
+preset keys and validation are all generated from `OPTIONS`. This module must stay torch-free (the GUI imports it).
+
+Names, meanings and defaults follow kohya-ss/sd-scripts so that command lines and TOML files users already have run
+unchanged. An option that is not declared here is an error naming it, never silently ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+TRAINERS = ("network", "db", "finetune", "ti")
+FAMILIES = ("sd1", "sd2", "sdxl")
+ALL_TRAINERS = frozenset(TRAINERS)
+ALL_FAMILIES = frozenset(FAMILIES)
+
+# Widget/argparse groups, in the order the GUI shows them.
+GROUPS = {
+    "model": "Source model",
+    "folders": "Folders",
+    "dataset": "Dataset",
+    "caption": "Captions",
+    "bucket": "Aspect-ratio buckets",
+    "network": "Network (LoRA)",
+    "training": "Training",
+    "optimizer": "Optimizer and learning rate",
+    "noise": "Noise and loss",
+    "precision": "Precision and memory",
+    "sampling": "Sample images",
+    "saving": "Saving",
+    "metadata": "Metadata",
+    "logging": "Logging and control",
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One training option: its argparse flag, TOML key, GUI widget and checks all derive from this."""
+
+    name: str
+    type: type  # str, int, float or bool (bool = a flag that is off by default)
+    default: Any
+    help: str
+    group: str
+    choices: tuple | None = None
+    trainers: frozenset = ALL_TRAINERS
+    families: frozenset = ALL_FAMILIES
+    nargs: str | None = None  # "*" for lists of strings (network_args, optimizer_args, ...)
+    minimum: float | None = None
+    maximum: float | None = None
+    path: str | None = None  # "file", "dir", "file_or_dir", "out_dir" or "out_file": the GUI and pre-flight check it
+    label: str | None = None
+    secret: bool = False  # never written to presets or logs
+    advanced: bool = False  # hidden behind "advanced" in the GUI
+    check: Callable[[Any, dict], str | None] | None = None  # (value, all values) -> error message or None
+    aliases: tuple = ()
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name
+
+    @property
+    def title(self) -> str:
+        return self.label or self.name.replace("_", " ").capitalize()
+
+    def applies_to(self, trainer: str | None = None, family: str | None = None) -> bool:
+        return (trainer is None or trainer in self.trainers) and (family is None or family in self.families)
+
+
+def _float_or_int(text: str) -> float:
+    """lr_warmup_steps: an int number of steps, or a float < 1 meaning a fraction of the total steps."""
+    value = float(text)
+    return int(value) if value.is_integer() and value >= 1 else value
+
+
+def _positive(value, _values):
+    return None if value is None or value > 0 else "must be greater than 0"
+
+
+def _non_negative(value, _values):
+    return None if value is None or value >= 0 else "must be 0 or more"
+
+
+def _resolution(value, _values):
+    try:
+        parse_resolution(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def parse_resolution(value: str | int | Sequence[int]) -> tuple[int, int]:
+    """'512' -> (512, 512); '512,768' -> (512, 768) as (width, height)."""
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)):
+        parts = [int(v) for v in value]
+    else:
+        parts = [int(p) for p in str(value).replace("x", ",").split(",") if p.strip()]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2 or min(parts) < 64:
+        raise ValueError(f"resolution must be 'SIZE' or 'WIDTH,HEIGHT' with sizes of at least 64, got {value!r}")
+    return parts[0], parts[1]
+
+
+NET = frozenset({"network"})
+NOT_TI = frozenset({"network", "db", "finetune"})
+FULL = frozenset({"db", "finetune"})
+FOLDER_TRAINERS = frozenset({"network", "db", "ti"})
+
+_O = Option
+OPTIONS: tuple[Option, ...] = (
+    # ---- model
+    _O("pretrained_model_name_or_path", str, None, "Base model: a single-file checkpoint (.safetensors/.ckpt) or a "
+       "diffusers folder.", "model", path="file_or_dir", label="Pretrained model"),
+    _O("v2", bool, False, "The base model is SD 2.x (detected from the weights; this flag confirms it).", "model",
+       families=frozenset({"sd2"})),
+    _O("v_parameterization", bool, False, "The base model predicts v (SD 2.x 768-v models).", "model",
+       families=frozenset({"sd2"})),
+    _O("vae", str, None, "Use this VAE instead of the model's (single file or diffusers folder).", "model",
+       path="file_or_dir", label="VAE override"),
+    _O("tokenizer_cache_dir", str, None, "Accepted for sd-scripts compatibility; the CLIP tokenizers ship with this "
+       "package, so nothing is downloaded.", "model", path="dir", advanced=True),
+    _O("clip_skip", int, None, "Use the output of the N-th last text-encoder layer (2 for anime-style SD1 models).",
+       "model", minimum=1, maximum=12, check=_positive),
+    _O("max_token_length", int, None, "Caption length in tokens: 75 (default), 150 or 225.", "model",
+       choices=(None, 75, 150, 225)),
+    # ---- folders
+    _O("train_data_dir", str, None, "Parent folder of the concept folders '<repeats>_<class tokens>'.", "folders",
+       path="dir", trainers=FOLDER_TRAINERS | {"finetune"}, label="Image folder"),
+    _O("reg_data_dir", str, None, "Parent folder of regularisation concept folders (same naming rule).", "folders",
+       path="dir", trainers=FOLDER_TRAINERS, label="Regularisation folder"),
+    _O("dataset_config", str, None, "Dataset TOML ([general], [[datasets]], [[datasets.subsets]]).", "folders",
+       path="file"),
+    _O("output_dir", str, None, "Where models, samples and state are written.", "folders", path="out_dir"),
+    _O("output_name", str, None, "File name of the trained model, without extension.", "folders"),
+    _O("logging_dir", str, None, "TensorBoard logs go here.", "folders", path="out_dir"),
+    _O("log_prefix", str, None, "Prefix of the run folder name inside logging_dir.", "logging", advanced=True),
+    _O("log_with", str, None, "Tracker for scalars (tensorboard when logging_dir is set).", "logging",
+       choices=(None, "tensorboard"), advanced=True),
+    _O("log_tracker_name", str, None, "Name of the run in the tracker.", "logging", advanced=True),
+    # ---- dataset
+    _O("resolution", str, "512", "Training resolution: SIZE or WIDTH,HEIGHT.", "dataset", check=_resolution),
+    _O("train_batch_size", int, 1, "Images per step (per process).", "dataset", minimum=1, check=_positive),
+    _O("caption_extension", str, ".caption", "Caption file extension.", "caption", aliases=("caption_extention",)),
+    _O("shuffle_caption", bool, False, "Shuffle the tags of each caption on every draw.", "caption"),
+    _O("caption_separator", str, ",", "Separator between tags.", "caption", advanced=True),
+    _O("keep_tokens", int, 0, "Keep the first N tags in place when shuffling or dropping.", "caption", minimum=0,
+       check=_non_negative),
+    _O("keep_tokens_separator", str, "", "Tags before this separator stay fixed (a second one marks a fixed tail).",
+       "caption", advanced=True),
+    _O("secondary_separator", str, None, "Separator of tags that are shuffled and dropped as one.", "caption",
+       advanced=True),
+    _O("enable_wildcard", bool, False, "Captions may hold several lines and {a|b} choices.", "caption"),
+    _O("caption_prefix", str, None, "Text put before every caption.", "caption"),
+    _O("caption_suffix", str, None, "Text put after every caption.", "caption"),
+    _O("caption_dropout_rate", float, 0.0, "Probability of training a step with an empty caption.", "caption",
+       minimum=0, maximum=1),
+    _O("caption_dropout_every_n_epochs", int, 0, "Drop every caption every N-th epoch.", "caption", minimum=0),
+    _O("caption_tag_dropout_rate", float, 0.0, "Probability of dropping each tag.", "caption", minimum=0, maximum=1),
+    _O("token_warmup_min", int, 1, "Tags used at the start of token warmup.", "caption", minimum=1, advanced=True),
+    _O("token_warmup_step", float, 0, "Steps (or fraction of steps if < 1) until all tags are used.", "caption",
+       minimum=0, advanced=True),
+    _O("flip_aug", bool, False, "Randomly mirror images horizontally.", "dataset"),
+    _O("color_aug", bool, False, "Random hue shifts (disables latent caching).", "dataset", advanced=True),
+    _O("random_crop", bool, False, "Random instead of centred crop (disables latent caching).", "dataset",
+       advanced=True),
+    _O("cache_latents", bool, False, "Encode every image once with the VAE before training.", "dataset"),
+    _O("cache_latents_to_disk", bool, False, "Keep the latent cache in .npz files next to the images.", "dataset"),
+    _O("vae_batch_size", int, 1, "Images per VAE batch while caching latents.", "dataset", minimum=1, advanced=True),
+    _O("skip_cache_check", bool, False, "Trust existing .npz caches without checking them.", "dataset",
+       advanced=True),
+    _O("enable_bucket", bool, False, "Aspect-ratio bucketing: train images at their own aspect ratio.", "bucket"),
+    _O("min_bucket_reso", int, 256, "Smallest bucket side.", "bucket", minimum=64),
+    _O("max_bucket_reso", int, 1024, "Largest bucket side.", "bucket", minimum=64),
+    _O("bucket_reso_steps", int, 64, "Bucket sides are multiples of this.", "bucket", minimum=8),
+    _O("bucket_no_upscale", bool, False, "Never upscale images to fill a bucket.", "bucket"),
+    _O("prior_loss_weight", float, 1.0, "Loss weight of regularisation images.", "dataset", minimum=0),
+    _O("max_data_loader_n_workers", int, 8, "Data loader worker processes (at most the CPU count).", "dataset",
+       minimum=0, advanced=True),
+    _O("persistent_data_loader_workers", bool, False, "Keep data loader workers between epochs.", "dataset",
+       advanced=True),
+    # ---- network
+    _O("network_module", str, "networks.lora", "Adapter type (networks.lora: kohya LoRA / LoCon).", "network",
+       trainers=NET, choices=("networks.lora",)),
+    _O("network_dim", int, 4, "LoRA rank.", "network", trainers=NET, minimum=1, check=_positive,
+       label="Network rank (dim)"),
+    _O("network_alpha", float, 1.0, "LoRA alpha: the update is scaled by alpha / rank.", "network", trainers=NET,
+       minimum=0),
+    _O("network_dropout", float, None, "Dropout on the LoRA down projection's output (neuron dropout).", "network",
+       trainers=NET, minimum=0, maximum=1),
+    _O("network_args", str, None, "Extra network options key=value: conv_dim, conv_alpha, rank_dropout, "
+       "module_dropout.", "network", trainers=NET, nargs="*"),
+    _O("network_weights", str, None, "Continue training from this LoRA file.", "network", trainers=NET, path="file"),
+    _O("dim_from_weights", bool, False, "Take rank and alpha from network_weights.", "network", trainers=NET),
+    _O("network_train_unet_only", bool, False, "Train only the U-Net part of the LoRA.", "network", trainers=NET),
+    _O("network_train_text_encoder_only", bool, False, "Train only the text-encoder part of the LoRA.", "network",
+       trainers=NET),
+    _O("network_multiplier", float, 1.0, "Strength of the LoRA while training.", "network", trainers=NET,
+       advanced=True),
+    _O("unet_lr", float, None, "Learning rate of the U-Net LoRA (default: learning_rate).", "optimizer",
+       trainers=NET, minimum=0),
+    _O("text_encoder_lr", float, None, "Learning rate of the text-encoder LoRA (default: learning_rate).",
+       "optimizer", trainers=NET, minimum=0),
+    _O("training_comment", str, None, "Stored in the file's metadata (ss_training_comment).", "metadata"),
+    # ---- training
+    _O("max_train_steps", int, 1600, "Total optimizer steps (max_train_epochs wins if set).", "training",
+       minimum=1, check=_positive),
+    _O("max_train_epochs", int, None, "Train this many epochs (overrides max_train_steps).", "training",
+       minimum=1, check=_positive),
+    _O("gradient_accumulation_steps", int, 1, "Batches accumulated per optimizer step.", "training", minimum=1,
+       check=_positive),
+    _O("seed", int, None, "Random seed (a fixed seed makes runs repeatable).", "training"),
+    _O("gradient_checkpointing", bool, False, "Recompute activations in backward to save memory.", "precision"),
+    _O("mixed_precision", str, "no", "Compute precision.", "precision", choices=("no", "fp16", "bf16")),
+    _O("full_fp16", bool, False, "Keep trained weights in fp16 (saves memory, less stable).", "precision",
+       advanced=True),
+    _O("full_bf16", bool, False, "Keep trained weights in bf16.", "precision", advanced=True),
+    _O("sdpa", bool, False, "Scaled-dot-product attention (always used; accepted for compatibility).", "precision"),
+    _O("xformers", bool, False, "Accepted for compatibility: PyTorch SDPA is used instead (same memory saving).",
+       "precision", advanced=True),
+    _O("mem_eff_attn", bool, False, "Accepted for compatibility: PyTorch SDPA is used instead.", "precision",
+       advanced=True),
+    _O("lowram", bool, False, "Accepted for compatibility (models load lazily already).", "precision",
+       advanced=True),
+    _O("max_grad_norm", float, 1.0, "Clip gradients to this norm (0: no clipping).", "training", minimum=0),
+    # ---- optimizer
+    _O("learning_rate", float, 2e-6, "Base learning rate.", "optimizer", minimum=0),
+    _O("optimizer_type", str, "AdamW", "Optimizer.", "optimizer", choices=("AdamW", "AdamW8bit")),
+    _O("optimizer_args", str, None, "Optimizer options key=value (e.g. weight_decay=0.01 betas=0.9,0.99).",
+       "optimizer", nargs="*"),
+    _O("use_8bit_adam", bool, False, "Same as optimizer_type=AdamW8bit.", "optimizer", advanced=True),
+    _O("lr_scheduler", str, "constant", "Learning-rate schedule.", "optimizer",
+       choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")),
+    _O("lr_warmup_steps", _float_or_int, 0, "Warmup steps, or a fraction of all steps when below 1.", "optimizer",
+       minimum=0),
+    _O("lr_scheduler_num_cycles", int, 1, "Restarts of cosine_with_restarts.", "optimizer", minimum=1),
+    _O("lr_scheduler_power", float, 1.0, "Power of the polynomial schedule.", "optimizer"),
+    # ---- noise and loss
+    _O("noise_offset", float, None, "Add this much per-channel offset noise (brighter/darker images).", "noise",
+       minimum=0),
+    _O("min_snr_gamma", float, None, "Min-SNR loss weighting gamma (5 is typical).", "noise", minimum=0),
+    _O("min_timestep", int, None, "Lowest timestep sampled.", "noise", minimum=0, maximum=999, advanced=True),
+    _O("max_timestep", int, None, "Highest timestep sampled (exclusive).", "noise", minimum=1, maximum=1000,
+       advanced=True),
+    # ---- sampling
+    _O("sample_prompts", str, None, "Prompt file for sample images (one prompt per line, options after --).",
+       "sampling", path="file"),
+    _O("sample_every_n_steps", int, None, "Make samples every N steps.", "sampling", minimum=1),
+    _O("sample_every_n_epochs", int, None, "Make samples every N epochs.", "sampling", minimum=1),
+    _O("sample_at_first", bool, False, "Make samples before the first step.", "sampling"),
+    _O("sample_sampler", str, "ddim", "Sampler for sample images.", "sampling",
+       choices=("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
+                "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")),
+    # ---- saving
+    _O("save_model_as", str, "safetensors", "File format of saved models.", "saving",
+       choices=("safetensors", "ckpt", "pt")),
+    _O("save_precision", str, None, "Precision of saved weights (default: as trained).", "saving",
+       choices=(None, "float", "fp16", "bf16")),
+    _O("save_every_n_epochs", int, None, "Save a model every N epochs.", "saving", minimum=1),
+    _O("save_every_n_steps", int, None, "Save a model every N steps.", "saving", minimum=1),
+    _O("save_last_n_epochs", int, None, "Keep only the last N per-epoch saves.", "saving", minimum=1),
+    _O("save_last_n_steps", int, None, "Keep only saves from the last N steps.", "saving", minimum=1),
+    _O("save_state", bool, False, "Also save optimizer state folders to resume from.", "saving"),
+    _O("save_state_on_train_end", bool, False, "Save the state folder at the end of training.", "saving"),
+    _O("resume", str, None, "Resume from a saved state folder.", "saving", path="dir"),
+    _O("no_metadata", bool, False, "Write only the essential metadata into the file.", "metadata"),
+    _O("metadata_title", str, None, "modelspec title.", "metadata"),
+    _O("metadata_author", str, None, "modelspec author.", "metadata"),
+    _O("metadata_description", str, None, "modelspec description.", "metadata"),
+    _O("metadata_license", str, None, "modelspec license.", "metadata"),
+    _O("metadata_tags", str, None, "modelspec tags (comma separated).", "metadata"),
+    # ---- logging and control (ours)
+    _O("events_file", str, None, "Write JSON-lines progress events here (the GUI reads them).", "logging",
+       path="out_file", advanced=True),
+    _O("control_dir", str, None, "Folder polled for stop/save/sample requests (default: the events file's "
+       "folder).", "logging", path="out_dir", advanced=True),
+    _O("console_log_level", str, "INFO", "Console log level.", "logging",
+       choices=("DEBUG", "INFO", "WARNING", "ERROR"), advanced=True),
+)
+
+BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+ALIASES: dict[str, str] = {a: o.name for o in OPTIONS for a in o.aliases}
+
+
+def options_for(trainer: str | None = None, family: str | None = None) -> list[Option]:
+    return [o for o in OPTIONS if o.applies_to(trainer, family)]
+
+
+def defaults(trainer: str | None = None) -> dict[str, Any]:
+    return {o.name: o.default for o in options_for(trainer)}
+
+
+class OptionError(ValueError):
+    """A user error in options: the message names the option (and file) and says what to do."""
+
+
+def _bool_from_text(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line instead of usage + traceback
+        raise OptionError(f"{self.prog}: {message} (see --help)")
+
+
+def build_parser(trainer: str, prog: str | None = None) -> argparse.ArgumentParser:
+    """The trainer's argparse parser, generated from the schema."""
+    parser = _Parser(prog=prog or f"sd_scripts.{trainer}", allow_abbrev=False,
+                     description=f"Train with the {trainer} trainer. Options follow kohya-ss/sd-scripts.")
+    parser.add_argument("--config_file", help="TOML file of options (sections are flattened); command-line "
+                        "options win over it.")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in options_for(trainer):
+        group = groups.setdefault(opt.group, parser.add_argument_group(GROUPS[opt.group]))
+        names = [opt.flag] + ["--" + a for a in opt.aliases]
+        if opt.type is bool:
+            # `--flag` sets True; `--flag false` is accepted too, so GUI-built argv can be explicit.
+            group.add_argument(*names, dest=opt.name, nargs="?", const=True, default=None, type=_bool_from_text,
+                               help=opt.help)
+            continue
+        kwargs: dict[str, Any] = dict(dest=opt.name, default=None, help=opt.help, type=opt.type)
+        if opt.nargs:
+            kwargs["nargs"] = opt.nargs
+        if opt.choices:
+            kwargs["choices"] = [c for c in opt.choices if c is not None]
+        group.add_argument(*names, **kwargs)
+    return parser
+
+
+def _flatten_toml(data: dict, source: str) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for k2, v2 in _flatten_toml(value, source).items():
+                flat[k2] = v2
+        else:
+            flat[key] = value
+    return flat
+
+
+def read_toml(path: str) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import toml as tomllib  # type: ignore
+    if not os.path.isfile(path):
+        raise OptionError(f"config file {path!r} does not exist: check the path given to --config_file")
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except Exception as e:  # noqa: BLE001 - any parse error is the user's file
+        raise OptionError(f"config file {path!r} is not valid TOML: {e}") from None
+
+
+def _coerce(opt: Option, value: Any, source: str) -> Any:
+    if value is None or value == "" and opt.type is not str:
+        return None
+    try:
+        if opt.nargs:
+            if isinstance(value, str):
+                value = value.split()
+            return [str(v) for v in value]
+        if opt.type is bool:
+            return value if isinstance(value, bool) else _bool_from_text(value)
+        if opt.name == "resolution" and isinstance(value, (list, tuple)):
+            return ",".join(str(int(v)) for v in value)
+        if opt.type in (int, float) and isinstance(value, bool):
+            raise ValueError("a number is needed")
+        return opt.type(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        raise OptionError(f"{source}: option '{opt.name}' has value {value!r}: {e}") from None
+
+
+def config_values(path: str, trainer: str) -> dict[str, Any]:
+    """Options from a --config_file TOML: sections flattened; an unknown key is an error naming it."""
+    flat = _flatten_toml(read_toml(path), path)
+    values: dict[str, Any] = {}
+    allowed = {o.name for o in options_for(trainer)}
+    for key, value in flat.items():
+        name = ALIASES.get(key, key)
+        if name not in BY_NAME:
+            raise OptionError(f"{path}: unknown option '{key}'. Check its spelling; options the trainer does not "
+                              f"support are refused rather than ignored (see --help for the list).")
+        if name not in allowed:
+            raise OptionError(f"{path}: option '{key}' does not apply to the {trainer} trainer; remove it.")
+        values[name] = _coerce(BY_NAME[name], value, path)
+    return values
+
+
+def validate(values: dict[str, Any], trainer: str) -> list[str]:
+    """Range, choice and custom checks. Returns messages naming the option; empty when all is well."""
+    errors = []
+    for opt in options_for(trainer):
+        value = values.get(opt.name)
+        if value is None:
+            continue
+        if opt.choices and not opt.nargs and value not in opt.choices:
+            errors.append(f"option '{opt.name}': {value!r} is not one of {[c for c in opt.choices if c is not None]}")
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if opt.minimum is not None and value < opt.minimum:
+                errors.append(f"option '{opt.name}': {value} is below the minimum {opt.minimum}")
+                continue
+            if opt.maximum is not None and value > opt.maximum:
+                errors.append(f"option '{opt.name}': {value} is above the maximum {opt.maximum}")
+                continue
+        if opt.check:
+            msg = opt.check(value, values)
+            if msg:
+                errors.append(f"option '{opt.name}': {msg}")
+    if values.get("network_train_unet_only") and values.get("network_train_text_encoder_only"):
+        errors.append("options 'network_train_unet_only' and 'network_train_text_encoder_only' exclude each other")
+    return errors
+
+
+def parse_args(trainer: str, argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """Command line (and its --config_file) -> a namespace holding every option of the trainer.
+
+    Precedence: command line > config file > schema default. Raises OptionError with a one-line message.
+    """
+    parser = build_parser(trainer, prog)
+    cli = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    values = defaults(trainer)
+    if cli.config_file:
+        values.update(config_values(cli.config_file, trainer))
+    for name, value in vars(cli).items():
+        if name != "config_file" and value is not None:
+            values[name] = value
+    errors = validate(values, trainer)
+    if errors:
+        raise OptionError("; ".join(errors))
+    ns = argparse.Namespace(**values)
+    ns.config_file = cli.config_file
+    return ns
+
+
+def to_toml_values(values: dict[str, Any], trainer: str) -> dict[str, dict[str, Any]]:
+    """Values -> {group: {name: value}} for a run TOML, leaving out None and schema defaults."""
+    out: dict[str, dict[str, Any]] = {}
+    for opt in options_for(trainer):
+        value = values.get(opt.name)
+        if value is None or value == opt.default:
+            continue
+        out.setdefault(opt.group, {})[opt.name] = value
+    return out
+
+
+def dump_toml(values: dict[str, Any], trainer: str) -> str:
+    """A run TOML that `parse_args(trainer, ['--config_file', path])` reads back to the same values."""
+    lines = []
+    for group, items in to_toml_values(values, trainer).items():
+        lines.append(f"[{group}]")
+        for name, value in items.items():
+            lines.append(f"{name} = {_toml_literal(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_literal(value: Any) -> str:
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_literal(v) for v in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
+
+
+def parse_kv_args(items: Iterable[str] | None, option: str) -> dict[str, str]:
+    """network_args / optimizer_args 'key=value' items -> dict; a malformed item names the option."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise OptionError(f"option '{option}': {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        out[key.strip()] = value.strip()
+    return out

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates .venv on first use and keeps it in step with requirements*.txt. Sourced by gui.sh and test.sh.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+venv="$here/.venv"
+want="${1:-requirements.txt}"
+py="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating $venv"
+  "$py" -m venv "$venv"
+  "$venv/bin/python" -m pip install -q --upgrade pip
+fi
+stamp="$venv/.installed-$(basename "$want")"
+hash=$(cat "$here"/requirements*.txt "$here/setup.py" | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ]; then
+  echo "[setup] installing $want into $venv (first run takes a few minutes)"
+  "$venv/bin/python" -m pip install -q -r "$here/$want"
+  "$venv/bin/python" -m pip install -q --no-deps -e "$here"
+  echo "$hash" > "$stamp"
+fi
