@@ -297,7 +297,10 @@ def defaults(trainer: str | None = None) -> dict[str, Any]:
     return {o.name: o.default for o in options_for(trainer)}
 
 
-class OptionError(ValueError):
+from .errors import UserError  # noqa: E402
+
+
+class OptionError(UserError, ValueError):
     """A user error in options: the message names the option (and file) and says what to do."""
 
 
