@@ -188,7 +188,7 @@ OPTIONS: tuple[Option, ...] = (
        advanced=True),
     # ---- network
     _O("network_module", str, "networks.lora", "Adapter type (networks.lora: kohya LoRA / LoCon).", "network",
-       trainers=NET, choices=("networks.lora",)),
+       trainers=NET, choices=("networks.lora", "sd_scripts.networks.lora")),
     _O("network_dim", int, 4, "LoRA rank.", "network", trainers=NET, minimum=1, check=_positive,
        label="Network rank (dim)"),
     _O("network_alpha", float, 1.0, "LoRA alpha: the update is scaled by alpha / rank.", "network", trainers=NET,

@@ -1,0 +1,73 @@
+"""Training methods: what a run trains and what it saves. The loop is shared; a method is one small class.
+
+`NetworkMethod` trains a kohya-format LoRA on a frozen base model (train_network). DreamBooth, fine-tuning and
+textual inversion add their own classes here with the same four methods.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from ..options import parse_kv_args
+
+
+class NetworkMethod:
+    """LoRA / LoCon on the U-Net and text encoder; the base weights stay frozen and shared."""
+
+    name = "network"
+    model_kind = "lora"  # metadata / modelspec suffix
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.network = None
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return not self.args.network_train_unet_only and self._te_lr() != 0
+
+    def _te_lr(self) -> float:
+        a = self.args
+        return a.text_encoder_lr if a.text_encoder_lr is not None else a.learning_rate
+
+    def build(self, bundle, *, family: str) -> tuple[list[dict], list[str]]:
+        """Creates the network on the bundle's models and returns (optimizer param groups, their lr names)."""
+        from ..networks import lora
+        from ..networks.registry import resolve_network_module
+
+        a = self.args
+        resolve_network_module(a.network_module)
+        for part in (bundle.unet, bundle.text_encoder, bundle.vae):
+            part.requires_grad_(False)
+        train_unet = not a.network_train_text_encoder_only
+        train_te = self.trains_text_encoder
+        if a.network_weights and a.dim_from_weights:
+            net = lora.create_network_from_weights(a.network_weights, unet=bundle.unet,
+                                                   text_encoders=[bundle.text_encoder], family=family,
+                                                   multiplier=a.network_multiplier)
+        else:
+            net = lora.create_network(unet=bundle.unet, text_encoders=[bundle.text_encoder], family=family,
+                                      network_dim=a.network_dim, network_alpha=a.network_alpha,
+                                      network_dropout=a.network_dropout, network_args=a.network_args,
+                                      multiplier=a.network_multiplier, train_unet=train_unet,
+                                      train_text_encoder=train_te)
+        if a.network_weights:
+            net.load_weights(a.network_weights)
+        net.apply_to()
+        self.network = net
+        unet_lr = a.unet_lr if a.unet_lr is not None else a.learning_rate
+        te_lr = self._te_lr() if train_te else None
+        groups, names = net.prepare_optimizer_params(unet_lr if train_unet else None, te_lr, a.learning_rate)
+        return groups, names
+
+    def trainable_module(self) -> torch.nn.Module:
+        """The module accelerate wraps for data-parallel gradient sync."""
+        return self.network
+
+    def network_args_dict(self) -> dict[str, Any] | None:
+        args = parse_kv_args(self.args.network_args, "network_args")
+        return args or None
+
+    def save(self, module: torch.nn.Module, path: str, *, dtype: torch.dtype | None, metadata: dict[str, str]):
+        module.save_weights(path, dtype=dtype, metadata=metadata)
