@@ -409,7 +409,7 @@ class Trainer:
             self.method.save(module, path, dtype=self.save_dtype, metadata=self.metadata())
             self.outputs.append(path)
             kind = "final" if final else ("epoch" if epoch else "step")
-            self.events.save(path=path, kind=kind, step=self.global_step, epoch=self.epoch)
+            self.events.emit("save", path=path, kind=kind, step=self.global_step, epoch=self.epoch)
             log.info("saved %s", path)
             prune_old_saves(a.output_dir, a.output_name, ext, keep_last_n_epochs=a.save_last_n_epochs,
                             current_epoch=epoch, keep_last_n_steps=a.save_last_n_steps, current_step=step)
@@ -420,7 +420,7 @@ class Trainer:
             if self.is_main:
                 with open(os.path.join(state_dir, "train_state.json"), "w", encoding="utf-8") as f:
                     json.dump({"current_epoch": self.epoch, "current_step": self.global_step}, f)
-                self.events.save(path=state_dir, kind="state", step=self.global_step, epoch=self.epoch)
+                self.events.emit("save", path=state_dir, kind="state", step=self.global_step, epoch=self.epoch)
         self.accelerator.wait_for_everyone()
 
     def metadata(self) -> dict[str, str]:
@@ -433,9 +433,8 @@ class Trainer:
                       step=self.global_step, started_at=self.started_at, finished_at=time.time(),
                       sd_model_name=os.path.basename(a.pretrained_model_name_or_path.rstrip("/\\")),
                       network_args=self.method.network_args_dict())
-        if a.no_metadata:
-            return minimal_metadata(a, **kwargs)
-        return build_training_metadata(a, **kwargs)
+        metadata = build_training_metadata(a, **kwargs)
+        return minimal_metadata(metadata) if a.no_metadata else metadata
 
     def save_final(self, status: str) -> None:
         self.save_model(epoch=self.epoch, step=self.global_step, final=True)
