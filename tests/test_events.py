@@ -18,7 +18,7 @@ def test_each_event_is_one_json_line_with_type_and_time(tmp_path):
     w.progress(step=1, total_steps=20, epoch=1, total_epochs=2, loss=0.5, avg_loss=0.25, lr=1e-4, it_per_s=2.0,
                eta_s=9.5)
     w.sample(step=5, epoch=1, paths=["a.png"], prompts=["a dog"])
-    w.save(path="out.safetensors", kind="final")
+    w.save(path="out.safetensors", kind="final", step=20)
     w.validation(step=5, loss=0.1)
     w.warning("low memory", hint="use a smaller batch")
     w.error("bad", hint="fix it")
@@ -32,7 +32,8 @@ def test_each_event_is_one_json_line_with_type_and_time(tmp_path):
     assert events[0] == {"type": "start", "time": events[0]["time"], "images": 10, "total_steps": 20, "family": "sd1"}
     assert events[1]["eta_s"] == 9.5 and events[1]["lr"] == 1e-4 and events[1]["avg_loss"] == 0.25
     assert events[2]["paths"] == ["a.png"] and events[2]["prompts"] == ["a dog"] and events[2]["epoch"] == 1
-    assert events[3] == {"type": "save", "time": events[3]["time"], "path": "out.safetensors", "kind": "final"}
+    assert events[3] == {"type": "save", "time": events[3]["time"], "path": "out.safetensors", "kind": "final",
+                         "step": 20}
     assert events[5]["message"] == "low memory" and events[5]["hint"] == "use a smaller batch"
     assert events[7]["status"] == "completed" and events[7]["outputs"] == ["out.safetensors"]
     w.close()

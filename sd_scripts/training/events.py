@@ -5,7 +5,7 @@ Every line has `type` and `time` (unix seconds, float) plus the fields of its ty
 - `start`: a run summary (images, steps, model family, ...), whatever the trainer passes.
 - `progress`: step, total_steps, epoch, total_epochs, loss, avg_loss, lr, it_per_s, eta_s.
 - `sample`: step, epoch, paths, prompts.
-- `save`: path, kind (e.g. "final", "epoch", "step", "state").
+- `save`: path, kind (e.g. "final", "epoch", "step", "state"), plus free fields (step, epoch).
 - `validation`: free fields (e.g. step, loss).
 - `warning` / `error`: message, hint.
 - `done`: status ("completed" | "stopped" | "failed"), outputs (list of paths), plus free fields.
@@ -96,9 +96,9 @@ class EventWriter:
         """Sample images were written."""
         self.emit("sample", step=step, epoch=epoch, paths=list(paths), prompts=list(prompts))
 
-    def save(self, path: str, kind: str) -> None:
-        """A model or state folder was saved (kind: final, epoch, step, state, ...)."""
-        self.emit("save", path=path, kind=kind)
+    def save(self, path: str, kind: str, **fields: Any) -> None:
+        """A model or state folder was saved (kind: final, epoch, step, state, ...; extra fields e.g. step, epoch)."""
+        self.emit("save", path=path, kind=kind, **fields)
 
     def validation(self, **fields: Any) -> None:
         """Validation results (step, epoch, loss, ...)."""

@@ -2,8 +2,8 @@
 
 Pure functions on tensors: no module state, no host syncs (no `.item()`, no Python branching on tensor values), so
 the loop stays asynchronous on a GPU. `alphas_cumprod` is the noise scheduler's cumulative product of (1 - beta_t)
-(diffusers' `DDPMScheduler.alphas_cumprod`, shape [num_train_timesteps]); it is moved to the data's device here, so
-callers may keep it on the CPU (moving it once up front saves a small copy per step).
+(diffusers' `DDPMScheduler.alphas_cumprod`, shape [num_train_timesteps]). Keep it on the training device: a CPU
+tensor works but costs a host-to-device copy (and with it a synchronisation) in every call.
 
 Notation: a_t = alphas_cumprod[t], x0 = clean latents, n = noise.
 - Forward process (Ho et al. 2020, https://arxiv.org/abs/2006.11239): x_t = sqrt(a_t) x0 + sqrt(1 - a_t) n.
@@ -32,14 +32,15 @@ def sample_timesteps(batch_size: int, num_train_timesteps: int = 1000, min_times
                      device: torch.device | str | None = None) -> torch.Tensor:
     """Timesteps drawn uniformly from [min_timestep, max_timestep) (defaults 0 and num_train_timesteps), as int64.
 
-    Drawn on the generator's device (CPU when no generator) and then moved to `device`, so a CPU generator gives the
-    same timesteps on every device.
+    Without a generator they are drawn directly on `device` (no host-to-device copy, which would synchronise). With
+    one they are drawn on the generator's device and then moved, so a CPU generator gives the same timesteps on
+    every device.
     """
     low = 0 if min_timestep is None else int(min_timestep)
     high = num_train_timesteps if max_timestep is None else int(max_timestep)
     if not 0 <= low < high <= num_train_timesteps:
         raise ValueError(f"need 0 <= min_timestep < max_timestep <= {num_train_timesteps}, got {low} and {high}")
-    gen_device = generator.device if generator is not None else "cpu"
+    gen_device = generator.device if generator is not None else (device if device is not None else "cpu")
     timesteps = torch.randint(low, high, (batch_size,), generator=generator, device=gen_device, dtype=torch.long)
     return timesteps.to(device) if device is not None else timesteps
 
