@@ -1,0 +1,210 @@
+"""Save a ModelBundle as an original-layout single file or a diffusers folder (atomically), and materialise the
+config folder that lets diffusers' `from_single_file(..., config=DIR, local_files_only=True)` work offline."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Mapping
+
+import torch
+
+from .arch import ARCH_METADATA_KEY, arch_metadata, bundled_config, variant_name
+from .bundle import ModelBundle
+from .keymaps import model_keymaps
+from .tokenizer import PAD_TOKENS, TOKENIZER_DIR, pad_mode_for
+
+
+def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach()
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        out[name] = t.contiguous()
+    return out
+
+
+def ldm_state_dict(bundle: ModelBundle) -> dict[str, torch.Tensor]:
+    """All tensors of the bundle in the original single-file layout, including extra_state."""
+    maps = model_keymaps(bundle.family, bundle.unet, bundle.vae, bundle.text_encoder)
+    out: dict[str, torch.Tensor] = {}
+    for module, keymap in zip((bundle.unet, bundle.vae, bundle.text_encoder), maps):
+        out.update(keymap.to_ldm(module.state_dict()))
+    for name, tensor in bundle.extra_state.items():
+        out.setdefault(name, tensor)
+    return out
+
+
+def _temp_path(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
+def save_single_file(bundle: ModelBundle, path: str, *, dtype: torch.dtype | None = None,
+                     metadata: dict | None = None) -> str:
+    """Write the model as one original-layout file (.safetensors, or .ckpt with a 'state_dict'), atomically.
+
+    Float tensors are cast to `dtype` when given. Header metadata: the given `metadata` (str values) plus the
+    architecture facts that shapes cannot tell, so the file loads back to the same configs.
+    """
+    tensors = _cast(ldm_state_dict(bundle), dtype)
+    tmp = _temp_path(path)
+    try:
+        if path.lower().endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+            meta.setdefault("format", "pt")
+            meta[ARCH_METADATA_KEY] = arch_metadata(bundle.unet.config, bundle.vae.config,
+                                                    bundle.text_encoder.config.to_dict())
+            save_file(tensors, tmp, metadata=meta)
+        else:
+            torch.save({"state_dict": tensors}, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _write_json(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def _pipeline_scheduler_config(bundle_or_sched: Mapping) -> dict:
+    """A DDIM (v) / PNDM (epsilon) sampling scheduler config, as the original pipelines ship, from a schedule."""
+    cfg = dict(bundle_or_sched)
+    v = cfg.get("prediction_type") == "v_prediction"
+    cfg["_class_name"] = "DDIMScheduler" if v else "PNDMScheduler"
+    cfg.setdefault("set_alpha_to_one", False)
+    if not v:
+        cfg.setdefault("skip_prk_steps", True)
+    return cfg
+
+
+def _model_index() -> dict:
+    return {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "image_encoder": [None, None],
+            "requires_safety_checker": False, "safety_checker": [None, None],
+            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]}
+
+
+def _public(cfg: Mapping) -> dict:
+    """A config without diffusers' bookkeeping keys ('_class_name', '_use_default_values', ...)."""
+    return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+
+def _write_config_tree(folder: str, unet_cfg: Mapping, vae_cfg: Mapping, te_cfg: Mapping, sched_cfg: Mapping,
+                       pad: str) -> None:
+    """model_index.json, the component configs and the tokenizer: everything of a pipeline folder but weights."""
+    index = _model_index()
+    index["scheduler"][1] = sched_cfg["_class_name"]
+    _write_json(os.path.join(folder, "model_index.json"), index)
+    _write_json(os.path.join(folder, "unet", "config.json"), dict(_public(unet_cfg), _class_name="UNet2DConditionModel"))
+    _write_json(os.path.join(folder, "vae", "config.json"), dict(_public(vae_cfg), _class_name="AutoencoderKL"))
+    te = {k: v for k, v in te_cfg.items() if not k.startswith("_")}
+    te.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
+    _write_json(os.path.join(folder, "text_encoder", "config.json"), te)
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), dict(sched_cfg))
+    tok = os.path.join(folder, "tokenizer")
+    os.makedirs(tok, exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(os.path.join(TOKENIZER_DIR, name), os.path.join(tok, name))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        with open(os.path.join(TOKENIZER_DIR, name), encoding="utf-8") as f:
+            data = json.load(f)
+        data["pad_token"] = PAD_TOKENS[pad]
+        _write_json(os.path.join(tok, name), data)
+
+
+def _replace_dir(tmp: str, out_dir: str) -> None:
+    """Move a finished folder into place; an existing folder is swapped out and then deleted."""
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix="." + os.path.basename(out_dir) + ".old-")
+        os.rmdir(old)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
+    """Write the model as a diffusers StableDiffusionPipeline folder (safetensors weights), atomically."""
+    from safetensors.torch import save_file
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".tmp-")
+    try:
+        te_cfg = bundle.text_encoder.config.to_dict()
+        _write_config_tree(tmp, dict(bundle.unet.config), dict(bundle.vae.config), te_cfg,
+                           _pipeline_scheduler_config(bundle.scheduler_config), pad_mode_for(bundle.family))
+        save_file(_cast(bundle.unet.state_dict(), dtype), os.path.join(tmp, "unet", "diffusion_pytorch_model.safetensors"),
+                  metadata={"format": "pt"})
+        save_file(_cast(bundle.vae.state_dict(), dtype), os.path.join(tmp, "vae", "diffusion_pytorch_model.safetensors"),
+                  metadata={"format": "pt"})
+        # 'text_model.' names: what every hub checkpoint uses and what transformers 4 and 5 both read
+        te_sd = {(k if k.startswith("text_model.") else "text_model." + k): v
+                 for k, v in bundle.text_encoder.state_dict().items()}
+        save_file(_cast(te_sd, dtype), os.path.join(tmp, "text_encoder", "model.safetensors"), metadata={"format": "pt"})
+        for root, dirs, files in os.walk(tmp):
+            os.chmod(root, 0o755)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o644)
+        _replace_dir(tmp, out_dir)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _cache_root() -> str:
+    base = os.environ.get("SD_SCRIPTS_CACHE") or os.path.join(tempfile.gettempdir(), f"sd_scripts-{os.getuid()}")
+    return os.path.join(base, "diffusers_configs")
+
+
+def diffusers_config_dir(family: str, v_pred: bool, *, bundle: ModelBundle | None = None) -> str:
+    """A local pipeline folder without weights (configs + tokenizer) for diffusers'
+    `StableDiffusionPipeline.from_single_file(path, config=DIR, local_files_only=True)`.
+
+    Without `bundle`: the bundled real SD 1.5 / 2.1-base / 2.1-v configs. With `bundle`: that model's own configs
+    (e.g. the tiny test models). Built once per content in a cache folder, atomically.
+    """
+    if bundle is not None:
+        unet, vae, te = dict(bundle.unet.config), dict(bundle.vae.config), bundle.text_encoder.config.to_dict()
+        sched = _pipeline_scheduler_config(bundle.scheduler_config)
+    else:
+        unet, vae, te = (bundled_config(family, v_pred, c) for c in ("unet", "vae", "text_encoder"))
+        sched = bundled_config(family, v_pred, "scheduler")
+    te = {k: v for k, v in te.items() if not k.startswith("_") and k not in ("transformers_version", "dtype",
+                                                                             "torch_dtype")}
+    key = json.dumps([unet, vae, te, sched, pad_mode_for(family)], sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    folder = os.path.join(_cache_root(), f"{variant_name(family, v_pred)}-{digest}")
+    if os.path.isfile(os.path.join(folder, "model_index.json")):
+        return folder
+    os.makedirs(_cache_root(), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=_cache_root(), prefix=".tmp-")
+    try:
+        _write_config_tree(tmp, unet, vae, te, sched, pad_mode_for(family))
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process made it first
+            pass
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
