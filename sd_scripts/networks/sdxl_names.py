@@ -1,0 +1,50 @@
+"""SDXL LoRA files name U-Net layers by the original (LDM/SAI) module paths, not the diffusers ones.
+
+    down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k -> input_blocks.4.1.transformer_blocks.0.attn2.to_k
+    mid_block.attentions.0.proj_in                            -> middle_block.1.proj_in
+    up_blocks.0.resnets.2.conv1                               -> output_blocks.2.0.in_layers.2
+
+The SDXL base U-Net has 2 ResNets per down block and 3 per up block; only block 0 and the last up block's
+neighbours lack attention. Inside transformer blocks the names are the same in both layouts.
+"""
+from __future__ import annotations
+
+import re
+
+DOWN_LAYERS = 2  # ResNets per down block (SDXL base)
+UP_LAYERS = DOWN_LAYERS + 1
+UP_BLOCKS_WITH_ATTENTION = (0, 1)  # SDXL up blocks 0 and 1 have attentions; block 2 does not
+
+_RESNET_TAILS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+                 "conv_shortcut": "skip_connection", "norm1": "in_layers.0", "norm2": "out_layers.0"}
+
+
+def _resnet_tail(tail: str) -> str:
+    head, _, rest = tail.partition(".")
+    return _RESNET_TAILS.get(head, head) + (f".{rest}" if rest else "")
+
+
+def diffusers_to_sai_module_path(path: str) -> str:
+    """A diffusers SDXL U-Net module path -> the SAI/LDM path used in SDXL LoRA file names (others unchanged)."""
+    match = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", path)
+    if match:
+        block, kind, index, tail = int(match[1]), match[2], int(match[3]), match[4]
+        if kind == "downsamplers":
+            return f"input_blocks.{(block + 1) * (DOWN_LAYERS + 1)}.0.{'op' if tail == 'conv' else tail}"
+        n = block * (DOWN_LAYERS + 1) + index + 1
+        return f"input_blocks.{n}.0.{_resnet_tail(tail)}" if kind == "resnets" else f"input_blocks.{n}.1.{tail}"
+    match = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", path)
+    if match:
+        kind, index, tail = match[1], int(match[2]), match[3]
+        if kind == "attentions":
+            return f"middle_block.1.{tail}"
+        return f"middle_block.{2 * index}.{_resnet_tail(tail)}"
+    match = re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions|upsamplers)\.(\d+)\.(.+)", path)
+    if match:
+        block, kind, index, tail = int(match[1]), match[2], int(match[3]), match[4]
+        if kind == "upsamplers":
+            slot = 2 if block in UP_BLOCKS_WITH_ATTENTION else 1
+            return f"output_blocks.{block * UP_LAYERS + UP_LAYERS - 1}.{slot}.{tail}"
+        n = block * UP_LAYERS + index
+        return f"output_blocks.{n}.0.{_resnet_tail(tail)}" if kind == "resnets" else f"output_blocks.{n}.1.{tail}"
+    return path

@@ -1,0 +1,96 @@
+"""Which layers of a U-Net or text encoder a kohya-format LoRA adapts, and the names they get in the file.
+
+Facts (FORMATS.md 'LoRA file'): the default targets are the Linear and 1x1 Conv layers inside the U-Net's transformer
+blocks and the text encoder's attention and MLP layers; LoCon (`conv_dim`) adds the ResNet blocks (3x3 convs at the
+conv rank, time-embedding Linear and 1x1 shortcut at the base rank) and the down/up-sampler convs. A module's file
+name is the prefix plus its module path with every '.' replaced by '_'.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from torch import nn
+
+UNET_ATTENTION_CLASSES = ("Transformer2DModel",)
+UNET_CONV_CLASSES = ("ResnetBlock2D",)
+UNET_SAMPLER_CLASSES = ("Downsample2D", "Upsample2D")
+TEXT_ENCODER_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A layer to adapt: its name in the file, its diffusers module path, the layer, and its kind."""
+
+    lora_name: str
+    module_path: str
+    module: nn.Module
+    kind: str  # "linear", "conv1x1" or "conv3x3" (any kernel larger than 1x1)
+
+    @property
+    def is_conv_kxk(self) -> bool:
+        return self.kind == "conv3x3"
+
+
+def lora_name(prefix: str, module_path: str) -> str:
+    """'lora_unet' + 'down_blocks.0.attentions.0.proj_in' -> 'lora_unet_down_blocks_0_attentions_0_proj_in'."""
+    return f"{prefix}.{module_path}".replace(".", "_")
+
+
+def layer_kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv1x1" if tuple(module.kernel_size) == (1, 1) else "conv3x3"
+    return None
+
+
+def _children_in(block_path: str, block: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    class_name = type(block).__name__
+    if class_name in UNET_SAMPLER_CLASSES:
+        # diffusers may register the same conv twice (`conv` and `Conv2d_0`); the file name uses `conv`.
+        conv = getattr(block, "conv", None)
+        if isinstance(conv, nn.Conv2d):
+            yield f"{block_path}.conv", conv
+        return
+    for child_path, child in block.named_modules():
+        if child_path:
+            yield f"{block_path}.{child_path}", child
+
+
+def find_targets(root: nn.Module, prefix: str, block_classes: tuple[str, ...],
+                 name_map: Callable[[str], str] | None = None) -> list[Target]:
+    """Every Linear/Conv2d inside a module whose class name is in `block_classes`, in module order, once each."""
+    targets: dict[str, Target] = {}
+    seen: set[int] = set()
+    for block_path, block in root.named_modules():
+        if type(block).__name__ not in block_classes:
+            continue
+        for path, module in _children_in(block_path, block):
+            kind = layer_kind(module)
+            if kind is None or id(module) in seen:
+                continue
+            seen.add(id(module))
+            file_path = name_map(path) if name_map else path
+            name = lora_name(prefix, file_path)
+            if name in targets:
+                raise ValueError(f"two layers map to the LoRA name {name!r}: {targets[name].module_path}, {path}")
+            targets[name] = Target(name, path, module, kind)
+    return list(targets.values())
+
+
+def unet_targets(unet: nn.Module, prefix: str = "lora_unet", *, include_conv: bool = False,
+                 name_map: Callable[[str], str] | None = None) -> list[Target]:
+    """U-Net layers: transformer blocks; with `include_conv`, also ResNet blocks and samplers (LoCon)."""
+    classes = UNET_ATTENTION_CLASSES + (UNET_CONV_CLASSES + UNET_SAMPLER_CLASSES if include_conv else ())
+    return find_targets(unet, prefix, classes, name_map)
+
+
+def text_encoder_targets(text_encoder: nn.Module, prefix: str = "lora_te") -> list[Target]:
+    """Text encoder layers: attention q/k/v/out_proj and MLP fc1/fc2.
+
+    Files name them from `text_model.` (CLIPTextModel's layout before transformers 5, and CLIPTextModelWithProjection's
+    still); a transformers-5 CLIPTextModel has no `text_model` level, so the prefix is added back for the file name.
+    """
+    name_map = None if hasattr(text_encoder, "text_model") else (lambda path: "text_model." + path)
+    return find_targets(text_encoder, prefix, TEXT_ENCODER_CLASSES, name_map)
