@@ -282,3 +282,40 @@ def test_registry():
 def test_unknown_family_is_a_user_error(models):
     with pytest.raises(NetworkError, match="sd3"):
         create_network(unet=models[0], text_encoders=[models[1]], family="sd3", network_dim=4, network_alpha=1)
+
+
+def test_per_sample_multiplier():
+    torch.manual_seed(0)
+    base = nn.Linear(4, 4)
+    net = LoRANetwork(None, [], dim=2)
+    lora = LoRAModule("lora_x", base, rank=2)
+    net.add_module(lora.lora_name, lora)
+    net.unet_loras.append(lora)
+    with torch.no_grad():
+        lora.lora_up.weight.normal_()
+    net.apply_to()
+    x = torch.randn(3, 5, 4)
+    plain = nn.functional.linear(x, base.weight, base.bias)
+    net.set_multiplier(1.0)
+    full = base(x) - plain
+    net.set_multiplier([0.0, 1.0, 0.5])
+    delta = base(x) - plain
+    assert torch.allclose(delta, full * torch.tensor([0.0, 1.0, 0.5])[:, None, None], atol=1e-6)
+    with pytest.raises(ValueError, match="per-sample"):
+        net.merge_into_base()
+
+
+def test_gradients_reach_lora_only(models):
+    unet, te = copy.deepcopy(models[0]), copy.deepcopy(models[1])
+    unet.requires_grad_(False)
+    te.requires_grad_(False)
+    net = create_network(unet=unet, text_encoders=[te], family="sd1", network_dim=4, network_alpha=1,
+                         network_args=["conv_dim=2"])
+    net.apply_to()
+    net.train()
+    hidden = te(torch.randint(2, 100, (2, 6))).last_hidden_state
+    out = unet(torch.randn(2, 4, 8, 8), torch.tensor([3, 9]), hidden).sample
+    out.pow(2).mean().backward()
+    assert all(lora.lora_up.weight.grad is not None and lora.lora_up.weight.grad.abs().sum() > 0
+               for lora in net.all_loras())
+    assert all(p.grad is None for p in unet.parameters()) and all(p.grad is None for p in te.parameters())

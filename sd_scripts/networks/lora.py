@@ -52,7 +52,7 @@ class LoRANetwork(nn.Module):
         text_encoders = [te for te in text_encoders if te is not None]
         if len(te_prefixes) < len(text_encoders):
             raise ValueError(f"{len(text_encoders)} text encoders but only {len(te_prefixes)} prefixes")
-        self.multiplier = float(multiplier)
+        self.multiplier: float | torch.Tensor = float(multiplier)
         self.dim, self.alpha = int(dim), alpha
         self.conv_dim = None if conv_dim is None else int(conv_dim)
         self.conv_alpha = 1.0 if self.conv_dim is not None and conv_alpha is None else conv_alpha
@@ -119,10 +119,15 @@ class LoRANetwork(nn.Module):
         for lora in self.all_loras():
             lora.merge()
 
-    def set_multiplier(self, multiplier: float) -> None:
-        self.multiplier = float(multiplier)
+    def set_multiplier(self, multiplier: float | Sequence[float] | torch.Tensor) -> None:
+        """One strength for all samples, or one per sample of the next batch (a [batch] tensor or list)."""
+        if isinstance(multiplier, (int, float)):
+            value: float | torch.Tensor = float(multiplier)
+        else:
+            value = torch.as_tensor(multiplier, dtype=torch.float32).flatten()
+        self.multiplier = value
         for lora in self.all_loras():
-            lora.multiplier = self.multiplier
+            lora.multiplier = value
 
     # ---- optimizer
     def prepare_optimizer_params(self, unet_lr: float | None, text_encoder_lr: float | None,

@@ -40,7 +40,7 @@ class LoRAModule(nn.Module):
         alpha = float(self.rank) if alpha is None or float(alpha) == 0 else float(alpha)
         self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
         self._alpha_value = alpha  # cached: reading the buffer every forward would sync the GPU
-        self.multiplier = float(multiplier)
+        self.multiplier: float | torch.Tensor = float(multiplier)
         self.dropout = dropout
         self.rank_dropout = rank_dropout
         self.module_dropout = module_dropout
@@ -101,6 +101,8 @@ class LoRAModule(nn.Module):
     def merge(self) -> None:
         """W += up @ down * multiplier * alpha / rank in the wrapped module, then restore its forward."""
         self.restore()
+        if isinstance(self.multiplier, torch.Tensor):
+            raise ValueError(f"{self.lora_name}: cannot merge with per-sample multipliers; set one number first")
         weight = self.org_module.weight
         delta = self.delta_weight().to(weight.device) * self.multiplier
         weight.copy_((weight.float() + delta).to(weight.dtype))
@@ -123,4 +125,7 @@ class LoRAModule(nn.Module):
             lx = lx * mask
             scale = scale / (1.0 - self.rank_dropout)
         lx = self.lora_up(lx)
-        return org_out + (lx * (self.multiplier * scale)).to(org_out.dtype)
+        multiplier = self.multiplier
+        if isinstance(multiplier, torch.Tensor):  # one multiplier per sample (dataset network_multiplier)
+            multiplier = multiplier.to(lx.device, lx.dtype).view(-1, *([1] * (lx.dim() - 1)))
+        return org_out + (lx * (multiplier * scale)).to(org_out.dtype)
