@@ -319,3 +319,14 @@ def test_gradients_reach_lora_only(models):
     assert all(lora.lora_up.weight.grad is not None and lora.lora_up.weight.grad.abs().sum() > 0
                for lora in net.all_loras())
     assert all(p.grad is None for p in unet.parameters()) and all(p.grad is None for p in te.parameters())
+
+
+def test_create_from_weights_can_leave_a_part_out(models, tmp_path):
+    unet, te = models
+    path = tmp_path / "both.safetensors"
+    create_network(unet=unet, text_encoders=[te], family="sd1", network_dim=4, network_alpha=1).save_weights(path)
+    te_only = create_network_from_weights(path, unet=unet, text_encoders=[te], family="sd1", train_unet=False)
+    assert not te_only.unet_loras and len(te_only.text_encoder_loras) == 12
+    unet_only = create_network_from_weights(path, unet=unet, text_encoders=[te], family="sd1",
+                                            train_text_encoder=False)
+    assert len(unet_only.unet_loras) == 48 and not unet_only.text_encoder_loras

@@ -49,7 +49,6 @@ class LoRANetwork(nn.Module):
                  te_prefixes: Sequence[str] = ("lora_te",), unet_name_map: Callable[[str], str] | None = None,
                  modules_dim: dict[str, int] | None = None, modules_alpha: dict[str, float] | None = None):
         super().__init__()
-        text_encoders = [te for te in text_encoders if te is not None]
         if len(te_prefixes) < len(text_encoders):
             raise ValueError(f"{len(text_encoders)} text encoders but only {len(te_prefixes)} prefixes")
         self.multiplier: float | torch.Tensor = float(multiplier)
@@ -64,7 +63,8 @@ class LoRANetwork(nn.Module):
         te_loras: list[LoRAModule] = []
         if train_text_encoder or from_file:
             for te, prefix in zip(text_encoders, te_prefixes):
-                te_loras += self._create(text_encoder_targets(te, prefix))
+                if te is not None:  # a missing encoder keeps the others' prefixes (SDXL te1/te2)
+                    te_loras += self._create(text_encoder_targets(te, prefix))
         unet_loras: list[LoRAModule] = []
         if unet is not None and (train_unet or from_file):
             include_conv = from_file or self.conv_dim is not None
@@ -264,16 +264,24 @@ def _dims_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int]
 
 
 def create_network_from_weights(path: str | os.PathLike, *, unet: nn.Module | None,
-                                text_encoders: Sequence[nn.Module], family: str,
-                                multiplier: float = 1.0) -> LoRANetwork:
-    """A network shaped like the file (rank and alpha per module), with the file's weights loaded."""
+                                text_encoders: Sequence[nn.Module], family: str, multiplier: float = 1.0,
+                                train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
+    """A network shaped like the file (rank and alpha per module), with the file's weights loaded.
+
+    train_unet / train_text_encoder False leave that part's modules out (as network_train_*_only do)."""
     tensors, _ = load_weights_file(path)
     dims, alphas = _dims_from_tensors(tensors)
     if not dims:
         raise NetworkError(f"{path}: no '<name>.lora_down.weight' tensors: not a kohya-format LoRA file")
+    naming = family_naming(family)
+    keep = [p for p, on in ((naming["unet_prefix"] + "_", train_unet), ("lora_te", train_text_encoder)) if on]
+    dims = {n: d for n, d in dims.items() if n.startswith(tuple(keep))}
+    if not dims:
+        raise NetworkError(f"{path}: has no modules for the part being trained (network_train_unet_only / "
+                           f"network_train_text_encoder_only)")
     try:
         network = LoRANetwork(unet, list(text_encoders), multiplier=multiplier, modules_dim=dims,
-                              modules_alpha=alphas, **family_naming(family))
+                              modules_alpha=alphas, **naming)
     except NetworkError as e:
         raise NetworkError(f"{path}: {e}") from None
     network.load_weights(path)
