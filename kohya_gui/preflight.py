@@ -1,0 +1,431 @@
+"""Checks before launch, each a clear message naming the field: what kohya_ss leaves to fail mid-run.
+
+Trainer importable from the job's python, paths exist, output folders writable (created), the '<repeats>_<tokens>'
+folder rule with image counts and steps, GPUs vs num_processes, mixed precision vs GPU, a rough memory estimate,
+options that do not apply to the model family, and the command itself (field errors from command.py).
+Torch-free: GPUs come from `nvidia-smi` (argument list, timeout); the trainer check runs `find_spec` in a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import psutil
+
+from sd_scripts import options as schema
+from sd_scripts.data.folders import parse_concept_name  # the trainer's own folder rule
+
+from .command import AccelerateSettings, CommandError, TRAINER_MODULES, normalize_values, trainer_for
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+#: minimum CUDA compute capability per mixed precision mode
+PRECISION_MIN_CC = {"fp16": 7.0, "bf16": 8.0, "fp8": 9.0}
+
+
+@dataclass
+class Check:
+    """One pre-flight finding. level: 'error' (launch refused), 'warning' or 'info'."""
+
+    level: str
+    field: str
+    message: str
+
+
+@dataclass
+class GpuInfo:
+    """One GPU as nvidia-smi reports it (memory in MiB)."""
+
+    index: int
+    name: str
+    compute_cap: float | None
+    memory_total_mb: float | None
+    memory_free_mb: float | None
+
+
+# ------------------------------------------------------------------ GPUs
+
+def parse_nvidia_smi(text: str) -> list[GpuInfo]:
+    """Parse `nvidia-smi --query-gpu=name,compute_cap,memory.total,memory.free --format=csv[,noheader,nounits]`."""
+    gpus = []
+    for line in text.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 4 or parts[0].lower() == "name":
+            continue
+
+        def number(text: str) -> float | None:
+            try:
+                return float(text.split()[0])
+            except (ValueError, IndexError):
+                return None
+
+        gpus.append(GpuInfo(len(gpus), parts[0], number(parts[1]), number(parts[2]), number(parts[3])))
+    return gpus
+
+
+def probe_gpus(timeout: float = 10.0) -> list[GpuInfo]:
+    """The machine's NVIDIA GPUs via nvidia-smi; [] when it is absent or fails (= CPU)."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return []
+    try:
+        out = subprocess.run([exe, "--query-gpu=name,compute_cap,memory.total,memory.free", "--format=csv"],
+                             capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return parse_nvidia_smi(out.stdout) if out.returncode == 0 else []
+
+
+def _selected(gpus: list[GpuInfo], gpu_ids: str | None) -> list[GpuInfo]:
+    if not gpu_ids or str(gpu_ids).strip().lower() == "all":
+        return gpus
+    wanted = {int(x) for x in str(gpu_ids).replace(" ", "").split(",") if x.isdigit()}
+    return [g for g in gpus if g.index in wanted]
+
+
+# ------------------------------------------------------------------ model family
+
+def _safetensors_keys(path: str) -> list[str]:
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > 100 * 1024 * 1024:
+            return []
+        return list(json.loads(f.read(size)))
+
+
+def detect_family(model_path: str | None) -> str | None:
+    """'sd1' / 'sd2' / 'sdxl' from a .safetensors header or a diffusers folder's configs; None when unknown."""
+    if not model_path:
+        return None
+    try:
+        if os.path.isdir(model_path):
+            index = json.load(open(os.path.join(model_path, "model_index.json"), encoding="utf-8"))
+            if "text_encoder_2" in index:
+                return "sdxl"
+            text = json.load(open(os.path.join(model_path, "text_encoder", "config.json"), encoding="utf-8"))
+            return "sd2" if text.get("hidden_size") == 1024 else "sd1"
+        if model_path.lower().endswith(".safetensors") and os.path.isfile(model_path):
+            keys = _safetensors_keys(model_path)
+            if any(k.startswith("conditioner.embedders.1.") for k in keys):
+                return "sdxl"
+            if any(k.startswith("cond_stage_model.model.") for k in keys):
+                return "sd2"
+            if any(k.startswith("cond_stage_model.transformer.") for k in keys):
+                return "sd1"
+    except (OSError, ValueError, struct.error):
+        return None
+    return None
+
+
+# ------------------------------------------------------------------ dataset
+
+def _images(folder: str) -> list[str]:
+    try:
+        return sorted(n for n in os.listdir(folder)
+                      if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n)))
+    except OSError:
+        return []
+
+
+def scan_concepts(parent: str, option: str, caption_extension: str, checks: list[Check]) -> dict[str, tuple[int, int]]:
+    """{concept folder: (images, repeats)} of a kohya-convention parent folder, adding checks for every mistake."""
+    concepts: dict[str, tuple[int, int]] = {}
+    loose = _images(parent)
+    name = os.path.basename(os.path.normpath(parent))
+    if loose and parse_concept_name(name):
+        checks.append(Check("error", option, f"{parent} is a concept folder itself: set {option} to its parent "
+                                             f"folder {os.path.dirname(os.path.abspath(parent))}"))
+        return concepts
+    for entry in sorted(os.listdir(parent)):
+        path = os.path.join(parent, entry)
+        if not os.path.isdir(path) or entry.startswith("."):
+            continue
+        parsed = parse_concept_name(entry)
+        if parsed is None:
+            checks.append(Check("warning", option, f"folder '{entry}' in {parent} is ignored: concept folders are "
+                                                   f"named '<repeats>_<class tokens>', e.g. '10_sks dog'"))
+            continue
+        images = _images(path)
+        if not images:
+            checks.append(Check("error", option, f"concept folder {path} has no images (png, jpg, jpeg, webp, bmp)"))
+            continue
+        missing = sum(1 for n in images if not os.path.exists(os.path.join(path, os.path.splitext(n)[0]
+                                                                           + caption_extension)))
+        if missing:
+            checks.append(Check("info", "caption_extension",
+                                f"{missing} of {len(images)} images in '{entry}' have no '{caption_extension}' "
+                                f"caption: their folder's class tokens '{parsed[1]}' are used"))
+        concepts[entry] = (len(images), parsed[0])
+    if not concepts and not any(c.level == "error" and c.field == option for c in checks):
+        if loose:
+            checks.append(Check("error", option, f"{parent} holds images directly: move them into a concept folder "
+                                                 f"such as '{os.path.join(parent, '10_sks dog')}' (or use Dataset "
+                                                 f"preparation)"))
+        else:
+            checks.append(Check("error", option, f"{parent} has no concept folders with images: add a folder such "
+                                                 f"as '10_sks dog' holding the images"))
+    elif loose:
+        checks.append(Check("warning", option, f"{len(loose)} image(s) directly in {parent} are ignored: only "
+                                               f"images inside concept folders are used"))
+    return concepts
+
+
+def steps_plan(train_images: int, reg_images: int, batch_size: int, num_processes: int, grad_accum: int,
+               max_train_steps: int | None, max_train_epochs: int | None) -> tuple[int, int, int]:
+    """(steps_per_epoch, total_steps, epochs). Regularisation doubles an epoch (one reg draw per train draw)."""
+    draws = train_images * (2 if reg_images else 1)
+    batches = math.ceil(draws / max(1, batch_size))
+    steps_per_epoch = max(1, math.ceil(math.ceil(batches / max(1, num_processes)) / max(1, grad_accum)))
+    if max_train_epochs:
+        return steps_per_epoch, steps_per_epoch * max_train_epochs, max_train_epochs
+    total = max_train_steps or 0
+    return steps_per_epoch, total, math.ceil(total / steps_per_epoch)
+
+
+# ------------------------------------------------------------------ memory
+
+_WEIGHTS_GB = {"sd1": 2.0, "sd2": 2.6, "sdxl": 6.9}  # fp16 U-Net + text encoders + VAE
+_TRAINABLE_B = {"sd1": 0.98, "sd2": 1.2, "sdxl": 3.5}  # billions of parameters a full fine-tune trains
+_ACT_GB = {"sd1": 1.6, "sd2": 1.9, "sdxl": 4.5}  # activations per image at the native resolution, fp16
+_NATIVE = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+
+
+def estimate_memory_gb(trainer: str, family: str, values: dict[str, Any]) -> float:
+    """A rough peak-memory estimate in GB (+-50%): weights, optimizer state for full training, activations."""
+    w, h = schema.parse_resolution(values.get("resolution") or "512")
+    fp32 = values.get("mixed_precision", "no") == "no"
+    area = (w * h) / (_NATIVE[family] ** 2)
+    act = _ACT_GB[family] * area * int(values.get("train_batch_size") or 1) * (2 if fp32 else 1)
+    if values.get("gradient_checkpointing"):
+        act *= 0.3
+    weights = _WEIGHTS_GB[family] * (2 if fp32 else 1)
+    if trainer in ("db", "finetune"):
+        eight_bit = values.get("optimizer_type") == "AdamW8bit" or values.get("use_8bit_adam")
+        per_param = 2 + (2 if values.get("full_fp16") or values.get("full_bf16") else 4) + (2 if eight_bit else 8)
+        weights = _WEIGHTS_GB[family] * 0.3 + _TRAINABLE_B[family] * per_param
+    return round(weights + act + 0.6, 1)  # + CUDA context and allocator slack
+
+
+# ------------------------------------------------------------------ checks
+
+def trainer_importable(trainer: str, python: str = sys.executable, timeout: float = 30.0) -> str | None:
+    """None when `python` can find the trainer module and accelerate (find_spec, torch not imported); else why."""
+    module = TRAINER_MODULES[trainer]
+    code = ("import importlib.util, sys\n"
+            f"missing = [m for m in ({module!r}, 'accelerate') if importlib.util.find_spec(m) is None]\n"
+            "print(','.join(missing)); sys.exit(3 if missing else 0)")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT,
+                             env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"cannot run {python!r}: {e}"
+    if out.returncode == 0:
+        return None
+    if out.returncode == 3:
+        return f"{python} cannot import {out.stdout.strip()}: run setup_env.sh (or pip install -e .) in that environment"
+    return f"{python} failed to check the trainer: {(out.stderr or out.stdout).strip().splitlines()[-1:]}"
+
+
+def _writable_dir(path: str) -> str | None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        return f"{path} cannot be created or written ({e.strerror or e}): choose a folder you can write to"
+    return None
+
+
+def _check_paths(trainer: str, values: dict[str, Any], checks: list[Check]) -> None:
+    for opt in schema.options_for(trainer):
+        value = values.get(opt.name)
+        if not opt.path or value in (None, "") or opt.name in ("events_file", "control_dir", "sample_prompts"):
+            continue
+        if opt.path in ("out_dir",):
+            problem = _writable_dir(value)
+            if problem:
+                checks.append(Check("error", opt.name, problem))
+        elif opt.path == "file" and not os.path.isfile(value):
+            checks.append(Check("error", opt.name, f"file {value} does not exist"))
+        elif opt.path == "dir" and not os.path.isdir(value):
+            checks.append(Check("error", opt.name, f"folder {value} does not exist"))
+        elif opt.path == "file_or_dir" and not os.path.exists(value):
+            hub_like = value.count("/") == 1 and not value.startswith((".", "/")) and not os.path.splitext(value)[1]
+            level = "warning" if hub_like else "error"
+            hint = " (a hub id needs network access at run time)" if hub_like else ""
+            checks.append(Check(level, opt.name, f"{value} does not exist{hint}"))
+    if not values.get("pretrained_model_name_or_path"):
+        checks.append(Check("error", "pretrained_model_name_or_path", "choose a base model (.safetensors/.ckpt file "
+                                                                      "or diffusers folder)"))
+    if not values.get("output_dir"):
+        checks.append(Check("error", "output_dir", "choose an output folder for the trained model"))
+    name = values.get("output_name") or ""
+    if any(c in name for c in "/\\") or name in (".", ".."):
+        checks.append(Check("error", "output_name", "is a file name, not a path: remove / and \\"))
+
+
+def _check_dataset(trainer: str, values: dict[str, Any], accel: AccelerateSettings, checks: list[Check]) -> None:
+    train_dir = values.get("train_data_dir")
+    if values.get("dataset_config"):
+        checks.append(Check("info", "dataset_config", "images and repeats come from the dataset config"))
+        return
+    if not train_dir:
+        checks.append(Check("error", "train_data_dir", "choose the image folder (or a dataset config)"))
+        return
+    if not os.path.isdir(train_dir):
+        return  # reported by the path checks
+    ext = values.get("caption_extension") or ".caption"
+    if trainer == "finetune":
+        images = len(_images(train_dir))
+        if not images:
+            checks.append(Check("error", "train_data_dir", f"{train_dir} has no images for fine-tuning"))
+            return
+        train_total, reg_total = images, 0
+        checks.append(Check("info", "train_data_dir", f"{images} images"))
+    else:
+        concepts = scan_concepts(train_dir, "train_data_dir", ext, checks)
+        if not concepts:
+            return
+        train_total = sum(n * r for n, r in concepts.values())
+        detail = ", ".join(f"'{k}': {n} images x {r}" for k, (n, r) in concepts.items())
+        checks.append(Check("info", "train_data_dir", f"{detail} = {train_total} image draws per epoch"))
+        reg_total = 0
+        reg_dir = values.get("reg_data_dir")
+        if reg_dir and os.path.isdir(reg_dir):
+            reg = scan_concepts(reg_dir, "reg_data_dir", ext, checks)
+            reg_total = sum(n * r for n, r in reg.values())
+            if reg:
+                checks.append(Check("info", "reg_data_dir", f"{sum(n for n, _ in reg.values())} regularisation images"
+                                                            f" (one per training image draw)"))
+    per_epoch, total, epochs = steps_plan(train_total, reg_total, int(values.get("train_batch_size") or 1),
+                                          accel.num_processes, int(values.get("gradient_accumulation_steps") or 1),
+                                          values.get("max_train_steps"), values.get("max_train_epochs"))
+    checks.append(Check("info", "max_train_steps", f"{per_epoch} steps per epoch; {total} steps in total "
+                                                   f"({epochs} epochs)"))
+
+
+def _check_hardware(trainer: str, family: str, values: dict[str, Any], accel: AccelerateSettings,
+                    gpus: list[GpuInfo], checks: list[Check]) -> None:
+    precision = accel.mixed_precision or values.get("mixed_precision") or "no"
+    selected = [] if accel.cpu else _selected(gpus, accel.gpu_ids)
+    need = math.ceil(accel.num_processes / max(1, accel.num_machines))  # processes on this machine
+    if not selected:
+        checks.append(Check("info", "accelerate.num_processes", "no NVIDIA GPU found: training runs on the CPU "
+                                                                "(fine for the tiny demo model, very slow otherwise)"))
+        if accel.num_processes > 1:
+            checks.append(Check("error", "accelerate.num_processes", f"{accel.num_processes} processes need "
+                                                                     f"{accel.num_processes} GPUs; none found: use 1"))
+        if precision == "fp16":
+            checks.append(Check("error", "mixed_precision", "fp16 needs a GPU: on the CPU choose 'no' (fp32), which "
+                                                            "works, or bf16 (works but slow)"))
+        elif precision == "bf16":
+            checks.append(Check("warning", "mixed_precision", "bf16 on the CPU works but is slow; 'no' (fp32) works "
+                                                              "everywhere"))
+        else:
+            checks.append(Check("info", "mixed_precision", "'no' (fp32) works on the CPU"))
+        limit_gb = psutil.virtual_memory().available / 1024 ** 3
+        where = "available RAM"
+    else:
+        names = ", ".join(f"{g.index}: {g.name}" for g in selected)
+        checks.append(Check("info", "accelerate.gpu_ids", f"GPUs: {names}"))
+        if need > len(selected):
+            checks.append(Check("error", "accelerate.num_processes", f"{need} processes on this machine need {need} "
+                                                                     f"GPUs; {len(selected)} selected/found"))
+        if accel.num_processes > 1 and not accel.multi_gpu and not accel.config_file:
+            checks.append(Check("warning", "accelerate.multi_gpu", "several processes: turn on multi_gpu"))
+        caps = [g.compute_cap for g in selected if g.compute_cap is not None]
+        low = min(caps) if caps else None
+        needed = PRECISION_MIN_CC.get(precision)
+        if needed and low is not None and low < needed:
+            level = "warning" if precision == "fp16" else "error"
+            checks.append(Check(level, "mixed_precision", f"{precision} needs compute capability {needed}+; the "
+                                                          f"GPU has {low}: choose "
+                                                          f"{'fp16' if low >= 7.0 else 'no'} instead"))
+        frees = [g.memory_free_mb for g in selected if g.memory_free_mb is not None]
+        limit_gb = min(frees) / 1024 if frees else None
+        where = "free GPU memory"
+    for flag, mode in (("full_fp16", "fp16"), ("full_bf16", "bf16")):
+        if values.get(flag) and precision != mode:
+            checks.append(Check("error", flag, f"{flag} needs mixed_precision {mode}"))
+    estimate = estimate_memory_gb(trainer, family, values)
+    checks.append(Check("info", "train_batch_size", f"rough memory estimate: {estimate} GB"))
+    if limit_gb is not None and estimate > limit_gb:
+        checks.append(Check("warning", "train_batch_size",
+                            f"the run may need about {estimate} GB but only {limit_gb:.1f} GB {where}: lower the "
+                            f"batch size or resolution, turn on gradient_checkpointing and cache_latents, or use "
+                            f"AdamW8bit"))
+
+
+def _check_family(trainer: str, family: str, values: dict[str, Any], checks: list[Check]) -> None:
+    for opt in schema.options_for(trainer):
+        value = values.get(opt.name)
+        if value not in (None, opt.default, False, "") and family not in opt.families:
+            checks.append(Check("warning", opt.name, f"applies to {', '.join(sorted(opt.families))} models only; "
+                                                     f"it has no effect on this {family} model: clear it"))
+    res = values.get("resolution")
+    native = _NATIVE[family]
+    try:
+        w, h = schema.parse_resolution(res or "512")
+    except ValueError:
+        return
+    if max(w, h) < native // 2 or max(w, h) > native * 2:
+        checks.append(Check("warning", "resolution", f"{w}x{h} is far from the {family} model's native {native} px"))
+
+
+def run_preflight(kind: str, values: dict[str, Any], accel: AccelerateSettings | None = None,
+                  gpu_probe: Callable[[], list[GpuInfo]] | None = None, python: str = sys.executable,
+                  family: str | None = None, check_trainer: bool = True) -> list[Check]:
+    """All checks for launching `kind` with `values`. Errors mean: do not launch. Creates output/logging folders.
+
+    gpu_probe returns the GPUs (default: nvidia-smi); family overrides detection from the model file.
+    """
+    accel = accel or AccelerateSettings()
+    checks: list[Check] = []
+    try:
+        trainer = trainer_for(kind)
+    except CommandError as e:
+        return [Check("error", e.field, str(e))]
+    try:
+        merged = dict(values)
+        if accel.mixed_precision:
+            merged["mixed_precision"] = accel.mixed_precision
+        norm = normalize_values(kind, merged)
+    except CommandError as e:
+        return [Check("error", e.field, str(e))]
+    if check_trainer:
+        problem = trainer_importable(trainer, python)
+        if problem:
+            checks.append(Check("error", "trainer", problem))
+    _check_paths(trainer, norm, checks)
+    _check_dataset(trainer, norm, accel, checks)
+    detected = detect_family(norm.get("pretrained_model_name_or_path"))
+    fam = family or detected or ("sd2" if norm.get("v2") or norm.get("v_parameterization") else None)
+    if fam is None:
+        fam = "sd1"
+        checks.append(Check("info", "pretrained_model_name_or_path", "model family not detected; assuming SD 1.x"))
+    else:
+        checks.append(Check("info", "pretrained_model_name_or_path", f"model family: {fam}"))
+    if norm.get("v_parameterization") and not norm.get("v2") and fam == "sd2":
+        checks.append(Check("info", "v2", "v_parameterization is for SD 2.x: v2 is implied"))
+    _check_family(trainer, fam, norm, checks)
+    gpus = (gpu_probe or probe_gpus)()
+    _check_hardware(trainer, fam, norm, accel, gpus, checks)
+    sampling = norm.get("sample_every_n_steps") or norm.get("sample_every_n_epochs") or norm.get("sample_at_first")
+    if sampling and not (values.get("sample_prompts_text") or "").strip() and not norm.get("sample_prompts"):
+        checks.append(Check("warning", "sample_prompts_text", "samples are scheduled but there are no prompts"))
+    return checks
+
+
+def has_errors(checks: list[Check]) -> bool:
+    """True when any check is an error (the GUI refuses to launch)."""
+    return any(c.level == "error" for c in checks)
