@@ -97,3 +97,30 @@ def test_output_dir_checks(tmp_path):
         check_output_dir_writable(tmp_path / "afile")
     with pytest.raises(UserError, match="under_a_file"):
         check_output_dir_writable(tmp_path / "afile" / "under_a_file")
+
+
+def test_lora_save_failing_midway_keeps_previous_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from sd_scripts.networks.lora import LoRANetwork
+    from sd_scripts.networks.lora_module import LoRAModule
+
+    net = LoRANetwork(None, [])
+    lora = LoRAModule("lora_unet_x", torch.nn.Linear(4, 4), rank=2)
+    net.add_module(lora.lora_name, lora)
+    net.unet_loras.append(lora)
+    path = tmp_path / "lora.safetensors"
+    net.save_weights(path, metadata={"ss_network_dim": "2"})
+    before = path.read_bytes()
+
+    def broken_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 10)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="No space"):
+        net.save_weights(path, metadata={"ss_network_dim": "2"})
+    with pytest.raises(OSError):
+        net.save_weights(tmp_path / "new.safetensors")
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["lora.safetensors"]
