@@ -1,0 +1,299 @@
+"""Assembles the GUI: training tabs, Utilities and Jobs on the left, the run monitor on the right.
+
+`AppContext` is the one object the tabs talk to: it owns the JobManager (ticked by a background thread, so queued
+runs start and finished ones settle even when no browser is open), the TensorBoard process, the config.toml defaults,
+presets, and the per-job incremental readers of events.jsonl. Tabs never touch the backend modules directly.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from kohya_gui import monitor
+from kohya_gui.command import AccelerateSettings, KIND_TO_TRAINER
+from kohya_gui.jobs import FINAL_STATUSES, Job, JobError, JobManager
+from kohya_gui.tensorboard import TensorBoard
+
+TICK_S = 0.5
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+class AppContext:
+    """Shared state of one GUI process (all browser sessions see the same jobs)."""
+
+    def __init__(self, jobs_dir: str, config_path: str | None = None, python: str = sys.executable):
+        self.jobs = JobManager(jobs_dir, python=python)
+        self.jobs_dir = self.jobs.jobs_dir
+        self.tensorboard = TensorBoard()
+        self.config_values: dict[str, dict[str, Any]] = {}
+        self.config_warnings: list[str] = []
+        if config_path:
+            self._load_config(config_path)
+        self._views: dict[str, tuple[monitor.EventTail, monitor.RunView]] = {}
+        self._logs: dict[str, tuple[tuple, str]] = {}
+        self._lock = threading.RLock()
+        self._gallery_dir = tempfile.mkdtemp(prefix="kohya_gui_gallery_")
+        self._stop_ticker = threading.Event()
+        self._ticker: threading.Thread | None = None
+
+    # ---- config.toml
+    def _load_config(self, path: str) -> None:
+        from kohya_gui.gui_config import load_gui_config
+
+        config = load_gui_config(path)
+        self.config_values = dict(getattr(config, "values", {}) or {})
+        for key in getattr(config, "unknown_keys", []) or []:
+            self.config_warnings.append(f"{path}: unknown key '{key}' is ignored (not a training option); check its "
+                                        f"spelling")
+        for warning in getattr(config, "warnings", []) or []:
+            self.config_warnings.append(str(warning))
+
+    def initial_values(self, kind: str) -> dict[str, Any]:
+        """Widget values of a training tab at start: config.toml sections flattened, the kind's own section last."""
+        values: dict[str, Any] = {}
+        kind_sections = set(KIND_TO_TRAINER) | set(KIND_TO_TRAINER.values())
+        own = {kind, KIND_TO_TRAINER[kind]}
+        for section, items in self.config_values.items():
+            if not isinstance(items, dict):
+                values[section] = items
+            elif section in ("accelerate_launch", "accelerate"):
+                values.update({f"accelerate.{k}": v for k, v in items.items()})
+            elif section not in kind_sections:
+                values.update(items)
+        for section in own:
+            if isinstance(self.config_values.get(section), dict):
+                values.update(self.config_values[section])
+        return values
+
+    # ---- presets
+    def preset_names(self, kind: str) -> list[str]:
+        """Presets of `kind`; [] when they cannot be listed (a page must still load; loading one says why)."""
+        try:
+            from kohya_gui.presets import list_presets
+
+            return list(list_presets(kind))
+        except (ImportError, OSError, ValueError) as e:
+            print(f"kohya_gui: cannot list presets: {e}", file=sys.stderr)
+            return []
+
+    def load_preset(self, kind: str, name: str) -> dict[str, Any]:
+        from kohya_gui.presets import load_preset
+
+        return dict(load_preset(kind, name))
+
+    def save_preset(self, kind: str, name: str, values: dict[str, Any]) -> None:
+        from kohya_gui.presets import save_preset
+
+        save_preset(kind, name, values)
+
+    def import_kohya(self, path: str) -> tuple[dict[str, Any], list[str]]:
+        from kohya_gui.presets import import_kohya_json
+
+        result = import_kohya_json(path)
+        if isinstance(result, tuple):
+            values, notes = result
+            return dict(values), [str(n) for n in notes]
+        notes = getattr(result, "notes", None) or getattr(result, "warnings", None) or []
+        values = getattr(result, "values", result)
+        return dict(values), [str(n) for n in notes]
+
+    # ---- launching
+    def preflight(self, kind: str, values: dict[str, Any], accel: AccelerateSettings, family: str) -> list:
+        """Pre-flight checks, plus a warning when the model file is of another family than the one selected."""
+        from kohya_gui.preflight import Check, detect_family, run_preflight
+
+        checks = list(run_preflight(kind, values, accel))
+        detected = detect_family(values.get("pretrained_model_name_or_path"))
+        if detected and detected != family:
+            checks.append(Check("warning", "model_family",
+                                f"the model file looks like {detected} but the Model family selector says {family}: "
+                                f"choose {detected} to see its options and defaults"))
+        return checks
+
+    def preview_job_dir(self) -> str:
+        """Where a job started now would live (for 'Print command')."""
+        return os.path.join(self.jobs_dir, "<new-job>")
+
+    def busy(self) -> bool:
+        return self.jobs.running() is not None
+
+    def create_job(self, kind: str, values: dict[str, Any], accel: AccelerateSettings, name: str) -> Job:
+        job = self.jobs.create(kind, values, accel, name)
+        self.jobs.start_next()
+        return self.jobs.get(job.id) or job
+
+    def control(self, job_id: str | None, what: str) -> str:
+        """Stop / save now / sample now for the watched job (or the running one)."""
+        job = self.jobs.get(job_id) if job_id else None
+        if job is None or job.status != "running":
+            job = self.jobs.running()
+        if job is None:
+            return "No run is in progress."
+        try:
+            if what == "stop":
+                self.jobs.stop(job.id, use_signal=False)
+                return f"Asked job `{job.id}` to stop: it finishes its step, saves and ends."
+            self.jobs.request(job.id, what)
+        except JobError as e:
+            return f"**Not done:** {e}"
+        return f"Asked job `{job.id}` to {what} now."
+
+    # ---- TensorBoard
+    def toggle_tensorboard(self, logdir: str | None) -> str:
+        if self.tensorboard.running():
+            self.tensorboard.stop()
+            return "TensorBoard stopped."
+        try:
+            url = self.tensorboard.start(logdir or "")
+        except (OSError, ValueError) as e:
+            return f"**TensorBoard not started:** {e}"
+        return (f"TensorBoard runs on [{url}]({url}) (this machine only; press the button again to stop it). "
+                f"Logs: `{self.tensorboard.logdir}`")
+
+    # ---- watching jobs
+    def job_to_show(self, job_id: str | None) -> Job | None:
+        """The watched job; without one, the running job or else the newest."""
+        if job_id:
+            job = self.jobs.get(job_id)
+            if job is not None:
+                return job
+        return self.jobs.running() or next(iter(self.jobs.list()), None)
+
+    def view(self, job: Job) -> monitor.RunView:
+        """The job's RunView, updated with the events appended since the last call (shared by all sessions)."""
+        with self._lock:
+            tail, view = self._views.get(job.id) or (monitor.EventTail(job.events_path), monitor.RunView())
+            monitor.update(view, tail.read())
+            view.status = job.status
+            if job.error_message and not view.error_message:
+                view.error_message = job.error_message
+                view.error_hint = job.error_hint
+            self._views[job.id] = (tail, view)
+            return view
+
+    def log_tail(self, job: Job, lines: int) -> str:
+        """The log's last lines (the stored, secret-free tail for a finished job)."""
+        if job.status in FINAL_STATUSES and job.log_tail:
+            return job.log_tail
+        try:
+            st = os.stat(job.log_path)
+            key = (st.st_size, st.st_mtime_ns)
+        except OSError:
+            return ""
+        cached = self._logs.get(job.id)
+        if cached and cached[0] == key:
+            return cached[1]
+        text = monitor.read_log_tail(job.log_path, lines)
+        self._logs[job.id] = (key, text)
+        return text
+
+    @staticmethod
+    def output_dir(job: Job) -> str | None:
+        return job.values.get("output_dir") or None
+
+    def gallery(self, job: Job, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Copies of the sample images in a GUI-owned temp folder (gradio serves only files it may serve)."""
+        folder = os.path.join(self._gallery_dir, job.id)
+        os.makedirs(folder, exist_ok=True)
+        out = []
+        for path, caption in items:
+            dest = os.path.join(folder, f"{abs(hash(path)) % 10**10}_{os.path.basename(path)}")
+            if not os.path.exists(dest):
+                try:
+                    shutil.copyfile(path, dest)
+                except OSError:
+                    continue
+            out.append((dest, caption))
+        return out
+
+    # ---- lifecycle
+    def start_ticker(self) -> None:
+        """Tick the job manager in the background: queue advances and dead runs settle without a browser."""
+        def loop():
+            while not self._stop_ticker.wait(TICK_S):
+                try:
+                    self.jobs.tick()
+                except Exception as e:  # noqa: BLE001 - the ticker must survive a bad job folder
+                    print(f"kohya_gui: job manager tick failed: {e}", file=sys.stderr)
+
+        self._ticker = threading.Thread(target=loop, name="job-ticker", daemon=True)
+        self._ticker.start()
+
+    def close(self) -> None:
+        self._stop_ticker.set()
+        self.tensorboard.stop()
+        shutil.rmtree(self._gallery_dir, ignore_errors=True)
+
+
+def build_app(ctx: AppContext) -> gr.Blocks:
+    """The whole page. Cheap: widgets only; nothing is read from disk until a page loads."""
+    from kohya_gui.tabs.jobs import JobsTab
+    from kohya_gui.tabs.run_monitor import RunMonitor
+    from kohya_gui.tabs.training import TRAINING_TABS, TrainingTab
+    from kohya_gui.tabs.utilities import UtilitiesTab
+
+    with gr.Blocks(title="Kohya studio — LoRA and fine-tuning", fill_width=True) as demo:
+        watched = gr.State(None)
+        if ctx.config_warnings:
+            gr.Markdown("\n".join(f"⚠️ {w}" for w in ctx.config_warnings), elem_id="config-warnings")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tabs(elem_id="main-tabs"):
+                    tabs = [TrainingTab(ctx, kind, label, watched) for kind, label in TRAINING_TABS]
+                    utilities = UtilitiesTab(ctx, tabs[0])
+                    jobs_tab = JobsTab(ctx, watched)
+            with gr.Column(scale=2, min_width=380):
+                RunMonitor(ctx, watched)
+        for tab in tabs:
+            demo.load(tab.on_load, None, tab.load_outputs, show_progress="hidden")
+        demo.load(jobs_tab.refresh, None, jobs_tab.refresh_outputs, show_progress="hidden")
+    hide_api(demo)
+    demo.kohya_tabs = tabs  # for tests
+    demo.kohya_utilities = utilities
+    return demo
+
+
+def hide_api(demo: gr.Blocks) -> None:
+    """Make every event private: no API docs, no calls from gradio clients, only from the page itself.
+
+    gradio 6 embeds the API description (every widget's label and default) in the index page it serves even to a
+    visitor who has not logged in; with no public endpoint that description is empty. It also makes the page ~1 MB
+    lighter.
+    """
+    for fn in demo.fns.values():
+        fn.api_visibility = "private"
+
+
+def launch(args: argparse.Namespace) -> int:
+    """Build and serve the GUI with the parsed command-line flags (see cli.py). Blocks until Ctrl+C."""
+    started = time.monotonic()
+    ctx = AppContext(args.jobs_dir, args.config)
+    for warning in ctx.config_warnings:
+        print(f"kohya_gui: {warning}", file=sys.stderr)
+    demo = build_app(ctx)
+    ctx.start_ticker()
+    auth = (args.username, args.password) if args.username and args.password else None
+    try:
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name=args.listen, server_port=args.server_port or None, share=args.share, auth=auth,
+            inbrowser=args.inbrowser and not args.headless, root_path=args.root_path, show_error=True,
+            prevent_thread_lock=True, css_paths=[ASSETS / "style.css"], footer_links=["settings"],
+            allowed_paths=[ctx._gallery_dir])
+        print(f"kohya_gui: serving on {demo.local_url} (ready in {time.monotonic() - started:.1f}s); jobs in "
+              f"{ctx.jobs_dir}", flush=True)
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        ctx.close()
+        demo.close()
+    return 0

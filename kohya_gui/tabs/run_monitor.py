@@ -1,0 +1,88 @@
+"""The run monitor beside the tabs: progress bar, status (exit code and error on failure), loss chart, sample
+gallery, log tail and outputs of the watched job, refreshed by one gr.Timer.
+
+Each tick reads only what is new in the job's events.jsonl (`AppContext.view`) and sends only the parts that changed
+(`gr.skip()` for the rest), so an idle page costs almost nothing.
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+from . import render
+
+if TYPE_CHECKING:
+    from kohya_gui.app import AppContext
+
+TICK_S = 0.5
+LOG_LINES = 40
+EMPTY_TEXT = "No run yet. Configure a training tab and press **Start**; runs of earlier sessions appear under **Jobs**."
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha1(repr(value).encode("utf-8", "replace")).hexdigest()
+
+
+class RunMonitor:
+    """Widgets of the watched run, and the tick that refreshes them."""
+
+    PARTS = ("status", "progress", "plot", "gallery", "log", "outputs")
+
+    def __init__(self, ctx: "AppContext", watched: gr.State):
+        self.ctx, self.watched = ctx, watched
+        with gr.Column(elem_id="run-monitor"):
+            self.status = gr.Markdown(EMPTY_TEXT, elem_id="run-status")
+            self.progress = gr.HTML(render.progress_html(_empty_view(), "queued"), elem_id="run-progress")
+            self.plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=240,
+                                    color_map={"loss": "#93c5fd", "smoothed": "#1d4ed8"}, elem_id="run-loss")
+            self.gallery = gr.Gallery(label="Samples (newest first)", columns=3, height=300, elem_id="run-samples",
+                                      interactive=False)
+            self.log = gr.Textbox(label="Log (tail)", lines=10, max_lines=10, autoscroll=True, interactive=False,
+                                  elem_id="run-log")
+            self.outputs = gr.Markdown(elem_id="run-outputs")
+        self.signature = gr.State({})
+        self.timer = gr.Timer(TICK_S)
+        self.timer.tick(self.tick, [self.watched, self.signature],
+                        [self.status, self.progress, self.plot, self.gallery, self.log, self.outputs,
+                         self.signature], show_progress="hidden", queue=False)
+
+    def tick(self, watched: str | None, signature: dict):
+        job = self.ctx.job_to_show(watched)
+        if job is None:
+            return [*(gr.skip() for _ in self.PARTS), signature]
+        view = self.ctx.view(job)
+        status = render.job_status(job)
+        parts = {
+            "status": render.status_markdown(job, view),
+            "progress": render.progress_html(view, status),
+            "plot": ("rows", job.id, len(view.loss_points), view.loss_points[-1:] if view.loss_points else None),
+            "gallery": ("samples", job.id, len(view.samples)),
+            "log": self.ctx.log_tail(job, LOG_LINES),
+            "outputs": render.outputs_markdown(view, self.ctx.output_dir(job)),
+        }
+        new_signature = {name: _digest(value) for name, value in parts.items()}
+        out = []
+        for name in self.PARTS:
+            if signature.get(name) == new_signature[name]:
+                out.append(gr.skip())
+            elif name == "plot":
+                out.append(self._plot_value(view))
+            elif name == "gallery":
+                out.append(self.ctx.gallery(job, render.gallery_items(view)))
+            else:
+                out.append(parts[name])
+        return [*out, new_signature]
+
+    @staticmethod
+    def _plot_value(view):
+        import pandas as pd  # already loaded by gradio
+
+        return pd.DataFrame(render.loss_rows(view), columns=["step", "loss", "series"])
+
+
+def _empty_view():
+    from kohya_gui.monitor import RunView
+
+    return RunView()

@@ -1,0 +1,86 @@
+"""The Utilities tab: dataset preparation. Raw images + instance/class prompts + repeats (+ optional regularisation
+images) become the '<repeats>_<tokens>' folder layout the trainers read; the tab shows the images per concept and the
+steps per epoch, and fills the LoRA tab's Folders fields.
+"""
+from __future__ import annotations
+
+import html
+from typing import TYPE_CHECKING, Any
+
+import gradio as gr
+
+if TYPE_CHECKING:
+    from kohya_gui.app import AppContext
+    from kohya_gui.tabs.training import TrainingTab
+
+
+class UtilitiesTab:
+    def __init__(self, ctx: "AppContext", lora_tab: "TrainingTab"):
+        self.ctx, self.lora_tab = ctx, lora_tab
+        with gr.Tab("Utilities", id="utilities", elem_id="tab-utilities"):
+            gr.Markdown("### Dataset preparation\nCopies your images into the folder layout the trainers read "
+                        "(`<repeats>_<instance prompt> <class prompt>`), with regularisation images beside them, "
+                        "and fills the LoRA tab's folders.")
+            with gr.Row():
+                self.images_dir = gr.Textbox(label="Raw images folder", placeholder="path to a folder of images",
+                                             elem_id="prep-images")
+                self.destination = gr.Textbox(label="Destination folder",
+                                              placeholder="folder to create img/, reg/, model/, log/ in",
+                                              elem_id="prep-destination")
+            with gr.Row():
+                self.instance_prompt = gr.Textbox(label="Instance prompt", placeholder="e.g. sks",
+                                                  elem_id="prep-instance")
+                self.class_prompt = gr.Textbox(label="Class prompt", placeholder="e.g. dog", elem_id="prep-class")
+                self.repeats = gr.Number(label="Repeats", value=10, precision=0, elem_id="prep-repeats")
+            with gr.Row():
+                self.reg_dir = gr.Textbox(label="Regularisation images folder (optional)",
+                                          placeholder="path to a folder of class images", elem_id="prep-reg")
+                self.reg_repeats = gr.Number(label="Regularisation repeats", value=1, precision=0,
+                                             elem_id="prep-reg-repeats")
+                self.batch_size = gr.Number(label="Batch size (for steps per epoch)", value=1, precision=0,
+                                            elem_id="prep-batch")
+            self.prepare = gr.Button("Prepare dataset and fill the LoRA tab", variant="primary", elem_id="prep-run")
+            self.summary = gr.Markdown(elem_id="prep-summary")
+        form = lora_tab.form
+        self.targets = [name for name in ("train_data_dir", "reg_data_dir", "output_dir", "logging_dir")
+                        if name in form.options]
+        self.prepare.click(self._prepare, [self.images_dir, self.destination, self.instance_prompt, self.class_prompt,
+                                           self.repeats, self.reg_dir, self.reg_repeats, self.batch_size],
+                           [self.summary, *(form.widget(n) for n in self.targets)])
+
+    def _prepare(self, images_dir, destination, instance_prompt, class_prompt, repeats, reg_dir, reg_repeats,
+                 batch_size):
+        from kohya_gui.dataset_prep import prepare_dataset
+
+        try:
+            result = prepare_dataset(
+                images_dir=(images_dir or "").strip(), destination=(destination or "").strip(),
+                instance_prompt=(instance_prompt or "").strip(), class_prompt=(class_prompt or "").strip(),
+                repeats=int(repeats or 0), reg_images_dir=(reg_dir or "").strip() or None,
+                reg_repeats=int(reg_repeats or 1))
+        except (OSError, ValueError) as e:
+            return [f"**Not prepared:** {html.escape(str(e))}", *(gr.skip() for _ in self.targets)]
+        return [summary_markdown(result, int(batch_size or 1)),
+                *(getattr(result, name, None) or gr.skip() for name in self.targets)]
+
+
+def summary_markdown(result: Any, batch_size: int) -> str:
+    """Images per concept and steps per epoch (images x repeats / batch size, regularisation doubling it)."""
+    lines = ["| concept folder | images | repeats | images x repeats |", "|---|---|---|---|"]
+    total = reg_total = 0
+    for concept in getattr(result, "concepts", []):
+        n, r = concept.images, concept.repeats
+        lines.append(f"| `{html.escape(concept.folder)}`{' (reg)' if concept.is_reg else ''} | {n} | {r} | {n * r} |")
+        if concept.is_reg:
+            reg_total += n * r
+        else:
+            total += n * r
+    steps = getattr(result, "steps_per_epoch", None)
+    if steps is None:
+        steps = -(-total * (2 if reg_total else 1) // max(1, batch_size))
+    lines.append(f"\n**Steps per epoch** at batch size {batch_size}: **{steps}**"
+                 + (" (regularisation images double the steps)" if reg_total else ""))
+    for warning in getattr(result, "warnings", []) or []:
+        lines.append(f"\n⚠️ {html.escape(str(warning))}")
+    lines.append(f"\nTraining images: `{getattr(result, 'train_data_dir', '')}`. The LoRA tab's folders are filled.")
+    return "\n".join(lines)
