@@ -154,3 +154,31 @@ def test_min_max_snap_to_steps(tmp_path):
     (ds,) = load_datasets(args_for("--train_data_dir", str(tmp_path), "--enable_bucket", "--min_bucket_reso", "300",
                                    "--max_bucket_reso", "1000"), 64)
     assert (ds.min_bucket_reso, ds.max_bucket_reso) == (256, 1024)
+
+
+def test_toml_datasets_are_described_for_metadata(folders):
+    from sd_scripts.data.dataset import TrainDataset
+
+    toml = write_toml(folders, "[[datasets]]\nbatch_size = 2\n[[datasets.subsets]]\nimage_dir='@/a'\nnum_repeats=3")
+    configs = load_datasets(args_for("--dataset_config", toml), 64)
+    assert configs[0].source == toml
+    (described,) = TrainDataset(configs, seed=0).summary().dataset_config
+    assert described["batch_size_per_device"] == 2 and described["bucket_info"] == {"512x512": 3}
+    assert described["subsets"][0]["image_dir"] == "a" and described["subsets"][0]["num_repeats"] == 3
+
+
+def test_fine_tune_metadata_file_and_cache_info(folders):
+    import json
+
+    from sd_scripts.data.dataset import TrainDataset
+
+    (folders / "meta.json").write_text(json.dumps({"x": {"caption": "a cat", "tags": "red, fluffy"},
+                                                   "missing": {"caption": "gone"}}), encoding="utf-8")
+    toml = write_toml(folders, "[[datasets]]\n[[datasets.subsets]]\nimage_dir='@/a'\nmetadata_file='@/meta.json'\n"
+                               "cache_info = true\ncustom_attributes = { lora = 'style' }")
+    configs = load_datasets(args_for("--dataset_config", toml), 64)
+    assert configs[0].subsets[0].custom_attributes == {"lora": "style"}
+    ds = TrainDataset(configs, seed=0)
+    assert [r.caption for r in ds.records] == ["a cat, red, fluffy"]
+    cached = json.loads((folders / "a" / "metadata_cache.json").read_text(encoding="utf-8"))
+    assert cached["x.png"][:2] == [64, 64]

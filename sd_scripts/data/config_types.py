@@ -50,3 +50,4 @@ class DatasetConfig:
     validation_seed: int | None = None
     resize_interpolation: str | None = None
     subsets: list[SubsetConfig] = field(default_factory=list)
+    source: str | None = None  # the dataset TOML it came from (None: the command-line folders)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import multiprocessing
+import os
 import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class DatasetSummary:
     dataset_dirs: dict[str, dict[str, int]] = field(default_factory=dict)  # {dir name: {n_repeats, img_count}}
     buckets: dict[Size, int] = field(default_factory=dict)  # {(w, h): draws per epoch}
     num_batches: int = 0
+    dataset_config: list[dict] | None = None  # per-dataset description for ss_datasets (dataset TOML runs only)
 
 
 def collate_batch(items: list[dict]) -> dict:
@@ -335,8 +337,6 @@ class TrainDataset(Dataset):
     # ---- summary
     def summary(self) -> DatasetSummary:
         """Counts for the 'start' event and the ss_* metadata (directories by folder name, as sd-scripts)."""
-        import os
-
         tags: dict[str, Counter] = {}
         dirs: dict[str, dict[str, int]] = {}
         num_train = 0
@@ -356,4 +356,26 @@ class TrainDataset(Dataset):
             buckets.update(counts)
         return DatasetSummary(num_train_images=num_train, num_reg_images=self._raw_reg_draws,
                               tag_frequency={k: dict(v) for k, v in tags.items()}, dataset_dirs=dirs,
-                              buckets=dict(sorted(buckets.items())), num_batches=len(self))
+                              buckets=dict(sorted(buckets.items())), num_batches=len(self),
+                              dataset_config=self._datasets_description())
+
+    def _datasets_description(self) -> list[dict] | None:
+        """kohya-style ss_datasets entries, when the datasets came from a dataset TOML."""
+        if not any(ds.source for ds in self.configs):
+            return None
+        out = []
+        for d, ds in enumerate(self.configs):
+            counts = Counter(self.records[i].bucket for i in self.draws[d])
+            subsets = [{"image_dir": os.path.basename(os.path.normpath(s.image_dir or s.metadata_file)),
+                        "img_count": len(self._subset_images.get(i, [])), "num_repeats": s.num_repeats,
+                        "is_reg": s.is_reg, "class_tokens": s.class_tokens, "flip_aug": s.flip_aug,
+                        "color_aug": s.color_aug, "random_crop": s.random_crop,
+                        "shuffle_caption": s.caption.shuffle, "keep_tokens": s.caption.keep_tokens}
+                       for i, (sd, s) in enumerate(self.subsets) if sd == d]
+            out.append({"batch_size_per_device": ds.batch_size, "resolution": list(ds.resolution),
+                        "enable_bucket": ds.enable_bucket, "min_bucket_reso": ds.min_bucket_reso,
+                        "max_bucket_reso": ds.max_bucket_reso, "bucket_reso_steps": ds.bucket_reso_steps,
+                        "bucket_no_upscale": ds.bucket_no_upscale,
+                        "bucket_info": {f"{w}x{h}": n for (w, h), n in sorted(counts.items())},
+                        "subsets": subsets})
+        return out

@@ -162,7 +162,7 @@ def _from_toml(path: str, args: argparse.Namespace) -> list[DatasetConfig]:
             subset = _check_keys(raw_subset, "subsets", path)
             look = _Lookup(path, [subset, dataset, general], args)
             subsets.append(_subset_from_toml(look, path, f"[[datasets.subsets]] #{j} of [[datasets]] #{i}"))
-        configs.append(_dataset_options(_Lookup(path, [dataset, general], args), subsets))
+        configs.append(replace(_dataset_options(_Lookup(path, [dataset, general], args), subsets), source=path))
     return configs
 
 
