@@ -83,13 +83,16 @@ def _open_pickle(path: str) -> Checkpoint:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(f"{path}: cannot read this checkpoint ({first}); it is damaged, incomplete or holds more "
                              f"than weights: use a .safetensors file or re-save it with weights only") from None
+    metadata = {}
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        # our own .ckpt saves keep the architecture facts beside the state dict (see saving.py)
+        metadata = {k: v for k, v in data.items() if isinstance(v, str)}
         data = data["state_dict"]
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path}: holds a {type(data).__name__}, not a state dict of tensors; pass a model "
                              f"checkpoint")
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
-    return Checkpoint(path, {k: tuple(v.shape) for k, v in tensors.items()}, {}, tensors.__getitem__)
+    return Checkpoint(path, {k: tuple(v.shape) for k, v in tensors.items()}, metadata, tensors.__getitem__)
 
 
 def open_checkpoint(path: str) -> Checkpoint:

@@ -114,7 +114,11 @@ def _load_single_file(path: str, v2: bool | None, v_param: bool | None, dtype: t
         raise ModelLoadError(f"{path}: incomplete {family} checkpoint (no tensor {_first_line(e)}); pass a full "
                              f"SD model with U-Net, VAE and text encoder") from None
 
-    unet, vae, te = build_unet(unet_cfg), build_vae(vae_cfg), build_text_encoder(te_cfg)
+    try:
+        unet, vae, te = build_unet(unet_cfg), build_vae(vae_cfg), build_text_encoder(te_cfg)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path}: the {family} architecture read from the tensor shapes cannot be built "
+                             f"({_first_line(e)}); the file is not a standard SD 1.x/2.x checkpoint") from None
     maps = model_keymaps(family, unet, vae, te)
     consumed: set[str] = set()
 
@@ -208,7 +212,11 @@ def load_vae(path: str, family: str = "sd1", v_pred: bool = False, dtype: torch.
         cfg = infer_vae_config(ckpt.shapes, family, v_pred, prefix, arch_overrides(ckpt.metadata).get("vae"))
     except (KeyError, IndexError) as e:
         raise ModelLoadError(f"{path}: incomplete VAE (no tensor {_first_line(e)}); pass a complete VAE") from None
-    vae = build_vae(cfg)
+    try:
+        vae = build_vae(cfg)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path}: cannot build a VAE from these tensor shapes ({_first_line(e)}); pass an "
+                             f"SD VAE") from None
     keymap = vae_keymap(vae.state_dict().keys(), len(cfg["block_out_channels"])).with_ldm_prefix(VAE_PREFIX, prefix)
     _check_present(keymap.ldm_keys, ckpt, "VAE")
     return _fill(vae, keymap.to_diffusers(lambda k: ckpt.get(k, dtype)), "VAE", path)

@@ -14,6 +14,7 @@ import torch
 from .arch import ARCH_METADATA_KEY, arch_metadata, bundled_config, variant_name
 from .bundle import ModelBundle
 from .keymaps import model_keymaps
+from .safetensors_writer import save_safetensors
 from .tokenizer import PAD_TOKENS, TOKENIZER_DIR, pad_mode_for
 
 
@@ -54,18 +55,16 @@ def save_single_file(bundle: ModelBundle, path: str, *, dtype: torch.dtype | Non
     architecture facts that shapes cannot tell, so the file loads back to the same configs.
     """
     tensors = _cast(ldm_state_dict(bundle), dtype)
+    arch = arch_metadata(bundle.unet.config, bundle.vae.config, bundle.text_encoder.config.to_dict())
     tmp = _temp_path(path)
     try:
         if path.lower().endswith(".safetensors"):
-            from safetensors.torch import save_file
-
             meta = {str(k): str(v) for k, v in (metadata or {}).items()}
             meta.setdefault("format", "pt")
-            meta[ARCH_METADATA_KEY] = arch_metadata(bundle.unet.config, bundle.vae.config,
-                                                    bundle.text_encoder.config.to_dict())
-            save_file(tensors, tmp, metadata=meta)
-        else:
-            torch.save({"state_dict": tensors}, tmp)
+            meta[ARCH_METADATA_KEY] = arch
+            save_safetensors(tensors, tmp, metadata=meta)
+        else:  # a .ckpt has no header: the architecture facts ride along as a string entry
+            torch.save({"state_dict": tensors, ARCH_METADATA_KEY: arch}, tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
@@ -142,8 +141,6 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 def save_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
     """Write the model as a diffusers StableDiffusionPipeline folder (safetensors weights), atomically."""
-    from safetensors.torch import save_file
-
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -152,14 +149,15 @@ def save_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: torch.dtype | No
         te_cfg = bundle.text_encoder.config.to_dict()
         _write_config_tree(tmp, dict(bundle.unet.config), dict(bundle.vae.config), te_cfg,
                            _pipeline_scheduler_config(bundle.scheduler_config), pad_mode_for(bundle.family))
-        save_file(_cast(bundle.unet.state_dict(), dtype), os.path.join(tmp, "unet", "diffusion_pytorch_model.safetensors"),
-                  metadata={"format": "pt"})
-        save_file(_cast(bundle.vae.state_dict(), dtype), os.path.join(tmp, "vae", "diffusion_pytorch_model.safetensors"),
-                  metadata={"format": "pt"})
+        fmt = {"format": "pt"}
+        save_safetensors(_cast(bundle.unet.state_dict(), dtype),
+                         os.path.join(tmp, "unet", "diffusion_pytorch_model.safetensors"), fmt)
+        save_safetensors(_cast(bundle.vae.state_dict(), dtype),
+                         os.path.join(tmp, "vae", "diffusion_pytorch_model.safetensors"), fmt)
         # 'text_model.' names: what every hub checkpoint uses and what transformers 4 and 5 both read
         te_sd = {(k if k.startswith("text_model.") else "text_model." + k): v
                  for k, v in bundle.text_encoder.state_dict().items()}
-        save_file(_cast(te_sd, dtype), os.path.join(tmp, "text_encoder", "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(_cast(te_sd, dtype), os.path.join(tmp, "text_encoder", "model.safetensors"), fmt)
         for root, dirs, files in os.walk(tmp):
             os.chmod(root, 0o755)
             for name in files:
