@@ -19,9 +19,12 @@ from typing import Any
 import gradio as gr
 
 from kohya_gui import monitor
-from kohya_gui.command import AccelerateSettings, KIND_TO_TRAINER
+from kohya_gui.command import ACCEL_PREFIX, AccelerateSettings
+from kohya_gui.components.defaults import FAMILY_DEPENDENT
+from kohya_gui.gui_config import GuiConfig
 from kohya_gui.jobs import FINAL_STATUSES, Job, JobError, JobManager
 from kohya_gui.tensorboard import TensorBoard
+from sd_scripts.options import GROUPS
 
 TICK_S = 0.5
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -30,14 +33,13 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 class AppContext:
     """Shared state of one GUI process (all browser sessions see the same jobs)."""
 
-    def __init__(self, jobs_dir: str, config_path: str | None = None, python: str = sys.executable):
-        self.jobs = JobManager(jobs_dir, python=python)
+    def __init__(self, jobs_dir: str, config: GuiConfig | None = None, python: str | None = None):
+        self.config = config or GuiConfig()
+        python = python or str(self.config.gui("python") or "") or sys.executable
+        self.jobs = JobManager(jobs_dir, python=python, grace_s=float(self.config.gui("stop_grace_s")))
         self.jobs_dir = self.jobs.jobs_dir
         self.tensorboard = TensorBoard()
-        self.config_values: dict[str, dict[str, Any]] = {}
-        self.config_warnings: list[str] = []
-        if config_path:
-            self._load_config(config_path)
+        self.config_warnings = list(self.config.problems)
         self._views: dict[str, tuple[monitor.EventTail, monitor.RunView]] = {}
         self._logs: dict[str, tuple[tuple, str]] = {}
         self._lock = threading.RLock()
@@ -46,32 +48,21 @@ class AppContext:
         self._ticker: threading.Thread | None = None
 
     # ---- config.toml
-    def _load_config(self, path: str) -> None:
-        from kohya_gui.gui_config import load_gui_config
-
-        config = load_gui_config(path)
-        self.config_values = dict(getattr(config, "values", {}) or {})
-        for key in getattr(config, "unknown_keys", []) or []:
-            self.config_warnings.append(f"{path}: unknown key '{key}' is ignored (not a training option); check its "
-                                        f"spelling")
-        for warning in getattr(config, "warnings", []) or []:
-            self.config_warnings.append(str(warning))
-
     def initial_values(self, kind: str) -> dict[str, Any]:
-        """Widget values of a training tab at start: config.toml sections flattened, the kind's own section last."""
-        values: dict[str, Any] = {}
-        kind_sections = set(KIND_TO_TRAINER) | set(KIND_TO_TRAINER.values())
-        own = {kind, KIND_TO_TRAINER[kind]}
-        for section, items in self.config_values.items():
-            if not isinstance(items, dict):
-                values[section] = items
-            elif section in ("accelerate_launch", "accelerate"):
-                values.update({f"accelerate.{k}": v for k, v in items.items()})
-            elif section not in kind_sections:
-                values.update(items)
-        for section in own:
-            if isinstance(self.config_values.get(section), dict):
-                values.update(self.config_values[section])
+        """A training tab's starting values: config.toml's defaults for the kind, its accelerate settings.
+
+        Family-dependent defaults (learning rate, resolution) are left to the form's family table unless the user
+        set them in config.toml.
+        """
+        values = self.config.defaults_for(kind)
+        explicit: set[str] = set()
+        for section in (*GROUPS, kind):
+            explicit.update(self.config.values.get(section, {}))
+        for name in FAMILY_DEPENDENT:
+            if name not in explicit:
+                values.pop(name, None)
+        accel = self.config.accelerate().to_dict()
+        values.update({ACCEL_PREFIX + k: v for k, v in accel.items()})
         return values
 
     # ---- presets
@@ -276,7 +267,7 @@ def hide_api(demo: gr.Blocks) -> None:
 def launch(args: argparse.Namespace) -> int:
     """Build and serve the GUI with the parsed command-line flags (see cli.py). Blocks until Ctrl+C."""
     started = time.monotonic()
-    ctx = AppContext(args.jobs_dir, args.config)
+    ctx = AppContext(args.jobs_dir, getattr(args, "gui_config", None))
     for warning in ctx.config_warnings:
         print(f"kohya_gui: {warning}", file=sys.stderr)
     demo = build_app(ctx)

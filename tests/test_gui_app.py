@@ -203,7 +203,29 @@ def test_preset_values_show_and_collect_back(gui):
     assert values["optimizer_args"] == ["weight_decay=0.1"] and values["output_name"] == "mine"
     assert values["learning_rate"] == LEARNING_RATES["lora"]["sdxl"] and values["resolution"] == "1024"
     assert values["sample_prompts_text"] == "a cat" and accel.num_processes == 2
-    assert values["network_alpha"] == schema.BY_NAME["network_alpha"].default  # not in the preset: default
+    assert values["network_alpha"] == tab.form.base["network_alpha"]  # not in the preset: the tab's default
+
+
+def test_config_toml_sets_tab_defaults_and_reports_unknown_keys(tmp_path):
+    from kohya_gui.gui_config import load_gui_config
+
+    path = tmp_path / "config.toml"
+    path.write_text('[folders]\noutput_dir = "/data/out"\n[lora]\nlearning_rate = 3e-4\nnetwork_dimm = 8\n'
+                    '[accelerate_launch]\nnum_processes = 2\n[gui]\nstop_grace_s = 5\n')
+    ctx = AppContext(str(tmp_path / "jobs"), load_gui_config(str(path)))
+    try:
+        assert any("network_dimm" in w for w in ctx.config_warnings)
+        assert ctx.jobs.grace_s == 5
+        demo = build_app(ctx)
+        by_kind = {t.kind: t for t in demo.kohya_tabs}
+        lora, db = by_kind["lora"].form, by_kind["dreambooth"].form
+        assert lora.widget("learning_rate").value == 3e-4  # explicit: wins over the family table
+        assert db.widget("learning_rate").value == LEARNING_RATES["dreambooth"]["sd1"]
+        assert lora.widget("output_dir").value == "/data/out" and db.widget("output_dir").value == "/data/out"
+        assert lora.accelerate.widgets["num_processes"].value == 2
+        assert any(isinstance(b, gr.Markdown) and "network_dimm" in str(b.value) for b in demo.blocks.values())
+    finally:
+        ctx.close()
 
 
 def test_widget_conversions():

@@ -15,10 +15,12 @@ LEARNING_RATES: dict[str, dict[str, float]] = {
     "lora": {"sd1": 1e-4, "sd2": 1e-4, "sdxl": 1e-4},
     "dreambooth": {"sd1": 1e-6, "sd2": 1e-6, "sdxl": 1e-5},
     "finetune": {"sd1": 1e-6, "sd2": 1e-6, "sdxl": 1e-5},
-    "ti": {"sd1": 5e-4, "sd2": 5e-4, "sdxl": 5e-4},  # embeddings only: the diffusers textual-inversion default
+    "ti": {"sd1": 5e-3, "sd2": 5e-3, "sdxl": 5e-3},  # embeddings only (A1111's default)
 }
 
 DEFAULT_FAMILY = "sd1"
+#: the options family_defaults sets
+FAMILY_DEPENDENT = ("learning_rate", "resolution")
 FAMILY_CHOICES = [(f"{info.label} ({name})", name) for name, info in FAMILIES.items()]
 
 

@@ -26,6 +26,7 @@ class TrainingForm:
 
     def __init__(self, kind: str, trainer: str, values: dict[str, Any], elem_prefix: str):
         self.kind, self.trainer = kind, trainer
+        self.base = dict(values)  # what options a preset leaves out return to
         family = values.get(FAMILY_KEY) or DEFAULT_FAMILY
         values = {**family_defaults(kind, family), **values}
         self.family = gr.Dropdown(FAMILY_CHOICES, value=family, label="Model family",
@@ -66,15 +67,15 @@ class TrainingForm:
         return values, self.accelerate.collect(data), family
 
     def updates(self, values: dict[str, Any]) -> dict[gr.components.Component, Any]:
-        """Show `values` (a preset: options it lacks return to their defaults; 'accelerate.*' keys included)."""
+        """Show `values` (a preset: options it lacks return to the tab's defaults; 'accelerate.*' keys included)."""
         family = values.get(FAMILY_KEY) or DEFAULT_FAMILY
-        full = {**family_defaults(self.kind, family), **values}
+        full = {**family_defaults(self.kind, family), **self.base, **values}
         out: dict[gr.components.Component, Any] = {self.family: family,
                                                    self.prompts: full.get("sample_prompts_text") or ""}
         for name, (opt, widget) in self.options.items():
             out[widget] = gr.update(value=to_widget_value(opt, full.get(name, opt.default)),
                                     visible=family in opt.families)
-        out.update(self.accelerate.updates(values))
+        out.update(self.accelerate.updates({**self.base, **values}))
         return out
 
     def family_changed(self, data: dict[gr.components.Component, Any], old_family: str) -> dict:
