@@ -1,0 +1,347 @@
+"""JSON presets per training kind, and import of kohya_ss GUI configs.
+
+A preset file (`presets/<kind>/*.json` bundled, `<user presets dir>/<kind>/*.json` saved by the user):
+
+    {"schema_version": 1, "name": "SD1.5 LoRA", "kind": "lora", "description": "...", "needs_demo": false,
+     "values": {"learning_rate": 0.0001, ...}}
+
+`values` holds only what the preset changes from the schema defaults: option names, the GUI field
+'sample_prompts_text' and 'accelerate.<setting>' keys. Files without `schema_version` (version 0: a flat dict of
+values, sd-scripts spellings) are migrated on load. Secrets are never written. Unknown keys are reported by name.
+The demo preset's paths contain `{demo_dir}`; loading it makes the tiny model and dataset there on first use.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import fields
+from typing import Any
+
+from sd_scripts import options as schema
+
+from .command import (ACCEL_PREFIX, GUI_FIELDS, JOB_OPTIONS, KIND_TO_TRAINER, AccelerateSettings, CommandError,
+                      _coerce, trainer_for)
+from .secrets import is_secret, strip_secrets
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUNDLED_DIR = os.path.join(REPO_ROOT, "presets")
+SCHEMA_VERSION = 1
+DEMO_PLACEHOLDER = "{demo_dir}"
+
+
+class PresetError(ValueError):
+    """A preset that cannot be found, read or prepared; the message names the file."""
+
+
+class PresetValues(dict):
+    """Loaded values (a plain dict) plus what the loader noticed: unknown_keys and notes."""
+
+    def __init__(self, values: dict[str, Any], unknown_keys: list[str] | None = None,
+                 notes: list[str] | None = None):
+        super().__init__(values)
+        self.unknown_keys = list(unknown_keys or [])
+        self.notes = list(notes or [])
+
+
+def user_presets_dir() -> str:
+    """Where user presets live: $KOHYA_GUI_USER_PRESETS or <repo>/presets/user (git-ignored)."""
+    return os.environ.get("KOHYA_GUI_USER_PRESETS") or os.path.join(BUNDLED_DIR, "user")
+
+
+def default_demo_dir() -> str:
+    """Where the demo preset's tiny model and dataset go: $KOHYA_GUI_DEMO_DIR or <repo>/demo (git-ignored)."""
+    return os.environ.get("KOHYA_GUI_DEMO_DIR") or os.path.join(REPO_ROOT, "demo")
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9._ ()-]+", "_", name).strip(" .")
+    if not slug:
+        raise PresetError(f"preset name {name!r} has no usable characters")
+    return slug
+
+
+def _kind_dirs(kind: str, user_dir: str | None) -> list[tuple[str, bool]]:
+    trainer_for(kind)
+    return [(os.path.join(BUNDLED_DIR, kind), False), (os.path.join(user_dir or user_presets_dir(), kind), True)]
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PresetError(f"preset {path} cannot be read: {e}") from None
+    if not isinstance(data, dict):
+        raise PresetError(f"preset {path} is not a JSON object")
+    return data
+
+
+def _index(kind: str, user_dir: str | None) -> dict[str, tuple[str, bool]]:
+    """name -> (path, is_user); a user preset wins over a bundled one of the same name."""
+    found: dict[str, tuple[str, bool]] = {}
+    for folder, is_user in _kind_dirs(kind, user_dir):
+        if not os.path.isdir(folder):
+            continue
+        for entry in sorted(os.listdir(folder)):
+            if not entry.endswith(".json"):
+                continue
+            path = os.path.join(folder, entry)
+            try:
+                name = str(_read(path).get("name") or entry[:-5])
+            except PresetError:
+                name = entry[:-5]
+            found[name] = (path, is_user)
+    return found
+
+
+def list_presets(kind: str, user_dir: str | None = None) -> list[str]:
+    """Preset names for `kind`: bundled ones first (file order), then the user's."""
+    index = _index(kind, user_dir)
+    return [n for n, (_, user) in index.items() if not user] + [n for n, (_, user) in index.items() if user]
+
+
+def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Bring a preset dict to SCHEMA_VERSION. Returns (preset, notes)."""
+    notes = []
+    version = data.get("schema_version", 0)
+    if version == 0:  # a flat dict of values, maybe with sd-scripts spellings
+        values = {schema.ALIASES.get(k, k): v for k, v in data.items() if k not in ("name", "kind", "description")}
+        data = {"schema_version": 1, "name": data.get("name"), "kind": data.get("kind"),
+                "description": data.get("description", ""), "values": values}
+        notes.append("migrated from an unversioned preset")
+        version = 1
+    if version > SCHEMA_VERSION:
+        notes.append(f"preset schema version {version} is newer than this GUI's {SCHEMA_VERSION}; some keys may "
+                     f"be reported as unknown")
+    return data, notes
+
+
+def _clean_values(kind: str, raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Keep known keys (converted to their types); report the rest by name."""
+    trainer = trainer_for(kind)
+    accel_names = {f.name for f in fields(AccelerateSettings)}
+    values: dict[str, Any] = {}
+    unknown: list[str] = []
+    for key, value in raw.items():
+        name = schema.ALIASES.get(key, key)
+        if name in GUI_FIELDS:
+            values[name] = value
+        elif name.startswith(ACCEL_PREFIX) and name[len(ACCEL_PREFIX):] in accel_names:
+            values[name] = value
+        elif name in schema.BY_NAME and name not in JOB_OPTIONS:
+            opt = schema.BY_NAME[name]
+            if not opt.applies_to(trainer):
+                unknown.append(f"{key} (does not apply to {kind})")
+                continue
+            try:
+                values[name] = _coerce(opt, value)
+            except CommandError:
+                unknown.append(f"{key} (invalid value)")
+        else:
+            unknown.append(key)
+    return values, unknown
+
+
+def load_preset(kind: str, name: str, user_dir: str | None = None, demo_dir: str | None = None,
+                make_demo: bool = True) -> PresetValues:
+    """The full values of preset `name` for `kind`: schema defaults overlaid with the preset's keys.
+
+    Older preset versions are migrated; unknown keys are in `.unknown_keys`. A demo preset's `{demo_dir}` paths are
+    resolved, and (make_demo) its tiny model and dataset are made there on first use.
+    """
+    index = _index(kind, user_dir)
+    if name not in index:
+        raise PresetError(f"no {kind} preset named {name!r}; known: {', '.join(index) or 'none'}")
+    path = index[name][0]
+    data, notes = migrate(_read(path))
+    raw = data.get("values") or {}
+    if not isinstance(raw, dict):
+        raise PresetError(f"preset {path}: 'values' must be an object")
+    if data.get("needs_demo"):
+        demo = os.path.abspath(demo_dir or default_demo_dir())
+        if make_demo:
+            notes += ensure_demo(demo)
+        raw = {k: v.replace(DEMO_PLACEHOLDER, demo) if isinstance(v, str) else v for k, v in raw.items()}
+    values, unknown = _clean_values(kind, raw)
+    full = schema.defaults(trainer_for(kind))
+    full.update(values)
+    for job_option in JOB_OPTIONS:
+        full.pop(job_option, None)
+    return PresetValues(full, unknown, notes)
+
+
+def preset_changes(kind: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Only the keys of `values` that differ from the schema defaults, without secrets and job-owned options."""
+    trainer = trainer_for(kind)
+    base = schema.defaults(trainer)
+    accel_defaults = AccelerateSettings().to_dict()
+    out: dict[str, Any] = {}
+    for key, value in strip_secrets(dict(values)).items():
+        if key in JOB_OPTIONS or is_secret(key):
+            continue
+        if key in GUI_FIELDS:
+            if value not in (None, ""):
+                out[key] = value
+        elif key.startswith(ACCEL_PREFIX):
+            setting = key[len(ACCEL_PREFIX):]
+            if setting in accel_defaults and value != accel_defaults[setting] and value not in (None, ""):
+                out[key] = value
+        elif key in schema.BY_NAME:
+            opt = schema.BY_NAME[key]
+            value = _coerce(opt, value)
+            if opt.applies_to(trainer) and value != base.get(key):
+                out[key] = value
+        else:
+            raise PresetError(f"unknown key {key!r}: not an option of the schema")
+    return out
+
+
+def save_preset(kind: str, name: str, values: dict[str, Any], user_dir: str | None = None,
+                description: str = "") -> str:
+    """Write a user preset holding only the keys that differ from the defaults (secrets removed). Returns its path."""
+    folder = os.path.join(user_dir or user_presets_dir(), kind)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, _slug(name) + ".json")
+    data = {"schema_version": SCHEMA_VERSION, "name": name, "kind": kind, "description": description,
+            "values": preset_changes(kind, values)}
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_demo(demo_dir: str, python: str = sys.executable, timeout: float = 600) -> list[str]:
+    """Make the demo's tiny SD1 model and dataset in `demo_dir` unless they exist. Returns notes; PresetError when the
+    tool fails (with the end of its output)."""
+    model = os.path.join(demo_dir, "model", "tiny-sd1.safetensors")
+    train = os.path.join(demo_dir, "dataset", "train")
+    if os.path.isfile(model) and os.path.isdir(train):
+        return []
+    argv = [python, "-m", "sd_scripts.tools.tiny_model", "--family", "sd1", "--layout", "single",
+            "--out", os.path.join(demo_dir, "model"), "--dataset", os.path.join(demo_dir, "dataset")]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise PresetError(f"could not make the demo model in {demo_dir}: {e}") from None
+    if out.returncode != 0 or not os.path.isfile(model):
+        tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
+        raise PresetError(f"could not make the demo model in {demo_dir} (exit {out.returncode}): {tail}")
+    return [f"made the demo model and dataset in {demo_dir}"]
+
+
+# ------------------------------------------------------------------ kohya_ss GUI JSON import
+
+#: kohya_ss GUI key -> our option (or 'accelerate.<setting>' / GUI field).
+KOHYA_RENAMES = {
+    "epoch": "max_train_epochs",
+    "max_resolution": "resolution",
+    "optimizer": "optimizer_type",
+    "lora_network_weights": "network_weights",
+    "sample_prompts": "sample_prompts_text",  # kohya_ss stores the prompt text itself
+    "caption_extention": "caption_extension",
+    "num_processes": "accelerate.num_processes",
+    "num_machines": "accelerate.num_machines",
+    "multi_gpu": "accelerate.multi_gpu",
+    "gpu_ids": "accelerate.gpu_ids",
+    "main_process_port": "accelerate.main_process_port",
+    "num_cpu_threads_per_process": "accelerate.num_cpu_threads_per_process",
+    "dynamo_backend": "accelerate.dynamo_backend",
+    "extra_accelerate_launch_args": "accelerate.extra_args",
+}
+#: kohya_ss keys that only drive its own widgets (no training setting of their own).
+KOHYA_GUI_ONLY = frozenset({"model_list", "save_as_bool", "sdxl", "sdxl_checkbox", "sd3_checkbox", "flux1_checkbox",
+                            "LoRA_type", "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "lr_warmup",
+                            "xformers", "noise_offset_type", "unit", "lr_warmup_steps"})
+#: kohya LoRA types our networks.lora implements (LoCon = conv_dim/conv_alpha network_args).
+SUPPORTED_LORA_TYPES = {"Standard", "Kohya LoCon", "LoCon"}
+
+
+def _meaningful(value: Any) -> bool:
+    return value not in (None, "", False, 0, 0.0, [], {}, "none", "None", "0")
+
+
+def import_kohya_json(path: str, kind: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """Read a kohya_ss GUI config JSON -> (values, unknown_keys).
+
+    Same-named keys map directly; renamed ones via KOHYA_RENAMES (epoch -> max_train_epochs, max_resolution ->
+    resolution, optimizer -> optimizer_type, sample_prompts text -> sample_prompts_text, accelerate settings ->
+    'accelerate.*'); LoRA_type Standard/LoCon -> networks.lora (+ conv_dim/conv_alpha, rank/module dropout in
+    network_args); lr_warmup percent -> lr_warmup_steps fraction; xformers 'xformers'/'sdpa' -> flags. kohya's 0 / ''
+    meaning "unset" become unset. Keys we cannot honour are listed in unknown_keys when they carry a setting
+    (empty/zero/false ones change nothing and are skipped). Secret keys are never imported.
+    """
+    data = _read(path)
+    trainer = trainer_for(kind) if kind else None
+    values: dict[str, Any] = {}
+    unknown: list[str] = []
+    lora_type = data.get("LoRA_type", "Standard") or "Standard"
+    if "LoRA_type" in data and lora_type not in SUPPORTED_LORA_TYPES:
+        unknown.append(f"LoRA_type ({lora_type!r} is not supported; imported as a standard LoRA)")
+    accel_names = {f.name for f in fields(AccelerateSettings)}
+    for key, raw in data.items():
+        if is_secret(key):
+            if _meaningful(raw):
+                unknown.append(f"{key} (secret, not imported)")
+            continue
+        name = KOHYA_RENAMES.get(key, schema.ALIASES.get(key, key))
+        if key in KOHYA_GUI_ONLY and name == key:
+            continue
+        if name in GUI_FIELDS:
+            if _meaningful(raw):
+                values[name] = str(raw)
+            continue
+        if name.startswith(ACCEL_PREFIX):
+            setting = name[len(ACCEL_PREFIX):]
+            if setting in accel_names and _meaningful(raw):
+                values[name] = raw
+            continue
+        opt = schema.BY_NAME.get(name)
+        if opt is None or name in JOB_OPTIONS:
+            if _meaningful(raw):
+                unknown.append(key)
+            continue
+        if trainer and not opt.applies_to(trainer):
+            if _meaningful(raw) and raw != opt.default:
+                unknown.append(f"{key} (does not apply to {kind})")
+            continue
+        try:
+            value = _coerce(opt, raw)
+        except CommandError:
+            unknown.append(f"{key} (invalid value {raw!r})")
+            continue
+        if value is None or opt.type is not bool and not opt.nargs and value == 0 and (
+                opt.default is None or (opt.minimum is not None and opt.minimum >= 1)):
+            continue  # kohya's "unset"
+        if opt.choices and not opt.nargs and value not in opt.choices:
+            unknown.append(f"{key} ({value!r} is not one of our choices)")
+            continue
+        if value != opt.default:
+            values[name] = value
+    _kohya_specials(data, values, lora_type, trainer)
+    return values, unknown
+
+
+def _kohya_specials(data: dict[str, Any], values: dict[str, Any], lora_type: str, trainer: str | None) -> None:
+    if trainer in (None, "network"):
+        net_args = list(values.get("network_args") or [])
+        keys = ["rank_dropout", "module_dropout"] + (["conv_dim", "conv_alpha"] if "LoCon" in lora_type else [])
+        for key in keys:
+            if _meaningful(data.get(key)):
+                net_args.append(f"{key}={data[key]}")
+        if net_args:
+            values["network_args"] = net_args
+    warmup_steps = data.get("lr_warmup_steps")
+    if _meaningful(warmup_steps):
+        values["lr_warmup_steps"] = _coerce(schema.BY_NAME["lr_warmup_steps"], warmup_steps)
+    elif _meaningful(data.get("lr_warmup")):
+        values["lr_warmup_steps"] = float(data["lr_warmup"]) / 100.0
+    attention = data.get("xformers")
+    if attention in (True, "xformers"):
+        values["xformers"] = True
+    elif attention == "sdpa":
+        values["sdpa"] = True
