@@ -209,3 +209,25 @@ def test_generate_samples_under_bf16_autocast(tiny, tmp_path):
 
 def test_parse_prompt_line_default_sampler_none():
     assert parse_prompt_line("x --s 3", default_sampler=None) == SamplePrompt("x", steps=3)
+
+
+def test_encode_prompt_clip_skip(tiny):
+    from sd_scripts.training.sampling import encode_prompt
+
+    te, tok = tiny["text_encoder"], tiny["tokenizer"]
+    with torch.no_grad():
+        ids = tok("a dog", padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        out = te(ids, output_hidden_states=True)
+        torch.testing.assert_close(encode_prompt(te, tok, "a dog", "cpu"), out.last_hidden_state)
+        torch.testing.assert_close(encode_prompt(te, tok, "a dog", "cpu", clip_skip=1), out.last_hidden_state)
+        penultimate = te.final_layer_norm(out.hidden_states[-2]) if hasattr(te, "final_layer_norm") else \
+            te.text_model.final_layer_norm(out.hidden_states[-2])
+        torch.testing.assert_close(encode_prompt(te, tok, "a dog", "cpu", clip_skip=2), penultimate)
+    assert encode_prompt(te, tok, "a dog", "cpu").shape == (1, 77, 32)
+
+
+def test_eval_modules_are_put_back_in_their_mode(tiny, tmp_path):
+    lora_like = torch.nn.Sequential(torch.nn.Dropout(0.5)).train()
+    prompt = SamplePrompt("a dog", width=64, height=64, seed=1, steps=1, sampler="ddim")
+    _generate(tiny, tmp_path, [prompt], step=1, eval_modules=[lora_like])
+    assert lora_like.training and lora_like[0].training
