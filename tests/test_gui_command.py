@@ -152,9 +152,7 @@ def test_split_accelerate_and_from_dict():
 
 
 GUI_MODULES = ["kohya_gui.command", "kohya_gui.secrets", "kohya_gui.jobs", "kohya_gui.monitor", "kohya_gui.preflight",
-               "kohya_gui.gui_config", "kohya_gui.presets"]  # grows as modules land
-_ALL = ["kohya_gui.jobs", "kohya_gui.monitor", "kohya_gui.preflight", "kohya_gui.presets",
-        "kohya_gui.gui_config", "kohya_gui.dataset_prep"]
+               "kohya_gui.gui_config", "kohya_gui.presets", "kohya_gui.dataset_prep"]
 
 
 def test_gui_modules_never_import_torch():
