@@ -38,7 +38,9 @@ def demo_data(tiny_root):
 
 def accelerate_cmd(*trainer_args: str, num_processes: int = 1, module: str = "sd_scripts.train_network") -> list[str]:
     """A real `accelerate launch` of one of our trainers on the CPU."""
-    return [PYTHON, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", str(num_processes),
+    # Several processes on a machine without GPUs: accelerate's multi-process launcher, gloo on the CPU.
+    device_flag = "--cpu" if num_processes == 1 else "--multi_gpu"
+    return [PYTHON, "-m", "accelerate.commands.launch", device_flag, "--num_processes", str(num_processes),
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
             "--num_cpu_threads_per_process", "1", "-m", module, *trainer_args]
 

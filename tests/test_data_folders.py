@@ -57,7 +57,7 @@ def _layout_empty_concept(tmp):
 
 def _layout_no_prefix(tmp):
     image(str(tmp / "dogs" / "a.png"))
-    return str(tmp), "no concept folders"
+    return str(tmp), "'dogs' are not named"
 
 
 def _layout_pointed_at_concept(tmp):

@@ -48,6 +48,7 @@ def scan_concept_folders(parent: str, *, is_reg: bool, caption_extension: str,
         raise DatasetError(f"{option} {parent} is a concept folder itself: set {option} to its parent folder "
                            f"{os.path.dirname(os.path.abspath(parent))}")
     subsets: list[SubsetConfig] = []
+    ignored: list[str] = []
     for name in names:
         path = os.path.join(parent, name)
         if not os.path.isdir(path) or name.startswith("."):
@@ -56,6 +57,7 @@ def scan_concept_folders(parent: str, *, is_reg: bool, caption_extension: str,
         if parsed is None:
             _warn(f"folder {path} is ignored: concept folders are named '<repeats>_<class tokens>' with repeats of "
                   f"1 or more, e.g. '10_sks dog'; rename it to use it", warnings)
+            ignored.append(name)
             continue
         repeats, class_tokens = parsed
         if not list_images(path):
@@ -67,6 +69,10 @@ def scan_concept_folders(parent: str, *, is_reg: bool, caption_extension: str,
         if loose_images:
             raise DatasetError(f"{option} {parent} holds images directly: move them into a concept folder such as "
                                f"{os.path.join(parent, '10_sks dog')} (repeats, underscore, class tokens)")
+        if ignored:
+            shown = ", ".join(repr(n) for n in ignored[:3]) + (" ..." if len(ignored) > 3 else "")
+            raise DatasetError(f"{option} {parent}: folder(s) {shown} are not named '<repeats>_<class tokens>': "
+                               f"rename them, e.g. '10_{ignored[0]}' to repeat each image 10 times per epoch")
         raise DatasetError(f"{option} {parent} has no concept folders with images: add a folder such as "
                            f"{os.path.join(parent, '10_sks dog')} holding the images")
     if loose_images:

@@ -106,9 +106,12 @@ class Trainer:
             log_with = a.log_with or "tensorboard"
             run_name = (a.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
             project = ProjectConfiguration(project_dir=a.logging_dir, logging_dir=os.path.join(a.logging_dir, run_name))
+        # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: data parallel on the CPU
+        # over gloo (accelerate only picks that up when told to use the CPU).
+        cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(gradient_accumulation_steps=a.gradient_accumulation_steps,
                                        mixed_precision=a.mixed_precision, log_with=log_with,
-                                       project_config=project)
+                                       project_config=project, cpu=cpu_ddp)
         self.is_main = self.accelerator.is_main_process
         self.events = EventWriter(a.events_file, enabled=self.is_main)
         if a.seed is not None:

@@ -1,0 +1,206 @@
+"""End to end: real `accelerate launch -m sd_scripts.train_network` runs on tiny models, checked from the outside."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import REPO, accelerate_cmd, subprocess_env
+from sd_scripts.training.events import read_events
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def write_run_toml(path, **values) -> str:
+    from sd_scripts.options import dump_toml
+
+    path.write_text(dump_toml(values, "network"))
+    return str(path)
+
+
+def run_trainer(cmd, timeout=300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"trainer failed rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def lora_tensors(path) -> tuple[dict, dict]:
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_sd1_single_file_lora_run(tmp_path, tiny_sd1, demo_data):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("# a comment\nsks dog on grass --w 64 --h 64 --s 2 --d 7\nohwx cat --n blurry --w 64 --h 64 --s 2\n")
+    out = tmp_path / "out"
+    events_file = tmp_path / "job" / "events.jsonl"
+    cfg = write_run_toml(
+        tmp_path / "run.toml", pretrained_model_name_or_path=tiny_sd1.single_file, train_data_dir=demo_data,
+        output_dir=str(out), output_name="demo", resolution="64", enable_bucket=True, min_bucket_reso=64,
+        max_bucket_reso=128, network_dim=4, network_alpha=2.0, learning_rate=1e-3, max_train_steps=6,
+        caption_extension=".txt", cache_latents=True, sample_prompts=str(prompts), sample_every_n_steps=3,
+        save_every_n_steps=4, seed=1, network_args=["conv_dim=2", "conv_alpha=1"], events_file=str(events_file))
+    run_trainer(accelerate_cmd("--config_file", cfg))
+
+    final = out / "demo.safetensors"
+    tensors, meta = lora_tensors(final)
+    names = {k.rsplit(".", 2)[0] if k.endswith("weight") else k.rsplit(".", 1)[0] for k in tensors}
+    assert any(n.startswith("lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q") for n in names)
+    assert any(n.startswith("lora_te_text_model_encoder_layers_0_self_attn_q_proj") for n in names)
+    assert any("resnets" in n for n in names), "conv_dim adds ResNet modules"
+    for name in names:
+        down, up = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"]
+        assert down.shape[0] == up.shape[1] and float(tensors[f"{name}.alpha"]) in (2.0, 1.0)
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k), "training moved the up weights"
+    assert meta["ss_network_module"] == "networks.lora" and meta["ss_network_dim"] == "4"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["ss_steps"] == "6" and "sshs_model_hash" in meta
+    assert json.loads(meta["ss_tag_frequency"])
+    assert (out / "demo-step00000004.safetensors").exists()
+
+    events = read_events(str(events_file))
+    types = [e["type"] for e in events]
+    assert types[0] == "start" and types[-1] == "done" and events[-1]["status"] == "completed"
+    progress = [e for e in events if e["type"] == "progress"]
+    assert progress[-1]["step"] == progress[-1]["total_steps"] == 6
+    samples = [e for e in events if e["type"] == "sample"]
+    assert samples and all(os.path.isfile(p) for e in samples for p in e["paths"])
+    assert len(samples[0]["paths"]) == 2
+    saves = [e for e in events if e["type"] == "save"]
+    assert {s["kind"] for s in saves} >= {"step", "final"} and str(final) in events[-1]["outputs"]
+    pngs = sorted((out / "sample").glob("demo_*.png"))
+    assert len(pngs) == 4  # 2 prompts at steps 3 and 6
+
+
+def test_lora_loads_in_diffusers_and_changes_output(tmp_path, tiny_sd1, demo_data):
+    """The trained file loads with diffusers' own kohya loader and changes what the U-Net predicts."""
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "out"
+    cfg = write_run_toml(
+        tmp_path / "run.toml", pretrained_model_name_or_path=tiny_sd1.diffusers_dir, train_data_dir=demo_data,
+        output_dir=str(out), output_name="lora", resolution="64", network_dim=4, network_alpha=4.0,
+        learning_rate=5e-3, max_train_steps=4, caption_extension=".txt", seed=3)
+    run_trainer(accelerate_cmd("--config_file", cfg))
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1.diffusers_dir, local_files_only=True,
+                                                   safety_checker=None, requires_safety_checker=False)
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8, generator=g)
+    cond = torch.randn(1, 77, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        before = pipe.unet(latents, 500, cond).sample
+        pipe.load_lora_weights(str(out / "lora.safetensors"))
+        after = pipe.unet(latents, 500, cond).sample
+    assert not torch.allclose(before, after)
+
+
+def test_overfitting_one_image_lowers_the_loss(tmp_path, tiny_sd1):
+    from PIL import Image
+
+    data = tmp_path / "data" / "1_sks"
+    data.mkdir(parents=True)
+    img = Image.new("RGB", (64, 64), (200, 30, 30))
+    for x in range(0, 64, 16):
+        img.paste((20, 20, 220), (x, 0, x + 8, 64))
+    img.save(data / "a.png")
+    events_file = tmp_path / "events.jsonl"
+    cfg = write_run_toml(
+        tmp_path / "run.toml", pretrained_model_name_or_path=tiny_sd1.single_file, train_data_dir=str(data.parent),
+        output_dir=str(tmp_path / "out"), resolution="64", network_dim=8, network_alpha=8.0, learning_rate=1e-2,
+        max_train_steps=80, cache_latents=True, seed=0, min_timestep=400, max_timestep=401,
+        network_train_unet_only=True, events_file=str(events_file))
+    run_trainer(accelerate_cmd("--config_file", cfg))
+    losses = [e["loss"] for e in read_events(str(events_file)) if e["type"] == "progress"]
+    assert len(losses) >= 40
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.7 * first, (first, last)
+
+
+def test_sd2_v_prediction_run(tmp_path, tiny_sd2v, demo_data):
+    out = tmp_path / "out"
+    events_file = tmp_path / "events.jsonl"
+    run_trainer(accelerate_cmd(
+        "--pretrained_model_name_or_path", tiny_sd2v.single_file, "--v2", "--v_parameterization",
+        "--train_data_dir", demo_data, "--output_dir", str(out), "--output_name", "v", "--resolution", "64",
+        "--caption_extension", ".txt", "--network_dim", "4", "--learning_rate", "1e-3", "--max_train_steps", "3",
+        "--events_file", str(events_file)))
+    tensors, meta = lora_tensors(out / "v.safetensors")
+    assert meta["ss_base_model_version"] == "sd_v2_v" and meta["ss_v2"] == "True"
+    assert meta["modelspec.prediction_type"] == "v"
+    assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in tensors)
+    start = read_events(str(events_file))[0]
+    assert start["model_family"] == "sd2" and start["v_prediction"] is True
+
+
+def test_two_processes_on_cpu(tmp_path, tiny_sd1, demo_data):
+    out = tmp_path / "out"
+    events_file = tmp_path / "events.jsonl"
+    run_trainer(accelerate_cmd(
+        "--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir", demo_data,
+        "--output_dir", str(out), "--output_name", "ddp", "--resolution", "64", "--caption_extension", ".txt",
+        "--network_dim", "4", "--learning_rate", "1e-3", "--max_train_steps", "4", "--cache_latents",
+        "--events_file", str(events_file), num_processes=2))
+    tensors, meta = lora_tensors(out / "ddp.safetensors")
+    assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
+    start = read_events(str(events_file))[0]
+    assert start["num_processes"] == 2
+    assert read_events(str(events_file))[-1]["status"] == "completed"
+
+
+def test_sd_scripts_command_line_runs_as_written(tmp_path, tiny_sd1, demo_data):
+    """A typical kohya sd-scripts SD1.5 LoRA command line, pointed at the tiny model."""
+    prompts = tmp_path / "prompt.txt"
+    prompts.write_text("a photo of sks dog --w 64 --h 64 --s 2\n")
+    out = tmp_path / "out"
+    run_trainer(accelerate_cmd(
+        "--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir", demo_data,
+        "--output_dir", str(out), "--resolution", "64,64", "--network_module", "networks.lora",
+        "--network_dim", "8", "--network_alpha", "4", "--learning_rate", "1e-4", "--optimizer_type", "AdamW",
+        "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--max_train_steps", "3", "--mixed_precision", "no",
+        "--save_model_as", "safetensors", "--sample_prompts", str(prompts), "--sample_every_n_steps", "3",
+        "--caption_extension", ".txt", "--cache_latents", "--gradient_checkpointing", "--sdpa",
+        "--output_name", "cli"))
+    tensors, meta = lora_tensors(out / "cli.safetensors")
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_alpha"] == "4.0"
+    assert list((out / "sample").glob("cli_*.png"))
+
+
+def test_sigint_saves_and_reports_stopped(tmp_path, tiny_sd1, demo_data):
+    out = tmp_path / "out"
+    events_file = tmp_path / "events.jsonl"
+    cmd = accelerate_cmd(
+        "--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir", demo_data,
+        "--output_dir", str(out), "--output_name", "stopped", "--resolution", "64", "--caption_extension", ".txt",
+        "--network_dim", "4", "--max_train_steps", "100000", "--events_file", str(events_file))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if any(e["type"] == "progress" and e["step"] >= 3 for e in read_events(str(events_file))):
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError("no progress within 120 s")
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            events = read_events(str(events_file))
+            if events and events[-1]["type"] == "done":
+                break
+            time.sleep(0.2)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done = read_events(str(events_file))[-1]
+    assert done["type"] == "done" and done["status"] == "stopped", done
+    tensors, meta = lora_tensors(out / "stopped.safetensors")
+    assert tensors and int(meta["ss_steps"]) >= 3
