@@ -30,3 +30,29 @@ def test_metadata_names():
 def test_torch_free():
     code = "import sys, sd_scripts.models.families; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_probe_is_torch_free(tmp_path):
+    from sd_scripts.tools.tiny_model import build_tiny_model
+
+    paths = build_tiny_model(str(tmp_path), "sd2", True)
+    code = ("import sys; from sd_scripts.models.detect import probe_model as p; "
+            f"a = p({paths.single_file!r}); b = p({paths.diffusers_dir!r}); "
+            "assert (a.family, a.v_prediction, a.layout) == ('sd2', True, 'single_file'), a; "
+            "assert (b.family, b.v_prediction, b.layout) == ('sd2', True, 'diffusers'), b; "
+            "assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_probe_errors(tmp_path):
+    from sd_scripts.errors import ModelLoadError
+    from sd_scripts.models.detect import probe_model
+
+    with pytest.raises(ModelLoadError, match="no such file"):
+        probe_model(str(tmp_path / "nope.safetensors"))
+    bad = tmp_path / "bad.safetensors"
+    bad.write_text("hello")
+    with pytest.raises(ModelLoadError, match="bad.safetensors"):
+        probe_model(str(bad))
+    with pytest.raises(ModelLoadError, match="diffusers"):
+        probe_model(str(tmp_path))

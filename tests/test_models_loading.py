@@ -240,3 +240,12 @@ def test_bench_workload_layout(tmp_path):
     assert again.unet.config.attention_head_dim == 4 and again.vae.config.norm_num_groups == 8
     sa, sb = bundle.unet.state_dict(), again.unet.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_sd2_from_diffusers_folder_keeps_its_layers_through_a_single_file(tiny, tmp_path):
+    """A diffusers SD2 text encoder has no extra OpenCLIP layer: a single file saved from it must not lose one."""
+    folder = load_model(tiny["sd2"].diffusers_dir)
+    single = load_model(save_single_file(folder, str(tmp_path / "from_folder.safetensors")))
+    assert single.text_encoder.config.num_hidden_layers == folder.text_encoder.config.num_hidden_layers == 2
+    sa, sb = folder.text_encoder.state_dict(), single.text_encoder.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)

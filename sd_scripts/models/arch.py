@@ -14,7 +14,7 @@ import re
 from typing import Mapping
 
 from ..errors import ModelLoadError
-from .keymaps import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .detect import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 ARCH_METADATA_KEY = "sd_scripts.architecture"
@@ -35,38 +35,6 @@ def bundled_config(family: str, v_pred: bool, component: str) -> dict:
         return json.load(f)
 
 
-def detect_family(keys_and_shapes: Shapes, source: str = "the model") -> str:
-    """'sd1' or 'sd2' from single-file keys (and shapes); 'sdxl' is recognised so callers can say it is not
-    supported. ModelLoadError naming `source` when it is not a Stable Diffusion checkpoint."""
-    keys = keys_and_shapes
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        return "sdxl"
-    if OPENCLIP_PREFIX + "token_embedding.weight" in keys:
-        return "sd2"
-    if any(k.startswith(CLIP_PREFIX) for k in keys):
-        return "sd1"
-    proj_in = [k for k in keys if k.startswith(UNET_PREFIX) and k.endswith("proj_in.weight")]
-    to_k = [k for k in keys if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")]
-    if proj_in and to_k:
-        linear = len(keys[proj_in[0]]) == 2
-        return "sd2" if linear or keys[to_k[0]][1] == 1024 else "sd1"
-    raise ModelLoadError(f"{source}: not a Stable Diffusion 1.x/2.x checkpoint (no U-Net/text-encoder keys in the "
-                         f"original layout); pass a full SD model, or a diffusers folder")
-
-
-def detect_diffusers_family(unet_config: Mapping, text_config: Mapping, source: str) -> str:
-    """Family of a diffusers folder from its configs (works for tiny test models, not only real sizes)."""
-    if unet_config.get("addition_embed_type") == "text_time" or unet_config.get("cross_attention_dim") == 2048:
-        return "sdxl"
-    if (unet_config.get("use_linear_projection") or text_config.get("hidden_act") == "gelu"
-            or unet_config.get("cross_attention_dim") == 1024):
-        return "sd2"
-    if unet_config.get("cross_attention_dim") is None:
-        raise ModelLoadError(f"{source}: unet/config.json is not a text-conditioned U-Net; pass a Stable Diffusion "
-                             f"pipeline folder")
-    return "sd1"
-
-
 def arch_overrides(metadata: Mapping[str, str]) -> dict:
     """{'unet': {...}, 'vae': {...}, 'text_encoder': {...}} from our metadata key, or {}."""
     raw = metadata.get(ARCH_METADATA_KEY)
@@ -84,7 +52,8 @@ def arch_metadata(unet_config: Mapping, vae_config: Mapping, text_config: Mappin
     return json.dumps({
         "unet": {k: unet_config[k] for k in ("attention_head_dim", "sample_size") if k in unet_config},
         "vae": {k: vae_config[k] for k in ("norm_num_groups", "sample_size") if k in vae_config},
-        "text_encoder": {"num_attention_heads": text_config["num_attention_heads"]},
+        # layers: an SD2 file saved from a diffusers folder has no extra last OpenCLIP layer
+        "text_encoder": {k: text_config[k] for k in ("num_attention_heads", "num_hidden_layers")},
     }, sort_keys=True)
 
 

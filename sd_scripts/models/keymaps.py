@@ -19,10 +19,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPENCLIP_PREFIX = "cond_stage_model.model."
+from .detect import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 COPY, CONV1X1, SPLIT = "copy", "conv1x1", "split"
 

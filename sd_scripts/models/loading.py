@@ -14,15 +14,16 @@ from typing import Mapping
 import torch
 
 from ..errors import ModelLoadError
-from .arch import (SUPPORTED_FAMILIES, arch_overrides, bundled_config, detect_diffusers_family, detect_family,
-                   infer_text_config, infer_unet_config, infer_vae_config, scheduler_training_config)
+from .arch import (SUPPORTED_FAMILIES, arch_overrides, bundled_config, infer_text_config, infer_unet_config,
+                   infer_vae_config, scheduler_training_config)
 from .bundle import ModelBundle, compute_vae_id
 from .checkpoint import Checkpoint, open_checkpoint
+from .detect import detect_diffusers_family, detect_family, v_prediction_from_metadata
 from .keymaps import VAE_PREFIX, model_keymaps, vae_keymap
 from .tokenizer import load_clip_tokenizer, pad_mode_for
 
 __all__ = ["ModelBundle", "load_model", "load_vae", "detect_family", "save_single_file", "save_diffusers",
-           "diffusers_config_dir"]
+           "diffusers_config_dir", "build_unet", "build_vae", "build_text_encoder"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -33,12 +34,6 @@ def _first_line(e: BaseException) -> str:
 def _unsupported(family: str, path: str) -> ModelLoadError:
     return ModelLoadError(f"{path}: this is an {family.upper()} model, which is not supported yet; use an SD 1.x or "
                           f"SD 2.x model")
-
-
-def _v_from_metadata(metadata: Mapping[str, str]) -> bool:
-    pred = metadata.get("modelspec.prediction_type", "").lower()
-    arch = metadata.get("modelspec.architecture", "")
-    return pred in ("v", "v_prediction") or arch.split("/")[0].endswith("-v")
 
 
 # ---------------------------------------------------------------- module builders (no random init)
@@ -104,7 +99,7 @@ def _load_single_file(path: str, v2: bool | None, v_param: bool | None, dtype: t
         raise _unsupported(family, path)
     if v2 and family != "sd2":
         raise ModelLoadError(f"{path}: --v2 is set but this is an SD 1.x model; remove --v2")
-    v_pred = bool(v_param) or _v_from_metadata(ckpt.metadata)
+    v_pred = bool(v_param) or v_prediction_from_metadata(ckpt.metadata)
     over = arch_overrides(ckpt.metadata)
     try:
         unet_cfg = infer_unet_config(ckpt.shapes, family, v_pred, over.get("unet"))

@@ -110,7 +110,8 @@ def _write_config_tree(folder: str, unet_cfg: Mapping, vae_cfg: Mapping, te_cfg:
     index = _model_index()
     index["scheduler"][1] = sched_cfg["_class_name"]
     _write_json(os.path.join(folder, "model_index.json"), index)
-    _write_json(os.path.join(folder, "unet", "config.json"), dict(_public(unet_cfg), _class_name="UNet2DConditionModel"))
+    _write_json(os.path.join(folder, "unet", "config.json"),
+                dict(_public(unet_cfg), _class_name="UNet2DConditionModel"))
     _write_json(os.path.join(folder, "vae", "config.json"), dict(_public(vae_cfg), _class_name="AutoencoderKL"))
     te = {k: v for k, v in te_cfg.items() if not k.startswith("_")}
     te.update(architectures=["CLIPTextModel"], model_type="clip_text_model")

@@ -82,7 +82,8 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sd_scripts.tools.build_tokenizer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sd_scripts.tools.build_tokenizer",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--wheel", required=True, help="open_clip_torch wheel (a glob is accepted) or the .txt.gz")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output folder (default: the bundled tokenizer folder)")
     args = parser.parse_args(argv)

@@ -94,11 +94,12 @@ def build_tiny_bundle(family: str = "sd1", v_prediction: bool = False, seed: int
     width = te_cfg["hidden_size"]
     if family == "sd2":
         last = f"{OPENCLIP_PREFIX}transformer.resblocks.{te_cfg['num_hidden_layers']}."
+        hidden = te_cfg["intermediate_size"]
         shapes = {"ln_1.weight": (width,), "ln_1.bias": (width,), "attn.in_proj_weight": (3 * width, width),
                   "attn.in_proj_bias": (3 * width,), "attn.out_proj.weight": (width, width),
                   "attn.out_proj.bias": (width,), "ln_2.weight": (width,), "ln_2.bias": (width,),
-                  "mlp.c_fc.weight": (te_cfg["intermediate_size"], width), "mlp.c_fc.bias": (te_cfg["intermediate_size"],),
-                  "mlp.c_proj.weight": (width, te_cfg["intermediate_size"]), "mlp.c_proj.bias": (width,)}
+                  "mlp.c_fc.weight": (hidden, width), "mlp.c_fc.bias": (hidden,),
+                  "mlp.c_proj.weight": (width, hidden), "mlp.c_proj.bias": (width,)}
         for name, shape in shapes.items():
             extra[last + name] = random_tensor(seed, "openclip:" + name, shape, name.startswith("ln_") and
                                                name.endswith("weight"))
