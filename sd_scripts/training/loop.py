@@ -395,7 +395,8 @@ class Trainer:
                                      scheduler_config=b.scheduler_config, prompts=prompts,
                                      out_dir=os.path.join(a.output_dir, "sample"), output_name=a.output_name,
                                      epoch=epoch, step=None if epoch else self.global_step,
-                                     device=self.accelerator.device, dtype=self.weight_dtype, clip_skip=a.clip_skip)
+                                     device=self.accelerator.device, dtype=self.weight_dtype, clip_skip=a.clip_skip,
+                                     eval_modules=[self.accelerator.unwrap_model(self.module)])
             self.events.sample(step=self.global_step, epoch=self.epoch, paths=paths,
                                prompts=[p.prompt for p in prompts])
         self.accelerator.wait_for_everyone()
