@@ -20,11 +20,12 @@ import gradio as gr
 
 from kohya_gui import monitor
 from kohya_gui.command import ACCEL_PREFIX, AccelerateSettings
-from kohya_gui.components.defaults import FAMILY_DEPENDENT
+from kohya_gui.components.defaults import DEFAULT_FAMILY, FAMILY_DEPENDENT
+from kohya_gui.components.form import FAMILY_KEY
 from kohya_gui.gui_config import GuiConfig
 from kohya_gui.jobs import FINAL_STATUSES, Job, JobError, JobManager
 from kohya_gui.tensorboard import TensorBoard
-from sd_scripts.options import GROUPS
+from sd_scripts.options import GROUPS, parse_resolution
 
 TICK_S = 0.5
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -66,36 +67,46 @@ class AppContext:
         return values
 
     # ---- presets
+    def _gui_path(self, key: str) -> str | None:
+        """A [gui] folder only when config.toml sets it (else the presets module's own default/env applies)."""
+        return self.config.path_setting(key) if key in self.config.values.get("gui", {}) else None
+
     def preset_names(self, kind: str) -> list[str]:
         """Presets of `kind`; [] when they cannot be listed (a page must still load; loading one says why)."""
         try:
             from kohya_gui.presets import list_presets
 
-            return list(list_presets(kind))
+            return list(list_presets(kind, user_dir=self._gui_path("user_presets_dir")))
         except (ImportError, OSError, ValueError) as e:
             print(f"kohya_gui: cannot list presets: {e}", file=sys.stderr)
             return []
 
-    def load_preset(self, kind: str, name: str) -> dict[str, Any]:
+    def load_preset(self, kind: str, name: str) -> tuple[dict[str, Any], list[str]]:
+        """(values, notes): the preset's full values, with the model family it is for, and what the loader noticed
+        (unknown keys, the demo model being made)."""
         from kohya_gui.presets import load_preset
 
-        return dict(load_preset(kind, name))
+        values = load_preset(kind, name, user_dir=self._gui_path("user_presets_dir"),
+                             demo_dir=self._gui_path("demo_dir"))
+        notes = [f"unknown key ignored: {k}" for k in getattr(values, "unknown_keys", [])]
+        notes += list(getattr(values, "notes", []))
+        values = dict(values)
+        values.setdefault(FAMILY_KEY, guess_family(values))
+        return values, notes
 
-    def save_preset(self, kind: str, name: str, values: dict[str, Any]) -> None:
+    def save_preset(self, kind: str, name: str, values: dict[str, Any]) -> str:
         from kohya_gui.presets import save_preset
 
-        save_preset(kind, name, values)
+        return save_preset(kind, name, values, user_dir=self._gui_path("user_presets_dir"))
 
-    def import_kohya(self, path: str) -> tuple[dict[str, Any], list[str]]:
+    def import_kohya(self, kind: str, path: str) -> tuple[dict[str, Any], list[str]]:
+        """(values, notes) of a kohya_ss GUI JSON file; notes name the keys that could not be imported."""
         from kohya_gui.presets import import_kohya_json
 
-        result = import_kohya_json(path)
-        if isinstance(result, tuple):
-            values, notes = result
-            return dict(values), [str(n) for n in notes]
-        notes = getattr(result, "notes", None) or getattr(result, "warnings", None) or []
-        values = getattr(result, "values", result)
-        return dict(values), [str(n) for n in notes]
+        values, unknown = import_kohya_json(path, kind)
+        values = dict(values)
+        values[FAMILY_KEY] = "sdxl" if _kohya_says_sdxl(path) else guess_family(values)
+        return values, [f"not imported: {k}" for k in unknown]
 
     # ---- launching
     def preflight(self, kind: str, values: dict[str, Any], accel: AccelerateSettings, family: str) -> list:
@@ -223,6 +234,34 @@ class AppContext:
         self._stop_ticker.set()
         self.tensorboard.stop()
         shutil.rmtree(self._gallery_dir, ignore_errors=True)
+
+
+def guess_family(values: dict[str, Any]) -> str:
+    """The model family a preset is for: the model file's, else SD2 flags, else a 1024 px resolution means SDXL."""
+    from kohya_gui.preflight import detect_family
+
+    detected = detect_family(values.get("pretrained_model_name_or_path"))
+    if detected:
+        return detected
+    if values.get("v2") or values.get("v_parameterization"):
+        return "sd2"
+    try:
+        width, height = parse_resolution(values.get("resolution") or "512")
+    except ValueError:
+        return DEFAULT_FAMILY
+    return "sdxl" if max(width, height) >= 1024 else DEFAULT_FAMILY
+
+
+def _kohya_says_sdxl(path: str) -> bool:
+    """kohya_ss configs carry an 'sdxl' checkbox value."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(data.get("sdxl"))
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:

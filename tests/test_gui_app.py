@@ -162,6 +162,8 @@ def test_accelerate_settings_round_trip(gui, tmp_path):
     assert flat["accelerate.num_processes"] == 2 and "accelerate.machine_rank" not in flat
     shown = tab.form.accelerate.updates(flat)
     assert shown[widgets["num_processes"]] == 2 and shown[widgets["extra_args"]] == "--rdzv_backend static"
+    for widget, value in shown.items():  # every value must pass the widget's own postprocessing
+        widget.postprocess(value)
 
 
 def test_family_change_moves_defaults_and_visibility(gui):
@@ -226,6 +228,42 @@ def test_config_toml_sets_tab_defaults_and_reports_unknown_keys(tmp_path):
         assert any(isinstance(b, gr.Markdown) and "network_dimm" in str(b.value) for b in demo.blocks.values())
     finally:
         ctx.close()
+
+
+def test_presets_load_save_and_kohya_import(gui, tmp_path, monkeypatch):
+    monkeypatch.setenv("KOHYA_GUI_USER_PRESETS", str(tmp_path / "user"))
+    tab = tabs(gui)["lora"]
+    names = tab.on_load()[0]["choices"]
+    assert "SDXL LoRA" in [n if isinstance(n, str) else n[0] for n in names]
+    outputs = tab._load_preset("SDXL LoRA")
+    shown = dict(zip([*tab.form.outputs, tab.family_state], outputs))
+    for widget in tab.form.outputs:  # what the page receives must pass each widget's postprocessing
+        update = shown[widget]
+        widget.postprocess(update["value"] if isinstance(update, dict) else update)
+    assert shown[tab.family_state] == "sdxl" and "Loaded preset" in outputs[-1]
+    assert shown[tab.form.widget("network_dim")]["value"] == 32
+    data = initial_data(tab)
+    for widget in tab.form.outputs:
+        update = shown[widget]
+        data[widget] = update["value"] if isinstance(update, dict) else update
+    data[tab.form.widget("network_dim")] = 24
+    data[tab.form.accelerate.widgets["num_processes"]] = 2
+    data[tab.preset_name] = "mine"
+    choices, message = tab._save_preset(data)
+    assert "Saved preset" in message and "mine" in [c if isinstance(c, str) else c[0] for c in choices["choices"]]
+    outputs = tab._load_preset("mine")
+    shown = dict(zip([*tab.form.outputs, tab.family_state], outputs))
+    assert shown[tab.form.widget("network_dim")]["value"] == 24
+    assert shown[tab.form.accelerate.widgets["num_processes"]] == 2
+    kohya = tmp_path / "kohya.json"
+    kohya.write_text('{"LoRA_type": "Standard", "network_dim": 64, "epoch": 3, "sdxl": true, '
+                     '"learning_rate": 0.0002, "mystery_key": "x"}')
+    outputs = tab._import(str(kohya))
+    shown = dict(zip([*tab.form.outputs, tab.family_state], outputs))
+    assert shown[tab.form.widget("network_dim")]["value"] == 64 and shown[tab.family_state] == "sdxl"
+    assert shown[tab.form.widget("max_train_epochs")]["value"] == "3"
+    assert "mystery_key" in outputs[-1]
+    assert "Not imported" in tab._import(str(tmp_path / "missing.json"))[-1]
 
 
 def test_widget_conversions():

@@ -72,7 +72,7 @@ class AccelerateLaunch:
             value = values.get(ACCEL_PREFIX + name, base[name])
             if isinstance(value, list):
                 value = shlex.join(value)
-            out[widget] = "" if value is None else value
+            out[widget] = value if value is not None or isinstance(widget, gr.Number) else ""
         return out
 
     def collect(self, data: dict[gr.components.Component, Any]) -> AccelerateSettings:

@@ -35,7 +35,7 @@ class RunMonitor:
         with gr.Column(elem_id="run-monitor"):
             self.status = gr.Markdown(EMPTY_TEXT, elem_id="run-status")
             self.progress = gr.HTML(render.progress_html(_empty_view(), "queued"), elem_id="run-progress")
-            self.plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=240,
+            self.plot = gr.LinePlot(x="step", y="loss", color="series", label="Loss", height=280,
                                     color_map={"loss": "#93c5fd", "smoothed": "#1d4ed8"}, elem_id="run-loss")
             self.gallery = gr.Gallery(label="Samples (newest first)", columns=3, height=300, elem_id="run-samples",
                                       interactive=False)
@@ -79,7 +79,11 @@ class RunMonitor:
     def _plot_value(view):
         import pandas as pd  # already loaded by gradio
 
-        return pd.DataFrame(render.loss_rows(view), columns=["step", "loss", "series"])
+        rows = render.loss_rows(view)
+        if not rows:  # an empty frame has untyped columns: the chart would keep treating the axes as categories
+            return None
+        frame = pd.DataFrame(rows, columns=["step", "loss", "series"])
+        return frame.astype({"step": "int64", "loss": "float64", "series": "str"})
 
 
 def _empty_view():

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import gradio as gr
 
 from kohya_gui.command import KIND_TO_TRAINER, TRAINER_MODULES, build_command, format_command
-from kohya_gui.components.form import FAMILY_KEY, TrainingForm
+from kohya_gui.components.form import TrainingForm
 
 if TYPE_CHECKING:
     from kohya_gui.app import AppContext
@@ -194,10 +194,11 @@ class TrainingTab:
         if not name:
             return [*(gr.skip() for _ in self.form.outputs), gr.skip(), "Choose a preset first."]
         try:
-            values = self.ctx.load_preset(self.kind, name)
+            values, notes = self.ctx.load_preset(self.kind, name)
         except (OSError, ValueError) as e:
             return [*(gr.skip() for _ in self.form.outputs), gr.skip(), f"**Preset not loaded:** {e}"]
-        return self._show_values(values, f"Loaded preset **{html.escape(name)}**.")
+        note = "".join(f"\n- {html.escape(n)}" for n in notes)
+        return self._show_values(values, f"Loaded preset **{html.escape(name)}**.{note}")
 
     def _show_values(self, values: dict, message: str):
         updates = self.form.updates(values)
@@ -209,20 +210,20 @@ class TrainingTab:
         if not name:
             return gr.skip(), "Type a name for the preset first."
         try:
-            values, accel, family = self._collect(data)
+            values, accel, _ = self._collect(data)
             values.update(self.form.accelerate.flat(accel))
-            values[FAMILY_KEY] = family
-            self.ctx.save_preset(self.kind, name, values)
+            path = self.ctx.save_preset(self.kind, name, values)
         except (OSError, ValueError) as e:
-            return gr.skip(), f"**Preset not saved:** {e}"
-        return gr.update(choices=self.ctx.preset_names(self.kind), value=name), f"Saved preset **{name}**."
+            return gr.skip(), f"**Preset not saved:** {html.escape(str(e))}"
+        return (gr.update(choices=self.ctx.preset_names(self.kind), value=name),
+                f"Saved preset **{html.escape(name)}** to `{path}`.")
 
     def _import(self, path: str):
         path = (path or "").strip()
         if not path:
             return [*(gr.skip() for _ in self.form.outputs), gr.skip(), "Type the path of a kohya_ss JSON file."]
         try:
-            values, notes = self.ctx.import_kohya(path)
+            values, notes = self.ctx.import_kohya(self.kind, path)
         except (OSError, ValueError) as e:
             return [*(gr.skip() for _ in self.form.outputs), gr.skip(), f"**Not imported:** {e}"]
         note = "".join(f"\n- {html.escape(n)}" for n in notes)
