@@ -408,3 +408,24 @@ def test_ticker_settles_jobs_in_background(tmp_path):
     ctx.close()
     assert len(calls) >= 2
     assert app_module.TICK_S <= 1.0
+
+
+def test_dataset_preparation_fills_the_lora_folders(gui, tmp_path):
+    from PIL import Image
+
+    raw, reg = tmp_path / "raw", tmp_path / "reg"
+    for folder, n in ((raw, 3), (reg, 2)):
+        folder.mkdir()
+        for i in range(n):
+            Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(folder / f"{i}.png")
+    utilities = gui[1].kohya_utilities
+    out = utilities._prepare(str(raw), str(tmp_path / "ds"), "sks", "dog", 10, str(reg), 1, 2)
+    summary, filled = out[0], dict(zip(utilities.targets, out[1:]))
+    assert "10_sks dog" in summary and "| 3 | 10 | 30 |" in summary
+    assert "Steps per epoch** at batch size 2: **30**" in summary  # 30 draws, doubled by reg, / batch 2
+    assert filled["train_data_dir"] == str(tmp_path / "ds" / "img")
+    assert (tmp_path / "ds" / "img" / "10_sks dog" / "0.png").is_file()
+    assert filled["reg_data_dir"] == str(tmp_path / "ds" / "reg")
+    assert filled["output_dir"] == str(tmp_path / "ds" / "model")
+    bad = utilities._prepare(str(tmp_path / "nope"), str(tmp_path / "ds2"), "sks", "dog", 10, "", 1, 1)
+    assert "Not prepared" in bad[0] and all(isinstance(x, type(gr.skip())) for x in bad[1:])

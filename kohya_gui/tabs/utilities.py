@@ -5,6 +5,8 @@ steps per epoch, and fills the LoRA tab's Folders fields.
 from __future__ import annotations
 
 import html
+import math
+import os
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -52,35 +54,38 @@ class UtilitiesTab:
                  batch_size):
         from kohya_gui.dataset_prep import prepare_dataset
 
+        destination = (destination or "").strip()
         try:
+            if not destination:
+                raise ValueError("Destination folder: type the folder to create the dataset in")
             result = prepare_dataset(
-                images_dir=(images_dir or "").strip(), destination=(destination or "").strip(),
+                raw_images_dir=(images_dir or "").strip(), out_dir=destination,
                 instance_prompt=(instance_prompt or "").strip(), class_prompt=(class_prompt or "").strip(),
                 repeats=int(repeats or 0), reg_images_dir=(reg_dir or "").strip() or None,
                 reg_repeats=int(reg_repeats or 1))
         except (OSError, ValueError) as e:
             return [f"**Not prepared:** {html.escape(str(e))}", *(gr.skip() for _ in self.targets)]
-        return [summary_markdown(result, int(batch_size or 1)),
-                *(getattr(result, name, None) or gr.skip() for name in self.targets)]
+        root = os.path.dirname(result.train_data_dir)
+        filled = {"train_data_dir": result.train_data_dir, "reg_data_dir": result.reg_data_dir or "",
+                  "output_dir": os.path.join(root, "model"), "logging_dir": os.path.join(root, "log")}
+        return [summary_markdown(result, int(batch_size or 1)), *(filled[name] for name in self.targets)]
 
 
 def summary_markdown(result: Any, batch_size: int) -> str:
-    """Images per concept and steps per epoch (images x repeats / batch size, regularisation doubling it)."""
+    """Images per concept folder and steps per epoch at the given batch size."""
     lines = ["| concept folder | images | repeats | images x repeats |", "|---|---|---|---|"]
-    total = reg_total = 0
-    for concept in getattr(result, "concepts", []):
-        n, r = concept.images, concept.repeats
-        lines.append(f"| `{html.escape(concept.folder)}`{' (reg)' if concept.is_reg else ''} | {n} | {r} | {n * r} |")
-        if concept.is_reg:
-            reg_total += n * r
-        else:
-            total += n * r
-    steps = getattr(result, "steps_per_epoch", None)
-    if steps is None:
-        steps = -(-total * (2 if reg_total else 1) // max(1, batch_size))
+    for folder, images in result.counts.items():
+        repeats = _repeats(folder)
+        lines.append(f"| `{html.escape(folder)}` | {images} | {repeats} | {images * repeats} |")
+    steps = math.ceil(result.steps_per_epoch / max(1, batch_size))
     lines.append(f"\n**Steps per epoch** at batch size {batch_size}: **{steps}**"
-                 + (" (regularisation images double the steps)" if reg_total else ""))
-    for warning in getattr(result, "warnings", []) or []:
-        lines.append(f"\n⚠️ {html.escape(str(warning))}")
-    lines.append(f"\nTraining images: `{getattr(result, 'train_data_dir', '')}`. The LoRA tab's folders are filled.")
+                 + (" (regularisation images double the steps)" if result.reg_data_dir else ""))
+    if getattr(result, "captions", 0):
+        lines.append(f"\n{result.captions} caption file(s) came along.")
+    lines.append(f"\nTraining images: `{html.escape(result.train_data_dir)}`. The LoRA tab's folders are filled.")
     return "\n".join(lines)
+
+
+def _repeats(folder: str) -> int:
+    head = os.path.basename(folder).split("_", 1)[0]
+    return int(head) if head.isdigit() else 1
