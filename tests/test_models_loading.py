@@ -249,3 +249,31 @@ def test_sd2_from_diffusers_folder_keeps_its_layers_through_a_single_file(tiny, 
     assert single.text_encoder.config.num_hidden_layers == folder.text_encoder.config.num_hidden_layers == 2
     sa, sb = folder.text_encoder.state_dict(), single.text_encoder.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_changing_loaded_weights_never_touches_the_file(tiny, tmp_path):
+    """Weights may be memory-mapped from the file: in-place training must stay private, and saving over the
+    source file must not disturb the loaded model."""
+    src = str(tmp_path / "model.safetensors")
+    shutil.copyfile(tiny["sd1"].single_file, src)
+    before = open(src, "rb").read()
+    bundle = load_model(src)
+    with torch.no_grad():
+        bundle.unet.conv_in.weight.add_(1.0)
+    assert open(src, "rb").read() == before
+    expected = bundle.unet.conv_in.weight.clone()
+    save_single_file(bundle, src)  # over the source, atomically
+    assert torch.equal(bundle.unet.conv_in.weight, expected)
+    assert torch.equal(load_model(src).unet.conv_in.weight, expected)
+
+
+def test_sd1_text_encoder_without_text_model_level(tiny, tmp_path):
+    """Old SD1 files name the text encoder 'cond_stage_model.transformer.embeddings...' (no 'text_model.')."""
+    tensors = load_file(tiny["sd1"].single_file)
+    old = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+           for k, v in tensors.items()}
+    path = str(tmp_path / "old.safetensors")
+    save_file(old, path, metadata=open_checkpoint(tiny["sd1"].single_file).metadata)
+    a, b = load_model(path), load_model(tiny["sd1"].single_file)
+    sa, sb = a.text_encoder.state_dict(), b.text_encoder.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)

@@ -19,7 +19,7 @@ from .arch import (SUPPORTED_FAMILIES, arch_overrides, bundled_config, infer_tex
 from .bundle import ModelBundle, compute_vae_id
 from .checkpoint import Checkpoint, open_checkpoint
 from .detect import detect_diffusers_family, detect_family, v_prediction_from_metadata
-from .keymaps import VAE_PREFIX, model_keymaps, vae_keymap
+from .keymaps import CLIP_PREFIX, VAE_PREFIX, clip_keymap, model_keymaps, vae_keymap
 from .tokenizer import load_clip_tokenizer, pad_mode_for
 
 __all__ = ["ModelBundle", "load_model", "load_vae", "detect_family", "save_single_file", "save_diffusers",
@@ -91,6 +91,8 @@ def _check_present(keys: list[str], ckpt: Checkpoint, what: str) -> None:
 
 # ---------------------------------------------------------------- single file
 
+_TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
+
 
 def _load_single_file(path: str, v2: bool | None, v_param: bool | None, dtype: torch.dtype) -> ModelBundle:
     ckpt = open_checkpoint(path)
@@ -101,10 +103,14 @@ def _load_single_file(path: str, v2: bool | None, v_param: bool | None, dtype: t
         raise ModelLoadError(f"{path}: --v2 is set but this is an SD 1.x model; remove --v2")
     v_pred = bool(v_param) or v_prediction_from_metadata(ckpt.metadata)
     over = arch_overrides(ckpt.metadata)
+    clip_prefix = CLIP_PREFIX + "text_model."
+    if family == "sd1" and clip_prefix + _TOKEN_EMBEDDING not in ckpt.shapes and \
+            CLIP_PREFIX + _TOKEN_EMBEDDING in ckpt.shapes:
+        clip_prefix = CLIP_PREFIX  # files from old transformers versions lack the 'text_model.' level
     try:
         unet_cfg = infer_unet_config(ckpt.shapes, family, v_pred, over.get("unet"))
         vae_cfg = infer_vae_config(ckpt.shapes, family, v_pred, overrides=over.get("vae"))
-        te_cfg = infer_text_config(ckpt.shapes, family, v_pred, overrides=over.get("text_encoder"))
+        te_cfg = infer_text_config(ckpt.shapes, family, v_pred, clip_prefix, over.get("text_encoder"))
     except (KeyError, StopIteration, ZeroDivisionError, IndexError) as e:
         raise ModelLoadError(f"{path}: incomplete {family} checkpoint (no tensor {_first_line(e)}); pass a full "
                              f"SD model with U-Net, VAE and text encoder") from None
@@ -115,6 +121,8 @@ def _load_single_file(path: str, v2: bool | None, v_param: bool | None, dtype: t
         raise ModelLoadError(f"{path}: the {family} architecture read from the tensor shapes cannot be built "
                              f"({_first_line(e)}); the file is not a standard SD 1.x/2.x checkpoint") from None
     maps = model_keymaps(family, unet, vae, te)
+    if clip_prefix == CLIP_PREFIX:
+        maps = (maps[0], maps[1], clip_keymap(te.state_dict().keys(), clip_prefix))
     consumed: set[str] = set()
 
     def get(key: str) -> torch.Tensor:
