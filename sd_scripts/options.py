@@ -86,6 +86,14 @@ def _non_negative(value, _values):
     return None if value is None or value >= 0 else "must be 0 or more"
 
 
+def _save_format(value, values):
+    if value in ("diffusers", "diffusers_safetensors") and values.get("network_module") is not None:
+        return "a LoRA is saved as safetensors, ckpt or pt; diffusers folders are for full models"
+    if value == "pt" and values.get("network_module") is None and values.get("token_string") is None:
+        return "full models are saved as safetensors, ckpt or a diffusers folder"
+    return None
+
+
 def _resolution(value, _values):
     try:
         parse_resolution(value)
@@ -209,6 +217,45 @@ OPTIONS: tuple[Option, ...] = (
     _O("text_encoder_lr", float, None, "Learning rate of the text-encoder LoRA (default: learning_rate).",
        "optimizer", trainers=NET, minimum=0),
     _O("training_comment", str, None, "Stored in the file's metadata (ss_training_comment).", "metadata"),
+    # ---- SDXL
+    _O("cache_text_encoder_outputs", bool, False, "Encode every caption once before training (SDXL; needs fixed "
+       "captions and a frozen text encoder).", "dataset", families=frozenset({"sdxl"})),
+    _O("cache_text_encoder_outputs_to_disk", bool, False, "Keep the text-encoder cache in .npz files next to the "
+       "images.", "dataset", families=frozenset({"sdxl"}), advanced=True),
+    _O("no_half_vae", bool, False, "Keep the VAE in float32 under fp16/bf16 (the SDXL VAE overflows in fp16).",
+       "precision", families=frozenset({"sdxl"})),
+    # ---- DreamBooth / fine-tuning
+    _O("learning_rate_te", float, None, "Learning rate of the text encoder (default: learning_rate).", "optimizer",
+       trainers=FULL, minimum=0),
+    _O("train_text_encoder", bool, False, "Also train the text encoder (fine-tune; DreamBooth trains it unless "
+       "stop_text_encoder_training is 0).", "training", trainers=FULL),
+    _O("stop_text_encoder_training", int, None, "Stop training the text encoder after this many steps.", "training",
+       trainers=frozenset({"db"}), minimum=0),
+    _O("num_class_images", int, None, "Generate class images with the base model until each regularisation "
+       "folder holds this many.", "dataset", trainers=frozenset({"db"}), minimum=1),
+    _O("class_prompt", str, None, "Prompt for generated class images (default: the folder's class tokens).",
+       "dataset", trainers=frozenset({"db"})),
+    _O("in_json", str, None, "Metadata JSON with captions/tags per image (fine-tuning).", "folders",
+       trainers=frozenset({"finetune"}), path="file"),
+    _O("dataset_repeats", int, 1, "Repeat the fine-tuning dataset this many times per epoch.", "dataset",
+       trainers=frozenset({"finetune"}), minimum=1),
+    _O("use_ema", bool, False, "Keep an exponential moving average of the trained weights and save it.", "training",
+       trainers=FULL),
+    _O("ema_decay", float, 0.9999, "EMA decay per optimizer step.", "training", trainers=FULL, minimum=0, maximum=1),
+    _O("fused_backward_pass", bool, False, "Step the optimizer inside the backward pass, one parameter at a time "
+       "(less memory for full fine-tuning).", "precision", trainers=FULL),
+    # ---- textual inversion
+    _O("token_string", str, None, "The new token to train, e.g. 'mychar'.", "training", trainers=frozenset({"ti"})),
+    _O("init_word", str, None, "Initialise the new vectors from this word's embedding.", "training",
+       trainers=frozenset({"ti"})),
+    _O("num_vectors_per_token", int, 1, "Embedding vectors the token stands for.", "training",
+       trainers=frozenset({"ti"}), minimum=1),
+    _O("weights", str, None, "Continue from this embedding file (ours or an A1111 .pt/.safetensors).", "training",
+       trainers=frozenset({"ti"}), path="file"),
+    _O("use_object_template", bool, False, "Ignore captions; use object templates ('a photo of a {}').", "caption",
+       trainers=frozenset({"ti"})),
+    _O("use_style_template", bool, False, "Ignore captions; use style templates ('a painting in the style of {}').",
+       "caption", trainers=frozenset({"ti"})),
     # ---- training
     _O("max_train_steps", int, 1600, "Total optimizer steps (max_train_epochs wins if set).", "training",
        minimum=1, check=_positive),
@@ -259,8 +306,8 @@ OPTIONS: tuple[Option, ...] = (
        choices=("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
                 "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")),
     # ---- saving
-    _O("save_model_as", str, "safetensors", "File format of saved models.", "saving",
-       choices=("safetensors", "ckpt", "pt")),
+    _O("save_model_as", str, "safetensors", "File format of saved models (diffusers folders for full models).",
+       "saving", choices=("safetensors", "ckpt", "pt", "diffusers", "diffusers_safetensors"), check=_save_format),
     _O("save_precision", str, None, "Precision of saved weights (default: as trained).", "saving",
        choices=(None, "float", "fp16", "bf16")),
     _O("save_every_n_epochs", int, None, "Save a model every N epochs.", "saving", minimum=1),

@@ -292,9 +292,11 @@ class Trainer:
         """One forward/backward (and optimizer step at the end of an accumulation window)."""
         a, acc = self.args, self.accelerator
         self.dataset.set_step(self.global_step)
+        self.train_text_encoder = self.method.before_step(self.global_step)
         latents = self.batch_latents(batch)
+        captions = self.method.captions(batch["captions"])
         with torch.set_grad_enabled(self.train_text_encoder), acc.autocast():
-            cond = self.strategy.encode_captions(batch["captions"], train_text_encoder=self.train_text_encoder)
+            cond = self.strategy.encode_captions(captions, train_text_encoder=self.train_text_encoder)
         noise = noise_math.make_noise(latents, a.noise_offset)
         timesteps = noise_math.sample_timesteps(latents.shape[0], len(self.alphas_cumprod), a.min_timestep,
                                                 a.max_timestep, device=latents.device)
@@ -312,6 +314,7 @@ class Trainer:
         self.optimizer.step()  # accelerate's optimizer wrapper skips the step inside an accumulation window
         if acc.sync_gradients:
             self.lr_scheduler.step()
+            self.method.after_optimizer_step(self.global_step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
@@ -405,7 +408,7 @@ class Trainer:
         from .saving import model_file_name, prune_old_saves, state_dir_name
 
         a = self.args
-        ext = "." + a.save_model_as
+        ext = self.method.file_extension()
         name = model_file_name(a.output_name, ext, epoch=None if final else epoch, step=None if final else step)
         path = os.path.join(a.output_dir, name)
         if self.is_main:
@@ -437,7 +440,7 @@ class Trainer:
                       step=self.global_step, started_at=self.started_at, finished_at=time.time(),
                       sd_model_name=os.path.basename(a.pretrained_model_name_or_path.rstrip("/\\")),
                       network_args=self.method.network_args_dict())
-        metadata = build_training_metadata(a, **kwargs)
+        metadata = self.method.metadata(build_training_metadata(a, **kwargs))
         return minimal_metadata(metadata) if a.no_metadata else metadata
 
     def save_final(self, status: str) -> None:

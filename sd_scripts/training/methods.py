@@ -13,14 +13,63 @@ import torch
 from ..options import parse_kv_args
 
 
-class NetworkMethod:
+class TrainingMethod:
+    """What the shared loop asks of a method. Subclasses override build/trainable_module/save and the hooks."""
+
+    name = "base"
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    # ---- set-up
+    @property
+    def trains_text_encoder(self) -> bool:
+        """Whether any text-encoder weights are trained at the start of the run."""
+        return False
+
+    def build(self, bundle, *, family: str) -> tuple[list[dict], list[str]]:
+        """Make the trained parameters; returns (optimizer param groups, names for lr logging)."""
+        raise NotImplementedError
+
+    def trainable_module(self) -> torch.nn.Module:
+        """The module accelerate wraps for data-parallel gradient sync (holds every trained parameter)."""
+        raise NotImplementedError
+
+    # ---- per step
+    def before_step(self, step: int) -> bool:
+        """Called before each forward pass; returns whether the text encoder is trained in this step."""
+        return self.trains_text_encoder
+
+    def captions(self, captions: list[str]) -> list[str]:
+        """The captions actually encoded (textual inversion swaps in its templates)."""
+        return captions
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after each optimizer step (EMA updates, restoring frozen embeddings, ...)."""
+
+    # ---- outputs
+    def file_extension(self) -> str:
+        return "." + self.args.save_model_as
+
+    def metadata(self, training_metadata: dict[str, str]) -> dict[str, str]:
+        """The file's metadata from the LoRA-style training metadata (full models and embeddings adapt it)."""
+        return training_metadata
+
+    def network_args_dict(self) -> dict[str, Any] | None:
+        return None
+
+    def save(self, module: torch.nn.Module, path: str, *, dtype: torch.dtype | None, metadata: dict[str, str]):
+        raise NotImplementedError
+
+
+class NetworkMethod(TrainingMethod):
     """LoRA / LoCon on the U-Net and text encoder; the base weights stay frozen and shared."""
 
     name = "network"
     model_kind = "lora"  # metadata / modelspec suffix
 
     def __init__(self, args: argparse.Namespace):
-        self.args = args
+        super().__init__(args)
         self.network = None
 
     @property
