@@ -149,9 +149,11 @@ def test_two_processes_on_cpu(tmp_path, tiny_sd1, demo_data):
         "--events_file", str(events_file), num_processes=2))
     tensors, meta = lora_tensors(out / "ddp.safetensors")
     assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
-    start = read_events(str(events_file))[0]
-    assert start["num_processes"] == 2
-    assert read_events(str(events_file))[-1]["status"] == "completed"
+    events = read_events(str(events_file))
+    assert events[0]["num_processes"] == 2
+    assert events[-1]["status"] == "completed"
+    # the trainer compares the trained weights of both processes before saving: they must not have drifted apart
+    assert not [e for e in events if e["type"] == "warning" and "processes" in e["message"]]
 
 
 def test_sd_scripts_command_line_runs_as_written(tmp_path, tiny_sd1, demo_data):

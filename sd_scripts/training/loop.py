@@ -21,6 +21,7 @@ from ..errors import UserError
 from ..options import OptionError, parse_resolution
 from . import noise as noise_math
 from .control import RunControl, sync_flags
+from .distributed import allreduce_gradients, broadcast_parameters, parameters_agree
 from .events import EventWriter
 
 log = logging.getLogger("sd_scripts.train")
@@ -209,9 +210,12 @@ class Trainer:
         loader = torch.utils.data.DataLoader(self.dataset, batch_size=1, shuffle=False, collate_fn=_first,
                                              num_workers=workers,
                                              persistent_workers=a.persistent_data_loader_workers and workers > 0)
-        module = self.method.trainable_module()
-        module, self.optimizer, self.loader = self.accelerator.prepare(module, self.optimizer, loader)
-        self.module = module
+        # The trained module is not wrapped in DDP: the U-Net is called directly, so gradients are averaged
+        # across processes by training/distributed.py instead.
+        self.module = self.method.trainable_module()
+        self.trained_params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+        broadcast_parameters(self.trained_params)
+        self.optimizer, self.loader = self.accelerator.prepare(self.optimizer, loader)
         self.plan = self._plan(len(self.loader))
         self.lr_scheduler = create_lr_scheduler(
             a.lr_scheduler, self.optimizer, num_training_steps=self.plan.total_steps,
@@ -276,7 +280,7 @@ class Trainer:
 
     def train_one_epoch(self) -> str:
         for batch in self.loader:
-            with self.accelerator.accumulate(self.module):
+            with self.accelerator.accumulate():
                 loss = self.training_step(batch)
             if not self.accelerator.sync_gradients:
                 continue
@@ -309,8 +313,10 @@ class Trainer:
                                          min_snr_gamma=a.min_snr_gamma, v_prediction=self.v_prediction,
                                          loss_weights=batch["loss_weights"].to(latents.device))
         acc.backward(loss)
-        if acc.sync_gradients and a.max_grad_norm:
-            acc.clip_grad_norm_(self.module.parameters(), a.max_grad_norm)
+        if acc.sync_gradients:
+            allreduce_gradients(self.trained_params)
+            if a.max_grad_norm:
+                acc.clip_grad_norm_(self.trained_params, a.max_grad_norm)
         self.optimizer.step()  # accelerate's optimizer wrapper skips the step inside an accumulation window
         if acc.sync_gradients:
             self.lr_scheduler.step()
@@ -399,7 +405,7 @@ class Trainer:
                                      out_dir=os.path.join(a.output_dir, "sample"), output_name=a.output_name,
                                      epoch=epoch, step=None if epoch else self.global_step,
                                      device=self.accelerator.device, dtype=self.weight_dtype, clip_skip=a.clip_skip,
-                                     eval_modules=[self.accelerator.unwrap_model(self.module)])
+                                     eval_modules=[self.module])
             self.events.sample(step=self.global_step, epoch=self.epoch, paths=paths,
                                prompts=[p.prompt for p in prompts])
         self.accelerator.wait_for_everyone()
@@ -412,7 +418,7 @@ class Trainer:
         name = model_file_name(a.output_name, ext, epoch=None if final else epoch, step=None if final else step)
         path = os.path.join(a.output_dir, name)
         if self.is_main:
-            module = self.accelerator.unwrap_model(self.module)
+            module = self.module
             self.method.save(module, path, dtype=self.save_dtype, metadata=self.metadata())
             self.outputs.append(path)
             kind = "final" if final else ("epoch" if epoch else "step")
@@ -444,6 +450,9 @@ class Trainer:
         return minimal_metadata(metadata) if a.no_metadata else metadata
 
     def save_final(self, status: str) -> None:
+        if self.accelerator.num_processes > 1 and not parameters_agree(self.trained_params):
+            self.warn("processes hold different trained weights: gradients were not averaged; the file saved "
+                      "is the main process's")
         self.save_model(epoch=self.epoch, step=self.global_step, final=True)
 
     def finish(self, status: str) -> None:
