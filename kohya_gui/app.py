@@ -277,7 +277,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             gr.Markdown("\n".join(f"⚠️ {w}" for w in ctx.config_warnings), elem_id="config-warnings")
         with gr.Row():
             with gr.Column(scale=3):
-                with gr.Tabs(elem_id="main-tabs"):
+                with gr.Tabs(selected=ctx.config.gui("default_kind"), elem_id="main-tabs"):
                     tabs = [TrainingTab(ctx, kind, label, watched) for kind, label in TRAINING_TABS]
                     utilities = UtilitiesTab(ctx, tabs[0])
                     jobs_tab = JobsTab(ctx, watched)

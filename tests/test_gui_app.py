@@ -36,14 +36,16 @@ def initial_data(tab) -> dict:
     return {c: c.value for c in tab.form.inputs}
 
 
-def sample_value(opt: schema.Option):
+def sample_value(opt: schema.Option, trainer: str):
     """A valid value that differs from the option's default."""
     if opt.name == "resolution":
         return "768,512"
     if opt.type is bool:
         return True
     if opt.choices:
-        return [c for c in opt.choices if c is not None and c != opt.default][-1]
+        candidates = [c for c in opt.choices if c is not None and c != opt.default]
+        base = schema.defaults(trainer)
+        return next(c for c in reversed(candidates) if not schema.validate({**base, opt.name: c}, trainer))
     if opt.nargs:
         return ["a=1", "b=two words"]
     if opt.type is str:
@@ -110,20 +112,22 @@ def test_default_values_round_trip_to_build_command(gui, kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["lora", "dreambooth", "finetune", "ti"])
-def test_changed_values_round_trip_to_build_command(gui, kind, tmp_path):
-    """Every option set to a non-default value in its widget arrives unchanged in the run TOML."""
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_changed_values_round_trip_to_build_command(gui, kind, family, tmp_path):
+    """Every option of the family set to a non-default value in its widget arrives unchanged in the run TOML."""
     tab = tabs(gui)[kind]
     data = initial_data(tab)
-    data[tab.form.family] = "sd2"  # shows v2 / v_parameterization too
+    data[tab.form.family] = family
     wanted = {}
     for name, (opt, widget) in tab.form.options.items():
-        if name in EXCLUSIVE or name in JOB_OPTIONS:
+        if name in EXCLUSIVE or name in JOB_OPTIONS or family not in opt.families:
             continue
-        wanted[name] = sample_value(opt)
+        wanted[name] = sample_value(opt, tab.trainer)
         data[widget] = to_widget_value(opt, wanted[name])
     data[tab.form.prompts] = "a photo of sks dog --w 64 --h 64\n"
-    values, accel, family = tab.form.collect(data)
-    assert family == "sd2" and set(values) >= set(wanted)
+    values, accel, chosen = tab.form.collect(data)
+    assert chosen == family and set(values) >= set(wanted)
+    assert all(family in schema.BY_NAME[k].families for k in values if k in schema.BY_NAME)
     cmd = build_command(kind, values, accel, str(tmp_path / "job"))
     back = read_back(cmd, tab.trainer, tmp_path)
     for name, value in wanted.items():
@@ -213,7 +217,7 @@ def test_config_toml_sets_tab_defaults_and_reports_unknown_keys(tmp_path):
 
     path = tmp_path / "config.toml"
     path.write_text('[folders]\noutput_dir = "/data/out"\n[lora]\nlearning_rate = 3e-4\nnetwork_dimm = 8\n'
-                    '[accelerate_launch]\nnum_processes = 2\n[gui]\nstop_grace_s = 5\n')
+                    '[accelerate_launch]\nnum_processes = 2\n[gui]\nstop_grace_s = 5\ndefault_kind = "dreambooth"\n')
     ctx = AppContext(str(tmp_path / "jobs"), load_gui_config(str(path)))
     try:
         assert any("network_dimm" in w for w in ctx.config_warnings)
@@ -226,6 +230,7 @@ def test_config_toml_sets_tab_defaults_and_reports_unknown_keys(tmp_path):
         assert lora.widget("output_dir").value == "/data/out" and db.widget("output_dir").value == "/data/out"
         assert lora.accelerate.widgets["num_processes"].value == 2
         assert any(isinstance(b, gr.Markdown) and "network_dimm" in str(b.value) for b in demo.blocks.values())
+        assert any(isinstance(b, gr.Tabs) and b.selected == "dreambooth" for b in demo.blocks.values())
     finally:
         ctx.close()
 
