@@ -65,7 +65,8 @@ class SDStrategy:
             chunk = chunk.to(te.device)
             if self.clip_skip and self.clip_skip > 1:
                 out = te(chunk, output_hidden_states=True)
-                hidden = te.text_model.final_layer_norm(out.hidden_states[-self.clip_skip])
+                final_norm = getattr(te, "text_model", te).final_layer_norm  # transformers 4 and 5 layouts
+                hidden = final_norm(out.hidden_states[-self.clip_skip])
             else:
                 hidden = te(chunk)[0]
             if len(chunks) > 1:  # keep BOS of the first window and EOS of the last one only
