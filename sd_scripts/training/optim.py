@@ -116,8 +116,15 @@ def create_optimizer(optimizer_type: str, optimizer_args: list[str] | None, para
 
 
 def _fused_ok(params: list[torch.Tensor]) -> bool:
-    """Fused AdamW (one kernel for all parameters) when every parameter is a floating CUDA tensor."""
-    return bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    """Fused AdamW (one kernel for all parameters) when every parameter is a float tensor on one CUDA or CPU device.
+
+    On the CPU the fused kernel is several times faster than the per-tensor loop for the many small LoRA tensors.
+    """
+    if not params:
+        return False
+    devices = {p.device.type for p in params}
+    return len(devices) == 1 and devices <= {"cuda", "cpu"} and all(
+        p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
 
 
 def warmup_steps(num_warmup_steps: int | float | None, num_training_steps: int) -> int:
