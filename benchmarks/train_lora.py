@@ -54,10 +54,11 @@ def build_workload(size: str, root: str) -> tuple[str, str]:
         unet, vae = UNet2DConditionModel(**TINY_UNET), AutoencoderKL(**TINY_VAE)
         te = CLIPTextModel(CLIPTextConfig(**TINY_TE))
     else:
-        configs = os.path.join(REPO, "sd_scripts", "models", "configs", "sd1")
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(os.path.join(configs, "unet")))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(os.path.join(configs, "vae")))
-        te = CLIPTextModel(CLIPTextConfig.from_pretrained(os.path.join(configs, "text_encoder")))
+        from sd_scripts.models.arch import bundled_config
+
+        unet = UNet2DConditionModel.from_config(bundled_config("sd1", False, "unet"))
+        vae = AutoencoderKL.from_config(bundled_config("sd1", False, "vae"))
+        te = CLIPTextModel(CLIPTextConfig(**bundled_config("sd1", False, "text_encoder")))
     sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           steps_offset=1, num_train_timesteps=1000)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=load_clip_tokenizer(), unet=unet,

@@ -157,3 +157,15 @@ def test_validation_split_holds_out_images(tmp_path):
     val_paths = {r.path for r in val.records}
     assert len(train_paths) == 7 and len(val_paths) == 3 and not train_paths & val_paths
     assert len(train.draws[0]) == 14 and len(val.draws[0]) == 3  # validation images once each
+
+
+def test_fixed_captions_lists_every_caption_only_when_draws_cannot_vary(tmp_path):
+    folder = images(str(tmp_path / "2_x"), [(64, 64)] * 3, captions=["a, b", "c", "a, b"])
+    plain = SubsetConfig(folder, num_repeats=2, class_tokens="x", caption_extension=".txt",
+                         caption=CaptionOptions(prefix="p"))
+    config = DatasetConfig(resolution=(64, 64), batch_size=1, subsets=[plain])
+    assert TrainDataset([config], seed=0).fixed_captions() == ["p a, b", "p c"]
+    shuffled = SubsetConfig(folder, num_repeats=2, class_tokens="x", caption_extension=".txt",
+                            caption=CaptionOptions(shuffle=True))
+    config = DatasetConfig(resolution=(64, 64), batch_size=1, subsets=[shuffled])
+    assert TrainDataset([config], seed=0).fixed_captions() is None

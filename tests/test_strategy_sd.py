@@ -60,3 +60,13 @@ def test_frozen_encoder_outputs_are_memoised(bundle, monkeypatch):
     assert torch.equal(first[1], second[0]) and torch.equal(first[0], first[2])
     trained = s.encode_captions(["a"], train_text_encoder=True)
     assert calls == [2, 1] and trained.shape == (1, 77, first.shape[-1])  # a trained encoder re-encodes
+
+
+def test_released_text_encoder_serves_every_precomputed_caption(tiny_sd1):
+    bundle = load_model(tiny_sd1.single_file)
+    s = SDStrategy(bundle)
+    expected = s.encode_captions(["sks dog", "ohwx cat"], train_text_encoder=False)
+    fresh = SDStrategy(load_model(tiny_sd1.single_file))
+    assert fresh.release_text_encoders(["ohwx cat", "sks dog"])
+    assert fresh.bundle.text_encoder is None
+    assert torch.equal(fresh.encode_captions(["sks dog", "ohwx cat"], train_text_encoder=False), expected)

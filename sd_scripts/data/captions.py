@@ -37,6 +37,11 @@ class CaptionOptions:
     token_warmup_step: float = 0.0
 
     @property
+    def is_deterministic(self) -> bool:
+        """Every draw gives the same text (no shuffle, dropout, warmup or wildcard choice)."""
+        return not (self.splits_tags or self.enable_wildcard or self.dropout_rate > 0 or self.dropout_every_n_epochs)
+
+    @property
     def splits_tags(self) -> bool:
         """Tags are only split (and re-joined with ', ') when shuffle, warmup or tag dropout is on."""
         return self.shuffle or self.token_warmup_step > 0 or self.tag_dropout_rate > 0

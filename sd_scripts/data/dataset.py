@@ -169,6 +169,19 @@ class TrainDataset(Dataset):
         return [Counter(self.records[i].bucket for i in draws) for draws in self.draws]
 
     # ---- epoch / step state (shared with DataLoader workers)
+    def fixed_captions(self) -> list[str] | None:
+        """Every caption a draw can give, when no subset varies its captions (else None).
+
+        Lets a trainer with a frozen text encoder encode them all once and then release the encoder.
+        """
+        captions = set()
+        for rec in self.records:
+            opts = self.subsets[rec.subset_index][1].caption
+            if not opts.is_deterministic:
+                return None
+            captions.add(process_caption(rec.caption, opts, random.Random(0), 1, 0, self._max_steps.value))
+        return sorted(captions)
+
     def set_epoch(self, epoch: int) -> None:
         """Start `epoch` (1-based, as in sd-scripts): a new batch order and epoch-based caption dropout."""
         self._epoch.value = epoch

@@ -75,6 +75,8 @@ class SDStrategy:
         return torch.cat(outputs, dim=1)
 
     def encode_captions(self, captions: list[str], *, train_text_encoder: bool) -> torch.Tensor:
+        if self.bundle.text_encoder is None:  # released: every caption was encoded beforehand
+            return torch.stack([self._memo[c] for c in captions])
         if train_text_encoder:
             return self._encode_ids(self.tokenize(captions))
         missing = list(dict.fromkeys(c for c in captions if c not in self._memo))
@@ -88,6 +90,19 @@ class SDStrategy:
         for c in captions:
             self._memo.move_to_end(c)
         return torch.stack([self._memo[c] for c in captions])
+
+    def release_text_encoders(self, captions: list[str], max_captions: int = 1024) -> bool:
+        """Encode every caption the run can draw, then drop the frozen text encoder (saves its memory)."""
+        if len(captions) > max_captions:
+            return False
+        with torch.no_grad():
+            for start in range(0, len(captions), 16):
+                chunk = captions[start:start + 16]
+                for caption, states in zip(chunk, self._encode_ids(self.tokenize(chunk))):
+                    self._memo[caption] = states
+        self._memo_size = max(self._memo_size, len(self._memo))
+        self.bundle.text_encoder = None
+        return True
 
     # ---- U-Net
     def predict(self, noisy_latents, timesteps, conditioning, batch) -> torch.Tensor:

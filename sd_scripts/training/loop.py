@@ -57,9 +57,11 @@ class Trainer:
             self.control.install()
         try:
             self.load_model()
+            self.prepare_data()
             self.load_dataset()
             self.cache_latents()
             self.build_method()
+            self.release_unused_models()
             self.create_optimizer()
             self.prepare()
             self.resume_state()
@@ -132,9 +134,9 @@ class Trainer:
         bundle = load_model(a.pretrained_model_name_or_path, vae=a.vae, v2=a.v2 or None,
                             v_parameterization=a.v_parameterization or None)
         device = self.accelerator.device
-        # Frozen parts in the compute dtype; trained adapter weights stay float32 (mixed precision autocasts).
-        bundle.unet.to(device, dtype=self.weight_dtype)
-        bundle.text_encoder.to(device, dtype=self.weight_dtype)
+        # Frozen parts in the compute dtype; trained weights stay float32 (mixed precision autocasts).
+        bundle.unet.to(device, dtype=self.method.module_dtype("unet", self.weight_dtype))
+        bundle.text_encoder.to(device, dtype=self.method.module_dtype("text_encoder", self.weight_dtype))
         bundle.vae.to(device, dtype=torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype)
         if a.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
@@ -153,6 +155,12 @@ class Trainer:
 
         sched = DDPMScheduler.from_config(config)
         return sched.alphas_cumprod.tolist()
+
+    def prepare_data(self) -> None:
+        """The method's data preparation with the loaded model (DreamBooth class images), on the main process."""
+        if self.is_main:
+            self.method.prepare_data(self.bundle, device=self.accelerator.device, dtype=self.weight_dtype)
+        self.accelerator.wait_for_everyone()
 
     def load_dataset(self) -> None:
         from ..data.dataset import TrainDataset
@@ -195,12 +203,39 @@ class Trainer:
         if self.train_text_encoder and self.args.gradient_checkpointing:
             self.bundle.text_encoder.gradient_checkpointing_enable()
 
+    def release_unused_models(self) -> None:
+        """Free the VAE once latents are cached, and a frozen text encoder once every (fixed) caption is encoded.
+
+        Only when nothing later needs them: no sample images, no full-model save, no trained text encoder.
+        """
+        a = self.args
+        if a.sample_prompts or getattr(self.method, "saves_full_model", False):
+            return
+        freed = []
+        if a.cache_latents:
+            self.bundle.vae = None
+            freed.append("VAE")
+        release = getattr(self.strategy, "release_text_encoders", None)
+        if release and not self.method.trains_text_encoder:
+            captions = self.dataset.fixed_captions()
+            if captions is not None and release(captions):
+                freed.append("text encoder")
+        if freed:
+            import gc
+
+            gc.collect()
+            log.info("released the %s: not needed for the rest of the run", " and ".join(freed))
+
     def create_optimizer(self) -> None:
         from .optim import create_optimizer
 
         a = self.args
         opt_type = "AdamW8bit" if a.use_8bit_adam else a.optimizer_type
         self.optimizer = create_optimizer(opt_type, a.optimizer_args, self.param_groups, a.learning_rate)
+        if getattr(a, "fused_backward_pass", False):  # steps each parameter inside backward; step() is a no-op
+            from .fused_backward import FusedBackwardOptimizer
+
+            self.optimizer = FusedBackwardOptimizer(self.optimizer, max_grad_norm=a.max_grad_norm)
 
     def prepare(self) -> None:
         from .optim import create_lr_scheduler
@@ -400,12 +435,13 @@ class Trainer:
 
             prompts = parse_prompt_file(a.sample_prompts, default_sampler=a.sample_sampler)
             b = self.bundle
-            paths = generate_samples(unet=b.unet, vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer,
-                                     scheduler_config=b.scheduler_config, prompts=prompts,
-                                     out_dir=os.path.join(a.output_dir, "sample"), output_name=a.output_name,
-                                     epoch=epoch, step=None if epoch else self.global_step,
-                                     device=self.accelerator.device, dtype=self.weight_dtype, clip_skip=a.clip_skip,
-                                     eval_modules=[self.module])
+            with self.method.output_weights():
+                paths = generate_samples(unet=b.unet, vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer,
+                                         scheduler_config=b.scheduler_config, prompts=prompts,
+                                         out_dir=os.path.join(a.output_dir, "sample"), output_name=a.output_name,
+                                         epoch=epoch, step=None if epoch else self.global_step,
+                                         device=self.accelerator.device, dtype=self.weight_dtype,
+                                         clip_skip=a.clip_skip, eval_modules=[self.module])
             self.events.sample(step=self.global_step, epoch=self.epoch, paths=paths,
                                prompts=[p.prompt for p in prompts])
         self.accelerator.wait_for_everyone()
