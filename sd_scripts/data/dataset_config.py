@@ -181,6 +181,23 @@ def _from_folders(args: argparse.Namespace) -> list[DatasetConfig]:
     return [_dataset_options(look, subsets)]
 
 
+def _from_metadata(args: argparse.Namespace) -> list[DatasetConfig]:
+    """Fine-tuning: one subset of the images named in `in_json` (keys relative to train_data_dir, or absolute),
+    repeated `dataset_repeats` times per epoch."""
+    in_json = os.path.abspath(args.in_json)
+    if not os.path.isfile(in_json):
+        raise DatasetError(f"in_json {args.in_json} does not exist: build it with python -m "
+                           f"sd_scripts.tools.build_metadata --train_data_dir DIR --out {args.in_json}")
+    train_dir = getattr(args, "train_data_dir", None)
+    if train_dir and not os.path.isdir(train_dir):
+        raise DatasetError(f"train_data_dir {train_dir} does not exist or is not a folder: check the path")
+    look = _Lookup("command line", [], args)
+    base = SubsetConfig(image_dir=os.path.abspath(train_dir) if train_dir else None, metadata_file=in_json,
+                        num_repeats=getattr(args, "dataset_repeats", None) or 1,
+                        caption_extension=look.get("caption_extension"))
+    return [_dataset_options(look, [_subset_options(base, look)])]
+
+
 def _adjust_to_steps(ds: DatasetConfig, where: str) -> DatasetConfig:
     step = ds.bucket_reso_steps
     low, high = ds.min_bucket_reso, ds.max_bucket_reso
@@ -243,6 +260,9 @@ def load_datasets(args: argparse.Namespace, bucket_step_default: int) -> list[Da
             logger.warning("dataset_config %s is used; train_data_dir and reg_data_dir are ignored", config_path)
         configs = _from_toml(config_path, args)
         where = [f"{config_path} [[datasets]] #{i}" for i in range(1, len(configs) + 1)]
+    elif getattr(args, "in_json", None):
+        configs = _from_metadata(args)
+        where = [f"in_json {args.in_json}"]
     else:
         configs = _from_folders(args)
         where = ["command line"]

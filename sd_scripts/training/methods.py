@@ -6,7 +6,8 @@ textual inversion add their own classes here with the same four methods.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, ContextManager
 
 import torch
 
@@ -22,6 +23,15 @@ class TrainingMethod:
         self.args = args
 
     # ---- set-up
+    def module_dtype(self, part: str, compute_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the loop loads `part` ('unet' or 'text_encoder') in: frozen parts use the compute dtype;
+        methods that train a part's own weights keep it in float32 (mixed precision autocasts)."""
+        return compute_dtype
+
+    def prepare_data(self, bundle, *, device: torch.device, dtype: torch.dtype) -> None:
+        """Called on the main process after the model is loaded and before the dataset is read (DreamBooth makes
+        missing class images here)."""
+
     @property
     def trains_text_encoder(self) -> bool:
         """Whether any text-encoder weights are trained at the start of the run."""
@@ -57,6 +67,10 @@ class TrainingMethod:
 
     def network_args_dict(self) -> dict[str, Any] | None:
         return None
+
+    def output_weights(self) -> ContextManager:
+        """While entered, the models hold the weights that are saved (e.g. EMA weights); used around sampling."""
+        return nullcontext()
 
     def save(self, module: torch.nn.Module, path: str, *, dtype: torch.dtype | None, metadata: dict[str, str]):
         raise NotImplementedError

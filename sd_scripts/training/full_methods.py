@@ -1,0 +1,191 @@
+"""Full-model training methods: DreamBooth (`train_db`) and fine-tuning (`fine_tune`) on the shared loop.
+
+Both train the U-Net's own weights (and the text encoder's, see below) and save a whole model: a single file in the
+original layout (.safetensors / .ckpt) or a diffusers folder (save_model_as diffusers / diffusers_safetensors; both
+write safetensors weights), named like every other output (`<name>`, `<name>-<epoch:06d>`, `<name>-step<step:08d>`).
+
+- Trained weights stay float32 under mixed precision (autocast computes in fp16/bf16); `full_bf16` keeps them in
+  bf16. Frozen parts (VAE, a text encoder that is not trained) use the compute dtype.
+- Learning rates: `learning_rate` for the U-Net, `learning_rate_te` (default learning_rate) for the text encoder; a
+  text-encoder rate of 0 leaves it frozen.
+- DreamBooth trains the text encoder for the first `stop_text_encoder_training` steps (all steps when unset; 0:
+  never), then freezes it. Fine-tuning trains it with `train_text_encoder`.
+- `use_ema`: an average of the trained weights (training/ema.py) is what gets saved and sampled.
+- `fused_backward_pass`: optimizer steps inside backward (training/fused_backward.py).
+- Metadata (.safetensors): modelspec.* of a full checkpoint (architecture without '/lora', Stability-AI
+  implementation as sd-scripts writes for checkpoints) plus the ss_* training keys, without the LoRA-only ones.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from contextlib import nullcontext
+from typing import ContextManager
+
+import torch
+
+from ..options import OptionError
+from .fused_backward import check_fused_backward_options
+from .methods import TrainingMethod
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATION_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+_LORA_ONLY_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args")
+DIFFUSERS_FORMATS = ("diffusers", "diffusers_safetensors")
+
+
+class FullModelMethod(TrainingMethod):
+    """Trains the U-Net (and optionally the text encoder) in place; saves the whole model."""
+
+    name = "full"
+    saves_full_model = True  # the loop keeps the VAE and text encoder: they are part of every saved file
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        self.bundle = None
+        self.ema = None
+        self._module: torch.nn.Module | None = None
+        self._te_trained = False
+        check_fused_backward_options(args)
+        if args.full_fp16:
+            raise OptionError("option 'full_fp16' is not supported for full models (fp16 weights need a patched "
+                              "gradient scaler): use full_bf16, or mixed_precision fp16 with float32 weights")
+        if args.full_bf16 and args.mixed_precision != "bf16":
+            raise OptionError("option 'full_bf16' needs mixed_precision bf16: set mixed_precision = \"bf16\"")
+
+    # ---- what is trained
+    def _te_lr(self) -> float:
+        a = self.args
+        return a.learning_rate_te if a.learning_rate_te is not None else a.learning_rate
+
+    def _te_wanted(self) -> bool:
+        """Whether the text encoder is trained at the start (subclasses add their rule)."""
+        return self._te_lr() != 0
+
+    @property
+    def trains_text_encoder(self) -> bool:
+        return self._te_wanted()
+
+    def trained_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.args.full_bf16 else torch.float32
+
+    def module_dtype(self, part: str, compute_dtype: torch.dtype) -> torch.dtype:
+        if part == "unet" or (part == "text_encoder" and self._te_wanted()):
+            return self.trained_dtype()
+        return compute_dtype
+
+    def build(self, bundle, *, family: str) -> tuple[list[dict], list[str]]:
+        a = self.args
+        self.bundle = bundle
+        self._te_trained = self._te_wanted()
+        bundle.vae.requires_grad_(False)
+        bundle.unet.requires_grad_(True)
+        bundle.text_encoder.requires_grad_(self._te_trained)
+        groups = [{"params": list(bundle.unet.parameters()), "lr": a.learning_rate}]
+        names = ["unet"]
+        modules = {"unet": bundle.unet}
+        if self._te_trained:
+            groups.append({"params": list(bundle.text_encoder.parameters()), "lr": self._te_lr()})
+            names.append("textencoder")
+            modules["text_encoder"] = bundle.text_encoder
+        self._module = torch.nn.ModuleDict(modules)
+        if a.use_ema:
+            from .ema import TrainedWeightsEMA
+
+            self.ema = TrainedWeightsEMA([p for g in groups for p in g["params"]], decay=a.ema_decay)
+        return groups, names
+
+    def trainable_module(self) -> torch.nn.Module:
+        return self._module
+
+    # ---- per step
+    def before_step(self, step: int) -> bool:
+        return self._te_trained
+
+    def freeze_text_encoder(self, step: int) -> None:
+        """Stop training the text encoder from now on (its weights keep their current values)."""
+        if not self._te_trained:
+            return
+        self._te_trained = False
+        self.bundle.text_encoder.requires_grad_(False)
+        for p in self.bundle.text_encoder.parameters():
+            p.grad = None
+        log.info("text encoder frozen at step %d", step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        if self.ema is not None:
+            self.ema.update()
+
+    # ---- outputs
+    def output_weights(self) -> ContextManager:
+        return self.ema.swapped_in() if self.ema is not None else nullcontext()
+
+    def file_extension(self) -> str:
+        return "" if self.args.save_model_as in DIFFUSERS_FORMATS else "." + self.args.save_model_as
+
+    def metadata(self, training_metadata: dict[str, str]) -> dict[str, str]:
+        meta = {k: v for k, v in training_metadata.items() if k not in _LORA_ONLY_KEYS}
+        arch = meta.get("modelspec.architecture", "")
+        meta["modelspec.architecture"] = arch.split("/", 1)[0]
+        meta["modelspec.implementation"] = IMPLEMENTATION_STABILITY_AI
+        return meta
+
+    def save(self, module: torch.nn.Module, path: str, *, dtype: torch.dtype | None, metadata: dict[str, str]):
+        from ..models.saving import save_diffusers, save_single_file
+
+        with self.output_weights():
+            if self.args.save_model_as in DIFFUSERS_FORMATS:
+                save_diffusers(self.bundle, path, dtype=dtype)
+            else:
+                save_single_file(self.bundle, path, dtype=dtype, metadata=metadata)
+
+
+class DreamBoothMethod(FullModelMethod):
+    """DreamBooth: instance images plus class (regularisation) images weighted by prior_loss_weight; the text
+    encoder is trained for the first stop_text_encoder_training steps; missing class images are generated."""
+
+    name = "dreambooth"
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        if args.num_class_images and not args.reg_data_dir:
+            raise OptionError("option 'num_class_images' needs reg_data_dir: the folder whose '<repeats>_<class>' "
+                              "folders receive the generated class images")
+
+    def _te_wanted(self) -> bool:
+        stop = self.args.stop_text_encoder_training
+        return super()._te_wanted() and (stop is None or stop > 0)
+
+    def before_step(self, step: int) -> bool:
+        stop = self.args.stop_text_encoder_training
+        if stop is not None and step >= stop:
+            self.freeze_text_encoder(step)
+        return self._te_trained
+
+    def prepare_data(self, bundle, *, device: torch.device, dtype: torch.dtype) -> None:
+        a = self.args
+        if not a.num_class_images:
+            return
+        from ..options import parse_resolution
+        from ..tools.class_images import ensure_class_images
+
+        ensure_class_images(bundle, a.reg_data_dir, a.num_class_images, class_prompt=a.class_prompt,
+                            resolution=parse_resolution(a.resolution), seed=a.seed or 0,
+                            sampler=a.sample_sampler, device=device, dtype=dtype, clip_skip=a.clip_skip)
+
+
+class FineTuneMethod(FullModelMethod):
+    """Fine-tuning: captions from a metadata JSON (in_json), the text encoder only with train_text_encoder."""
+
+    name = "finetune"
+
+    def __init__(self, args: argparse.Namespace):
+        super().__init__(args)
+        if not args.in_json and not args.dataset_config:
+            raise OptionError("fine_tune reads captions from a metadata JSON: give in_json (build one with python -m "
+                              "sd_scripts.tools.build_metadata --train_data_dir DIR --out meta.json) or a "
+                              "dataset_config whose subsets set metadata_file")
+
+    def _te_wanted(self) -> bool:
+        return bool(self.args.train_text_encoder) and super()._te_wanted()
