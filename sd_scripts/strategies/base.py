@@ -1,9 +1,12 @@
 """The small interface every model family implements for the shared training loop."""
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class FamilyStrategy(Protocol):
@@ -11,6 +14,7 @@ class FamilyStrategy(Protocol):
 
     family: str
     vae_scaling_factor: float
+    latent_cache_suffix: str  # latent .npz name suffix: "_sdxl"; a strategy without it uses "_sd"
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images [B,3,H,W] in [-1,1] -> UNSCALED latents [B,4,H/8,W/8] (float32)."""
@@ -29,4 +33,10 @@ def strategy_for(bundle, args) -> FamilyStrategy:
         from .sd import SDStrategy
 
         return SDStrategy(bundle, clip_skip=args.clip_skip, max_token_length=args.max_token_length)
+    if bundle.family == "sdxl":
+        from .sdxl import SDXLStrategy
+
+        if getattr(args, "clip_skip", None):
+            log.warning("clip_skip is ignored for SDXL: it always uses the penultimate layer of both text encoders")
+        return SDXLStrategy(bundle, max_token_length=args.max_token_length)
     raise NotImplementedError(f"model family {bundle.family!r} has no training strategy yet")
