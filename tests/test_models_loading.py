@@ -184,11 +184,11 @@ def test_errors(tiny, tmp_path):
         load_model(str(not_sd))
     assert "not a Stable Diffusion" in _one_line(e, not_sd)
 
-    sdxl = tmp_path / "sdxl.safetensors"
-    save_file({"conditioner.embedders.1.model.token_embedding.weight": torch.zeros(4, 8)}, str(sdxl))
+    refiner = tmp_path / "sdxl_refiner.safetensors"
+    save_file({"conditioner.embedders.0.model.token_embedding.weight": torch.zeros(4, 8)}, str(refiner))
     with pytest.raises(ModelLoadError) as e:
-        load_model(str(sdxl))
-    assert "not supported" in _one_line(e, sdxl)
+        load_model(str(refiner))
+    assert "not supported" in _one_line(e, refiner)
 
     partial = tmp_path / "partial.safetensors"
     tensors = load_file(tiny["sd1"].single_file)

@@ -1,4 +1,4 @@
-"""ModelBundle: everything a trainer needs from a loaded SD1.x/SD2.x model, and the VAE identity used by caches."""
+"""ModelBundle: everything a trainer needs from a loaded SD1.x/SD2.x/SDXL model, and the VAE identity used by caches."""
 from __future__ import annotations
 
 import hashlib
@@ -11,9 +11,15 @@ import torch
 @dataclass
 class ModelBundle:
     """A loaded model. `extra_state` holds the single-file tensors no module consumed (the last OpenCLIP layer,
-    text_projection, EMA weights, schedule buffers, ...): they are written back on save so a round trip is exact."""
+    text_projection, logit_scale, position ids, EMA weights, schedule buffers, ...): they are written back on save so
+    a round trip is exact.
 
-    family: str  # 'sd1' | 'sd2'
+    SDXL also has `text_encoder_2` (transformers CLIPTextModelWithProjection, the OpenCLIP-bigG encoder) and
+    `tokenizer_2` (pads with id 0, '!'); both are None for SD1/SD2. Code that works for every family uses the
+    `text_encoders` / `tokenizers` lists.
+    """
+
+    family: str  # 'sd1' | 'sd2' | 'sdxl'
     v_prediction: bool
     unet: Any  # diffusers UNet2DConditionModel
     vae: Any  # diffusers AutoencoderKL
@@ -24,6 +30,23 @@ class ModelBundle:
     extra_state: dict[str, torch.Tensor] = field(default_factory=dict)
     vae_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)  # the single file's header metadata, if any
+    text_encoder_2: Any = None  # SDXL: transformers CLIPTextModelWithProjection (OpenCLIP-bigG); else None
+    tokenizer_2: Any = None  # SDXL: CLIPTokenizer padding with id 0 ('!'); else None
+
+    @property
+    def text_encoders(self) -> list:
+        """[text_encoder] (SD1/SD2) or [text_encoder, text_encoder_2] (SDXL)."""
+        return [self.text_encoder] if self.text_encoder_2 is None else [self.text_encoder, self.text_encoder_2]
+
+    @property
+    def tokenizers(self) -> list:
+        """[tokenizer] (SD1/SD2) or [tokenizer, tokenizer_2] (SDXL), in the order of `text_encoders`."""
+        return [self.tokenizer] if self.tokenizer_2 is None else [self.tokenizer, self.tokenizer_2]
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        """Latent scale: 0.18215 (SD1/SD2) or 0.13025 (SDXL), from the VAE config."""
+        return float(self.vae.config.scaling_factor)
 
     @property
     def prediction_type(self) -> str:

@@ -18,13 +18,17 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 SDXL_PREFIX = "conditioner.embedders."
+SDXL_TE1_PREFIX = "conditioner.embedders.0.transformer."  # CLIP-L, transformers layout
+SDXL_TE2_PREFIX = "conditioner.embedders.1.model."  # OpenCLIP-bigG, OpenCLIP layout
+SDXL_REFINER_PREFIX = "conditioner.embedders.0.model."  # the refiner has only the bigG encoder, as embedder 0
 
 
 def detect_family(keys_and_shapes: Mapping[str, tuple], source: str = "the model") -> str:
-    """'sd1' or 'sd2' from single-file keys (and shapes); 'sdxl' is recognised so callers can say it is not
-    supported yet. ModelLoadError naming `source` when it is not a Stable Diffusion checkpoint."""
+    """'sd1', 'sd2' or 'sdxl' from single-file keys (and shapes), also for tiny test sizes. ModelLoadError naming
+    `source` when it is not a Stable Diffusion checkpoint."""
     keys = keys_and_shapes
-    if any(k.startswith(SDXL_PREFIX) for k in keys):
+    # SDXL: its conditioner, or (a U-Net-only file) the added time/size embedding 'label_emb'
+    if any(k.startswith(SDXL_PREFIX) for k in keys) or UNET_PREFIX + "label_emb.0.0.weight" in keys:
         return "sdxl"
     if OPENCLIP_PREFIX + "token_embedding.weight" in keys:
         return "sd2"
@@ -35,13 +39,16 @@ def detect_family(keys_and_shapes: Mapping[str, tuple], source: str = "the model
     if proj_in and to_k:
         linear = len(keys[proj_in[0]]) == 2
         return "sd2" if linear or keys[to_k[0]][1] == 1024 else "sd1"
-    raise ModelLoadError(f"{source}: not a Stable Diffusion 1.x/2.x checkpoint (no U-Net/text-encoder keys in the "
+    raise ModelLoadError(f"{source}: not a Stable Diffusion 1.x/2.x/XL checkpoint (no U-Net/text-encoder keys in the "
                          f"original layout); pass a full SD model, or a diffusers folder")
 
 
-def detect_diffusers_family(unet_config: Mapping, text_config: Mapping, source: str = "the model") -> str:
-    """Family of a diffusers folder from its configs (works for tiny test models, not only real sizes)."""
-    if unet_config.get("addition_embed_type") == "text_time" or unet_config.get("cross_attention_dim") == 2048:
+def detect_diffusers_family(unet_config: Mapping, text_config: Mapping, source: str = "the model", *,
+                            has_text_encoder_2: bool = False) -> str:
+    """Family of a diffusers folder from its configs (works for tiny test models, not only real sizes);
+    `has_text_encoder_2`: the folder has a text_encoder_2/ (an SDXL pipeline)."""
+    if (unet_config.get("addition_embed_type") == "text_time" or unet_config.get("cross_attention_dim") == 2048
+            or has_text_encoder_2):
         return "sdxl"
     if (unet_config.get("use_linear_projection") or text_config.get("hidden_act") == "gelu"
             or unet_config.get("cross_attention_dim") == 1024):
@@ -98,7 +105,8 @@ def probe_model(path: str) -> ModelProbe:
                 sched = json.load(f)
         except (OSError, ValueError):
             pass
-        return ModelProbe("diffusers", detect_diffusers_family(unet, text, path),
+        te2 = os.path.isfile(os.path.join(path, "text_encoder_2", "config.json"))
+        return ModelProbe("diffusers", detect_diffusers_family(unet, text, path, has_text_encoder_2=te2),
                           sched.get("prediction_type") == "v_prediction")
     if not path.lower().endswith(".safetensors"):
         return ModelProbe("single_file", None, None)

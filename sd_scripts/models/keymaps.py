@@ -8,8 +8,13 @@ single file -> modules -> single file gives back every tensor bit for bit:
   projections are 1x1 convs in LDM and Linear layers in diffusers (reshape, no copy).
 - SD1 text encoder: `cond_stage_model.transformer.text_model.*` is the transformers CLIP layout itself.
 - SD2 text encoder: `cond_stage_model.model.*` is the OpenCLIP layout; its fused `attn.in_proj_weight/bias` is split
-  into q/k/v. Keys without a rule (the last OpenCLIP layer, text_projection, logit_scale, EMA weights, schedule
-  buffers) are not the business of this module: the loader keeps them aside and writes them back.
+  into q/k/v.
+- SDXL: the U-Net adds `label_emb.0.{0,2}` (diffusers `add_embedding.linear_{1,2}`, the size/crop conditioning) and
+  deeper transformer stacks; text encoder 1 is CLIP-L under `conditioner.embedders.0.transformer.text_model.*`, text
+  encoder 2 OpenCLIP-bigG under `conditioner.embedders.1.model.*`, whose `text_projection` [width, proj] is the
+  transpose of transformers' `text_projection.weight`.
+Keys without a rule (SD2's last OpenCLIP layer and text_projection, logit_scale, position ids, EMA weights, schedule
+buffers) are not the business of this module: the loader keeps them aside and writes them back.
 """
 from __future__ import annotations
 
@@ -19,17 +24,18 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .detect import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .detect import CLIP_PREFIX, OPENCLIP_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
 
-COPY, CONV1X1, SPLIT = "copy", "conv1x1", "split"
+COPY, CONV1X1, SPLIT, TRANSPOSE = "copy", "conv1x1", "split", "transpose"
 
 
 @dataclass(frozen=True)
 class KeyRule:
     """One single-file tensor and the diffusers tensor(s) it becomes.
 
-    kind: 'copy' (same tensor), 'conv1x1' (LDM [o, i, 1, 1] <-> diffusers [o, i]) or 'split' (LDM tensor is the
-    concatenation of the diffusers tensors along dim 0, in order).
+    kind: 'copy' (same tensor), 'conv1x1' (LDM [o, i, 1, 1] <-> diffusers [o, i]), 'split' (LDM tensor is the
+    concatenation of the diffusers tensors along dim 0, in order) or 'transpose' (a matrix stored as x @ W in LDM and
+    as a Linear weight in diffusers).
     """
 
     ldm: str
@@ -42,6 +48,8 @@ class KeyRule:
             return [part.clone() for part in tensor.chunk(len(self.diffusers), dim=0)]
         if self.kind == CONV1X1 and tensor.ndim == 4:
             return [tensor.reshape(tensor.shape[0], tensor.shape[1])]
+        if self.kind == TRANSPOSE:
+            return [tensor.t().contiguous()]
         return [tensor]
 
     def to_ldm(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -49,6 +57,8 @@ class KeyRule:
             return torch.cat(tensors, dim=0)
         if self.kind == CONV1X1 and tensors[0].ndim == 2:
             return tensors[0].reshape(*tensors[0].shape, 1, 1)
+        if self.kind == TRANSPOSE:
+            return tensors[0].t()
         return tensors[0]
 
 
@@ -103,7 +113,9 @@ def _rules_from_names(names: Iterable[str], name_fn: Callable[[str], tuple[str, 
 _UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
                 "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 _UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2",
+             # SDXL's size/crop conditioning ('text_time' addition embedding)
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def _resnet_tail(tail: str) -> str:
@@ -112,7 +124,7 @@ def _resnet_tail(tail: str) -> str:
 
 
 def unet_keymap(names: Iterable[str], layers_per_block: int) -> KeyMap:
-    """Map of an SD1/SD2 UNet2DConditionModel whose state-dict keys are `names`."""
+    """Map of an SD1/SD2/SDXL UNet2DConditionModel whose state-dict keys are `names`."""
     names = list(names)
     per_down = layers_per_block + 1  # resnets (+ attentions) and one downsampler slot per down block
     up_attn = {int(m.group(1)) for n in names if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", n))}
@@ -208,19 +220,22 @@ _OPENCLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
                  "final_layer_norm.weight": "ln_final.weight", "final_layer_norm.bias": "ln_final.bias"}
 
 
-def openclip_keymap(names: Iterable[str]) -> KeyMap:
-    """SD2: OpenCLIP text tower under 'cond_stage_model.model.'; q/k/v are one fused in_proj tensor there."""
+def openclip_keymap(names: Iterable[str], prefix: str = OPENCLIP_PREFIX) -> KeyMap:
+    """OpenCLIP text tower under `prefix` (SD2: 'cond_stage_model.model.', SDXL text encoder 2:
+    'conditioner.embedders.1.model.'); q/k/v are one fused in_proj tensor there, and a projection is transposed."""
     names = sorted(names, key=lambda n: ("q_proj" not in n, "k_proj" not in n, n))  # q, k, v order for splits
 
     def name_fn(name: str) -> tuple[str, str]:
         short = _without_text_model(name)
         if short in _OPENCLIP_TOP:
-            return OPENCLIP_PREFIX + _OPENCLIP_TOP[short], COPY
+            return prefix + _OPENCLIP_TOP[short], COPY
+        if short == "text_projection.weight":  # CLIPTextModelWithProjection
+            return prefix + "text_projection", TRANSPOSE
         m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", short)
         if not m:
             raise KeyError(f"no single-file name for text-encoder parameter {name!r}")
         layer, module, param = m.groups()
-        base = f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}."
+        base = f"{prefix}transformer.resblocks.{layer}."
         if module in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
             return f"{base}attn.in_proj_{param}", SPLIT
         return f"{base}{_OPENCLIP_LAYER[module]}.{param}", COPY
@@ -228,10 +243,16 @@ def openclip_keymap(names: Iterable[str]) -> KeyMap:
     return _rules_from_names(names, name_fn)
 
 
-def model_keymaps(family: str, unet, vae, text_encoder) -> tuple[KeyMap, KeyMap, KeyMap]:
-    """The (U-Net, VAE, text encoder) maps of built modules (meta or real) of an SD1/SD2 model."""
+def model_keymaps(family: str, unet, vae, text_encoder, text_encoder_2=None) -> tuple[KeyMap, ...]:
+    """The (U-Net, VAE, text encoder) maps of built modules (meta or real) of an SD1/SD2 model; SDXL adds the map of
+    `text_encoder_2` as a fourth."""
     unet_map = unet_keymap(unet.state_dict().keys(), unet.config.layers_per_block)
     vae_map = vae_keymap(vae.state_dict().keys(), len(vae.config.block_out_channels))
     te_names = text_encoder.state_dict().keys()
+    if family == "sdxl":
+        if text_encoder_2 is None:
+            raise ValueError("an SDXL model needs text_encoder_2")
+        return (unet_map, vae_map, clip_keymap(te_names, SDXL_TE1_PREFIX + "text_model."),
+                openclip_keymap(text_encoder_2.state_dict().keys(), SDXL_TE2_PREFIX))
     te_map = openclip_keymap(te_names) if family == "sd2" else clip_keymap(te_names)
     return unet_map, vae_map, te_map

@@ -1,4 +1,4 @@
-"""Load an SD1.x/SD2.x model, offline, from a single file (.safetensors/.ckpt) or a diffusers folder.
+"""Load an SD1.x/SD2.x/SDXL model, offline, from a single file (.safetensors/.ckpt) or a diffusers folder.
 
 Single files: the family comes from the keys, the configs from the bundled ones plus the tensor shapes; modules are
 built on the meta device (no random init) and take the file's tensors as they are read (`assign=True`), so no
@@ -14,16 +14,18 @@ from typing import Mapping
 import torch
 
 from ..errors import ModelLoadError
-from .arch import (SUPPORTED_FAMILIES, arch_overrides, bundled_config, infer_text_config, infer_unet_config,
-                   infer_vae_config, scheduler_training_config)
+from .arch import (SUPPORTED_FAMILIES, arch_overrides, bundled_config, infer_openclip_text_config,
+                   infer_text_config, infer_unet_config, infer_vae_config, scheduler_training_config)
 from .bundle import ModelBundle, compute_vae_id
 from .checkpoint import Checkpoint, open_checkpoint
-from .detect import detect_diffusers_family, detect_family, v_prediction_from_metadata
+from .detect import (SDXL_REFINER_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX, detect_diffusers_family, detect_family,
+                     v_prediction_from_metadata)
+from .families import family_info
 from .keymaps import CLIP_PREFIX, VAE_PREFIX, clip_keymap, model_keymaps, vae_keymap
 from .tokenizer import load_clip_tokenizer, pad_mode_for
 
 __all__ = ["ModelBundle", "load_model", "load_vae", "detect_family", "save_single_file", "save_diffusers",
-           "diffusers_config_dir", "build_unet", "build_vae", "build_text_encoder"]
+           "diffusers_config_dir", "build_unet", "build_vae", "build_text_encoder", "build_text_encoder_2"]
 
 
 def _first_line(e: BaseException) -> str:
@@ -32,8 +34,13 @@ def _first_line(e: BaseException) -> str:
 
 
 def _unsupported(family: str, path: str) -> ModelLoadError:
-    return ModelLoadError(f"{path}: this is an {family.upper()} model, which is not supported yet; use an SD 1.x or "
-                          f"SD 2.x model")
+    return ModelLoadError(f"{path}: this is an {family.upper()} model, which is not supported yet; use an SD 1.x, "
+                          f"SD 2.x or SDXL model")
+
+
+def _check_v2_flag(v2: bool | None, family: str, path: str) -> None:
+    if v2 and family != "sd2":
+        raise ModelLoadError(f"{path}: --v2 is set but this is a {family_info(family).label} model; remove --v2")
 
 
 # ---------------------------------------------------------------- module builders (no random init)
@@ -59,15 +66,22 @@ def build_vae(config: Mapping, *, meta: bool = True):
         return AutoencoderKL.from_config(dict(config))
 
 
-def build_text_encoder(config: Mapping, *, meta: bool = True):
+def build_text_encoder(config: Mapping, *, meta: bool = True, with_projection: bool = False):
+    """A transformers CLIPTextModel (or CLIPTextModelWithProjection: SDXL's second encoder) from a config."""
     from accelerate import init_empty_weights
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
     cfg = CLIPTextConfig(**{k: v for k, v in config.items() if not k.startswith("_")})
     if not meta:
-        return CLIPTextModel(cfg)
+        return cls(cfg)
     with init_empty_weights():
-        return CLIPTextModel(cfg)
+        return cls(cfg)
+
+
+def build_text_encoder_2(config: Mapping, *, meta: bool = True):
+    """SDXL's OpenCLIP-bigG encoder as a transformers CLIPTextModelWithProjection."""
+    return build_text_encoder(config, meta=meta, with_projection=True)
 
 
 def _fill(module, state_dict: dict, what: str, path: str):
@@ -78,7 +92,7 @@ def _fill(module, state_dict: dict, what: str, path: str):
         detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln),
                       _first_line(e))
         raise ModelLoadError(f"{path}: the {what} weights do not fit the detected architecture ({detail[:160]}); "
-                             f"the file is not a standard SD 1.x/2.x checkpoint") from None
+                             f"the file is not a standard Stable Diffusion checkpoint") from None
     return module.eval()
 
 
@@ -86,7 +100,7 @@ def _check_present(keys: list[str], ckpt: Checkpoint, what: str) -> None:
     missing = [k for k in keys if k not in ckpt.shapes]
     if missing:
         raise ModelLoadError(f"{ckpt.path}: {len(missing)} {what} tensors are missing (e.g. {missing[0]}); pass a "
-                             f"complete SD 1.x/2.x checkpoint")
+                             f"complete Stable Diffusion checkpoint")
 
 
 # ---------------------------------------------------------------- single file
@@ -94,48 +108,76 @@ def _check_present(keys: list[str], ckpt: Checkpoint, what: str) -> None:
 _TOKEN_EMBEDDING = "embeddings.token_embedding.weight"
 
 
+def _check_sdxl_layout(ckpt: Checkpoint) -> None:
+    """An SDXL file must carry both text encoders in the base-model layout (the refiner is another model)."""
+    if any(k.startswith(SDXL_TE2_PREFIX) for k in ckpt.shapes):
+        return
+    if any(k.startswith(SDXL_REFINER_PREFIX) for k in ckpt.shapes):
+        raise ModelLoadError(f"{ckpt.path}: this is an SDXL refiner model, which is not supported; use an SDXL base "
+                             f"model (or a fine-tune of it)")
+    raise ModelLoadError(f"{ckpt.path}: incomplete SDXL checkpoint (no OpenCLIP-bigG text encoder "
+                         f"'{SDXL_TE2_PREFIX}*'); pass a full SDXL model with U-Net, VAE and both text encoders")
+
+
+def _single_file_configs(ckpt: Checkpoint, family: str, v_pred: bool, clip_prefix: str) -> list[dict]:
+    """[unet, vae, text encoder(, text encoder 2)] configs of a single file, from shapes, bundled configs and our
+    metadata."""
+    over = arch_overrides(ckpt.metadata)
+    configs = [infer_unet_config(ckpt.shapes, family, v_pred, over.get("unet")),
+               infer_vae_config(ckpt.shapes, family, v_pred, overrides=over.get("vae")),
+               infer_text_config(ckpt.shapes, family, v_pred, clip_prefix, over.get("text_encoder"))]
+    if family == "sdxl":
+        configs.append(infer_openclip_text_config(ckpt.shapes, SDXL_TE2_PREFIX,
+                                                  bundled_config(family, v_pred, "text_encoder_2"),
+                                                  drop_last_layer=False, overrides=over.get("text_encoder_2")))
+    return configs
+
+
 def _load_single_file(path: str, v2: bool | None, v_param: bool | None, dtype: torch.dtype) -> ModelBundle:
     ckpt = open_checkpoint(path)
     family = detect_family(ckpt.shapes, path)
     if family not in SUPPORTED_FAMILIES:
         raise _unsupported(family, path)
-    if v2 and family != "sd2":
-        raise ModelLoadError(f"{path}: --v2 is set but this is an SD 1.x model; remove --v2")
+    if family == "sdxl":
+        _check_sdxl_layout(ckpt)
+    _check_v2_flag(v2, family, path)
     v_pred = bool(v_param) or v_prediction_from_metadata(ckpt.metadata)
-    over = arch_overrides(ckpt.metadata)
-    clip_prefix = CLIP_PREFIX + "text_model."
+    clip_prefix = (SDXL_TE1_PREFIX if family == "sdxl" else CLIP_PREFIX) + "text_model."
     if family == "sd1" and clip_prefix + _TOKEN_EMBEDDING not in ckpt.shapes and \
             CLIP_PREFIX + _TOKEN_EMBEDDING in ckpt.shapes:
         clip_prefix = CLIP_PREFIX  # files from old transformers versions lack the 'text_model.' level
     try:
-        unet_cfg = infer_unet_config(ckpt.shapes, family, v_pred, over.get("unet"))
-        vae_cfg = infer_vae_config(ckpt.shapes, family, v_pred, overrides=over.get("vae"))
-        te_cfg = infer_text_config(ckpt.shapes, family, v_pred, clip_prefix, over.get("text_encoder"))
-    except (KeyError, StopIteration, ZeroDivisionError, IndexError) as e:
+        configs = _single_file_configs(ckpt, family, v_pred, clip_prefix)
+    except (KeyError, StopIteration, ZeroDivisionError, IndexError, ValueError) as e:
         raise ModelLoadError(f"{path}: incomplete {family} checkpoint (no tensor {_first_line(e)}); pass a full "
-                             f"SD model with U-Net, VAE and text encoder") from None
+                             f"SD model with U-Net, VAE and text encoder(s)") from None
 
+    builders = (build_unet, build_vae, build_text_encoder, build_text_encoder_2)
     try:
-        unet, vae, te = build_unet(unet_cfg), build_vae(vae_cfg), build_text_encoder(te_cfg)
+        modules = [build(cfg) for build, cfg in zip(builders, configs)]
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{path}: the {family} architecture read from the tensor shapes cannot be built "
-                             f"({_first_line(e)}); the file is not a standard SD 1.x/2.x checkpoint") from None
-    maps = model_keymaps(family, unet, vae, te)
+                             f"({_first_line(e)}); the file is not a standard Stable Diffusion checkpoint") from None
+    maps = list(model_keymaps(family, *modules))
     if clip_prefix == CLIP_PREFIX:
-        maps = (maps[0], maps[1], clip_keymap(te.state_dict().keys(), clip_prefix))
+        maps[2] = clip_keymap(modules[2].state_dict().keys(), clip_prefix)
     consumed: set[str] = set()
 
     def get(key: str) -> torch.Tensor:
         consumed.add(key)
         return ckpt.get(key, dtype)
 
-    for module, keymap, what in zip((unet, vae, te), maps, ("U-Net", "VAE", "text-encoder")):
+    for module, keymap, what in zip(modules, maps, ("U-Net", "VAE", "text-encoder", "second text-encoder")):
         _check_present(keymap.ldm_keys, ckpt, what)
         _fill(module, keymap.to_diffusers(get), what, path)
     extra = {k: ckpt.get(k) for k in ckpt.shapes if k not in consumed}
     scheduler = scheduler_training_config(bundled_config(family, v_pred, "scheduler"), v_pred)
-    return ModelBundle(family, v_pred, unet, vae, te, load_clip_tokenizer(pad_mode_for(family)), scheduler,
-                       os.path.abspath(path), extra, metadata=dict(ckpt.metadata))
+    unet, vae, te = modules[:3]
+    bundle = ModelBundle(family, v_pred, unet, vae, te, load_clip_tokenizer(pad_mode_for(family)), scheduler,
+                         os.path.abspath(path), extra, metadata=dict(ckpt.metadata))
+    if family == "sdxl":
+        bundle.text_encoder_2, bundle.tokenizer_2 = modules[3], load_clip_tokenizer("zero")
+    return bundle
 
 
 # ---------------------------------------------------------------- diffusers folder
@@ -162,18 +204,21 @@ def _from_pretrained(cls, folder: str, sub: str, dtype: torch.dtype):
 
 def _load_diffusers(path: str, v2: bool | None, v_param: bool | None, dtype: torch.dtype) -> ModelBundle:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise ModelLoadError(f"{path}: folder without model_index.json; pass a diffusers Stable Diffusion folder or "
                              f"a .safetensors/.ckpt file")
     unet_cfg = _read_json(os.path.join(path, "unet", "config.json"), path)
     te_cfg = _read_json(os.path.join(path, "text_encoder", "config.json"), path)
-    family = detect_diffusers_family(unet_cfg, te_cfg, path)
+    has_te2 = os.path.isdir(os.path.join(path, "text_encoder_2"))
+    family = detect_diffusers_family(unet_cfg, te_cfg, path, has_text_encoder_2=has_te2)
     if family not in SUPPORTED_FAMILIES:
         raise _unsupported(family, path)
-    if v2 and family != "sd2":
-        raise ModelLoadError(f"{path}: --v2 is set but this is an SD 1.x model; remove --v2")
+    if family == "sdxl" and not has_te2:
+        raise ModelLoadError(f"{path}: an SDXL folder without text_encoder_2/ (a refiner or an incomplete copy); pass "
+                             f"an SDXL base pipeline folder")
+    _check_v2_flag(v2, family, path)
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
     sched_cfg = _read_json(sched_path, path) if os.path.isfile(sched_path) else bundled_config(family, False,
                                                                                                 "scheduler")
@@ -181,14 +226,22 @@ def _load_diffusers(path: str, v2: bool | None, v_param: bool | None, dtype: tor
     unet = _from_pretrained(UNet2DConditionModel, path, "unet", dtype)
     vae = _from_pretrained(AutoencoderKL, path, "vae", dtype)
     te = _from_pretrained(CLIPTextModel, path, "text_encoder", dtype)
-    tok_dir = os.path.join(path, "tokenizer")
+    bundle = ModelBundle(family, v_pred, unet, vae, te, _folder_tokenizer(path, "tokenizer", pad_mode_for(family)),
+                         scheduler_training_config(sched_cfg, v_pred), os.path.abspath(path))
+    if family == "sdxl":
+        bundle.text_encoder_2 = _from_pretrained(CLIPTextModelWithProjection, path, "text_encoder_2", dtype)
+        bundle.tokenizer_2 = _folder_tokenizer(path, "tokenizer_2", "zero")
+    return bundle
+
+
+def _folder_tokenizer(path: str, sub: str, pad: str):
+    """The folder's tokenizer (or the bundled one when the folder has none), padding as the family requires."""
+    tok_dir = os.path.join(path, sub)
     try:
-        tokenizer = load_clip_tokenizer(pad_mode_for(family), tok_dir if os.path.isdir(tok_dir) else None)
+        return load_clip_tokenizer(pad, tok_dir if os.path.isdir(tok_dir) else None)
     except Exception as e:  # noqa: BLE001
         raise ModelLoadError(f"{tok_dir}: cannot load the tokenizer ({_first_line(e)}); delete the folder to use "
                              f"the bundled CLIP tokenizer") from None
-    return ModelBundle(family, v_pred, unet, vae, te, tokenizer, scheduler_training_config(sched_cfg, v_pred),
-                       os.path.abspath(path))
 
 
 # ---------------------------------------------------------------- VAE override

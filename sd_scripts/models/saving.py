@@ -28,11 +28,17 @@ def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dic
     return out
 
 
+def _modules(bundle: ModelBundle) -> list:
+    """[unet, vae, text_encoder(, text_encoder_2)] in the order of model_keymaps."""
+    return [bundle.unet, bundle.vae, *bundle.text_encoders]
+
+
 def ldm_state_dict(bundle: ModelBundle) -> dict[str, torch.Tensor]:
     """All tensors of the bundle in the original single-file layout, including extra_state."""
-    maps = model_keymaps(bundle.family, bundle.unet, bundle.vae, bundle.text_encoder)
+    modules = _modules(bundle)
+    maps = model_keymaps(bundle.family, *modules)
     out: dict[str, torch.Tensor] = {}
-    for module, keymap in zip((bundle.unet, bundle.vae, bundle.text_encoder), maps):
+    for module, keymap in zip(modules, maps):
         out.update(keymap.to_ldm(module.state_dict()))
     for name, tensor in bundle.extra_state.items():
         out.setdefault(name, tensor)
@@ -55,7 +61,8 @@ def save_single_file(bundle: ModelBundle, path: str, *, dtype: torch.dtype | Non
     architecture facts that shapes cannot tell, so the file loads back to the same configs.
     """
     tensors = _cast(ldm_state_dict(bundle), dtype)
-    arch = arch_metadata(bundle.unet.config, bundle.vae.config, bundle.text_encoder.config.to_dict())
+    te2 = bundle.text_encoder_2.config.to_dict() if bundle.text_encoder_2 is not None else None
+    arch = arch_metadata(bundle.unet.config, bundle.vae.config, bundle.text_encoder.config.to_dict(), te2)
     tmp = _temp_path(path)
     try:
         if path.lower().endswith(".safetensors"):
@@ -80,9 +87,15 @@ def _write_json(path: str, data: dict) -> None:
         f.write("\n")
 
 
-def _pipeline_scheduler_config(bundle_or_sched: Mapping) -> dict:
-    """A DDIM (v) / PNDM (epsilon) sampling scheduler config, as the original pipelines ship, from a schedule."""
+def _pipeline_scheduler_config(bundle_or_sched: Mapping, family: str = "sd1") -> dict:
+    """The sampling scheduler config the original pipelines ship, from a training schedule: SDXL Euler, SD1/SD2
+    DDIM (v) / PNDM (epsilon)."""
     cfg = dict(bundle_or_sched)
+    if family == "sdxl":
+        cfg.update(_class_name="EulerDiscreteScheduler", interpolation_type="linear", use_karras_sigmas=False)
+        cfg.setdefault("timestep_spacing", "leading")
+        cfg.setdefault("steps_offset", 1)
+        return cfg
     v = cfg.get("prediction_type") == "v_prediction"
     cfg["_class_name"] = "DDIMScheduler" if v else "PNDMScheduler"
     cfg.setdefault("set_alpha_to_one", False)
@@ -91,7 +104,14 @@ def _pipeline_scheduler_config(bundle_or_sched: Mapping) -> dict:
     return cfg
 
 
-def _model_index() -> dict:
+def _model_index(family: str = "sd1") -> dict:
+    if family == "sdxl":
+        return {"_class_name": "StableDiffusionXLPipeline", "feature_extractor": [None, None],
+                "force_zeros_for_empty_prompt": True, "image_encoder": [None, None],
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     return {"_class_name": "StableDiffusionPipeline", "feature_extractor": [None, None], "image_encoder": [None, None],
             "requires_safety_checker": False, "safety_checker": [None, None],
             "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
@@ -104,20 +124,13 @@ def _public(cfg: Mapping) -> dict:
     return {k: v for k, v in cfg.items() if not k.startswith("_")}
 
 
-def _write_config_tree(folder: str, unet_cfg: Mapping, vae_cfg: Mapping, te_cfg: Mapping, sched_cfg: Mapping,
-                       pad: str) -> None:
-    """model_index.json, the component configs and the tokenizer: everything of a pipeline folder but weights."""
-    index = _model_index()
-    index["scheduler"][1] = sched_cfg["_class_name"]
-    _write_json(os.path.join(folder, "model_index.json"), index)
-    _write_json(os.path.join(folder, "unet", "config.json"),
-                dict(_public(unet_cfg), _class_name="UNet2DConditionModel"))
-    _write_json(os.path.join(folder, "vae", "config.json"), dict(_public(vae_cfg), _class_name="AutoencoderKL"))
+def _write_text_config(path: str, te_cfg: Mapping, architecture: str) -> None:
     te = {k: v for k, v in te_cfg.items() if not k.startswith("_")}
-    te.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
-    _write_json(os.path.join(folder, "text_encoder", "config.json"), te)
-    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), dict(sched_cfg))
-    tok = os.path.join(folder, "tokenizer")
+    te.update(architectures=[architecture], model_type="clip_text_model")
+    _write_json(path, te)
+
+
+def _write_tokenizer(tok: str, pad: str) -> None:
     os.makedirs(tok, exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
         shutil.copyfile(os.path.join(TOKENIZER_DIR, name), os.path.join(tok, name))
@@ -126,6 +139,25 @@ def _write_config_tree(folder: str, unet_cfg: Mapping, vae_cfg: Mapping, te_cfg:
             data = json.load(f)
         data["pad_token"] = PAD_TOKENS[pad]
         _write_json(os.path.join(tok, name), data)
+
+
+def _write_config_tree(folder: str, unet_cfg: Mapping, vae_cfg: Mapping, te_cfg: Mapping, sched_cfg: Mapping,
+                       pad: str, te2_cfg: Mapping | None = None) -> None:
+    """model_index.json, the component configs and the tokenizer(s): everything of a pipeline folder but weights.
+    With `te2_cfg` it is an SDXL pipeline (text_encoder_2 and tokenizer_2, which pads with '!')."""
+    index = _model_index("sdxl" if te2_cfg is not None else "sd1")
+    index["scheduler"][1] = sched_cfg["_class_name"]
+    _write_json(os.path.join(folder, "model_index.json"), index)
+    _write_json(os.path.join(folder, "unet", "config.json"),
+                dict(_public(unet_cfg), _class_name="UNet2DConditionModel"))
+    _write_json(os.path.join(folder, "vae", "config.json"), dict(_public(vae_cfg), _class_name="AutoencoderKL"))
+    _write_text_config(os.path.join(folder, "text_encoder", "config.json"), te_cfg, "CLIPTextModel")
+    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), dict(sched_cfg))
+    _write_tokenizer(os.path.join(folder, "tokenizer"), pad)
+    if te2_cfg is not None:
+        _write_text_config(os.path.join(folder, "text_encoder_2", "config.json"), te2_cfg,
+                           "CLIPTextModelWithProjection")
+        _write_tokenizer(os.path.join(folder, "tokenizer_2"), "zero")
 
 
 def _replace_dir(tmp: str, out_dir: str) -> None:
@@ -141,15 +173,18 @@ def _replace_dir(tmp: str, out_dir: str) -> None:
 
 
 def save_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: torch.dtype | None = None) -> str:
-    """Write the model as a diffusers StableDiffusionPipeline folder (safetensors weights), atomically."""
+    """Write the model as a diffusers StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) folder with
+    safetensors weights, atomically."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(out_dir) + ".tmp-")
     try:
         te_cfg = bundle.text_encoder.config.to_dict()
+        te2 = bundle.text_encoder_2
         _write_config_tree(tmp, dict(bundle.unet.config), dict(bundle.vae.config), te_cfg,
-                           _pipeline_scheduler_config(bundle.scheduler_config), pad_mode_for(bundle.family))
+                           _pipeline_scheduler_config(bundle.scheduler_config, bundle.family),
+                           pad_mode_for(bundle.family), te2.config.to_dict() if te2 is not None else None)
         fmt = {"format": "pt"}
         save_safetensors(_cast(bundle.unet.state_dict(), dtype),
                          os.path.join(tmp, "unet", "diffusion_pytorch_model.safetensors"), fmt)
@@ -159,6 +194,9 @@ def save_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: torch.dtype | No
         te_sd = {(k if k.startswith("text_model.") else "text_model." + k): v
                  for k, v in bundle.text_encoder.state_dict().items()}
         save_safetensors(_cast(te_sd, dtype), os.path.join(tmp, "text_encoder", "model.safetensors"), fmt)
+        if te2 is not None:  # CLIPTextModelWithProjection keeps 'text_model.' in transformers 5 too
+            save_safetensors(_cast(te2.state_dict(), dtype), os.path.join(tmp, "text_encoder_2", "model.safetensors"),
+                             fmt)
         for root, dirs, files in os.walk(tmp):
             os.chmod(root, 0o755)
             for name in files:
@@ -170,27 +208,40 @@ def save_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: torch.dtype | No
     return out_dir
 
 
+def _text_config_facts(cfg: Mapping) -> dict:
+    """A text-encoder config without version/dtype bookkeeping (so the cache key depends on the architecture only)."""
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in ("transformers_version", "dtype",
+                                                                               "torch_dtype")}
+
+
 def _cache_root() -> str:
     base = os.environ.get("SD_SCRIPTS_CACHE") or os.path.join(tempfile.gettempdir(), f"sd_scripts-{os.getuid()}")
     return os.path.join(base, "diffusers_configs")
 
 
 def diffusers_config_dir(family: str, v_pred: bool, *, bundle: ModelBundle | None = None) -> str:
-    """A local pipeline folder without weights (configs + tokenizer) for diffusers'
-    `StableDiffusionPipeline.from_single_file(path, config=DIR, local_files_only=True)`.
+    """A local pipeline folder without weights (configs + tokenizers) for diffusers'
+    `StableDiffusionPipeline.from_single_file(path, config=DIR, local_files_only=True)` (SDXL:
+    `StableDiffusionXLPipeline`).
 
-    Without `bundle`: the bundled real SD 1.5 / 2.1-base / 2.1-v configs. With `bundle`: that model's own configs
-    (e.g. the tiny test models). Built once per content in a cache folder, atomically.
+    Without `bundle`: the bundled real SD 1.5 / 2.1-base / 2.1-v / SDXL base 1.0 configs. With `bundle`: that model's
+    own configs (e.g. the tiny test models). Built once per content in a cache folder, atomically.
     """
+    te2 = None
     if bundle is not None:
         unet, vae, te = dict(bundle.unet.config), dict(bundle.vae.config), bundle.text_encoder.config.to_dict()
-        sched = _pipeline_scheduler_config(bundle.scheduler_config)
+        sched = _pipeline_scheduler_config(bundle.scheduler_config, family)
+        if bundle.text_encoder_2 is not None:
+            te2 = bundle.text_encoder_2.config.to_dict()
     else:
         unet, vae, te = (bundled_config(family, v_pred, c) for c in ("unet", "vae", "text_encoder"))
         sched = bundled_config(family, v_pred, "scheduler")
-    te = {k: v for k, v in te.items() if not k.startswith("_") and k not in ("transformers_version", "dtype",
-                                                                             "torch_dtype")}
-    key = json.dumps([unet, vae, te, sched, pad_mode_for(family)], sort_keys=True, default=str)
+        if family == "sdxl":
+            te2 = bundled_config(family, v_pred, "text_encoder_2")
+            sched["prediction_type"] = "v_prediction" if v_pred else "epsilon"
+    te, te2 = (_text_config_facts(c) if c is not None else None for c in (te, te2))
+    parts = [unet, vae, te, sched, pad_mode_for(family)] + ([te2] if te2 is not None else [])
+    key = json.dumps(parts, sort_keys=True, default=str)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     folder = os.path.join(_cache_root(), f"{variant_name(family, v_pred)}-{digest}")
     if os.path.isfile(os.path.join(folder, "model_index.json")):
@@ -198,7 +249,7 @@ def diffusers_config_dir(family: str, v_pred: bool, *, bundle: ModelBundle | Non
     os.makedirs(_cache_root(), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=_cache_root(), prefix=".tmp-")
     try:
-        _write_config_tree(tmp, unet, vae, te, sched, pad_mode_for(family))
+        _write_config_tree(tmp, unet, vae, te, sched, pad_mode_for(family), te2)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process made it first

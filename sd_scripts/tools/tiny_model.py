@@ -1,12 +1,18 @@
-"""Tiny random-weight SD1 / SD2 / SD2-v models and a demo dataset, for tests and the demo preset.
+"""Tiny random-weight SD1 / SD2 / SD2-v / SDXL models and a demo dataset, for tests and the demo preset.
 
 The models are built by the real diffusers/transformers classes with tiny sizes (U-Net channels 32/64, one layer
 per block, cross-attention 32; CLIP width 32; a 4-level VAE with 8x downsampling) and use the real bundled
 tokenizer, so a training step on 64x64 images takes milliseconds. SD2 keeps its structure: linear projections,
 per-block head counts, an OpenCLIP text encoder with the extra last layer and text_projection in the single file.
-Weights come from per-name seeded generators: the same seed gives identical bytes.
+SDXL keeps its: a plain first level then cross-attention with deeper transformer stacks (1, 2; the middle block as
+deep as the last level), 'text_time' size conditioning, cross-attention over both encoders' hidden states
+(CLIP-L-like width 32 + bigG-like width 64 = 96), a bigG-like second encoder with a projection (32) whose pooled
+output joins the 6 time-id embeddings (6 x 8 + 32 = 80 inputs), a VAE scaled by 0.13025, and in the single file the
+bigG logit_scale and CLIP position ids that no module uses. The two encoders have different widths, as the real
+ones do (diffusers tells them apart by width). Weights come from per-name seeded generators: the same seed gives
+identical bytes.
 
-    python -m sd_scripts.tools.tiny_model --family sd1|sd2|sd2-v --out DIR [--layout single|diffusers|both]
+    python -m sd_scripts.tools.tiny_model --family sd1|sd2|sd2-v|sdxl --out DIR [--layout single|diffusers|both]
                                           [--dataset DIR]
 """
 from __future__ import annotations
@@ -24,6 +30,19 @@ TINY_UNET = dict(sample_size=8, block_out_channels=[32, 64], layers_per_block=1,
                  up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32)
 TINY_VAE = dict(block_out_channels=[16, 16, 32, 32], layers_per_block=1, norm_num_groups=8, sample_size=64)
 TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+
+# SDXL: te1 width 32 (CLIP-L-like), te2 width 64 with projection 32 (bigG-like); time ids embedded with 8 channels each
+TINY_SDXL_TEXT_2 = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        projection_dim=32)
+TINY_SDXL_TIME_EMBED_DIM = 8
+TINY_SDXL_UNET = dict(sample_size=8, block_out_channels=[32, 64], layers_per_block=1,
+                      down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                      up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], transformer_layers_per_block=[1, 2],
+                      attention_head_dim=[2, 4],  # 16 channels per head, per level (SDXL: 64)
+                      cross_attention_dim=TINY_TEXT["hidden_size"] + TINY_SDXL_TEXT_2["hidden_size"],
+                      addition_time_embed_dim=TINY_SDXL_TIME_EMBED_DIM,
+                      projection_class_embeddings_input_dim=6 * TINY_SDXL_TIME_EMBED_DIM
+                      + TINY_SDXL_TEXT_2["projection_dim"])
 
 
 @dataclass
@@ -62,10 +81,15 @@ def _init_module(module, seed: int, component: str) -> None:
     module.load_state_dict(state, strict=True, assign=True)
 
 
-def tiny_configs(family: str, v_prediction: bool) -> tuple[dict, dict, dict]:
-    """(unet, vae, text encoder) configs: the bundled family configs with tiny sizes."""
+def tiny_configs(family: str, v_prediction: bool) -> tuple[dict, ...]:
+    """(unet, vae, text encoder) configs: the bundled family configs with tiny sizes; SDXL adds text encoder 2."""
     from ..models.arch import bundled_config
 
+    if family == "sdxl":
+        return (dict(bundled_config(family, v_prediction, "unet"), **TINY_SDXL_UNET),
+                dict(bundled_config(family, v_prediction, "vae"), **TINY_VAE),
+                dict(bundled_config(family, v_prediction, "text_encoder"), **TINY_TEXT),
+                dict(bundled_config(family, v_prediction, "text_encoder_2"), **TINY_SDXL_TEXT_2))
     unet = dict(bundled_config(family, v_prediction, "unet"), **TINY_UNET)
     unet["attention_head_dim"] = [2, 4] if family == "sd2" else 8  # SD2: per-block heads (16 channels each)
     vae = dict(bundled_config(family, v_prediction, "vae"), **TINY_VAE)
@@ -73,8 +97,34 @@ def tiny_configs(family: str, v_prediction: bool) -> tuple[dict, dict, dict]:
     return unet, vae, text
 
 
+def _build_tiny_sdxl(seed: int):
+    """The tiny SDXL bundle: four seeded modules, both tokenizers, and the single-file-only tensors."""
+    import torch
+
+    from ..models.arch import bundled_config, scheduler_training_config
+    from ..models.bundle import ModelBundle, compute_vae_id
+    from ..models.detect import SDXL_TE1_PREFIX, SDXL_TE2_PREFIX
+    from ..models.loading import build_text_encoder, build_text_encoder_2, build_unet, build_vae
+    from ..models.tokenizer import load_clip_tokenizer
+
+    configs = tiny_configs("sdxl", False)
+    modules = [build(cfg) for build, cfg in
+               zip((build_unet, build_vae, build_text_encoder, build_text_encoder_2), configs)]
+    for module, name in zip(modules, ("unet", "vae", "text_encoder", "text_encoder_2")):
+        _init_module(module, seed, name)
+        module.eval()
+    unet, vae, te, te2 = modules
+    # like the SAI file: CLIP-L position ids and the bigG logit scale ride along, used by no module
+    extra = {SDXL_TE1_PREFIX + "text_model.embeddings.position_ids": torch.arange(77).unsqueeze(0),
+             SDXL_TE2_PREFIX + "logit_scale": torch.tensor(math.log(1 / 0.07))}
+    sched = scheduler_training_config(bundled_config("sdxl", False, "scheduler"), False)
+    return ModelBundle("sdxl", False, unet, vae, te, load_clip_tokenizer("eos"), sched, "<tiny>", extra,
+                       compute_vae_id(vae), text_encoder_2=te2, tokenizer_2=load_clip_tokenizer("zero"))
+
+
 def build_tiny_bundle(family: str = "sd1", v_prediction: bool = False, seed: int = 0):
-    """A ModelBundle of random tiny modules (SD2: with the extra OpenCLIP tensors in extra_state)."""
+    """A ModelBundle of random tiny modules (SD2: with the extra OpenCLIP tensors in extra_state; SDXL: with both
+    text encoders and tokenizers)."""
     import torch
 
     from ..models.arch import bundled_config, scheduler_training_config
@@ -83,8 +133,11 @@ def build_tiny_bundle(family: str = "sd1", v_prediction: bool = False, seed: int
     from ..models.loading import build_text_encoder, build_unet, build_vae
     from ..models.tokenizer import load_clip_tokenizer, pad_mode_for
 
-    if family not in ("sd1", "sd2") or (v_prediction and family != "sd2"):
-        raise ValueError(f"tiny models exist for sd1, sd2 and sd2 with v-prediction, not {family!r} v={v_prediction}")
+    if family not in ("sd1", "sd2", "sdxl") or (v_prediction and family != "sd2"):
+        raise ValueError(f"tiny models exist for sd1, sd2, sd2 with v-prediction and sdxl, not {family!r} "
+                         f"v={v_prediction}")
+    if family == "sdxl":
+        return _build_tiny_sdxl(seed)
     unet_cfg, vae_cfg, te_cfg = tiny_configs(family, v_prediction)
     unet, vae, te = build_unet(unet_cfg), build_vae(vae_cfg), build_text_encoder(te_cfg)
     for module, name in ((unet, "unet"), (vae, "vae"), (te, "text_encoder")):
@@ -177,7 +230,7 @@ def make_demo_dataset(out_dir: str, seed: int = 0) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sd_scripts.tools.tiny_model",
                                      description="Write a tiny random-weight SD model (and a demo dataset).")
-    parser.add_argument("--family", choices=("sd1", "sd2", "sd2-v"), default="sd1")
+    parser.add_argument("--family", choices=("sd1", "sd2", "sd2-v", "sdxl"), default="sd1")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--layout", choices=("single", "diffusers", "both"), default="both")
     parser.add_argument("--seed", type=int, default=0)
