@@ -206,3 +206,86 @@ def test_sigint_saves_and_reports_stopped(tmp_path, tiny_sd1, demo_data):
     assert done["type"] == "done" and done["status"] == "stopped", done
     tensors, meta = lora_tensors(out / "stopped.safetensors")
     assert tensors and int(meta["ss_steps"]) >= 3
+
+
+def test_many_options_together(tmp_path, tiny_sd1, demo_data):
+    """bf16 autocast, accumulation, epochs, restarts schedule, clip skip, long captions, noise options, per-epoch
+    saves pruned to the last 2, samples at first and per epoch, then a second run continuing from the file."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("sks dog --w 64 --h 64 --s 1 --ss euler_a\n")
+    out = tmp_path / "out"
+    events_file = tmp_path / "events.jsonl"
+    common = dict(pretrained_model_name_or_path=tiny_sd1.diffusers_dir, train_data_dir=demo_data,
+                  resolution="64", caption_extension=".txt", enable_bucket=True, min_bucket_reso=64,
+                  max_bucket_reso=128, train_batch_size=2, seed=5)
+    cfg = write_run_toml(
+        tmp_path / "run.toml", output_dir=str(out), output_name="many", mixed_precision="bf16",
+        gradient_accumulation_steps=2, max_train_epochs=4, lr_scheduler="cosine_with_restarts",
+        lr_scheduler_num_cycles=2, lr_warmup_steps=0.1, clip_skip=2, max_token_length=150, noise_offset=0.05,
+        min_snr_gamma=5.0, save_every_n_epochs=1, save_last_n_epochs=2, sample_prompts=str(prompts),
+        sample_at_first=True, sample_every_n_epochs=2, network_dim=4, network_alpha=4.0, learning_rate=1e-3,
+        network_dropout=0.1, network_args=["rank_dropout=0.1", "module_dropout=0.1"], shuffle_caption=True,
+        keep_tokens=1, caption_tag_dropout_rate=0.1, flip_aug=True, events_file=str(events_file), **common)
+    run_trainer(accelerate_cmd("--config_file", cfg))
+    events = read_events(str(events_file))
+    start = events[0]
+    assert start["total_epochs"] == 4 and start["total_steps"] == 4 * start["steps_per_epoch"]
+    assert events[-1]["status"] == "completed" and events[-1]["epoch"] == 4
+    epoch_files = sorted(p.name for p in out.glob("many-*.safetensors"))
+    assert epoch_files == ["many-000002.safetensors", "many-000003.safetensors"]  # epoch 4 is the final file
+    samples = [e for e in events if e["type"] == "sample"]
+    assert [e["step"] for e in samples][0] == 0 and len(samples) == 3  # at first, after epochs 2 and 4
+    assert len(list((out / "sample").glob("many_e000002_*.png"))) == 1
+    lrs = [e["lr"] for e in events if e["type"] == "progress"]
+    assert max(lrs) <= 1e-3 + 1e-12 and lrs[0] < 1e-3  # warmup, then cosine with restarts
+    _, meta = lora_tensors(out / "many.safetensors")
+    assert meta["ss_clip_skip"] == "2" and meta["ss_mixed_precision"] == "bf16"
+
+    # continue from the file with ranks taken from it
+    out2 = tmp_path / "out2"
+    cfg2 = write_run_toml(tmp_path / "run2.toml", output_dir=str(out2), output_name="cont", max_train_steps=1,
+                          network_weights=str(out / "many.safetensors"), dim_from_weights=True, learning_rate=0.0,
+                          **common)
+    run_trainer(accelerate_cmd("--config_file", cfg2))
+    first, _ = lora_tensors(out / "many.safetensors")
+    second, _ = lora_tensors(out2 / "cont.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # lr 0: the continued weights are unchanged
+
+
+def test_control_folder_save_and_stop_requests(tmp_path, tiny_sd1, demo_data):
+    from sd_scripts.training.control import request
+
+    job = tmp_path / "job"
+    job.mkdir()
+    out = tmp_path / "out"
+    events_file = job / "events.jsonl"
+    cmd = accelerate_cmd(
+        "--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir", demo_data,
+        "--output_dir", str(out), "--output_name", "ctl", "--resolution", "64", "--caption_extension", ".txt",
+        "--max_train_steps", "100000", "--events_file", str(events_file), "--control_dir", str(job))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def wait(predicate, what):
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                events = read_events(str(events_file))
+                if predicate(events):
+                    return events
+                time.sleep(0.2)
+            raise AssertionError(f"timed out waiting for {what}")
+
+        wait(lambda ev: any(e["type"] == "progress" and e["step"] >= 2 for e in ev), "progress")
+        request(str(job), "save")
+        events = wait(lambda ev: any(e["type"] == "save" for e in ev), "save-now")
+        saved = [e for e in events if e["type"] == "save"][0]
+        assert saved["kind"] == "step" and os.path.isfile(saved["path"])
+        request(str(job), "stop")
+        events = wait(lambda ev: ev and ev[-1]["type"] == "done", "done")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert events[-1]["status"] == "stopped"
+    assert (out / "ctl.safetensors").is_file()

@@ -41,6 +41,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace, method):
         self.args = args
         self.method = method
+        method.warn = self.warn  # a method's warnings reach the log and the event stream
         self.started_at = time.time()
         self.outputs: list[str] = []
         self.events = EventWriter(None)
@@ -307,9 +308,12 @@ class Trainer:
             self.epoch = epoch + 1
             self.dataset.set_epoch(self.epoch)
             status = self.train_one_epoch()
-            if status != "completed" or self.global_step >= p.total_steps:
+            if status != "completed":
                 break
-            self.end_of_epoch()
+            last = self.global_step >= p.total_steps
+            self.end_of_epoch(last)
+            if last:
+                break
         self.bar.close()
         return status
 
@@ -400,12 +404,13 @@ class Trainer:
                 scalars[f"lr/{name}"] = lr
             self.accelerator.log(scalars, step=self.global_step)
 
-    def end_of_epoch(self) -> None:
+    def end_of_epoch(self, last: bool) -> None:
+        """Epoch scalars, per-epoch saves (the last epoch's is the final file) and samples."""
         a = self.args
         if self.args.logging_dir and self.recent_losses:
             self.accelerator.log({"loss/epoch_average": sum(self.recent_losses) / len(self.recent_losses)},
                                  step=self.epoch)
-        if a.save_every_n_epochs and self.epoch % a.save_every_n_epochs == 0:
+        if a.save_every_n_epochs and self.epoch % a.save_every_n_epochs == 0 and not last:
             self.save_model(epoch=self.epoch)
         if a.sample_every_n_epochs and self.epoch % a.sample_every_n_epochs == 0:
             self.sample_images(epoch=self.epoch)
@@ -433,7 +438,8 @@ class Trainer:
         if self.is_main:
             from .sampling import generate_samples, parse_prompt_file
 
-            prompts = parse_prompt_file(a.sample_prompts, default_sampler=a.sample_sampler)
+            prompts = self.method.sample_prompts(parse_prompt_file(a.sample_prompts,
+                                                                   default_sampler=a.sample_sampler))
             b = self.bundle
             with self.method.output_weights():
                 paths = generate_samples(unet=b.unet, vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer,
