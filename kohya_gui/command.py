@@ -203,9 +203,12 @@ def accelerate_flags(accel: AccelerateSettings, mixed_precision: str) -> list[st
     if accel.config_file:
         _check_text("accelerate.config_file", accel.config_file, multiline=False)
         flags += ["--config_file", accel.config_file]
-    if accel.cpu:
+    # Several processes always go through accelerate's multi-process launcher: with `--cpu` accelerate would
+    # silently start ONE process. Without GPUs the trainer then runs data parallel on the CPU over gloo.
+    multi = accel.multi_gpu or (accel.num_processes > 1 and not with_file)
+    if accel.cpu and not multi:
         flags.append("--cpu")
-    if accel.multi_gpu:
+    if multi:
         flags.append("--multi_gpu")
     for name in ("num_processes", "num_machines", "num_cpu_threads_per_process"):
         value = getattr(accel, name)

@@ -163,3 +163,12 @@ def test_gui_modules_never_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_several_processes_use_the_multi_process_launcher_even_on_cpu(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` would start ONE process; the trainer does CPU DDP by itself."""
+    cmd = build_command("lora", {}, AccelerateSettings(cpu=True, num_processes=2), str(tmp_path))
+    head = cmd.argv[:cmd.argv.index("-m", 3)]
+    assert "--multi_gpu" in head and "--cpu" not in head
+    single = build_command("lora", {}, AccelerateSettings(cpu=True), str(tmp_path))
+    assert "--cpu" in single.argv and "--multi_gpu" not in single.argv
