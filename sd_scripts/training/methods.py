@@ -6,6 +6,7 @@ textual inversion add their own classes here with the same four methods.
 from __future__ import annotations
 
 import argparse
+import logging
 from contextlib import nullcontext
 from typing import Any, ContextManager
 
@@ -56,6 +57,14 @@ class TrainingMethod:
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after each optimizer step (EMA updates, restoring frozen embeddings, ...)."""
+
+    def sample_prompts(self, prompts: list) -> list:
+        """The sample prompts actually generated (textual inversion expands its token to all its vectors)."""
+        return prompts
+
+    def warn(self, message: str, hint: str = "") -> None:
+        """A warning for the user; the loop replaces this with its own (log line and `warning` event)."""
+        logging.getLogger("sd_scripts.train").warning(message)
 
     # ---- outputs
     def file_extension(self) -> str:
