@@ -74,7 +74,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 # ---- names
 def _ext(ext: str) -> str:
-    return ext if ext.startswith(".") else "." + ext
+    """'safetensors' -> '.safetensors'; '' stays '' (a diffusers folder has no extension)."""
+    return ext if not ext or ext.startswith(".") else "." + ext
 
 
 def _suffix(epoch: int | None, step: int | None) -> str:
