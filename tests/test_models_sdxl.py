@@ -141,6 +141,18 @@ def test_save_diffusers_round_trip(tiny, tmp_path):
         _same_state(x, y)
 
 
+def test_v_prediction_marker(tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = load_file(tiny.single_file)
+    tensors["v_pred"] = torch.tensor([])
+    path = str(tmp_path / "vpred.safetensors")
+    save_file(tensors, path, metadata=open_checkpoint(tiny.single_file).metadata)
+    bundle = load_model(path)
+    assert bundle.v_prediction and bundle.scheduler_config["prediction_type"] == "v_prediction"
+    assert "v_pred" in bundle.extra_state  # written back on save
+
+
 def test_errors(tiny, tmp_path):
     from safetensors.torch import load_file
 

@@ -1,2 +1,3 @@
-"""SD1.x/SD2.x model stack: torch-free family facts (families, detect), bundled configs and tokenizer, LDM<->diffusers
-key maps, loading a single file or diffusers folder into a ModelBundle, and saving it back (loading, saving)."""
+"""SD1.x/SD2.x/SDXL model stack: torch-free family facts (families, detect), bundled configs and tokenizer,
+LDM<->diffusers key maps, loading a single file or diffusers folder into a ModelBundle, and saving it back (loading,
+saving)."""

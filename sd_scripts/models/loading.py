@@ -141,7 +141,8 @@ def _load_single_file(path: str, v2: bool | None, v_param: bool | None, dtype: t
     if family == "sdxl":
         _check_sdxl_layout(ckpt)
     _check_v2_flag(v2, family, path)
-    v_pred = bool(v_param) or v_prediction_from_metadata(ckpt.metadata)
+    # 'v_pred': the empty marker tensor v-prediction SDXL fine-tunes carry (ComfyUI's convention)
+    v_pred = bool(v_param) or v_prediction_from_metadata(ckpt.metadata) or "v_pred" in ckpt.shapes
     clip_prefix = (SDXL_TE1_PREFIX if family == "sdxl" else CLIP_PREFIX) + "text_model."
     if family == "sd1" and clip_prefix + _TOKEN_EMBEDDING not in ckpt.shapes and \
             CLIP_PREFIX + _TOKEN_EMBEDDING in ckpt.shapes:
