@@ -225,15 +225,16 @@ def parse_network_args(network_args: Sequence[str] | dict[str, Any] | None) -> d
     return out
 
 
-def family_naming(family: str) -> dict[str, Any]:
-    """unet_prefix, te_prefixes and unet_name_map of a model family ('sd1', 'sd2', 'sdxl')."""
+def family_naming(family: str, unet: nn.Module | None = None) -> dict[str, Any]:
+    """unet_prefix, te_prefixes and unet_name_map of a model family ('sd1', 'sd2', 'sdxl'); SDXL U-Net names follow
+    the block layout of `unet` when given (SDXL base otherwise)."""
     if family in ("sd1", "sd2"):
         return {"unet_prefix": UNET_PREFIX, "te_prefixes": ("lora_te",), "unet_name_map": None}
     if family == "sdxl":
-        from .sdxl_names import diffusers_to_sai_module_path
+        from .sdxl_names import diffusers_to_sai_module_path, sai_name_map
 
         return {"unet_prefix": UNET_PREFIX, "te_prefixes": ("lora_te1", "lora_te2"),
-                "unet_name_map": diffusers_to_sai_module_path}
+                "unet_name_map": sai_name_map(unet) if unet is not None else diffusers_to_sai_module_path}
     raise NetworkError(f"model family {family!r} is not supported by networks.lora (use sd1, sd2 or sdxl)")
 
 
@@ -246,7 +247,7 @@ def create_network(*, unet: nn.Module | None, text_encoders: Sequence[nn.Module]
     return LoRANetwork(unet, list(text_encoders), dim=4 if network_dim is None else network_dim,
                        alpha=1.0 if network_alpha is None else network_alpha, dropout=network_dropout,
                        multiplier=multiplier, train_unet=train_unet, train_text_encoder=train_text_encoder,
-                       **extra, **family_naming(family))
+                       **extra, **family_naming(family, unet))
 
 
 def _dims_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
@@ -273,7 +274,7 @@ def create_network_from_weights(path: str | os.PathLike, *, unet: nn.Module | No
     dims, alphas = _dims_from_tensors(tensors)
     if not dims:
         raise NetworkError(f"{path}: no '<name>.lora_down.weight' tensors: not a kohya-format LoRA file")
-    naming = family_naming(family)
+    naming = family_naming(family, unet)
     keep = [p for p, on in ((naming["unet_prefix"] + "_", train_unet), ("lora_te", train_text_encoder)) if on]
     dims = {n: d for n, d in dims.items() if n.startswith(tuple(keep))}
     if not dims:

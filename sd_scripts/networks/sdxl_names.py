@@ -5,11 +5,15 @@
     up_blocks.0.resnets.2.conv1                               -> output_blocks.2.0.in_layers.2
 
 The SDXL base U-Net has 2 ResNets per down block and 3 per up block; only block 0 and the last up block's
-neighbours lack attention. Inside transformer blocks the names are the same in both layouts.
+neighbours lack attention. Inside transformer blocks the names are the same in both layouts. `sai_name_map(unet)`
+reads the block layout from a U-Net's config instead (tiny test models have 1 ResNet per down block), as the
+single-file key maps and diffusers' own SGM-name conversion do.
 """
 from __future__ import annotations
 
 import re
+from functools import partial
+from typing import Any, Callable
 
 DOWN_LAYERS = 2  # ResNets per down block (SDXL base)
 UP_LAYERS = DOWN_LAYERS + 1
@@ -24,14 +28,27 @@ def _resnet_tail(tail: str) -> str:
     return _RESNET_TAILS.get(head, head) + (f".{rest}" if rest else "")
 
 
-def diffusers_to_sai_module_path(path: str) -> str:
+def sai_name_map(unet: Any) -> Callable[[str], str]:
+    """diffusers_to_sai_module_path for the block layout of `unet` (layers_per_block, up blocks with attention)."""
+    config = getattr(unet, "config", None)
+    layers = getattr(config, "layers_per_block", DOWN_LAYERS)
+    up_types = getattr(config, "up_block_types", None)
+    if not isinstance(layers, int) or not up_types:
+        return diffusers_to_sai_module_path
+    with_attention = tuple(i for i, kind in enumerate(up_types) if "CrossAttn" in kind)
+    return partial(diffusers_to_sai_module_path, layers_per_block=layers, up_blocks_with_attention=with_attention)
+
+
+def diffusers_to_sai_module_path(path: str, layers_per_block: int = DOWN_LAYERS,
+                                 up_blocks_with_attention: tuple[int, ...] = UP_BLOCKS_WITH_ATTENTION) -> str:
     """A diffusers SDXL U-Net module path -> the SAI/LDM path used in SDXL LoRA file names (others unchanged)."""
+    down_layers, up_layers = layers_per_block, layers_per_block + 1
     match = re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions|downsamplers)\.(\d+)\.(.+)", path)
     if match:
         block, kind, index, tail = int(match[1]), match[2], int(match[3]), match[4]
         if kind == "downsamplers":
-            return f"input_blocks.{(block + 1) * (DOWN_LAYERS + 1)}.0.{'op' if tail == 'conv' else tail}"
-        n = block * (DOWN_LAYERS + 1) + index + 1
+            return f"input_blocks.{(block + 1) * (down_layers + 1)}.0.{'op' if tail == 'conv' else tail}"
+        n = block * (down_layers + 1) + index + 1
         return f"input_blocks.{n}.0.{_resnet_tail(tail)}" if kind == "resnets" else f"input_blocks.{n}.1.{tail}"
     match = re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", path)
     if match:
@@ -43,8 +60,8 @@ def diffusers_to_sai_module_path(path: str) -> str:
     if match:
         block, kind, index, tail = int(match[1]), match[2], int(match[3]), match[4]
         if kind == "upsamplers":
-            slot = 2 if block in UP_BLOCKS_WITH_ATTENTION else 1
-            return f"output_blocks.{block * UP_LAYERS + UP_LAYERS - 1}.{slot}.{tail}"
-        n = block * UP_LAYERS + index
+            slot = 2 if block in up_blocks_with_attention else 1
+            return f"output_blocks.{block * up_layers + up_layers - 1}.{slot}.{tail}"
+        n = block * up_layers + index
         return f"output_blocks.{n}.0.{_resnet_tail(tail)}" if kind == "resnets" else f"output_blocks.{n}.1.{tail}"
     return path

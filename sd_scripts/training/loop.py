@@ -61,6 +61,7 @@ class Trainer:
             self.prepare_data()
             self.load_dataset()
             self.cache_latents()
+            self.cache_text_encoder_outputs()
             self.build_method()
             self.release_unused_models()
             self.create_optimizer()
@@ -90,6 +91,9 @@ class Trainer:
         from .saving import check_output_dir_writable
 
         check_output_dir_writable(a.output_dir)
+        from .te_cache import check_options as check_te_cache_options
+
+        check_te_cache_options(a, trains_text_encoder=self.method.trains_text_encoder, trainer=self.method.name)
         if a.output_name is None:
             a.output_name = "last"
         if (a.color_aug or a.random_crop) and a.cache_latents:
@@ -137,8 +141,11 @@ class Trainer:
         device = self.accelerator.device
         # Frozen parts in the compute dtype; trained weights stay float32 (mixed precision autocasts).
         bundle.unet.to(device, dtype=self.method.module_dtype("unet", self.weight_dtype))
-        bundle.text_encoder.to(device, dtype=self.method.module_dtype("text_encoder", self.weight_dtype))
-        bundle.vae.to(device, dtype=torch.float32 if self.weight_dtype == torch.float16 else self.weight_dtype)
+        for text_encoder in bundle.text_encoders:
+            text_encoder.to(device, dtype=self.method.module_dtype("text_encoder", self.weight_dtype))
+        # The VAE overflows in fp16 (the SDXL one in bf16 too, unless no_half_vae keeps it in float32)
+        half_vae_ok = self.weight_dtype != torch.float16 and not a.no_half_vae
+        bundle.vae.to(device, dtype=self.weight_dtype if half_vae_ok else torch.float32)
         if a.gradient_checkpointing:
             bundle.unet.enable_gradient_checkpointing()
         self.bundle = bundle
@@ -181,7 +188,8 @@ class Trainer:
             return
         t0 = time.time()
         kwargs = dict(vae_id=self.bundle.vae_id, to_disk=a.cache_latents_to_disk, batch_size=a.vae_batch_size,
-                      skip_check=a.skip_cache_check)
+                      skip_check=a.skip_cache_check,
+                      npz_suffix=getattr(self.strategy, "latent_cache_suffix", "_sd"))
         with torch.no_grad():
             if a.cache_latents_to_disk:  # the main process writes the files, the others read them
                 if self.is_main:
@@ -195,6 +203,12 @@ class Trainer:
         log.info("latents: %d encoded, %d reused from disk in %.1f s", report.encoded, report.reused,
                  time.time() - t0)
 
+    def cache_text_encoder_outputs(self) -> None:
+        """cache_text_encoder_outputs[_to_disk]: every caption encoded once before training (te_cache.py)."""
+        from .te_cache import cache_text_encoder_outputs
+
+        cache_text_encoder_outputs(self.strategy, self.dataset, self.args, self.accelerator)
+
     def build_method(self) -> None:
         self.param_groups, self.lr_names = self.method.build(self.bundle, family=self.bundle.family)
         if not any(p.requires_grad for g in self.param_groups for p in g["params"]):
@@ -202,7 +216,8 @@ class Trainer:
                               "and the learning rates")
         self.train_text_encoder = self.method.trains_text_encoder
         if self.train_text_encoder and self.args.gradient_checkpointing:
-            self.bundle.text_encoder.gradient_checkpointing_enable()
+            for text_encoder in self.bundle.text_encoders:
+                text_encoder.gradient_checkpointing_enable()
 
     def release_unused_models(self) -> None:
         """Free the VAE once latents are cached, and a frozen text encoder once every (fixed) caption is encoded.
@@ -447,7 +462,8 @@ class Trainer:
                                          out_dir=os.path.join(a.output_dir, "sample"), output_name=a.output_name,
                                          epoch=epoch, step=None if epoch else self.global_step,
                                          device=self.accelerator.device, dtype=self.weight_dtype,
-                                         clip_skip=a.clip_skip, eval_modules=[self.module])
+                                         clip_skip=a.clip_skip, eval_modules=[self.module],
+                                         text_encoder_2=b.text_encoder_2, tokenizer_2=b.tokenizer_2)
             self.events.sample(step=self.global_step, epoch=self.epoch, paths=paths,
                                prompts=[p.prompt for p in prompts])
         self.accelerator.wait_for_everyone()
