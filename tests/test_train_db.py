@@ -89,6 +89,11 @@ def test_trained_weights_stay_float32_under_mixed_precision():
         == torch.bfloat16
 
 
+def test_sdxl_is_refused_with_a_pointer_to_lora():
+    with pytest.raises(OptionError, match="train_network"):
+        DreamBoothMethod(db_args()).build(_Bundle(), family="sdxl")
+
+
 def test_option_clashes_are_refused():
     with pytest.raises(OptionError, match="reg_data_dir"):
         DreamBoothMethod(db_args("--num_class_images", "4"))

@@ -77,6 +77,9 @@ class FullModelMethod(TrainingMethod):
 
     def build(self, bundle, *, family: str) -> tuple[list[dict], list[str]]:
         a = self.args
+        if family not in ("sd1", "sd2"):
+            raise OptionError(f"full fine-tuning (train_db / fine_tune) supports SD 1.x and SD 2.x models; this is a "
+                              f"{family} model: train a LoRA with train_network instead")
         self.bundle = bundle
         self._te_trained = self._te_wanted()
         bundle.vae.requires_grad_(False)
