@@ -154,3 +154,17 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_sd1, ti_data, extra, mess
     assert events[-2]["type"] == "error" and message in events[-2]["message"]
     assert events[-1]["type"] == "done" and events[-1]["status"] == "failed"
     assert not list((tmp_path / "out").glob("*.safetensors"))
+
+
+def test_resume_continues_from_the_saved_vectors(tmp_path, tiny_sd1, ti_data):
+    """A state folder holds the trained vectors: a resumed run continues from them, not from the init word."""
+    common = [PYTHON, "-m", MODULE, "--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir",
+              ti_data, "--output_dir", str(tmp_path), "--resolution", "64", "--caption_extension", ".txt",
+              "--token_string", "mychar", "--init_word", "dog", "--learning_rate", "5e-2", "--seed", "1",
+              "--max_data_loader_n_workers", "0"]
+    run_trainer(common + ["--output_name", "a", "--max_train_steps", "3", "--save_state_on_train_end"])
+    run_trainer(common + ["--output_name", "b", "--max_train_steps", "4", "--resume", str(tmp_path / "a-state")])
+    first = load_embedding(tmp_path / "a.safetensors").vectors["emb_params"]
+    resumed = load_embedding(tmp_path / "b.safetensors").vectors["emb_params"]
+    dog = original_token_row(tiny_sd1.single_file, "dog")
+    assert (resumed - first).norm() < (resumed - dog).norm(), "one more step from the saved vectors"

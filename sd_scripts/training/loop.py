@@ -272,6 +272,8 @@ class Trainer:
             a.lr_scheduler, self.optimizer, num_training_steps=self.plan.total_steps,
             num_warmup_steps=a.lr_warmup_steps, num_cycles=a.lr_scheduler_num_cycles, power=a.lr_scheduler_power)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
+        # The trained weights live outside accelerate.prepare: register them so save_state/resume keep them.
+        self.accelerator.register_for_checkpointing(self.module)
         if self.accelerator.trackers is not None and a.logging_dir:
             self.accelerator.init_trackers(a.log_tracker_name or "network_train")
 
