@@ -49,7 +49,7 @@ def run_mode(mode: str, steps: int, resolution: int, rank: int, device: str, mix
     bundle = ModelBundle("sdxl", False, unet, vae, te1, load_clip_tokenizer("eos"), {}, "random",
                          text_encoder_2=te2, tokenizer_2=load_clip_tokenizer("zero"))
     build_s = time.time() - t0
-    strategy = SDXLStrategy(bundle, memo_size=0 if mode == "uncached" else 4096)
+    strategy = SDXLStrategy(bundle)
     net = create_network(unet=unet, text_encoders=[te1, te2], family="sdxl", network_dim=rank, network_alpha=1.0,
                          network_dropout=None, network_args=None, train_text_encoder=False)
     net.apply_to()
@@ -69,7 +69,10 @@ def run_mode(mode: str, steps: int, resolution: int, rank: int, device: str, mix
     def step():
         latents = (cached_latents if cached_latents is not None else strategy.encode_images(image)) * 0.13025
         with torch.no_grad(), autocast:
-            cond = strategy.encode_captions(caption, train_text_encoder=False)
+            if mode == "cached":
+                cond = strategy.encode_captions(caption, train_text_encoder=False)  # memoised before the loop
+            else:
+                cond = strategy.encode_ids(*strategy.tokenize(caption))  # both encoders, every step
         noise = torch.randn_like(latents)
         t = noise_math.sample_timesteps(1, 1000, device=latents.device)
         noisy = noise_math.add_noise(alphas, latents, noise, t)
