@@ -59,12 +59,12 @@ def trained(tmp_path_factory, tiny_sd1, ti_data):
     prompts = tmp / "prompts.txt"
     prompts.write_text("a photo of mychar --w 64 --h 64 --s 2 --d 3\n")
     events_file = tmp / "job" / "events.jsonl"
-    cfg = write_run_toml(tmp / "run.toml", **base_values(
-        tiny_sd1.single_file, ti_data, tmp / "out", output_name="emb", init_word="dog", num_vectors_per_token=2,
-        learning_rate=5e-2, max_train_steps=4, save_every_n_steps=2, sample_prompts=str(prompts),
-        sample_every_n_steps=4, events_file=str(events_file)))
-    run_trainer(accelerate_cmd("--config_file", cfg, module=MODULE))
-    return tmp / "out", events_file
+    values = base_values(tiny_sd1.single_file, ti_data, tmp / "out", output_name="emb", init_word="dog",
+                         num_vectors_per_token=2, learning_rate=5e-2, max_train_steps=4, save_every_n_steps=2,
+                         sample_prompts=str(prompts), sample_every_n_steps=4, events_file=str(events_file),
+                         save_state_on_train_end=True)
+    run_trainer(accelerate_cmd("--config_file", write_run_toml(tmp / "run.toml", **values), module=MODULE))
+    return tmp / "out", events_file, values
 
 
 def original_token_row(model_path: str, word: str) -> torch.Tensor:
@@ -76,7 +76,7 @@ def original_token_row(model_path: str, word: str) -> torch.Tensor:
 
 
 def test_embedding_file_events_and_samples(trained, tiny_sd1):
-    out, events_file = trained
+    out, events_file, _ = trained
     with safe_open(str(out / "emb.safetensors"), "pt") as f:
         assert list(f.keys()) == ["emb_params"]
         vectors, meta = f.get_tensor("emb_params"), f.metadata()
@@ -95,7 +95,7 @@ def test_embedding_file_events_and_samples(trained, tiny_sd1):
     assert events[-1]["status"] == "completed" and str(out / "emb.safetensors") in events[-1]["outputs"]
     assert {"progress", "save", "sample"} <= set(types) and "warning" not in types
     assert [e["step"] for e in events if e["type"] == "progress"][-1] == 4
-    assert {e["kind"] for e in events if e["type"] == "save"} == {"step", "final"}
+    assert {e["kind"] for e in events if e["type"] == "save"} == {"step", "final", "state"}
     [sample] = [e for e in events if e["type"] == "sample"]
     assert sample["prompts"] == ["a photo of mychar mychar1"], "sample prompts use every vector of the token"
 
@@ -103,7 +103,7 @@ def test_embedding_file_events_and_samples(trained, tiny_sd1):
 def test_diffusers_load_textual_inversion_reads_our_file(trained, tiny_sd1):
     from diffusers import StableDiffusionPipeline
 
-    out, _ = trained
+    out, _, _ = trained
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd1.diffusers_dir, local_files_only=True,
                                                    safety_checker=None, requires_safety_checker=False)
     before = pipe.encode_prompt("a photo of mychar", "cpu", 1, False)[0]
@@ -119,7 +119,7 @@ def test_weights_continue_into_an_a1111_pt_with_templates(trained, tmp_path, tin
     """learning_rate 0: the saved vectors are exactly those of the `weights` file the run started from."""
     from diffusers import StableDiffusionPipeline
 
-    out, _ = trained
+    out, _, _ = trained
     cfg = write_run_toml(tmp_path / "run.toml", **base_values(
         tiny_sd1.single_file, ti_data, tmp_path / "out", output_name="cont", token_string="zqother",
         num_vectors_per_token=2, weights=str(out / "emb.safetensors"), learning_rate=0.0, max_train_steps=2,
@@ -156,15 +156,35 @@ def test_bad_inputs_are_one_line_errors(tmp_path, tiny_sd1, ti_data, extra, mess
     assert not list((tmp_path / "out").glob("*.safetensors"))
 
 
-def test_resume_continues_from_the_saved_vectors(tmp_path, tiny_sd1, ti_data):
-    """A state folder holds the trained vectors: a resumed run continues from them, not from the init word."""
-    common = [PYTHON, "-m", MODULE, "--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir",
-              ti_data, "--output_dir", str(tmp_path), "--resolution", "64", "--caption_extension", ".txt",
-              "--token_string", "mychar", "--init_word", "dog", "--learning_rate", "5e-2", "--seed", "1",
-              "--max_data_loader_n_workers", "0"]
-    run_trainer(common + ["--output_name", "a", "--max_train_steps", "3", "--save_state_on_train_end"])
-    run_trainer(common + ["--output_name", "b", "--max_train_steps", "4", "--resume", str(tmp_path / "a-state")])
-    first = load_embedding(tmp_path / "a.safetensors").vectors["emb_params"]
+def test_resume_continues_from_the_saved_vectors(trained, tmp_path, tiny_sd1):
+    """The state folder holds the trained vectors: a resumed run continues from them, not from the init word."""
+    out, _, first_values = trained
+    values = dict(first_values, output_dir=str(tmp_path), output_name="b", max_train_steps=5,
+                  resume=str(out / "emb-state"), sample_prompts=None, save_every_n_steps=None, events_file=None,
+                  save_state_on_train_end=False)
+    run_trainer([PYTHON, "-m", MODULE, "--config_file", write_run_toml(tmp_path / "run.toml", **values)])
+    first = load_embedding(out / "emb.safetensors").vectors["emb_params"]
     resumed = load_embedding(tmp_path / "b.safetensors").vectors["emb_params"]
     dog = original_token_row(tiny_sd1.single_file, "dog")
     assert (resumed - first).norm() < (resumed - dog).norm(), "one more step from the saved vectors"
+
+
+def test_sdxl_run_saves_clip_l_and_clip_g(tmp_path, ti_data):
+    from sd_scripts.tools.tiny_model import build_tiny_model
+
+    model = build_tiny_model(str(tmp_path / "sdxl"), "sdxl", layout="single", seed=0).single_file
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of mychar --w 64 --h 64 --s 2 --d 3\n")
+    events_file = tmp_path / "events.jsonl"
+    run_trainer([PYTHON, "-m", MODULE, "--pretrained_model_name_or_path", model, "--train_data_dir", ti_data,
+                 "--output_dir", str(tmp_path / "out"), "--resolution", "64", "--caption_extension", ".txt",
+                 "--token_string", "mychar", "--init_word", "dog", "--num_vectors_per_token", "2",
+                 "--learning_rate", "5e-2", "--max_train_steps", "2", "--max_data_loader_n_workers", "0",
+                 "--sample_prompts", str(prompts), "--sample_every_n_steps", "2", "--events_file", str(events_file)])
+    with safe_open(str(tmp_path / "out" / "last.safetensors"), "pt") as f:
+        shapes = {k: tuple(f.get_tensor(k).shape) for k in f.keys()}
+        meta = f.metadata()
+    assert set(shapes) == {"clip_l", "clip_g"} and all(s[0] == 2 for s in shapes.values())
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/textual-inversion"
+    events = read_events(str(events_file))
+    assert events[-1]["status"] == "completed" and any(e["type"] == "sample" for e in events)

@@ -167,3 +167,41 @@ def test_save_writes_only_modelspec_metadata(tmp_path, bundle):
     data = torch.load(tmp_path / "e.pt", weights_only=True)
     assert data["name"] == "mychar" and data["step"] == 5 and data["sd_checkpoint_name"] == "tiny.safetensors"
     assert torch.equal(load_embedding(tmp_path / "e.pt").vectors["emb_params"], method.vectors["emb_params"].data)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_model(tmp_path_factory):
+    from sd_scripts.tools.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("ti_sdxl")), "sdxl", layout="both", seed=0)
+
+
+def test_sdxl_trains_one_set_of_vectors_per_text_encoder(tmp_path, tiny_sdxl_model):
+    """SDXL: the same loop over (key, tokenizer, text encoder) gives clip_l and clip_g vectors, both trained; the
+    file loads into diffusers' SDXL pipeline with one load_textual_inversion call per encoder."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from sd_scripts.strategies import strategy_for
+
+    bundle = load_model(tiny_sdxl_model.single_file)
+    args = make_args(tmp_path, "--token_string", "mychar", "--init_word", "dog", "--num_vectors_per_token", "2")
+    method, groups = build(bundle, args)
+    sizes = {"clip_l": bundle.text_encoder.config.hidden_size, "clip_g": bundle.text_encoder_2.config.hidden_size}
+    assert {k: tuple(v.shape) for k, v in method.vectors.items()} == {k: (2, d) for k, d in sizes.items()}
+    cond = strategy_for(bundle, args).encode_captions(method.captions(["a photo of mychar"]), train_text_encoder=True)
+    (cond.hidden.pow(2).mean() + cond.pooled.pow(2).mean()).backward()
+    assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in method.vectors.values())
+
+    meta = method.metadata({"modelspec.title": "x"})
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/textual-inversion"
+    path = tmp_path / "xl.safetensors"
+    method.save(method.trainable_module(), str(path), dtype=None, metadata=meta)
+    saved = load_embedding(path)
+    assert {k: tuple(v.shape) for k, v in saved.vectors.items()} == {k: (2, d) for k, d in sizes.items()}
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_model.diffusers_dir, local_files_only=True)
+    pipe.load_textual_inversion(saved.vectors["clip_l"], token="mychar", text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(saved.vectors["clip_g"], token="mychar", text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    ids = pipe.tokenizer_2.convert_tokens_to_ids(["mychar", "mychar_1"])
+    assert torch.equal(pipe.text_encoder_2.get_input_embeddings().weight[ids].detach(), saved.vectors["clip_g"])
