@@ -81,19 +81,18 @@ def init_token_ids(tokenizer, init_word: str, num_vectors: int) -> list[int]:
     return [ids[i % len(ids)] for i in range(num_vectors)]
 
 
-class NewTokenRows(torch.nn.Module):
-    """Forward hook for a token-embedding module: rows of ids [first_id, first_id + n) come from `vectors`."""
+class NewTokenRows:
+    """Forward hook for a token-embedding module: rows of ids [first_id, first_id + n) come from `vectors`.
+
+    Always substitutes (no `.any()` test), so a forward pass never waits for the device."""
 
     def __init__(self, vectors: torch.nn.Parameter, first_id: int):
-        super().__init__()
         self.vectors = vectors
         self.first_id = first_id
 
     def __call__(self, _module, inputs, output: torch.Tensor) -> torch.Tensor:
         index = inputs[0] - self.first_id
         is_new = (index >= 0) & (index < self.vectors.shape[0])
-        if not bool(is_new.any()):
-            return output
         rows = self.vectors.to(output.dtype)[index.clamp(0, self.vectors.shape[0] - 1)]
         return torch.where(is_new.unsqueeze(-1), rows, output)
 
