@@ -187,7 +187,8 @@ OPTIONS: tuple[Option, ...] = (
     _O("enable_bucket", bool, False, "Aspect-ratio bucketing: train images at their own aspect ratio.", "bucket"),
     _O("min_bucket_reso", int, 256, "Smallest bucket side.", "bucket", minimum=64),
     _O("max_bucket_reso", int, 1024, "Largest bucket side.", "bucket", minimum=64),
-    _O("bucket_reso_steps", int, 64, "Bucket sides are multiples of this.", "bucket", minimum=8),
+    _O("bucket_reso_steps", int, None, "Bucket sides are multiples of this (default: the family's, 64 for SD 1.x/2.x "
+       "and 32 for SDXL).", "bucket", minimum=8),
     _O("bucket_no_upscale", bool, False, "Never upscale images to fill a bucket.", "bucket"),
     _O("prior_loss_weight", float, 1.0, "Loss weight of regularisation images.", "dataset", minimum=0),
     _O("max_data_loader_n_workers", int, 8, "Data loader worker processes (at most the CPU count).", "dataset",
