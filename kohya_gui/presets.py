@@ -8,7 +8,8 @@ A preset file (`presets/<kind>/*.json` bundled, `<user presets dir>/<kind>/*.jso
 `values` holds only what the preset changes from the schema defaults: option names, the GUI field
 'sample_prompts_text' and 'accelerate.<setting>' keys. Files without `schema_version` (version 0: a flat dict of
 values, sd-scripts spellings) are migrated on load. Secrets are never written. Unknown keys are reported by name.
-The demo preset's paths contain `{demo_dir}`; loading it makes the tiny model and dataset there on first use.
+The demo preset's paths contain `{demo_dir}`; loading it makes the tiny model and dataset there on first use (and,
+for the fine-tune demo, the metadata JSON its `in_json` names).
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUNDLED_DIR = os.path.join(REPO_ROOT, "presets")
 SCHEMA_VERSION = 1
 DEMO_PLACEHOLDER = "{demo_dir}"
+#: Caption files of the demo dataset made by sd_scripts.tools.tiny_model.
+DEMO_CAPTION_EXTENSION = ".txt"
 
 
 class PresetError(ValueError):
@@ -150,7 +153,8 @@ def load_preset(kind: str, name: str, user_dir: str | None = None, demo_dir: str
     """The full values of preset `name` for `kind`: schema defaults overlaid with the preset's keys.
 
     Older preset versions are migrated; unknown keys are in `.unknown_keys`. A demo preset's `{demo_dir}` paths are
-    resolved, and (make_demo) its tiny model and dataset are made there on first use.
+    resolved, and (make_demo) its tiny model and dataset (and a fine-tune demo's metadata JSON) are made there on
+    first use.
     """
     index = _index(kind, user_dir)
     if name not in index:
@@ -162,9 +166,10 @@ def load_preset(kind: str, name: str, user_dir: str | None = None, demo_dir: str
         raise PresetError(f"preset {path}: 'values' must be an object")
     if data.get("needs_demo"):
         demo = os.path.abspath(demo_dir or default_demo_dir())
+        raw = {k: v.replace(DEMO_PLACEHOLDER, demo) if isinstance(v, str) else v for k, v in raw.items()}
         if make_demo:
             notes += ensure_demo(demo)
-        raw = {k: v.replace(DEMO_PLACEHOLDER, demo) if isinstance(v, str) else v for k, v in raw.items()}
+            notes += ensure_demo_metadata(demo, raw)
     values, unknown = _clean_values(kind, raw)
     full = schema.defaults(trainer_for(kind))
     full.update(values)
@@ -232,6 +237,32 @@ def ensure_demo(demo_dir: str, python: str = sys.executable, timeout: float = 60
         tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
         raise PresetError(f"could not make the demo model in {demo_dir} (exit {out.returncode}): {tail}")
     return [f"made the demo model and dataset in {demo_dir}"]
+
+
+def ensure_demo_metadata(demo_dir: str, values: dict[str, Any], python: str = sys.executable,
+                         timeout: float = 300) -> list[str]:
+    """The fine-tune demo's step: a demo preset whose `in_json` (metadata JSON) lies in `demo_dir` gets it built from
+    the captions (DEMO_CAPTION_EXTENSION files) in its `train_data_dir`, unless it exists, with
+    `python -m sd_scripts.tools.build_metadata`. Other presets: nothing. Returns notes; PresetError when the tool
+    fails."""
+    in_json, train = values.get("in_json"), values.get("train_data_dir")
+    if not isinstance(in_json, str) or not in_json or not isinstance(train, str) or not train:
+        return []
+    in_json = os.path.abspath(in_json)
+    if os.path.commonpath([in_json, os.path.abspath(demo_dir)]) != os.path.abspath(demo_dir):
+        return []  # only ever write inside the demo folder
+    if os.path.isfile(in_json):
+        return []
+    argv = [python, "-m", "sd_scripts.tools.build_metadata", "--train_data_dir", train, "--out", in_json,
+            "--caption_extension", DEMO_CAPTION_EXTENSION, "--tag_extension", ""]
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise PresetError(f"could not make the demo metadata {in_json}: {e}") from None
+    if out.returncode != 0 or not os.path.isfile(in_json):
+        tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
+        raise PresetError(f"could not make the demo metadata {in_json} (exit {out.returncode}): {tail}")
+    return [f"made the demo metadata {in_json}"]
 
 
 # ------------------------------------------------------------------ kohya_ss GUI JSON import

@@ -59,6 +59,53 @@ def test_ensure_demo_runs_the_tiny_model_tool_once(tmp_path, monkeypatch):
     assert presets.ensure_demo(str(tmp_path / "demo")) == [] and len(calls) == 1
 
 
+def test_finetune_demo_builds_its_metadata_json_where_the_preset_reads_it(tmp_path, monkeypatch):
+    """Loading the fine-tune demo makes <demo>/dataset/meta.json (the real build_metadata tool, argv only) from the
+    captions of the preset's train_data_dir, once; the tiny model tool is faked here."""
+    demo = tmp_path / "demo"
+    real_run = presets.subprocess.run
+    calls = []
+
+    def fake_tiny_model(argv, **kw):
+        calls.append(argv)
+        if argv[2] != "sd_scripts.tools.tiny_model":
+            return real_run(argv, **kw)
+        os.makedirs(argv[argv.index("--out") + 1], exist_ok=True)
+        open(os.path.join(argv[argv.index("--out") + 1], "tiny-sd1.safetensors"), "w").close()
+        images = os.path.join(argv[argv.index("--dataset") + 1], "train", "10_sks dog")
+        os.makedirs(images)
+        for i, caption in enumerate(["a photo of sks dog, red", "a photo of sks dog, blue"]):
+            open(os.path.join(images, f"{i:02d}.png"), "wb").close()
+            open(os.path.join(images, f"{i:02d}.txt"), "w").write(caption + "\n")
+        open(os.path.join(images, "02.png"), "wb").close()  # no caption: left out
+        return type("R", (), {"returncode": 0, "stdout": "", "stderr": ""})()
+
+    monkeypatch.setattr(presets.subprocess, "run", fake_tiny_model)
+    values = presets.load_preset("finetune", "Demo (tiny model, CPU)", user_dir=str(tmp_path), demo_dir=str(demo))
+    assert values["in_json"] == str(demo / "dataset" / "meta.json")
+    assert values["train_data_dir"] == str(demo / "dataset" / "train" / "10_sks dog")
+    build = calls[1]
+    assert build[:3] == [sys.executable, "-m", "sd_scripts.tools.build_metadata"]
+    assert build[build.index("--train_data_dir") + 1] == values["train_data_dir"]
+    assert build[build.index("--out") + 1] == values["in_json"]
+    assert build[build.index("--caption_extension") + 1] == ".txt" and build[build.index("--tag_extension") + 1] == ""
+    assert json.load(open(values["in_json"])) == {"00": {"caption": "a photo of sks dog, red"},
+                                                   "01": {"caption": "a photo of sks dog, blue"}}
+    assert any("meta.json" in n for n in values.notes)
+    again = presets.load_preset("finetune", "Demo (tiny model, CPU)", user_dir=str(tmp_path), demo_dir=str(demo))
+    assert len(calls) == 2 and again.notes == []
+    # other kinds' demos write no metadata
+    presets.load_preset("lora", "Demo (tiny model, CPU)", user_dir=str(tmp_path), demo_dir=str(demo))
+    assert len(calls) == 2
+
+
+def test_demo_metadata_is_only_written_inside_the_demo_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(presets.subprocess, "run", lambda *a, **k: pytest.fail("ran a tool"))
+    values = {"in_json": str(tmp_path / "elsewhere" / "meta.json"), "train_data_dir": str(tmp_path / "train")}
+    assert presets.ensure_demo_metadata(str(tmp_path / "demo"), values) == []
+    assert presets.ensure_demo_metadata(str(tmp_path / "demo"), {"train_data_dir": "x"}) == []
+
+
 def test_save_stores_only_changes_and_never_secrets_and_loads_back(tmp_path):
     form = options.defaults("network")
     form.update(learning_rate=3e-4, network_dim=64.0, sample_prompts_text="a dog", output_dir="/o")
