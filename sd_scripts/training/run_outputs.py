@@ -1,0 +1,104 @@
+"""What a run writes: sample images, model files (with metadata and pruning), and its final events.
+
+`RunOutputs` is mixed into Trainer (training/loop.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+
+from ..options import parse_resolution
+from .distributed import parameters_agree
+
+log = logging.getLogger("sd_scripts.train")
+
+
+class RunOutputs:
+    """Outputs of a run (mixed into Trainer)."""
+
+    def sample_images(self, epoch: int | None = None) -> None:
+        a = self.args
+        if not a.sample_prompts:
+            return
+        if self.is_main:
+            from .sampling import generate_samples, parse_prompt_file
+
+            prompts = self.method.sample_prompts(parse_prompt_file(a.sample_prompts,
+                                                                   default_sampler=a.sample_sampler))
+            b = self.bundle
+            with self.method.output_weights():
+                paths = generate_samples(unet=b.unet, vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer,
+                                         scheduler_config=b.scheduler_config, prompts=prompts,
+                                         out_dir=os.path.join(a.output_dir, "sample"), output_name=a.output_name,
+                                         epoch=epoch, step=None if epoch else self.global_step,
+                                         device=self.accelerator.device, dtype=self.weight_dtype,
+                                         clip_skip=a.clip_skip, eval_modules=[self.module],
+                                         text_encoder_2=b.text_encoder_2, tokenizer_2=b.tokenizer_2)
+            self.events.sample(step=self.global_step, epoch=self.epoch, paths=paths,
+                               prompts=[p.prompt for p in prompts])
+        self.accelerator.wait_for_everyone()
+
+    def save_model(self, *, epoch: int | None = None, step: int | None = None, final: bool = False) -> None:
+        from .saving import model_file_name, prune_old_saves, state_dir_name
+
+        a = self.args
+        ext = self.method.file_extension()
+        name = model_file_name(a.output_name, ext, epoch=None if final else epoch, step=None if final else step)
+        path = os.path.join(a.output_dir, name)
+        if self.is_main:
+            module = self.module
+            self.method.save(module, path, dtype=self.save_dtype, metadata=self.metadata())
+            self.outputs.append(path)
+            kind = "final" if final else ("epoch" if epoch else "step")
+            self.events.emit("save", path=path, kind=kind, step=self.global_step, epoch=self.epoch)
+            log.info("saved %s", path)
+            prune_old_saves(a.output_dir, a.output_name, ext, keep_last_n_epochs=a.save_last_n_epochs,
+                            current_epoch=epoch, keep_last_n_steps=a.save_last_n_steps, current_step=step)
+        if a.save_state or (final and a.save_state_on_train_end):
+            state_dir = os.path.join(a.output_dir, state_dir_name(a.output_name, epoch=None if final else epoch,
+                                                                  step=None if final else step))
+            self.accelerator.save_state(state_dir)
+            if self.is_main:
+                with open(os.path.join(state_dir, "train_state.json"), "w", encoding="utf-8") as f:
+                    json.dump({"current_epoch": self.epoch, "current_step": self.global_step}, f)
+                self.events.emit("save", path=state_dir, kind="state", step=self.global_step, epoch=self.epoch)
+        self.accelerator.wait_for_everyone()
+
+    def metadata(self) -> dict[str, str]:
+        from .metadata import build_training_metadata, minimal_metadata
+
+        a = self.args
+        resolution = parse_resolution(a.resolution)
+        kwargs = dict(family=self.bundle.family, v_prediction=self.v_prediction, resolution=resolution,
+                      dataset_summary=self.summary, total_steps=self.plan.total_steps, epoch=self.epoch,
+                      step=self.global_step, started_at=self.started_at, finished_at=time.time(),
+                      sd_model_name=os.path.basename(a.pretrained_model_name_or_path.rstrip("/\\")),
+                      network_args=self.method.network_args_dict())
+        metadata = self.method.metadata(build_training_metadata(a, **kwargs))
+        return minimal_metadata(metadata) if a.no_metadata else metadata
+
+    def save_final(self, status: str) -> None:
+        if self.accelerator.num_processes > 1 and not parameters_agree(self.trained_params):
+            self.warn("processes hold different trained weights: gradients were not averaged; the file saved "
+                      "is the main process's")
+        self.save_model(epoch=self.epoch, step=self.global_step, final=True)
+
+    def finish(self, status: str) -> None:
+        self.events.done(status, outputs=self.outputs, step=self.global_step, epoch=self.epoch)
+        self.events.close()
+        log.info("%s after %d steps", status, self.global_step)
+
+    def fail(self, message: str, hint: str) -> None:
+        """Called by the entry point on an error: one `error` and a `done: failed` event."""
+        self.events.error(message, hint=hint)
+        self.events.done("failed", outputs=self.outputs, step=self.global_step, epoch=self.epoch)
+        self.events.close()
+
+    def warn(self, message: str, hint: str = "") -> None:
+        log.warning(message)
+        self.events.warning(message, hint=hint)
+
+
