@@ -1,0 +1,122 @@
+"""End to end in headless Chromium, one GUI for all: the DreamBooth, Fine-tune and Textual Inversion tabs each load
+their 'Demo (tiny model, CPU)' preset (the first load makes the tiny model and dataset, the fine-tune one also its
+metadata JSON), Start it, and the run monitor shows the run completed at 100 % with the trained file listed.
+
+Needs /usr/bin/chromium and Python playwright; skipped without them. Screenshots go to test-artifacts/.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from test_gui_launcher import start_server, stop_server
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+DEMO = "Demo (tiny model, CPU)"
+#: (kind = element id prefix, tab label, the run's final output file)
+TABS = [("dreambooth", "DreamBooth", "demo_dreambooth.safetensors"),
+        ("finetune", "Fine-tune", "demo_finetune.safetensors"),
+        ("ti", "Textual Inversion", "demo_embedding.safetensors")]
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium is not installed")
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """One GUI process (temp jobs, demo and user-preset folders) for the whole module: (port, folder)."""
+    folder = tmp_path_factory.mktemp("gui_tabs")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KOHYA_GUI_DEMO_DIR", str(folder / "demo"))
+        mp.setenv("KOHYA_GUI_USER_PRESETS", str(folder / "user_presets"))
+        proc, port = start_server([], folder)
+    try:
+        yield port, folder
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def page(app):
+    playwright = pytest.importorskip("playwright.sync_api")
+    port, _ = app
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#lora-start", timeout=60_000)
+        yield page
+        browser.close()
+
+
+def wait_for(predicate, timeout: float, what: str, page=None, interval: float = 0.25, shot: str = "timeout"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    if page is not None:
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"gui_tabs_{shot}_timeout.png"), full_page=True)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def progress(page) -> tuple[str, int, str]:
+    el = page.locator("#run-progress .kg-progress")
+    if el.count() == 0:
+        return "", 0, ""
+    return (el.get_attribute("data-status") or "", int(el.get_attribute("data-percent") or 0),
+            el.inner_text())
+
+
+@pytest.mark.parametrize("kind, label, output", TABS, ids=[t[0] for t in TABS])
+def test_demo_preset_runs_to_completion_from_its_tab(page, app, kind, label, output):
+    _, folder = app
+    started = time.monotonic()
+    page.get_by_role("tab", name=label, exact=True).click()
+    page.wait_for_selector(f"#{kind}-start", state="visible", timeout=30_000)
+    assert page.locator(f"#{kind}-notice").is_hidden(), f"the {label} tab says its trainer is missing"
+    message = page.locator(f"#{kind}-message")
+
+    page.locator(f"#{kind}-preset input").click()
+    page.get_by_role("option", name=DEMO).click()
+    page.locator(f"#{kind}-load-preset").click()
+    wait_for(lambda: "Loaded preset" in message.inner_text() or "not loaded" in message.inner_text(), 300,
+             f"the {label} demo preset to load", page, shot=kind)
+    assert "Loaded preset" in message.inner_text(), message.inner_text()
+    assert page.locator(f"#{kind}-output_name input, #{kind}-output_name textarea").first.input_value() == \
+        output.removesuffix(".safetensors")
+    if kind == "finetune":
+        assert (folder / "demo" / "dataset" / "meta.json").is_file()
+
+    page.locator(f"#{kind}-start").click()
+    text = wait_for(lambda: re.search(r"Started job `?([0-9]{8}-[0-9]{6}-\w+-[0-9a-f]+)", message.inner_text())
+                    or "Not started" in message.inner_text() and message.inner_text(), 120,
+                    f"the {label} job to start", page, shot=kind)
+    assert not isinstance(text, str), f"{text}\n{page.locator(f'#{kind}-preflight').inner_text()}"
+    job_id = text.group(1)
+    # the monitor shows the new job (not the previous tab's finished one) until it completes
+    wait_for(lambda: job_id in page.locator("#run-status").inner_text() and progress(page)[0] in (
+        "completed", "failed", "stopped"), 300, f"the {label} run to end", page, interval=0.5, shot=kind)
+    status, percent, bar = progress(page)
+    if status != "completed":
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / f"gui_tab_{kind}_failed.png"), full_page=True)
+    assert status == "completed", f"{page.locator('#run-status').inner_text()}\n{page.locator('#run-log textarea').input_value()}"
+    assert percent == 100 and "100 %" in bar, bar
+    wait_for(lambda: output in page.locator("#run-outputs").inner_text(), 30, f"{output} in the outputs", page,
+             shot=kind)
+    assert (folder / "demo" / "output" / output).is_file()
+    wait_for(lambda: page.locator("#run-samples img").count() >= 1, 30, "a sample image", page, shot=kind)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"gui_tab_{kind}.png"), full_page=True)
+    print(f"{label}: demo run completed in {time.monotonic() - started:.1f}s from the tab")
