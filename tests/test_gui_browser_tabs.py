@@ -117,6 +117,11 @@ def test_demo_preset_runs_to_completion_from_its_tab(page, app, kind, label, out
              shot=kind)
     assert (folder / "demo" / "output" / output).is_file()
     wait_for(lambda: page.locator("#run-samples img").count() >= 1, 30, "a sample image", page, shot=kind)
+    try:  # let the gallery's thumbnails load before the screenshot (cosmetic: never fails the test)
+        page.wait_for_function("[...document.querySelectorAll('#run-samples img')].every(i => i.complete "
+                               "&& i.naturalWidth > 0)", timeout=10_000)
+    except Exception:  # noqa: BLE001 - playwright's TimeoutError
+        pass
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"gui_tab_{kind}.png"), full_page=True)
     print(f"{label}: demo run completed in {time.monotonic() - started:.1f}s from the tab")
