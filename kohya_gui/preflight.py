@@ -274,6 +274,25 @@ def _check_paths(trainer: str, values: dict[str, Any], checks: list[Check]) -> N
         checks.append(Check("error", "output_name", "is a file name, not a path: remove / and \\"))
 
 
+def _finetune_images(train_dir: str, in_json: str | None) -> int:
+    """Images fine-tuning will use: those of the folder listed in the metadata JSON (all of them without one)."""
+    files = _images(train_dir)
+    if not in_json or not os.path.isfile(in_json):
+        return len(files)
+    try:
+        with open(in_json, encoding="utf-8") as f:
+            keys = set(json.load(f))
+    except (OSError, ValueError):
+        return len(files)
+    listed = 0
+    for path in files:
+        full = os.path.join(train_dir, path) if not os.path.isabs(path) else path
+        stem = os.path.splitext(os.path.basename(full))[0]
+        if {stem, full, os.path.splitext(full)[0], os.path.basename(full)} & keys:
+            listed += 1
+    return listed
+
+
 def _check_dataset(trainer: str, values: dict[str, Any], accel: AccelerateSettings, checks: list[Check]) -> None:
     train_dir = values.get("train_data_dir")
     if values.get("dataset_config"):
@@ -286,12 +305,15 @@ def _check_dataset(trainer: str, values: dict[str, Any], accel: AccelerateSettin
         return  # reported by the path checks
     ext = values.get("caption_extension") or ".caption"
     if trainer == "finetune":
-        images = len(_images(train_dir))
+        images = _finetune_images(train_dir, values.get("in_json"))
         if not images:
-            checks.append(Check("error", "train_data_dir", f"{train_dir} has no images for fine-tuning"))
+            checks.append(Check("error", "train_data_dir", f"{train_dir} has no images for fine-tuning"
+                                + (" listed in in_json" if values.get("in_json") else "")))
             return
-        train_total, reg_total = images, 0
-        checks.append(Check("info", "train_data_dir", f"{images} images"))
+        repeats = int(values.get("dataset_repeats") or 1)
+        train_total, reg_total = images * repeats, 0
+        checks.append(Check("info", "train_data_dir", f"{images} images x {repeats} repeats = {train_total} image "
+                                                      f"draws per epoch"))
     else:
         concepts = scan_concepts(train_dir, "train_data_dir", ext, checks)
         if not concepts:
@@ -323,8 +345,9 @@ def _check_hardware(trainer: str, family: str, values: dict[str, Any], accel: Ac
         checks.append(Check("info", "accelerate.num_processes", "no NVIDIA GPU found: training runs on the CPU "
                                                                 "(fine for the tiny demo model, very slow otherwise)"))
         if accel.num_processes > 1:
-            checks.append(Check("error", "accelerate.num_processes", f"{accel.num_processes} processes need "
-                                                                     f"{accel.num_processes} GPUs; none found: use 1"))
+            checks.append(Check("info", "accelerate.num_processes", f"{accel.num_processes} processes share the CPU "
+                                                                    f"(data parallel over gloo): slower than 1 unless "
+                                                                    f"the machine has many cores"))
         if precision == "fp16":
             checks.append(Check("error", "mixed_precision", "fp16 needs a GPU: on the CPU choose 'no' (fp32), which "
                                                             "works, or bf16 (works but slow)"))

@@ -110,7 +110,22 @@ def test_cpu_precision_messages(tmp_path):
     checks = _run("lora", _values(tmp_path), AccelerateSettings(mixed_precision="bf16"))
     assert _find(checks, "mixed_precision", "warning", "bf16 on the CPU works but is slow")
     checks = _run("lora", _values(tmp_path), AccelerateSettings(num_processes=2))
-    assert _find(checks, "accelerate.num_processes", "error", "none found")
+    assert _find(checks, "accelerate.num_processes", "info", "data parallel over gloo")  # the trainer does CPU DDP
+    assert not _find(checks, "accelerate.num_processes", "error")
+
+
+def test_fine_tune_counts_images_listed_in_in_json_times_repeats(tmp_path):
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"{i}.png").write_bytes(b"png")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"0": {"caption": "a"}, str(folder / "1.png"): {"caption": "b"}, "9": {"tags": "c"}}))
+    values = _values(tmp_path, train_data_dir=str(folder), in_json=str(meta), dataset_repeats=3,
+                     max_train_steps=None, max_train_epochs=2)
+    checks = _run("finetune", values)
+    assert _find(checks, "train_data_dir", "info", "2 images x 3 repeats = 6 image draws")
+    assert _find(checks, "max_train_steps", "info", "6 steps per epoch; 12 steps in total")
 
 
 def test_gpu_probe_table_precision_and_counts(tmp_path):
