@@ -89,9 +89,32 @@ def test_trained_weights_stay_float32_under_mixed_precision():
         == torch.bfloat16
 
 
-def test_sdxl_is_refused_with_a_pointer_to_lora():
-    with pytest.raises(OptionError, match="train_network"):
-        DreamBoothMethod(db_args()).build(_Bundle(), family="sdxl")
+def test_sdxl_trains_both_text_encoders_and_saves_a_diffusers_folder(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    from sd_scripts.tools.tiny_model import build_tiny_bundle
+
+    bundle = build_tiny_bundle("sdxl", seed=0)
+    method = DreamBoothMethod(db_args("--stop_text_encoder_training", "1", "--learning_rate_te", "1e-5",
+                                      "--save_model_as", "diffusers_safetensors"))
+    groups, names = method.build(bundle, family="sdxl")
+    te_params = [p for te in bundle.text_encoders for p in te.parameters()]
+    assert names == ["unet", "textencoder"] and groups[1]["lr"] == 1e-5
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in te_params} and len(bundle.text_encoders) == 2
+    assert all(p.requires_grad for p in te_params)
+    assert set(method.trainable_module().keys()) == {"unet", "text_encoder", "text_encoder_2"}
+    assert [method.before_step(s) for s in range(3)] == [True, False, False]
+    assert not any(p.requires_grad for p in te_params), "both text encoders frozen at the stop step"
+    assert method.module_dtype("text_encoder", torch.bfloat16) == torch.float32
+
+    with torch.no_grad():
+        bundle.text_encoder_2.text_projection.weight.add_(0.5)
+    method.save(method.trainable_module(), str(tmp_path / "db"), dtype=None, metadata={})
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "db"), local_files_only=True)
+    torch.testing.assert_close(pipe.text_encoder_2.text_projection.weight, bundle.text_encoder_2.text_projection.weight)
+    meta = method.metadata({"modelspec.architecture": "stable-diffusion-xl-v1-base/lora", "ss_network_dim": "4"})
+    assert meta == {"modelspec.architecture": "stable-diffusion-xl-v1-base",
+                    "modelspec.implementation": "https://github.com/Stability-AI/generative-models"}
 
 
 def test_option_clashes_are_refused():

@@ -3,7 +3,8 @@
 Every '<repeats>_<class tokens>' folder in `reg_data_dir` that holds fewer than `num_class_images` images gets the
 missing ones, made from the class prompt (`class_prompt`, else the folder's class tokens). Image i of a folder has the
 seed derived from (seed, folder name, i), so a re-run makes the same images and an interrupted run resumes where it
-stopped. Files are `class_<i:05d>.png`, each written to a hidden temp file and moved into place.
+stopped. Files are `class_<i:05d>.png`, each written to a hidden temp file and moved into place. SD 1.x/2.x models
+use the StableDiffusionPipeline (clip_skip applies), SDXL models the StableDiffusionXLPipeline.
 
 The DreamBooth trainer calls `ensure_class_images` before reading the dataset; as a tool:
 
@@ -89,11 +90,14 @@ def generate_class_images(*, unet: Any, vae: Any, text_encoder: Any, tokenizer: 
                           folders: list[ClassFolder], width: int, height: int, seed: int = 0, steps: int = 30,
                           scale: float = 7.5, sampler: str = "ddim", device: Any = "cpu", dtype: Any = None,
                           clip_skip: int | None = None,
-                          on_image: Callable[[str, int, int], None] | None = None) -> list[str]:
+                          on_image: Callable[[str, int, int], None] | None = None, text_encoder_2: Any = None,
+                          tokenizer_2: Any = None) -> list[str]:
     """Make the missing images of each folder with the given in-memory model; returns the new paths.
 
     Runs in eval mode under no_grad (autocast for half `dtype`); the caller's RNG states and module modes are kept.
-    `on_image(path, done, total)` is called after each image.
+    `on_image(path, done, total)` is called after each image. With `text_encoder_2`/`tokenizer_2` (SDXL) the SDXL
+    pipeline encodes the prompts itself (both encoders' penultimate layers, pooled text encoder 2 output, size
+    conditioning = the image size) and `clip_skip` does not apply.
     """
     import torch
 
@@ -106,19 +110,25 @@ def generate_class_images(*, unet: Any, vae: Any, text_encoder: Any, tokenizer: 
     half = dtype in (torch.float16, torch.bfloat16)
     autocast = torch.autocast(device.type, dtype=dtype) if half else nullcontext()
     paths: list[str] = []
-    with preserved_rng_states(), eval_mode([unet, vae, text_encoder], device), torch.no_grad(), autocast:
+    sdxl = text_encoder_2 is not None
+    modules = [unet, vae, text_encoder, *([text_encoder_2] if sdxl else [])]
+    with preserved_rng_states(), eval_mode(modules, device), torch.no_grad(), autocast:
         pipeline = build_pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                  scheduler=make_scheduler(sampler, scheduler_config))
+                                  scheduler=make_scheduler(sampler, scheduler_config), text_encoder_2=text_encoder_2,
+                                  tokenizer_2=tokenizer_2)
         for folder in folders:
             if not folder.missing:
                 continue
-            embeds = encode_prompt(text_encoder, tokenizer, folder.prompt, device, clip_skip)
-            negative = encode_prompt(text_encoder, tokenizer, "", device, clip_skip)
+            if sdxl:
+                prompt_kwargs = dict(prompt=folder.prompt, negative_prompt="")
+            else:
+                prompt_kwargs = dict(
+                    prompt_embeds=encode_prompt(text_encoder, tokenizer, folder.prompt, device, clip_skip),
+                    negative_prompt_embeds=encode_prompt(text_encoder, tokenizer, "", device, clip_skip))
             for index, path in _free_names(folder.path, folder.existing, folder.missing):
                 generator = torch.Generator("cpu").manual_seed(image_seed(seed, folder.path, index))
-                image = pipeline(prompt_embeds=embeds, negative_prompt_embeds=negative, width=width, height=height,
-                                 num_inference_steps=steps, guidance_scale=scale, generator=generator,
-                                 output_type="pil").images[0]
+                image = pipeline(**prompt_kwargs, width=width, height=height, num_inference_steps=steps,
+                                 guidance_scale=scale, generator=generator, output_type="pil").images[0]
                 _save_png(image, path)
                 paths.append(path)
                 if on_image:
@@ -131,7 +141,8 @@ def ensure_class_images(bundle, reg_data_dir: str, num_class_images: int, *, cla
                         resolution: tuple[int, int] = (512, 512), seed: int = 0, steps: int = 30, scale: float = 7.5,
                         sampler: str = "ddim", device: Any = "cpu", dtype: Any = None,
                         clip_skip: int | None = None) -> list[str]:
-    """Fill every reg concept folder up to `num_class_images` with images from `bundle` (a ModelBundle)."""
+    """Fill every reg concept folder up to `num_class_images` with images from `bundle` (a ModelBundle of any
+    family; SDXL uses the SDXL pipeline)."""
     folders = plan_class_images(reg_data_dir, num_class_images, class_prompt)
     total = sum(f.missing for f in folders)
     if not total:
@@ -148,7 +159,9 @@ def ensure_class_images(bundle, reg_data_dir: str, num_class_images: int, *, cla
     return generate_class_images(unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder,
                                  tokenizer=bundle.tokenizer, scheduler_config=bundle.scheduler_config,
                                  folders=folders, width=width, height=height, seed=seed, steps=steps, scale=scale,
-                                 sampler=sampler, device=device, dtype=dtype, clip_skip=clip_skip, on_image=report)
+                                 sampler=sampler, device=device, dtype=dtype, clip_skip=clip_skip, on_image=report,
+                                 text_encoder_2=getattr(bundle, "text_encoder_2", None),
+                                 tokenizer_2=getattr(bundle, "tokenizer_2", None))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
         bundle = load_model(args.pretrained_model_name_or_path, vae=args.vae)
-        for part in (bundle.unet, bundle.text_encoder, bundle.vae):
+        for part in (bundle.unet, *bundle.text_encoders, bundle.vae):
             part.to(device)
         paths = ensure_class_images(bundle, args.reg_data_dir, args.num_class_images, class_prompt=args.class_prompt,
                                     resolution=resolution, seed=args.seed, steps=args.steps, scale=args.scale,

@@ -3,6 +3,8 @@
 Both train the U-Net's own weights (and the text encoder's, see below) and save a whole model: a single file in the
 original layout (.safetensors / .ckpt) or a diffusers folder (save_model_as diffusers / diffusers_safetensors; both
 write safetensors weights), named like every other output (`<name>`, `<name>-<epoch:06d>`, `<name>-step<step:08d>`).
+SD 1.x, SD 2.x and SDXL: for SDXL "the text encoder" means both of them (CLIP-L and OpenCLIP-bigG, with its
+projection), trained, frozen, cast and saved together; DreamBooth class images come from the SDXL pipeline.
 
 - Trained weights stay float32 under mixed precision (autocast computes in fp16/bf16); `full_bf16` keeps them in
   bf16. Frozen parts (VAE, a text encoder that is not trained) use the compute dtype.
@@ -12,8 +14,9 @@ write safetensors weights), named like every other output (`<name>`, `<name>-<ep
   never), then freezes it. Fine-tuning trains it with `train_text_encoder`.
 - `use_ema`: an average of the trained weights (training/ema.py) is what gets saved and sampled.
 - `fused_backward_pass`: optimizer steps inside backward (training/fused_backward.py).
-- Metadata (.safetensors): modelspec.* of a full checkpoint (architecture without '/lora', Stability-AI
-  implementation as sd-scripts writes for checkpoints) plus the ss_* training keys, without the LoRA-only ones.
+- Metadata (.safetensors): modelspec.* of a full checkpoint (architecture without '/lora', e.g.
+  'stable-diffusion-xl-v1-base'; Stability-AI implementation as sd-scripts writes for checkpoints) plus the ss_*
+  training keys, without the LoRA-only ones.
 """
 from __future__ import annotations
 
@@ -77,21 +80,21 @@ class FullModelMethod(TrainingMethod):
 
     def build(self, bundle, *, family: str) -> tuple[list[dict], list[str]]:
         a = self.args
-        if family not in ("sd1", "sd2"):
-            raise OptionError(f"full fine-tuning (train_db / fine_tune) supports SD 1.x and SD 2.x models; this is a "
-                              f"{family} model: train a LoRA with train_network instead")
         self.bundle = bundle
         self._te_trained = self._te_wanted()
+        text_encoders = _text_encoders(bundle)
         bundle.vae.requires_grad_(False)
         bundle.unet.requires_grad_(True)
-        bundle.text_encoder.requires_grad_(self._te_trained)
+        for text_encoder in text_encoders:
+            text_encoder.requires_grad_(self._te_trained)
         groups = [{"params": list(bundle.unet.parameters()), "lr": a.learning_rate}]
         names = ["unet"]
         modules = {"unet": bundle.unet}
-        if self._te_trained:
-            groups.append({"params": list(bundle.text_encoder.parameters()), "lr": self._te_lr()})
+        if self._te_trained:  # SDXL: both text encoders, one group (lr/textencoder)
+            groups.append({"params": [p for te in text_encoders for p in te.parameters()], "lr": self._te_lr()})
             names.append("textencoder")
-            modules["text_encoder"] = bundle.text_encoder
+            for i, text_encoder in enumerate(text_encoders):
+                modules["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = text_encoder
         self._module = torch.nn.ModuleDict(modules)
         if a.use_ema:
             from .ema import TrainedWeightsEMA
@@ -111,10 +114,11 @@ class FullModelMethod(TrainingMethod):
         if not self._te_trained:
             return
         self._te_trained = False
-        self.bundle.text_encoder.requires_grad_(False)
-        for p in self.bundle.text_encoder.parameters():
-            p.grad = None
-        log.info("text encoder frozen at step %d", step)
+        for text_encoder in _text_encoders(self.bundle):
+            text_encoder.requires_grad_(False)
+            for p in text_encoder.parameters():
+                p.grad = None
+        log.info("text encoder(s) frozen at step %d", step)
 
     def after_optimizer_step(self, step: int) -> None:
         if self.ema is not None:
@@ -142,6 +146,12 @@ class FullModelMethod(TrainingMethod):
                 save_diffusers(self.bundle, path, dtype=dtype)
             else:
                 save_single_file(self.bundle, path, dtype=dtype, metadata=metadata)
+
+
+def _text_encoders(bundle) -> list:
+    """The bundle's text encoders: [text_encoder] (SD1/SD2) or [text_encoder, text_encoder_2] (SDXL)."""
+    encoders = getattr(bundle, "text_encoders", None)
+    return list(encoders) if encoders is not None else [bundle.text_encoder]
 
 
 class DreamBoothMethod(FullModelMethod):
@@ -175,7 +185,8 @@ class DreamBoothMethod(FullModelMethod):
 
         ensure_class_images(bundle, a.reg_data_dir, a.num_class_images, class_prompt=a.class_prompt,
                             resolution=parse_resolution(a.resolution), seed=a.seed or 0,
-                            sampler=a.sample_sampler, device=device, dtype=dtype, clip_skip=a.clip_skip)
+                            sampler=a.sample_sampler, device=device, dtype=dtype,
+                            clip_skip=None if bundle.family == "sdxl" else a.clip_skip)
 
 
 class FineTuneMethod(FullModelMethod):
