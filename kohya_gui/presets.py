@@ -168,7 +168,7 @@ def load_preset(kind: str, name: str, user_dir: str | None = None, demo_dir: str
         demo = os.path.abspath(demo_dir or default_demo_dir())
         raw = {k: v.replace(DEMO_PLACEHOLDER, demo) if isinstance(v, str) else v for k, v in raw.items()}
         if make_demo:
-            notes += ensure_demo(demo)
+            notes += ensure_demo(demo, family=demo_family(raw))
             notes += ensure_demo_metadata(demo, raw)
     values, unknown = _clean_values(kind, raw)
     full = schema.defaults(trainer_for(kind))
@@ -220,15 +220,27 @@ def save_preset(kind: str, name: str, values: dict[str, Any], user_dir: str | No
     return path
 
 
-def ensure_demo(demo_dir: str, python: str = sys.executable, timeout: float = 600) -> list[str]:
-    """Make the demo's tiny SD1 model and dataset in `demo_dir` unless they exist. Returns notes; PresetError when the
-    tool fails (with the end of its output)."""
-    model = os.path.join(demo_dir, "model", "tiny-sd1.safetensors")
+DEMO_MODELS = {"sd1": ("model", "tiny-sd1.safetensors"), "sdxl": ("model-sdxl", "tiny-sdxl.safetensors")}
+
+
+def demo_family(values: dict[str, Any]) -> str:
+    """Which tiny model a demo preset uses, from its model path ('sd1' unless it names the tiny SDXL file)."""
+    model = str(values.get("pretrained_model_name_or_path") or "")
+    return "sdxl" if os.path.basename(model) == DEMO_MODELS["sdxl"][1] else "sd1"
+
+
+def ensure_demo(demo_dir: str, python: str = sys.executable, timeout: float = 600, family: str = "sd1") -> list[str]:
+    """Make the demo's tiny model of `family` ('sd1' or 'sdxl') and the demo dataset in `demo_dir` unless they
+    exist. Returns notes; PresetError when the tool fails (with the end of its output)."""
+    folder, file_name = DEMO_MODELS[family]
+    model = os.path.join(demo_dir, folder, file_name)
     train = os.path.join(demo_dir, "dataset", "train")
     if os.path.isfile(model) and os.path.isdir(train):
         return []
-    argv = [python, "-m", "sd_scripts.tools.tiny_model", "--family", "sd1", "--layout", "single",
-            "--out", os.path.join(demo_dir, "model"), "--dataset", os.path.join(demo_dir, "dataset")]
+    argv = [python, "-m", "sd_scripts.tools.tiny_model", "--family", family, "--layout", "single",
+            "--out", os.path.join(demo_dir, folder)]
+    if not os.path.isdir(train):
+        argv += ["--dataset", os.path.join(demo_dir, "dataset")]
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
     except (OSError, subprocess.TimeoutExpired) as e:
@@ -236,7 +248,7 @@ def ensure_demo(demo_dir: str, python: str = sys.executable, timeout: float = 60
     if out.returncode != 0 or not os.path.isfile(model):
         tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
         raise PresetError(f"could not make the demo model in {demo_dir} (exit {out.returncode}): {tail}")
-    return [f"made the demo model and dataset in {demo_dir}"]
+    return [f"made the demo {family} model and dataset in {demo_dir}"]
 
 
 def ensure_demo_metadata(demo_dir: str, values: dict[str, Any], python: str = sys.executable,

@@ -185,3 +185,31 @@ def test_import_for_a_kind_reports_options_that_do_not_apply(tmp_path):
     assert values == {"learning_rate": 1e-6}
     assert "network_dim (does not apply to dreambooth)" in unknown
     assert any(u.startswith("LoRA_type") for u in unknown)
+
+
+@pytest.mark.timeout(300)
+def test_sdxl_demo_preset_builds_its_tiny_sdxl_and_trains(tmp_path):
+    """The SDXL demo makes a real tiny SDXL next to the SD1 demo's dataset, and the command it builds trains."""
+    import subprocess
+
+    from sd_scripts.training.events import read_events
+
+    demo = tmp_path / "demo"
+    values = presets.load_preset("lora", "Demo SDXL (tiny model, CPU)", user_dir=str(tmp_path), demo_dir=str(demo))
+    assert values["pretrained_model_name_or_path"] == str(demo / "model-sdxl" / "tiny-sdxl.safetensors")
+    assert (demo / "model-sdxl" / "tiny-sdxl.safetensors").is_file() and (demo / "dataset" / "train").is_dir()
+    assert presets.demo_family(values) == "sdxl"
+    values["max_train_steps"] = 2
+    rest, accel = split_accelerate(values)
+    job = tmp_path / "job"
+    job.mkdir()
+    cmd = build_command("lora", rest, accel, str(job))
+    (job / "run.toml").write_text(cmd.toml_text)
+    if cmd.prompts_path:
+        open(cmd.prompts_path, "w").write(cmd.prompts_text)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run(cmd.argv, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = read_events(str(job / "events.jsonl"))
+    assert events[0]["model_family"] == "sdxl" and events[-1]["status"] == "completed"
+    assert (demo / "output" / "demo_sdxl_lora.safetensors").is_file()
