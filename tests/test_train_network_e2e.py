@@ -289,3 +289,24 @@ def test_control_folder_save_and_stop_requests(tmp_path, tiny_sd1, demo_data):
             os.killpg(proc.pid, signal.SIGKILL)
     assert events[-1]["status"] == "stopped"
     assert (out / "ctl.safetensors").is_file()
+
+
+def test_save_state_and_resume_continue_the_same_run(tmp_path, tiny_sd1, demo_data):
+    """A run resumed from its step-2 state folder ends with the same LoRA as the run that went straight through."""
+    common = ["--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir", demo_data,
+              "--resolution", "64", "--caption_extension", ".txt", "--network_dim", "4", "--learning_rate", "1e-2",
+              "--max_train_steps", "4", "--seed", "3", "--cache_latents", "--output_name", "r"]
+    full = tmp_path / "full"
+    run_trainer(accelerate_cmd(*common, "--output_dir", str(full), "--save_every_n_steps", "2", "--save_state"))
+    state = full / "r-step00000002-state"
+    assert (state / "train_state.json").is_file()
+    resumed = tmp_path / "resumed"
+    events_file = tmp_path / "events.jsonl"
+    run_trainer(accelerate_cmd(*common, "--output_dir", str(resumed), "--resume", str(state),
+                               "--events_file", str(events_file)))
+    steps = [e["step"] for e in read_events(str(events_file)) if e["type"] == "progress"]
+    assert steps[0] == 3 and steps[-1] == 4
+    a, _ = lora_tensors(full / "r.safetensors")
+    b, meta = lora_tensors(resumed / "r.safetensors")
+    assert meta["ss_steps"] == "4"
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), "the resumed run diverged from the straight one"

@@ -102,7 +102,11 @@ class Trainer(RunSetup, RunOutputs):
         return status
 
     def train_one_epoch(self) -> str:
-        for batch in self.loader:
+        loader = self.loader
+        if self.resume_skip_batches:  # resumed mid-epoch: continue with the batch after the saved step's
+            loader = self.accelerator.skip_first_batches(self.loader, self.resume_skip_batches)
+            self.resume_skip_batches = 0
+        for batch in loader:
             with self.accelerator.accumulate():
                 loss = self.training_step(batch)
             if not self.accelerator.sync_gradients:
@@ -124,9 +128,10 @@ class Trainer(RunSetup, RunOutputs):
         captions = self.method.captions(batch["captions"])
         with torch.set_grad_enabled(self.train_text_encoder), acc.autocast():
             cond = self.strategy.encode_captions(captions, train_text_encoder=self.train_text_encoder)
-        noise = noise_math.make_noise(latents, a.noise_offset)
+        gen = self.noise_rng.generator
+        noise = noise_math.make_noise(latents, a.noise_offset, generator=gen)
         timesteps = noise_math.sample_timesteps(latents.shape[0], len(self.alphas_cumprod), a.min_timestep,
-                                                a.max_timestep, device=latents.device)
+                                                a.max_timestep, generator=gen, device=latents.device)
         noisy = noise_math.add_noise(self.alphas_cumprod, latents, noise, timesteps).to(self.weight_dtype)
         with acc.autocast():
             pred = self.strategy.predict(noisy, timesteps, cond.to(self.weight_dtype), batch)

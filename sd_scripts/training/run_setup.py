@@ -230,6 +230,11 @@ class RunSetup:
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         # The trained weights live outside accelerate.prepare: register them so save_state/resume keep them.
         self.accelerator.register_for_checkpointing(self.module)
+        # Noise and timesteps come from their own generator, saved with the state: a resumed run draws what the
+        # uninterrupted run would have drawn (data loader iterators also consume the global RNG).
+        seed = a.seed if a.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+        self.noise_rng = NoiseRNG(self.accelerator.device, seed + self.accelerator.process_index)
+        self.accelerator.register_for_checkpointing(self.noise_rng)
         if self.accelerator.trackers is not None and a.logging_dir:
             self.accelerator.init_trackers(a.log_tracker_name or "network_train")
 
@@ -242,6 +247,7 @@ class RunSetup:
     def resume_state(self) -> None:
         a = self.args
         self.first_epoch = 0
+        self.resume_skip_batches = 0
         if not a.resume:
             return
         state_file = os.path.join(a.resume, "train_state.json")
@@ -253,8 +259,24 @@ class RunSetup:
             state = json.load(f)
         self.global_step = int(state["current_step"])
         self.first_epoch = self.global_step // self.plan.steps_per_epoch
-        log.info("resumed from %s at step %d", a.resume, self.global_step)
+        done_in_epoch = self.global_step - self.first_epoch * self.plan.steps_per_epoch
+        self.resume_skip_batches = done_in_epoch * a.gradient_accumulation_steps
+        log.info("resumed from %s at step %d (epoch %d, %d batches of it done)", a.resume, self.global_step,
+                 self.first_epoch + 1, self.resume_skip_batches)
 
+
+class NoiseRNG:
+    """A torch.Generator on the training device with the state_dict interface accelerate checkpoints."""
+
+    def __init__(self, device, seed: int):
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
 
 
 def _first(items):
