@@ -42,17 +42,18 @@ GUI_KEYS: dict[str, tuple[Any, str]] = {
 }
 
 #: Built-in per-kind defaults (kohya_ss used 1e-6 for everything; that starves a LoRA).
+# Learning rates are not here: they depend on the family too (components/defaults.py, the one table of them).
 KIND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "lora": {"learning_rate": 1e-4, "network_dim": 16, "network_alpha": 8.0, "max_train_epochs": 10,
+    "lora": {"network_dim": 16, "network_alpha": 8.0, "max_train_epochs": 10,
              "save_every_n_epochs": 1, "caption_extension": ".txt", "cache_latents": True, "enable_bucket": True,
              "output_name": "my_lora"},
-    "dreambooth": {"learning_rate": 1e-6, "max_train_epochs": 10, "caption_extension": ".txt",
+    "dreambooth": {"max_train_epochs": 10, "caption_extension": ".txt",
                    "cache_latents": True, "enable_bucket": True, "gradient_checkpointing": True,
                    "output_name": "my_model"},
-    "finetune": {"learning_rate": 2e-6, "max_train_epochs": 10, "caption_extension": ".txt",
+    "finetune": {"max_train_epochs": 10, "caption_extension": ".txt",
                  "cache_latents": True, "enable_bucket": True, "gradient_checkpointing": True,
                  "output_name": "my_finetune"},
-    "ti": {"learning_rate": 5e-3, "max_train_steps": 1500, "caption_extension": ".txt", "cache_latents": True,
+    "ti": {"max_train_steps": 1500, "caption_extension": ".txt", "cache_latents": True,
            "output_name": "my_embedding"},
 }
 

@@ -26,7 +26,7 @@ def test_committed_config_loads_cleanly_and_so_does_every_line_uncommented(tmp_p
     path.write_text(text)
     cfg = gui_config.load_gui_config(str(path))
     assert cfg.problems == [], cfg.problems
-    assert cfg.defaults_for("lora")["learning_rate"] == 1e-4
+    assert cfg.defaults_for("lora")["network_dim"] == 16  # the kind section wins over the option groups
 
 
 def test_unknown_keys_and_sections_are_reported_by_name(tmp_path):
