@@ -241,13 +241,7 @@ def ensure_demo(demo_dir: str, python: str = sys.executable, timeout: float = 60
             "--out", os.path.join(demo_dir, folder)]
     if not os.path.isdir(train):
         argv += ["--dataset", os.path.join(demo_dir, "dataset")]
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise PresetError(f"could not make the demo model in {demo_dir}: {e}") from None
-    if out.returncode != 0 or not os.path.isfile(model):
-        tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
-        raise PresetError(f"could not make the demo model in {demo_dir} (exit {out.returncode}): {tail}")
+    _run_demo_tool(argv, model, f"the demo model in {demo_dir}", timeout)
     return [f"made the demo {family} model and dataset in {demo_dir}"]
 
 
@@ -267,14 +261,20 @@ def ensure_demo_metadata(demo_dir: str, values: dict[str, Any], python: str = sy
         return []
     argv = [python, "-m", "sd_scripts.tools.build_metadata", "--train_data_dir", train, "--out", in_json,
             "--caption_extension", DEMO_CAPTION_EXTENSION, "--tag_extension", ""]
+    _run_demo_tool(argv, in_json, f"the demo metadata {in_json}", timeout)
+    return [f"made the demo metadata {in_json}"]
+
+
+def _run_demo_tool(argv: list[str], product: str, what: str, timeout: float) -> None:
+    """Run one of our tools (argument list, no shell); PresetError with the end of its output unless `product`
+    exists afterwards."""
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise PresetError(f"could not make the demo metadata {in_json}: {e}") from None
-    if out.returncode != 0 or not os.path.isfile(in_json):
+        raise PresetError(f"could not make {what}: {e}") from None
+    if out.returncode != 0 or not os.path.exists(product):
         tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
-        raise PresetError(f"could not make the demo metadata {in_json} (exit {out.returncode}): {tail}")
-    return [f"made the demo metadata {in_json}"]
+        raise PresetError(f"could not make {what} (exit {out.returncode}): {tail}")
 
 
 # ------------------------------------------------------------------ kohya_ss GUI JSON import
