@@ -108,6 +108,21 @@ KEYS: dict[str, DatasetKey] = {k.name: k for k in (
     _K("metadata_file", _str, None, "subset_only"),
 )}
 
+
+
+def _schema_default(key: DatasetKey) -> DatasetKey:
+    """A key with a command-line twin in the option schema takes its default from there (declared once)."""
+    from ..options import BY_NAME
+
+    opt = BY_NAME.get(key.cli) if key.cli else None
+    if opt is None:
+        return key
+    default = None if opt.default is None else key.parse(opt.default)
+    return DatasetKey(key.name, key.parse, default, key.level, key.cli)
+
+
+KEYS = {name: _schema_default(key) for name, key in KEYS.items()}
+
 ALIASES = {"caption_extention": "caption_extension"}
 
 # Which keys each TOML table may hold.
