@@ -30,12 +30,12 @@ sys.path.insert(0, REPO)
 def run_mode(mode: str, steps: int, resolution: int, rank: int, device: str, mixed_precision: str) -> dict:
     import torch
 
-    from sd_scripts.models.arch import bundled_config
+    from sd_scripts.families.sd.arch import bundled_config
     from sd_scripts.models.bundle import ModelBundle
-    from sd_scripts.models.loading import build_text_encoder, build_text_encoder_2, build_unet, build_vae
+    from sd_scripts.families.sd.loading import build_text_encoder, build_text_encoder_2, build_unet, build_vae
     from sd_scripts.models.tokenizer import load_clip_tokenizer
     from sd_scripts.networks.lora import create_network
-    from sd_scripts.strategies.sdxl import SDXLStrategy
+    from sd_scripts.families.sd.sdxl import SDXLFamily as SDXLStrategy
     from sd_scripts.training import noise as noise_math
 
     torch.manual_seed(0)

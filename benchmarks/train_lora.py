@@ -54,7 +54,7 @@ def build_workload(size: str, root: str) -> tuple[str, str]:
         unet, vae = UNet2DConditionModel(**TINY_UNET), AutoencoderKL(**TINY_VAE)
         te = CLIPTextModel(CLIPTextConfig(**TINY_TE))
     else:
-        from sd_scripts.models.arch import bundled_config
+        from sd_scripts.families.sd.arch import bundled_config
 
         unet = UNet2DConditionModel.from_config(bundled_config("sd1", False, "unet"))
         vae = AutoencoderKL.from_config(bundled_config("sd1", False, "vae"))

@@ -20,12 +20,12 @@ import gradio as gr
 
 from kohya_gui import monitor
 from kohya_gui.command import ACCEL_PREFIX, AccelerateSettings
-from kohya_gui.components.defaults import DEFAULT_FAMILY, FAMILY_DEPENDENT
+from kohya_gui.components.defaults import FAMILY_DEPENDENT
 from kohya_gui.components.form import FAMILY_KEY
 from kohya_gui.gui_config import GuiConfig
 from kohya_gui.jobs import FINAL_STATUSES, Job, JobError, JobManager
 from kohya_gui.tensorboard import TensorBoard
-from sd_scripts.options import GROUPS, parse_resolution
+from sd_scripts.options import GROUPS
 
 TICK_S = 0.5
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -105,7 +105,7 @@ class AppContext:
 
         values, unknown = import_kohya_json(path, kind)
         values = dict(values)
-        values[FAMILY_KEY] = "sdxl" if _kohya_says_sdxl(path) else guess_family(values)
+        values[FAMILY_KEY] = guess_family(values, _kohya_config(path))
         return values, [f"not imported: {k}" for k in unknown]
 
     # ---- launching
@@ -236,32 +236,23 @@ class AppContext:
         shutil.rmtree(self._gallery_dir, ignore_errors=True)
 
 
-def guess_family(values: dict[str, Any]) -> str:
-    """The model family a preset is for: the model file's, else SD2 flags, else a 1024 px resolution means SDXL."""
-    from kohya_gui.preflight import detect_family
+def guess_family(values: dict[str, Any], kohya_config: dict | None = None) -> str:
+    """The model family a preset or imported config is for (the trainers' own rules: sd_scripts.families)."""
+    from sd_scripts.families import guess_family as family_of_settings
 
-    detected = detect_family(values.get("pretrained_model_name_or_path"))
-    if detected:
-        return detected
-    if values.get("v2") or values.get("v_parameterization"):
-        return "sd2"
-    try:
-        width, height = parse_resolution(values.get("resolution") or "512")
-    except ValueError:
-        return DEFAULT_FAMILY
-    return "sdxl" if max(width, height) >= 1024 else DEFAULT_FAMILY
+    return family_of_settings(values, kohya_config)
 
 
-def _kohya_says_sdxl(path: str) -> bool:
-    """kohya_ss configs carry an 'sdxl' checkbox value."""
+def _kohya_config(path: str) -> dict | None:
+    """A kohya_ss config's own keys (its family checkboxes), or None when unreadable."""
     import json
 
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
-        return False
-    return isinstance(data, dict) and bool(data.get("sdxl"))
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def build_app(ctx: AppContext) -> gr.Blocks:

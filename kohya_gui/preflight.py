@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import psutil
 
 from sd_scripts import options as schema
 from sd_scripts.data.folders import parse_concept_name  # the trainer's own folder rule
+from sd_scripts.families import family_of_path, family_spec, guess_family
 
 from .command import AccelerateSettings, CommandError, TRAINER_MODULES, normalize_values, trainer_for
 
@@ -93,36 +93,10 @@ def _selected(gpus: list[GpuInfo], gpu_ids: str | None) -> list[GpuInfo]:
 
 # ------------------------------------------------------------------ model family
 
-def _safetensors_keys(path: str) -> list[str]:
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        if size > 100 * 1024 * 1024:
-            return []
-        return list(json.loads(f.read(size)))
-
-
 def detect_family(model_path: str | None) -> str | None:
-    """'sd1' / 'sd2' / 'sdxl' from a .safetensors header or a diffusers folder's configs; None when unknown."""
-    if not model_path:
-        return None
-    try:
-        if os.path.isdir(model_path):
-            index = json.load(open(os.path.join(model_path, "model_index.json"), encoding="utf-8"))
-            if "text_encoder_2" in index:
-                return "sdxl"
-            text = json.load(open(os.path.join(model_path, "text_encoder", "config.json"), encoding="utf-8"))
-            return "sd2" if text.get("hidden_size") == 1024 else "sd1"
-        if model_path.lower().endswith(".safetensors") and os.path.isfile(model_path):
-            keys = _safetensors_keys(model_path)
-            if any(k.startswith("conditioner.embedders.1.") for k in keys):
-                return "sdxl"
-            if any(k.startswith("cond_stage_model.model.") for k in keys):
-                return "sd2"
-            if any(k.startswith("cond_stage_model.transformer.") for k in keys):
-                return "sd1"
-    except (OSError, ValueError, struct.error):
-        return None
-    return None
+    """The model family of a .safetensors file or diffusers folder (the trainers' own torch-free detection,
+    sd_scripts.families); None when unknown."""
+    return family_of_path(model_path)
 
 
 # ------------------------------------------------------------------ dataset
@@ -192,25 +166,21 @@ def steps_plan(train_images: int, reg_images: int, batch_size: int, num_processe
 
 # ------------------------------------------------------------------ memory
 
-_WEIGHTS_GB = {"sd1": 2.0, "sd2": 2.6, "sdxl": 6.9}  # fp16 U-Net + text encoders + VAE
-_TRAINABLE_B = {"sd1": 0.98, "sd2": 1.2, "sdxl": 3.5}  # billions of parameters a full fine-tune trains
-_ACT_GB = {"sd1": 1.6, "sd2": 1.9, "sdxl": 4.5}  # activations per image at the native resolution, fp16
-_NATIVE = {"sd1": 512, "sd2": 512, "sdxl": 1024}
-
-
 def estimate_memory_gb(trainer: str, family: str, values: dict[str, Any]) -> float:
     """A rough peak-memory estimate in GB (+-50%): weights, optimizer state for full training, activations."""
-    w, h = schema.parse_resolution(values.get("resolution") or "512")
+    spec = family_spec(family)
+    memory, native = spec.memory, spec.default_resolution_for(bool(values.get("v_parameterization")))
+    w, h = schema.parse_resolution(values.get("resolution") or str(native))
     fp32 = values.get("mixed_precision", "no") == "no"
-    area = (w * h) / (_NATIVE[family] ** 2)
-    act = _ACT_GB[family] * area * int(values.get("train_batch_size") or 1) * (2 if fp32 else 1)
+    area = (w * h) / (native ** 2)
+    act = memory.activations_gb * area * int(values.get("train_batch_size") or 1) * (2 if fp32 else 1)
     if values.get("gradient_checkpointing"):
         act *= 0.3
-    weights = _WEIGHTS_GB[family] * (2 if fp32 else 1)
+    weights = memory.weights_gb * (2 if fp32 else 1)
     if trainer in ("db", "finetune"):
         eight_bit = values.get("optimizer_type") == "AdamW8bit" or values.get("use_8bit_adam")
         per_param = 2 + (2 if values.get("full_fp16") or values.get("full_bf16") else 4) + (2 if eight_bit else 8)
-        weights = _WEIGHTS_GB[family] * 0.3 + _TRAINABLE_B[family] * per_param
+        weights = memory.weights_gb * 0.3 + memory.trainable_b * per_param
     return round(weights + act + 0.6, 1)  # + CUDA context and allocator slack
 
 
@@ -396,7 +366,7 @@ def _check_family(trainer: str, family: str, values: dict[str, Any], checks: lis
             checks.append(Check("warning", opt.name, f"applies to {', '.join(sorted(opt.families))} models only; "
                                                      f"it has no effect on this {family} model: clear it"))
     res = values.get("resolution")
-    native = _NATIVE[family]
+    native = family_spec(family).default_resolution_for(bool(values.get("v_parameterization")))
     try:
         w, h = schema.parse_resolution(res or "512")
     except ValueError:
@@ -432,14 +402,16 @@ def run_preflight(kind: str, values: dict[str, Any], accel: AccelerateSettings |
     _check_paths(trainer, norm, checks)
     _check_dataset(trainer, norm, accel, checks)
     detected = detect_family(norm.get("pretrained_model_name_or_path"))
-    fam = family or detected or ("sd2" if norm.get("v2") or norm.get("v_parameterization") else None)
+    fam = family or detected
     if fam is None:
-        fam = "sd1"
-        checks.append(Check("info", "pretrained_model_name_or_path", "model family not detected; assuming SD 1.x"))
+        fam = guess_family(norm)
+        checks.append(Check("info", "pretrained_model_name_or_path",
+                            f"model family not detected; assuming {family_spec(fam).label}"))
     else:
         checks.append(Check("info", "pretrained_model_name_or_path", f"model family: {fam}"))
-    if norm.get("v_parameterization") and not norm.get("v2") and fam == "sd2":
-        checks.append(Check("info", "v2", "v_parameterization is for SD 2.x: v2 is implied"))
+    spec = family_spec(fam)
+    if norm.get("v_parameterization") and not norm.get("v2") and spec.supports_v_prediction:
+        checks.append(Check("info", "v2", f"v_parameterization is for {spec.label}: v2 is implied"))
     _check_family(trainer, fam, norm, checks)
     gpus = (gpu_probe or probe_gpus)()
     _check_hardware(trainer, fam, norm, accel, gpus, checks)

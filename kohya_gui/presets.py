@@ -22,6 +22,7 @@ from dataclasses import fields
 from typing import Any
 
 from sd_scripts import options as schema
+from sd_scripts.families import all_families
 
 from .command import (ACCEL_PREFIX, GUI_FIELDS, JOB_OPTIONS, KIND_TO_TRAINER, AccelerateSettings, CommandError,
                       _coerce, trainer_for)
@@ -168,7 +169,7 @@ def load_preset(kind: str, name: str, user_dir: str | None = None, demo_dir: str
         demo = os.path.abspath(demo_dir or default_demo_dir())
         raw = {k: v.replace(DEMO_PLACEHOLDER, demo) if isinstance(v, str) else v for k, v in raw.items()}
         if make_demo:
-            notes += ensure_demo(demo, family=demo_family(raw))
+            notes += ensure_demo(demo, str(raw.get("pretrained_model_name_or_path") or ""))
             notes += ensure_demo_metadata(demo, raw)
     values, unknown = _clean_values(kind, raw)
     full = schema.defaults(trainer_for(kind))
@@ -220,29 +221,27 @@ def save_preset(kind: str, name: str, values: dict[str, Any], user_dir: str | No
     return path
 
 
-DEMO_MODELS = {"sd1": ("model", "tiny-sd1.safetensors"), "sdxl": ("model-sdxl", "tiny-sdxl.safetensors")}
+def ensure_demo(demo_dir: str, model: str, python: str = sys.executable, timeout: float = 600) -> list[str]:
+    """Make a demo preset's tiny model (its path `<demo_dir>/<folder>/tiny-<variant>.safetensors` names the tiny
+    model variant, see `python -m sd_scripts.tools.tiny_model --help`) and the demo dataset in `demo_dir` unless
+    they exist. Returns notes; PresetError when the tool fails (with the end of its output)."""
+    from sd_scripts.families import tiny_variants
 
-
-def demo_family(values: dict[str, Any]) -> str:
-    """Which tiny model a demo preset uses, from its model path ('sd1' unless it names the tiny SDXL file)."""
-    model = str(values.get("pretrained_model_name_or_path") or "")
-    return "sdxl" if os.path.basename(model) == DEMO_MODELS["sdxl"][1] else "sd1"
-
-
-def ensure_demo(demo_dir: str, python: str = sys.executable, timeout: float = 600, family: str = "sd1") -> list[str]:
-    """Make the demo's tiny model of `family` ('sd1' or 'sdxl') and the demo dataset in `demo_dir` unless they
-    exist. Returns notes; PresetError when the tool fails (with the end of its output)."""
-    folder, file_name = DEMO_MODELS[family]
-    model = os.path.join(demo_dir, folder, file_name)
+    name = os.path.basename(model)
+    variant = name[len("tiny-"):-len(".safetensors")] if name.startswith("tiny-") and \
+        name.endswith(".safetensors") else ""
+    if variant not in tiny_variants():
+        raise PresetError(f"demo preset model {model!r}: expected {{demo_dir}}/<folder>/tiny-<variant>.safetensors "
+                          f"with a variant among {', '.join(sorted(tiny_variants()))}")
     train = os.path.join(demo_dir, "dataset", "train")
     if os.path.isfile(model) and os.path.isdir(train):
         return []
-    argv = [python, "-m", "sd_scripts.tools.tiny_model", "--family", family, "--layout", "single",
-            "--out", os.path.join(demo_dir, folder)]
+    argv = [python, "-m", "sd_scripts.tools.tiny_model", "--family", variant, "--layout", "single",
+            "--out", os.path.dirname(model)]
     if not os.path.isdir(train):
         argv += ["--dataset", os.path.join(demo_dir, "dataset")]
     _run_demo_tool(argv, model, f"the demo model in {demo_dir}", timeout)
-    return [f"made the demo {family} model and dataset in {demo_dir}"]
+    return [f"made the demo {variant} model and dataset in {demo_dir}"]
 
 
 def ensure_demo_metadata(demo_dir: str, values: dict[str, Any], python: str = sys.executable,
@@ -296,8 +295,10 @@ KOHYA_RENAMES = {
     "dynamo_backend": "accelerate.dynamo_backend",
     "extra_accelerate_launch_args": "accelerate.extra_args",
 }
-#: kohya_ss keys that only drive its own widgets (no training setting of their own).
-KOHYA_GUI_ONLY = frozenset({"model_list", "save_as_bool", "sdxl", "sdxl_checkbox", "sd3_checkbox", "flux1_checkbox",
+#: kohya_ss keys that only drive its own widgets (no training setting of their own); its model-family checkboxes
+#: choose the GUI's family selector (FamilySpec.kohya_ss_flags), not a training option.
+KOHYA_GUI_ONLY = frozenset({"model_list", "save_as_bool", "sd3_checkbox", "flux1_checkbox",
+                            *(flag for spec in all_families().values() for flag in spec.kohya_ss_flags),
                             "LoRA_type", "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "lr_warmup",
                             "xformers", "noise_offset_type", "unit", "lr_warmup_steps"})
 #: kohya LoRA types our networks.lora implements (LoCon = conv_dim/conv_alpha network_args).

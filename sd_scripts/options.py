@@ -15,8 +15,16 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 TRAINERS = ("network", "db", "finetune", "ti")
-FAMILIES = ("sd1", "sd2", "sdxl")
 ALL_TRAINERS = frozenset(TRAINERS)
+
+
+def _registered_families() -> tuple[str, ...]:
+    from .families import family_names
+
+    return family_names()
+
+
+FAMILIES = _registered_families()  # every registered model family (sd_scripts.families)
 ALL_FAMILIES = frozenset(FAMILIES)
 
 # Widget/argparse groups, in the order the GUI shows them.
@@ -49,7 +57,7 @@ class Option:
     group: str
     choices: tuple | None = None
     trainers: frozenset = ALL_TRAINERS
-    families: frozenset = ALL_FAMILIES
+    family_specific: bool = False  # only the families whose FamilySpec.options name it accept it
     nargs: str | None = None  # "*" for lists of strings (network_args, optimizer_args, ...)
     minimum: float | None = None
     maximum: float | None = None
@@ -67,6 +75,15 @@ class Option:
     @property
     def title(self) -> str:
         return self.label or self.name.replace("_", " ").capitalize()
+
+    @property
+    def families(self) -> frozenset:
+        """The model families this option means something for (all, unless it is family-specific)."""
+        if not self.family_specific:
+            return ALL_FAMILIES
+        from .families import all_families
+
+        return frozenset(name for name, spec in all_families().items() if spec.accepts_option(self.name))
 
     def applies_to(self, trainer: str | None = None, family: str | None = None) -> bool:
         return (trainer is None or trainer in self.trainers) and (family is None or family in self.families)
@@ -128,9 +145,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("pretrained_model_name_or_path", str, None, "Base model: a single-file checkpoint (.safetensors/.ckpt) or a "
        "diffusers folder.", "model", path="file_or_dir", label="Pretrained model"),
     _O("v2", bool, False, "The base model is SD 2.x (detected from the weights; this flag confirms it).", "model",
-       families=frozenset({"sd2"})),
+       family_specific=True),
     _O("v_parameterization", bool, False, "The base model predicts v (SD 2.x 768-v models).", "model",
-       families=frozenset({"sd2"})),
+       family_specific=True),
     _O("vae", str, None, "Use this VAE instead of the model's (single file or diffusers folder).", "model",
        path="file_or_dir", label="VAE override"),
     _O("tokenizer_cache_dir", str, None, "Accepted for sd-scripts compatibility; the CLIP tokenizers ship with this "
@@ -218,13 +235,13 @@ OPTIONS: tuple[Option, ...] = (
     _O("text_encoder_lr", float, None, "Learning rate of the text-encoder LoRA (default: learning_rate).",
        "optimizer", trainers=NET, minimum=0),
     _O("training_comment", str, None, "Stored in the file's metadata (ss_training_comment).", "metadata"),
-    # ---- SDXL
-    _O("cache_text_encoder_outputs", bool, False, "Encode every caption once before training (SDXL; needs fixed "
-       "captions and a frozen text encoder).", "dataset", families=frozenset({"sdxl"})),
+    # ---- text-encoder output cache (families with FamilySpec.text_encoder_cache)
+    _O("cache_text_encoder_outputs", bool, False, "Encode every caption once before training (needs fixed "
+       "captions and a frozen text encoder).", "dataset", family_specific=True),
     _O("cache_text_encoder_outputs_to_disk", bool, False, "Keep the text-encoder cache in .npz files next to the "
-       "images.", "dataset", families=frozenset({"sdxl"}), advanced=True),
-    _O("no_half_vae", bool, False, "Keep the VAE in float32 under fp16/bf16 (the SDXL VAE overflows in fp16).",
-       "precision", families=frozenset({"sdxl"})),
+       "images.", "dataset", family_specific=True, advanced=True),
+    _O("no_half_vae", bool, False, "Keep the VAE in float32 under fp16/bf16 (e.g. the SDXL VAE overflows in fp16).",
+       "precision", family_specific=True),
     # ---- DreamBooth / fine-tuning
     _O("learning_rate_te", float, None, "Learning rate of the text encoder (default: learning_rate).", "optimizer",
        trainers=FULL, minimum=0),

@@ -47,6 +47,10 @@ def bundle_view(parts: SimpleNamespace) -> SimpleNamespace:
 
 class _Bundle(SimpleNamespace):
     @property
+    def denoiser(self):
+        return self.unet
+
+    @property
     def text_encoders(self):
         return [self.text_encoder, self.text_encoder_2]
 

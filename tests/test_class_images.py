@@ -13,7 +13,7 @@ from sd_scripts.tools.class_images import ensure_class_images, image_seed, main,
 
 @pytest.fixture(scope="module")
 def tiny_bundle():
-    from sd_scripts.tools.tiny_model import build_tiny_bundle
+    from sd_scripts.families.sd.tiny import build_tiny_bundle
 
     return build_tiny_bundle("sd1", seed=0)
 

@@ -39,7 +39,7 @@ def check_sdxl_checkpoint(path, base_path) -> tuple[dict, dict, set[str]]:
     from diffusers import StableDiffusionXLPipeline
 
     from sd_scripts.models.loading import load_model
-    from sd_scripts.models.saving import diffusers_config_dir
+    from sd_scripts.families.sd.saving import diffusers_config_dir
 
     base, _ = read_single_file(base_path)
     tensors, meta = read_single_file(path)

@@ -12,7 +12,7 @@ import pytest
 from kohya_gui import app as app_module
 from kohya_gui.app import AppContext, build_app
 from kohya_gui.command import JOB_OPTIONS, build_command, normalize_values
-from kohya_gui.components.defaults import LEARNING_RATES
+from kohya_gui.components.defaults import learning_rate
 from kohya_gui.components.widgets import is_optional_number, to_option_value, to_widget_value
 from kohya_gui.monitor import RunView
 from kohya_gui.tabs import render, training
@@ -101,7 +101,7 @@ def test_advanced_options_sit_in_an_accordion(gui):
 def test_default_values_round_trip_to_build_command(gui, kind, tmp_path):
     tab = tabs(gui)[kind]
     values, accel, family = tab.form.collect(initial_data(tab))
-    assert family == "sd1" and values["learning_rate"] == LEARNING_RATES[kind]["sd1"]
+    assert family == "sd1" and values["learning_rate"] == learning_rate(kind, "sd1")
     cmd = build_command(kind, values, accel, str(tmp_path / "job"))
     assert "-m" in cmd.argv and cmd.argv[cmd.argv.index("-m", 3) + 1].startswith("sd_scripts.")
     back = read_back(cmd, tab.trainer, tmp_path)
@@ -176,7 +176,7 @@ def test_family_change_moves_defaults_and_visibility(gui):
     data = initial_data(tab)
     data[form.family] = "sdxl"
     updates = form.family_changed(data, "sd1")
-    assert updates[form.widget("learning_rate")]["value"] == LEARNING_RATES["dreambooth"]["sdxl"]
+    assert updates[form.widget("learning_rate")]["value"] == learning_rate("dreambooth", "sdxl")
     assert updates[form.widget("resolution")]["value"] == "1024"
     assert updates[form.widget("v2")]["visible"] is False
     assert updates[form.widget("network_dim") if "network_dim" in form.options else form.widget("seed")][
@@ -188,12 +188,14 @@ def test_family_change_moves_defaults_and_visibility(gui):
     assert form.family_changed(data, "sd1")[form.widget("v2")]["visible"] is True
 
 
-def test_learning_rate_table_covers_every_kind_and_family():
-    from sd_scripts.models.families import FAMILIES
+def test_every_family_has_a_learning_rate_for_every_kind():
+    from sd_scripts.families import all_families
 
     for kind in ("lora", "dreambooth", "finetune", "ti"):
-        assert set(LEARNING_RATES[kind]) == set(FAMILIES)
-    assert LEARNING_RATES["lora"]["sd1"] == 1e-4 and LEARNING_RATES["dreambooth"]["sdxl"] == 1e-5
+        for family, spec in all_families().items():
+            if {"lora": "network", "dreambooth": "db"}.get(kind, kind) in spec.trainers:
+                assert learning_rate(kind, family) > 0
+    assert learning_rate("lora", "sd1") == 1e-4 and learning_rate("dreambooth", "sdxl") == 1e-5
 
 
 def test_preset_values_show_and_collect_back(gui):
@@ -207,7 +209,7 @@ def test_preset_values_show_and_collect_back(gui):
     values, accel, family = tab.form.collect(data)
     assert family == "sdxl" and values["network_dim"] == 16 and values["seed"] == 0
     assert values["optimizer_args"] == ["weight_decay=0.1"] and values["output_name"] == "mine"
-    assert values["learning_rate"] == LEARNING_RATES["lora"]["sdxl"] and values["resolution"] == "1024"
+    assert values["learning_rate"] == learning_rate("lora", "sdxl") and values["resolution"] == "1024"
     assert values["sample_prompts_text"] == "a cat" and accel.num_processes == 2
     assert values["network_alpha"] == tab.form.base["network_alpha"]  # not in the preset: the tab's default
 
@@ -226,7 +228,7 @@ def test_config_toml_sets_tab_defaults_and_reports_unknown_keys(tmp_path):
         by_kind = {t.kind: t for t in demo.kohya_tabs}
         lora, db = by_kind["lora"].form, by_kind["dreambooth"].form
         assert lora.widget("learning_rate").value == 3e-4  # explicit: wins over the family table
-        assert db.widget("learning_rate").value == LEARNING_RATES["dreambooth"]["sd1"]
+        assert db.widget("learning_rate").value == learning_rate("dreambooth", "sd1")
         assert lora.widget("output_dir").value == "/data/out" and db.widget("output_dir").value == "/data/out"
         assert lora.accelerate.widgets["num_processes"].value == 2
         assert any(isinstance(b, gr.Markdown) and "network_dimm" in str(b.value) for b in demo.blocks.values())

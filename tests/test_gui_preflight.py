@@ -15,7 +15,7 @@ NVIDIA A100-SXM4-80GB, 8.0, 81920 MiB, 80000 MiB
 
 
 def _model(tmp_path, family="sd1"):
-    key = {"sd1": "cond_stage_model.transformer.x", "sd2": "cond_stage_model.model.x",
+    key = {"sd1": "cond_stage_model.transformer.x", "sd2": "cond_stage_model.model.token_embedding.weight",
            "sdxl": "conditioner.embedders.1.model.x"}[family]
     header = json.dumps({key: {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     path = tmp_path / f"{family}.safetensors"
@@ -161,7 +161,10 @@ def test_family_detection_and_options_that_do_not_apply(tmp_path):
     assert preflight.detect_family(_model(tmp_path, "sdxl")) == "sdxl"
     assert preflight.detect_family(_model(tmp_path, "sd2")) == "sd2"
     diffusers = tmp_path / "diff"
-    (diffusers / "text_encoder").mkdir(parents=True)
+    for part, config in (("unet", {"cross_attention_dim": 2048, "addition_embed_type": "text_time"}),
+                         ("text_encoder", {}), ("text_encoder_2", {})):
+        (diffusers / part).mkdir(parents=True)
+        (diffusers / part / "config.json").write_text(json.dumps(config))
     (diffusers / "model_index.json").write_text(json.dumps({"text_encoder_2": ["x"]}))
     assert preflight.detect_family(str(diffusers)) == "sdxl"
     checks = _run("lora", _values(tmp_path, pretrained_model_name_or_path=_model(tmp_path, "sdxl"), v2=True,

@@ -54,9 +54,13 @@ def test_ensure_demo_runs_the_tiny_model_tool_once(tmp_path, monkeypatch):
         return type("R", (), {"returncode": 0, "stdout": "", "stderr": ""})()
 
     monkeypatch.setattr(presets.subprocess, "run", fake_run)
-    notes = presets.ensure_demo(str(tmp_path / "demo"))
+    model = str(tmp_path / "demo" / "model" / "tiny-sd1.safetensors")
+    notes = presets.ensure_demo(str(tmp_path / "demo"), model)
     assert calls[0][:3] == [sys.executable, "-m", "sd_scripts.tools.tiny_model"] and "made the demo" in notes[0]
-    assert presets.ensure_demo(str(tmp_path / "demo")) == [] and len(calls) == 1
+    assert calls[0][calls[0].index("--family") + 1] == "sd1"
+    assert presets.ensure_demo(str(tmp_path / "demo"), model) == [] and len(calls) == 1
+    with pytest.raises(presets.PresetError, match="tiny-<variant>"):
+        presets.ensure_demo(str(tmp_path / "demo"), str(tmp_path / "demo" / "model" / "other.safetensors"))
 
 
 def test_finetune_demo_builds_its_metadata_json_where_the_preset_reads_it(tmp_path, monkeypatch):
@@ -198,7 +202,6 @@ def test_sdxl_demo_preset_builds_its_tiny_sdxl_and_trains(tmp_path):
     values = presets.load_preset("lora", "Demo SDXL (tiny model, CPU)", user_dir=str(tmp_path), demo_dir=str(demo))
     assert values["pretrained_model_name_or_path"] == str(demo / "model-sdxl" / "tiny-sdxl.safetensors")
     assert (demo / "model-sdxl" / "tiny-sdxl.safetensors").is_file() and (demo / "dataset" / "train").is_dir()
-    assert presets.demo_family(values) == "sdxl"
     values["max_train_steps"] = 2
     rest, accel = split_accelerate(values)
     job = tmp_path / "job"

@@ -4,9 +4,10 @@ import pytest
 import torch
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-from sd_scripts.models.arch import bundled_config
-from sd_scripts.models.keymaps import (CONV1X1, SPLIT, KeyRule, model_keymaps, openclip_keymap)
-from sd_scripts.models.loading import build_text_encoder, build_unet, build_vae
+from sd_scripts.families.sd.arch import bundled_config
+from sd_scripts.families.sd.keymaps import model_keymaps
+from sd_scripts.models.keymaps import CONV1X1, SPLIT, KeyRule, openclip_keymap
+from sd_scripts.families.sd.loading import build_text_encoder, build_unet, build_vae
 
 
 def _meta_modules(family, v):

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sd_scripts.errors import ModelLoadError
-from sd_scripts.models.loading import (detect_family, diffusers_config_dir, load_model, save_diffusers,
+from sd_scripts.families.sd.loading import (detect_family, diffusers_config_dir, load_model, save_diffusers,
                                        save_single_file)
 from sd_scripts.models.checkpoint import open_checkpoint
 from sd_scripts.tools.tiny_model import build_tiny_model

@@ -10,11 +10,13 @@ from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, co
 from safetensors.torch import save_file
 
 from sd_scripts.errors import ModelLoadError
-from sd_scripts.models.arch import bundled_config
+from sd_scripts.families.sd.arch import bundled_config
 from sd_scripts.models.checkpoint import open_checkpoint
-from sd_scripts.models.detect import detect_diffusers_family, probe_model
-from sd_scripts.models.keymaps import SPLIT, model_keymaps
-from sd_scripts.models.loading import (build_text_encoder, build_text_encoder_2, build_unet, build_vae,
+from sd_scripts.families import probe_model
+from sd_scripts.families.sd.detect import detect_diffusers_family
+from sd_scripts.families.sd.keymaps import model_keymaps
+from sd_scripts.models.keymaps import SPLIT
+from sd_scripts.families.sd.loading import (build_text_encoder, build_text_encoder_2, build_unet, build_vae,
                                        detect_family, diffusers_config_dir, load_model, save_diffusers,
                                        save_single_file)
 from sd_scripts.tools.tiny_model import build_tiny_model

@@ -17,7 +17,8 @@ from sd_scripts.training.sampling import (SAMPLER_NAMES, SamplePrompt, SamplePro
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
               pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning")]
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sd_scripts", "models", "configs")
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sd_scripts", "families", "sd",
+                       "configs")
 
 
 def _config(family):
@@ -151,10 +152,14 @@ def tiny():
 
 
 def _generate(tiny, out_dir, prompts, **kw):
-    args = dict(scheduler_config=_config("sd1"), out_dir=str(out_dir), output_name="tiny", device="cpu",
-                dtype=torch.float32)
+    from sd_scripts.families.sd.sd import SDFamily
+    from sd_scripts.models.bundle import ModelBundle
+
+    bundle = ModelBundle("sd1", tiny["unet"], tiny["vae"], [tiny["text_encoder"]], [tiny["tokenizer"]], "<test>",
+                         False, _config("sd1"))
+    args = dict(out_dir=str(out_dir), output_name="tiny", device="cpu", dtype=torch.float32)
     args.update(kw)
-    return generate_samples(prompts=prompts, **tiny, **args)
+    return generate_samples(SDFamily(bundle), prompts=prompts, **args)
 
 
 def test_generate_samples_writes_named_pngs_and_restores_state(tiny, tmp_path):
@@ -212,7 +217,7 @@ def test_parse_prompt_line_default_sampler_none():
 
 
 def test_encode_prompt_clip_skip(tiny):
-    from sd_scripts.training.sampling import encode_prompt
+    from sd_scripts.families.sd.sd import encode_prompt
 
     te, tok = tiny["text_encoder"], tiny["tokenizer"]
     with torch.no_grad():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sd_scripts.models.loading import load_model
-from sd_scripts.strategies.sd import SDStrategy
+from sd_scripts.families.sd.sd import SDFamily as SDStrategy
 
 
 @pytest.fixture(scope="module")

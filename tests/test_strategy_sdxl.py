@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sd_scripts.strategies import strategy_for
-from sd_scripts.strategies.sdxl import SDXLConditioning, SDXLStrategy, clip_windows, join_windows
+from sd_scripts.families import family_class
+from sd_scripts.families.base import NoisedLatents
+from sd_scripts.families.sd.sdxl import SDXLConditioning, SDXLFamily as SDXLStrategy, clip_windows, join_windows
 from sdxl_parts import PROJ, TE1, TE2, bundle_view, tiny_sdxl_parts
 
 LONG = ", ".join(f"tag{i}" for i in range(120))
@@ -81,8 +82,8 @@ def test_predict_passes_time_ids_and_pooled_to_the_unet(bundle):
     base = {"original_sizes_hw": [(64, 64)] * 2, "crop_top_lefts": [(0, 0)] * 2, "target_sizes_hw": [(64, 64)] * 2}
     other = dict(base, original_sizes_hw=[(64, 64), (1024, 512)])
     with torch.no_grad():
-        a = s.predict(latents, t, cond, base)
-        b = s.predict(latents, t, cond, other)
+        a = s.predict(NoisedLatents(latents, t, latents), cond, base)
+        b = s.predict(NoisedLatents(latents, t, latents), cond, other)
         expected = bundle.unet(latents, t, cond.hidden, added_cond_kwargs={
             "text_embeds": cond.pooled, "time_ids": SDXLStrategy.time_ids(base)}).sample
     assert a.shape == latents.shape and torch.allclose(a, expected)
@@ -117,13 +118,13 @@ def test_encode_images_and_conditioning_dtype(bundle):
     s = SDXLStrategy(bundle)
     latents = s.encode_images(torch.zeros(1, 3, 16, 16))
     assert latents.dtype == torch.float32 and latents.shape == (1, 4, 8, 8)
-    assert s.vae_scaling_factor == pytest.approx(0.13025)
+    assert s.spec.vae_scaling_factor == pytest.approx(0.13025)
     cond = SDXLConditioning(torch.zeros(1, 77, 8), torch.zeros(1, 4)).to(torch.float16)
     assert cond.hidden.dtype == cond.pooled.dtype == torch.float16
 
 
-def test_strategy_for_picks_sdxl(bundle):
+def test_the_registry_picks_sdxl(bundle):
     from types import SimpleNamespace
 
-    s = strategy_for(bundle, SimpleNamespace(clip_skip=2, max_token_length=150))
+    s = family_class(bundle.family)(bundle, SimpleNamespace(clip_skip=2, max_token_length=150))
     assert isinstance(s, SDXLStrategy) and s.max_length == 152 and s.latent_cache_suffix == "_sdxl"

@@ -13,7 +13,7 @@ from sd_scripts.data.captions import CaptionOptions
 from sd_scripts.data.config_types import DatasetConfig, SubsetConfig
 from sd_scripts.data.dataset import TrainDataset
 from sd_scripts.options import OptionError
-from sd_scripts.strategies.sdxl import SDXLStrategy
+from sd_scripts.families.sd.sdxl import SDXLFamily as SDXLStrategy
 from sd_scripts.training import te_cache
 from sdxl_parts import PROJ, TE1, TE2, bundle_view, tiny_sdxl_parts
 
@@ -134,10 +134,13 @@ def test_changed_text_encoder_invalidates(tmp_path):
     assert report.reused == 1
 
 
-def test_sd_strategy_is_told_it_is_not_needed(tmp_path):
+def test_a_family_without_the_cache_is_told_it_is_not_needed(tmp_path):
+    from sd_scripts.families import family_spec
+
     class SDLike:
         bundle = None
+        spec = family_spec("sd1")
 
     ds = dataset(tmp_path / "1_sks", ["a dog"])
-    with pytest.raises(OptionError, match="is for SDXL"):
+    with pytest.raises(OptionError, match="not available for Stable Diffusion 1.x"):
         te_cache.cache_text_encoder_outputs(SDLike(), ds, args(), OneProcess())

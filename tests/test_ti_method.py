@@ -10,7 +10,7 @@ from safetensors import safe_open
 from sd_scripts.models.loading import load_model
 from sd_scripts.networks.embeddings import load_embedding, save_embedding
 from sd_scripts.options import OptionError, parse_args
-from sd_scripts.strategies.sd import SDStrategy
+from sd_scripts.families.sd.sd import SDFamily as SDStrategy
 from sd_scripts.training.sampling import SamplePrompt
 from sd_scripts.training.ti_method import (TextualInversionMethod, check_new_token, init_token_ids, token_names)
 from sd_scripts.training.ti_templates import OBJECT_TEMPLATES, STYLE_TEMPLATES, fill_templates
@@ -181,14 +181,14 @@ def test_sdxl_trains_one_set_of_vectors_per_text_encoder(tmp_path, tiny_sdxl_mod
     file loads into diffusers' SDXL pipeline with one load_textual_inversion call per encoder."""
     from diffusers import StableDiffusionXLPipeline
 
-    from sd_scripts.strategies import strategy_for
+    from sd_scripts.families import family_class
 
     bundle = load_model(tiny_sdxl_model.single_file)
     args = make_args(tmp_path, "--token_string", "mychar", "--init_word", "dog", "--num_vectors_per_token", "2")
     method, groups = build(bundle, args)
     sizes = {"clip_l": bundle.text_encoder.config.hidden_size, "clip_g": bundle.text_encoder_2.config.hidden_size}
     assert {k: tuple(v.shape) for k, v in method.vectors.items()} == {k: (2, d) for k, d in sizes.items()}
-    cond = strategy_for(bundle, args).encode_captions(method.captions(["a photo of mychar"]), train_text_encoder=True)
+    cond = family_class(bundle.family)(bundle, args).encode_captions(method.captions(["a photo of mychar"]), train_text_encoder=True)
     (cond.hidden.pow(2).mean() + cond.pooled.pow(2).mean()).backward()
     assert all(v.grad is not None and v.grad.abs().sum() > 0 for v in method.vectors.values())
 

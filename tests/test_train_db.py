@@ -47,8 +47,9 @@ def test_reg_samples_are_weighted_by_prior_loss_weight_in_the_loss(tmp_path):
 
 class _Bundle:
     def __init__(self):
-        self.unet = torch.nn.Linear(3, 3)
+        self.unet = self.denoiser = torch.nn.Linear(3, 3)
         self.text_encoder = torch.nn.Linear(3, 3)
+        self.text_encoders = [self.text_encoder]
         self.vae = torch.nn.Linear(3, 3)
 
 
@@ -82,17 +83,17 @@ def test_fine_tune_trains_text_encoder_only_when_asked():
 
 def test_trained_weights_stay_float32_under_mixed_precision():
     method = DreamBoothMethod(db_args("--mixed_precision", "fp16", "--stop_text_encoder_training", "0"))
-    assert method.module_dtype("unet", torch.float16) == torch.float32
+    assert method.module_dtype("denoiser", torch.float16) == torch.float32
     assert method.module_dtype("text_encoder", torch.float16) == torch.float16, "frozen: compute dtype"
     bf16 = DreamBoothMethod(db_args("--mixed_precision", "bf16", "--full_bf16"))
-    assert bf16.module_dtype("unet", torch.bfloat16) == bf16.module_dtype("text_encoder", torch.bfloat16) \
+    assert bf16.module_dtype("denoiser", torch.bfloat16) == bf16.module_dtype("text_encoder", torch.bfloat16) \
         == torch.bfloat16
 
 
 def test_sdxl_trains_both_text_encoders_and_saves_a_diffusers_folder(tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    from sd_scripts.tools.tiny_model import build_tiny_bundle
+    from sd_scripts.families.sd.tiny import build_tiny_bundle
 
     bundle = build_tiny_bundle("sdxl", seed=0)
     method = DreamBoothMethod(db_args("--stop_text_encoder_training", "1", "--learning_rate_te", "1e-5",

@@ -38,7 +38,7 @@ def check_full_checkpoint(path, base_path) -> tuple[dict, dict]:
     U-Net differs from the base. Returns (tensors, metadata)."""
     from diffusers import StableDiffusionPipeline
 
-    from sd_scripts.models.loading import diffusers_config_dir, load_model
+    from sd_scripts.families.sd.loading import diffusers_config_dir, load_model
 
     base, _ = read_single_file(base_path)
     tensors, meta = read_single_file(path)

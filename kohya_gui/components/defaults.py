@@ -1,4 +1,5 @@
-"""Defaults that depend on the training method and the model family (the one table of them in the GUI).
+"""Defaults that depend on the training method and the model family: asked of the family (its FamilySpec), never
+kept in a table here.
 
 kohya_ss used 1e-6 for every method and family; a LoRA needs about 100x more, and SDXL full training a little more
 than SD1. The GUI puts these in the widgets when a tab opens and when the family changes (unless the user changed the
@@ -8,26 +9,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from sd_scripts.models.families import FAMILIES, family_info
+from sd_scripts.families import all_families, default_family, family_spec
 
-# training kind (the GUI's, see command.KIND_TO_TRAINER) -> family -> learning rate
-LEARNING_RATES: dict[str, dict[str, float]] = {
-    "lora": {"sd1": 1e-4, "sd2": 1e-4, "sdxl": 1e-4},
-    "dreambooth": {"sd1": 1e-6, "sd2": 1e-6, "sdxl": 1e-5},
-    "finetune": {"sd1": 1e-6, "sd2": 1e-6, "sdxl": 1e-5},
-    "ti": {"sd1": 5e-3, "sd2": 5e-3, "sdxl": 5e-3},  # embeddings only (A1111's default)
-}
+from ..command import trainer_for
 
-DEFAULT_FAMILY = "sd1"
+DEFAULT_FAMILY = default_family()
 #: the options family_defaults sets
 FAMILY_DEPENDENT = ("learning_rate", "resolution")
-FAMILY_CHOICES = [(f"{info.label} ({name})", name) for name, info in FAMILIES.items()]
+FAMILY_CHOICES = [(f"{spec.label} ({name})", name) for name, spec in all_families().items()]
+
+
+def learning_rate(kind: str, family: str) -> float:
+    """The family's default learning rate for a GUI training kind ('lora', 'dreambooth', 'finetune', 'ti')."""
+    return family_spec(family).learning_rates[trainer_for(kind)]
 
 
 def family_defaults(kind: str, family: str, v_parameterization: bool = False) -> dict[str, Any]:
     """Option values whose sensible default depends on (kind, family)."""
-    info = family_info(family)
+    spec = family_spec(family)
     return {
-        "learning_rate": LEARNING_RATES[kind][family],
-        "resolution": str(info.default_resolution_for(v_parameterization)),
+        "learning_rate": learning_rate(kind, family),
+        "resolution": str(spec.default_resolution_for(v_parameterization)),
     }

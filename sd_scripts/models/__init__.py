@@ -1,3 +1,3 @@
-"""SD1.x/SD2.x/SDXL model stack: torch-free family facts (families, detect), bundled configs and tokenizer,
-LDM<->diffusers key maps, loading a single file or diffusers folder into a ModelBundle, and saving it back (loading,
-saving)."""
+"""What model families share: the ModelBundle, lazy single-file reading (checkpoint), the LDM<->diffusers key maps
+and layout prefixes, the bundled CLIP tokenizer, atomic safetensors writing, and `load_model`, which asks the family
+registry (sd_scripts.families) which family a file is and lets that family load it."""

@@ -1,4 +1,4 @@
-"""ModelBundle: everything a trainer needs from a loaded SD1.x/SD2.x/SDXL model, and the VAE identity used by caches."""
+"""ModelBundle: the parts of a loaded model every trainer works with, and the VAE identity used by latent caches."""
 from __future__ import annotations
 
 import hashlib
@@ -10,42 +10,69 @@ import torch
 
 @dataclass
 class ModelBundle:
-    """A loaded model. `extra_state` holds the single-file tensors no module consumed (the last OpenCLIP layer,
-    text_projection, logit_scale, position ids, EMA weights, schedule buffers, ...): they are written back on save so
-    a round trip is exact.
+    """A loaded model of any family: its denoiser (a diffusers U-Net or transformer), autoencoder, text encoders and
+    their tokenizers (in the family's order), and what its family needs to train and save it.
 
-    SDXL also has `text_encoder_2` (transformers CLIPTextModelWithProjection, the OpenCLIP-bigG encoder) and
-    `tokenizer_2` (pads with id 0, '!'); both are None for SD1/SD2. Code that works for every family uses the
-    `text_encoders` / `tokenizers` lists.
+    `extra_state` holds the single-file tensors no module consumed (the last OpenCLIP layer, text_projection,
+    logit_scale, position ids, EMA weights, schedule buffers, ...): they are written back on save so a round trip is
+    exact. A released (frozen, no longer needed) part is None.
     """
 
-    family: str  # 'sd1' | 'sd2' | 'sdxl'
-    v_prediction: bool
-    unet: Any  # diffusers UNet2DConditionModel
-    vae: Any  # diffusers AutoencoderKL
-    text_encoder: Any  # transformers CLIPTextModel
-    tokenizer: Any  # transformers CLIPTokenizer
-    scheduler_config: dict  # DDPMScheduler kwargs of the training schedule, incl. prediction_type
+    family: str
+    denoiser: Any
+    vae: Any
+    text_encoders: list
+    tokenizers: list
     source_path: str
+    v_prediction: bool = False
+    scheduler_config: dict = field(default_factory=dict)  # the training noise schedule, where the family has one
     extra_state: dict[str, torch.Tensor] = field(default_factory=dict)
     vae_id: str = ""
     metadata: dict[str, str] = field(default_factory=dict)  # the single file's header metadata, if any
-    text_encoder_2: Any = None  # SDXL: transformers CLIPTextModelWithProjection (OpenCLIP-bigG); else None
-    tokenizer_2: Any = None  # SDXL: CLIPTokenizer padding with id 0 ('!'); else None
+
+    # The Stable Diffusion families' names for the same parts (used inside their package and by SD-only tools).
+    @property
+    def unet(self) -> Any:
+        return self.denoiser
+
+    @unet.setter
+    def unet(self, value: Any) -> None:
+        self.denoiser = value
+
+    def _part(self, parts: list, index: int) -> Any:
+        return parts[index] if index < len(parts) else None
+
+    def _set_part(self, parts: list, index: int, value: Any) -> None:
+        while len(parts) <= index:
+            parts.append(None)
+        parts[index] = value
 
     @property
-    def text_encoders(self) -> list:
-        """[text_encoder] (SD1/SD2) or [text_encoder, text_encoder_2] (SDXL)."""
-        return [self.text_encoder] if self.text_encoder_2 is None else [self.text_encoder, self.text_encoder_2]
+    def text_encoder(self) -> Any:
+        return self._part(self.text_encoders, 0)
+
+    @text_encoder.setter
+    def text_encoder(self, value: Any) -> None:
+        self._set_part(self.text_encoders, 0, value)
 
     @property
-    def tokenizers(self) -> list:
-        """[tokenizer] (SD1/SD2) or [tokenizer, tokenizer_2] (SDXL), in the order of `text_encoders`."""
-        return [self.tokenizer] if self.tokenizer_2 is None else [self.tokenizer, self.tokenizer_2]
+    def text_encoder_2(self) -> Any:
+        return self._part(self.text_encoders, 1)
+
+    @text_encoder_2.setter
+    def text_encoder_2(self, value: Any) -> None:
+        self._set_part(self.text_encoders, 1, value)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._part(self.tokenizers, 0)
+
+    @property
+    def tokenizer_2(self) -> Any:
+        return self._part(self.tokenizers, 1)
 
     @property
     def vae_scaling_factor(self) -> float:
-        """Latent scale: 0.18215 (SD1/SD2) or 0.13025 (SDXL), from the VAE config."""
         return float(self.vae.config.scaling_factor)
 
     @property

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .detect import CLIP_PREFIX, OPENCLIP_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
+from .ldm_layout import CLIP_PREFIX, OPENCLIP_PREFIX, SDXL_TE1_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 COPY, CONV1X1, SPLIT, TRANSPOSE = "copy", "conv1x1", "split", "transpose"
 
@@ -241,18 +241,3 @@ def openclip_keymap(names: Iterable[str], prefix: str = OPENCLIP_PREFIX) -> KeyM
         return f"{base}{_OPENCLIP_LAYER[module]}.{param}", COPY
 
     return _rules_from_names(names, name_fn)
-
-
-def model_keymaps(family: str, unet, vae, text_encoder, text_encoder_2=None) -> tuple[KeyMap, ...]:
-    """The (U-Net, VAE, text encoder) maps of built modules (meta or real) of an SD1/SD2 model; SDXL adds the map of
-    `text_encoder_2` as a fourth."""
-    unet_map = unet_keymap(unet.state_dict().keys(), unet.config.layers_per_block)
-    vae_map = vae_keymap(vae.state_dict().keys(), len(vae.config.block_out_channels))
-    te_names = text_encoder.state_dict().keys()
-    if family == "sdxl":
-        if text_encoder_2 is None:
-            raise ValueError("an SDXL model needs text_encoder_2")
-        return (unet_map, vae_map, clip_keymap(te_names, SDXL_TE1_PREFIX + "text_model."),
-                openclip_keymap(text_encoder_2.state_dict().keys(), SDXL_TE2_PREFIX))
-    te_map = openclip_keymap(te_names) if family == "sd2" else clip_keymap(te_names)
-    return unet_map, vae_map, te_map

@@ -1,15 +1,11 @@
-"""The CLIP tokenizer shipped with the package (no hub access): SD1 pads with <|endoftext|>, SD2 with id 0 ('!')."""
+"""The CLIP tokenizer shipped with the package (no hub access): padding with <|endoftext|> (SD1, SDXL
+tokenizer 1) or with id 0 ('!': SD2, SDXL tokenizer 2)."""
 from __future__ import annotations
 
 import os
 
 TOKENIZER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "tokenizer")
 PAD_TOKENS = {"eos": "<|endoftext|>", "zero": "!"}
-
-
-def pad_mode_for(family: str) -> str:
-    """'eos' for SD1 (and SDXL tokenizer 1), 'zero' for SD2 (and SDXL tokenizer 2)."""
-    return "zero" if family == "sd2" else "eos"
 
 
 def load_clip_tokenizer(pad: str = "eos", path: str | None = None):

@@ -3,7 +3,7 @@
 `networks.lora` in sd-scripts command lines resolves here (see registry.py). The file layout, names and defaults are
 in FORMATS.md ('LoRA file'); files made here load in diffusers, AUTOMATIC1111, ComfyUI and sd-scripts, and theirs here.
 
-    network = create_network(unet=unet, text_encoders=[te], family="sd1", network_dim=8, network_alpha=4,
+    network = create_network(unet=unet, text_encoders=[te], family=bundle.family, network_dim=8, network_alpha=4,
                              network_dropout=None, network_args=["conv_dim=4"])
     network.apply_to()
     groups, names = network.prepare_optimizer_params(unet_lr=1e-4, text_encoder_lr=5e-5, default_lr=1e-4)
@@ -226,16 +226,15 @@ def parse_network_args(network_args: Sequence[str] | dict[str, Any] | None) -> d
 
 
 def family_naming(family: str, unet: nn.Module | None = None) -> dict[str, Any]:
-    """unet_prefix, te_prefixes and unet_name_map of a model family ('sd1', 'sd2', 'sdxl'); SDXL U-Net names follow
-    the block layout of `unet` when given (SDXL base otherwise)."""
-    if family in ("sd1", "sd2"):
-        return {"unet_prefix": UNET_PREFIX, "te_prefixes": ("lora_te",), "unet_name_map": None}
-    if family == "sdxl":
-        from .sdxl_names import diffusers_to_sai_module_path, sai_name_map
+    """unet_prefix, te_prefixes and unet_name_map of a model family, from the family itself (names follow the block
+    layout of `unet` when given)."""
+    from ..families import family_class
 
-        return {"unet_prefix": UNET_PREFIX, "te_prefixes": ("lora_te1", "lora_te2"),
-                "unet_name_map": sai_name_map(unet) if unet is not None else diffusers_to_sai_module_path}
-    raise NetworkError(f"model family {family!r} is not supported by networks.lora (use sd1, sd2 or sdxl)")
+    try:
+        cls = family_class(family)
+    except ValueError as e:
+        raise NetworkError(f"networks.lora: {e}") from None
+    return cls.lora_naming(family, unet)
 
 
 def create_network(*, unet: nn.Module | None, text_encoders: Sequence[nn.Module], family: str,

@@ -86,22 +86,19 @@ def _save_png(image, path: str) -> None:
             os.remove(tmp)
 
 
-def generate_class_images(*, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler_config: dict,
-                          folders: list[ClassFolder], width: int, height: int, seed: int = 0, steps: int = 30,
-                          scale: float = 7.5, sampler: str = "ddim", device: Any = "cpu", dtype: Any = None,
-                          clip_skip: int | None = None,
-                          on_image: Callable[[str, int, int], None] | None = None, text_encoder_2: Any = None,
-                          tokenizer_2: Any = None) -> list[str]:
-    """Make the missing images of each folder with the given in-memory model; returns the new paths.
+def generate_class_images(family, *, folders: list[ClassFolder], width: int, height: int, seed: int = 0,
+                          steps: int = 30, scale: float = 7.5, sampler: str = "ddim", device: Any = "cpu",
+                          dtype: Any = None, clip_skip: int | None = None,
+                          on_image: Callable[[str, int, int], None] | None = None) -> list[str]:
+    """Make the missing images of each folder with the family's in-memory model (a sd_scripts.families Family) and
+    its sample pipeline; returns the new paths.
 
     Runs in eval mode under no_grad (autocast for half `dtype`); the caller's RNG states and module modes are kept.
-    `on_image(path, done, total)` is called after each image. With `text_encoder_2`/`tokenizer_2` (SDXL) the SDXL
-    pipeline encodes the prompts itself (both encoders' penultimate layers, pooled text encoder 2 output, size
-    conditioning = the image size) and `clip_skip` does not apply.
+    `on_image(path, done, total)` is called after each image. `clip_skip` applies where the family has it.
     """
     import torch
 
-    from ..training.sampling import build_pipeline, encode_prompt, eval_mode, make_scheduler, preserved_rng_states
+    from ..training.sampling import SamplePrompt, eval_mode, preserved_rng_states
 
     total = sum(f.missing for f in folders)
     if total == 0:
@@ -110,30 +107,21 @@ def generate_class_images(*, unet: Any, vae: Any, text_encoder: Any, tokenizer: 
     half = dtype in (torch.float16, torch.bfloat16)
     autocast = torch.autocast(device.type, dtype=dtype) if half else nullcontext()
     paths: list[str] = []
-    sdxl = text_encoder_2 is not None
-    modules = [unet, vae, text_encoder, *([text_encoder_2] if sdxl else [])]
-    with preserved_rng_states(), eval_mode(modules, device), torch.no_grad(), autocast:
-        pipeline = build_pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                  scheduler=make_scheduler(sampler, scheduler_config), text_encoder_2=text_encoder_2,
-                                  tokenizer_2=tokenizer_2)
+    with preserved_rng_states(), eval_mode(family.sample_modules(), device), torch.no_grad(), autocast:
+        sampling = family.sample_pipeline(sampler, clip_skip=clip_skip)
         for folder in folders:
             if not folder.missing:
                 continue
-            if sdxl:
-                prompt_kwargs = dict(prompt=folder.prompt, negative_prompt="")
-            else:
-                prompt_kwargs = dict(
-                    prompt_embeds=encode_prompt(text_encoder, tokenizer, folder.prompt, device, clip_skip),
-                    negative_prompt_embeds=encode_prompt(text_encoder, tokenizer, "", device, clip_skip))
+            prompt_kwargs = sampling.inputs(SamplePrompt(prompt=folder.prompt, negative_prompt=""), device)
             for index, path in _free_names(folder.path, folder.existing, folder.missing):
                 generator = torch.Generator("cpu").manual_seed(image_seed(seed, folder.path, index))
-                image = pipeline(**prompt_kwargs, width=width, height=height, num_inference_steps=steps,
-                                 guidance_scale=scale, generator=generator, output_type="pil").images[0]
+                image = sampling.pipeline(**prompt_kwargs, width=width, height=height, num_inference_steps=steps,
+                                          guidance_scale=scale, generator=generator, output_type="pil").images[0]
                 _save_png(image, path)
                 paths.append(path)
                 if on_image:
                     on_image(path, len(paths), total)
-        del pipeline
+        del sampling
     return paths
 
 
@@ -142,7 +130,7 @@ def ensure_class_images(bundle, reg_data_dir: str, num_class_images: int, *, cla
                         sampler: str = "ddim", device: Any = "cpu", dtype: Any = None,
                         clip_skip: int | None = None) -> list[str]:
     """Fill every reg concept folder up to `num_class_images` with images from `bundle` (a ModelBundle of any
-    family; SDXL uses the SDXL pipeline)."""
+    family, through that family's sample pipeline)."""
     folders = plan_class_images(reg_data_dir, num_class_images, class_prompt)
     total = sum(f.missing for f in folders)
     if not total:
@@ -156,12 +144,11 @@ def ensure_class_images(bundle, reg_data_dir: str, num_class_images: int, *, cla
         log.info("class image %d/%d: %s", done, total, path)
 
     width, height = resolution
-    return generate_class_images(unet=bundle.unet, vae=bundle.vae, text_encoder=bundle.text_encoder,
-                                 tokenizer=bundle.tokenizer, scheduler_config=bundle.scheduler_config,
-                                 folders=folders, width=width, height=height, seed=seed, steps=steps, scale=scale,
-                                 sampler=sampler, device=device, dtype=dtype, clip_skip=clip_skip, on_image=report,
-                                 text_encoder_2=getattr(bundle, "text_encoder_2", None),
-                                 tokenizer_2=getattr(bundle, "tokenizer_2", None))
+    from ..families import family_class
+
+    return generate_class_images(family_class(bundle.family)(bundle), folders=folders, width=width, height=height,
+                                 seed=seed, steps=steps, scale=scale, sampler=sampler, device=device, dtype=dtype,
+                                 clip_skip=clip_skip, on_image=report)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
         bundle = load_model(args.pretrained_model_name_or_path, vae=args.vae)
-        for part in (bundle.unet, *bundle.text_encoders, bundle.vae):
+        for part in (bundle.denoiser, *bundle.text_encoders, bundle.vae):
             part.to(device)
         paths = ensure_class_images(bundle, args.reg_data_dir, args.num_class_images, class_prompt=args.class_prompt,
                                     resolution=resolution, seed=args.seed, steps=args.steps, scale=args.scale,

@@ -74,7 +74,7 @@ class FullModelMethod(TrainingMethod):
         return torch.bfloat16 if self.args.full_bf16 else torch.float32
 
     def module_dtype(self, part: str, compute_dtype: torch.dtype) -> torch.dtype:
-        if part == "unet" or (part == "text_encoder" and self._te_wanted()):
+        if part == "denoiser" or (part == "text_encoder" and self._te_wanted()):
             return self.trained_dtype()
         return compute_dtype
 
@@ -84,13 +84,13 @@ class FullModelMethod(TrainingMethod):
         self._te_trained = self._te_wanted()
         text_encoders = _text_encoders(bundle)
         bundle.vae.requires_grad_(False)
-        bundle.unet.requires_grad_(True)
+        bundle.denoiser.requires_grad_(True)
         for text_encoder in text_encoders:
             text_encoder.requires_grad_(self._te_trained)
-        groups = [{"params": list(bundle.unet.parameters()), "lr": a.learning_rate}]
+        groups = [{"params": list(bundle.denoiser.parameters()), "lr": a.learning_rate}]
         names = ["unet"]
-        modules = {"unet": bundle.unet}
-        if self._te_trained:  # SDXL: both text encoders, one group (lr/textencoder)
+        modules = {"unet": bundle.denoiser}
+        if self._te_trained:  # every text encoder of the family, one group (lr/textencoder)
             groups.append({"params": [p for te in text_encoders for p in te.parameters()], "lr": self._te_lr()})
             names.append("textencoder")
             for i, text_encoder in enumerate(text_encoders):
@@ -139,19 +139,17 @@ class FullModelMethod(TrainingMethod):
         return meta
 
     def save(self, module: torch.nn.Module, path: str, *, dtype: torch.dtype | None, metadata: dict[str, str]):
-        from ..models.saving import save_diffusers, save_single_file
+        from ..families import family_class
 
+        family = family_class(self.bundle.family)(self.bundle)
         with self.output_weights():
-            if self.args.save_model_as in DIFFUSERS_FORMATS:
-                save_diffusers(self.bundle, path, dtype=dtype)
-            else:
-                save_single_file(self.bundle, path, dtype=dtype, metadata=metadata)
+            family.save_checkpoint(path, dtype=dtype, metadata=metadata,
+                                   diffusers=self.args.save_model_as in DIFFUSERS_FORMATS)
 
 
 def _text_encoders(bundle) -> list:
-    """The bundle's text encoders: [text_encoder] (SD1/SD2) or [text_encoder, text_encoder_2] (SDXL)."""
-    encoders = getattr(bundle, "text_encoders", None)
-    return list(encoders) if encoders is not None else [bundle.text_encoder]
+    """The bundle's text encoders, in the family's order."""
+    return [te for te in bundle.text_encoders if te is not None]
 
 
 class DreamBoothMethod(FullModelMethod):
@@ -180,13 +178,14 @@ class DreamBoothMethod(FullModelMethod):
         a = self.args
         if not a.num_class_images:
             return
+        from ..families import family_spec
         from ..options import parse_resolution
         from ..tools.class_images import ensure_class_images
 
         ensure_class_images(bundle, a.reg_data_dir, a.num_class_images, class_prompt=a.class_prompt,
                             resolution=parse_resolution(a.resolution), seed=a.seed or 0,
                             sampler=a.sample_sampler, device=device, dtype=dtype,
-                            clip_skip=None if bundle.family == "sdxl" else a.clip_skip)
+                            clip_skip=a.clip_skip if family_spec(bundle.family).clip_skip else None)
 
 
 class FineTuneMethod(FullModelMethod):

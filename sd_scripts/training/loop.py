@@ -1,8 +1,9 @@
 """The shared training loop: every trainer (LoRA, DreamBooth, fine-tune, textual inversion) runs this.
 
 `Trainer.run()` reads as the list of what a run does; each step is a method with a name. What is trained and saved
-comes from a method object (training/methods.py); how a model family encodes text and calls its U-Net comes from a
-strategy (sd_scripts/strategies). Devices, precision, gradient accumulation and data parallelism come from accelerate.
+comes from a method object (training/methods.py); everything about the model (latents, text encoding, noising, the
+target and the denoiser call) from its family (sd_scripts/families): the loop holds no model maths. Devices,
+precision, gradient accumulation and data parallelism come from accelerate.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from collections import deque
 
 import torch
 
-from . import noise as noise_math
 from .control import RunControl, sync_flags
 from .distributed import allreduce_gradients
 from .events import EventWriter
+from .loss import training_loss
 from .run_outputs import RunOutputs
 from .run_setup import RunSetup
 
@@ -127,19 +128,12 @@ class Trainer(RunSetup, RunOutputs):
         latents = self.batch_latents(batch)
         captions = self.method.captions(batch["captions"])
         with torch.set_grad_enabled(self.train_text_encoder), acc.autocast():
-            cond = self.strategy.encode_captions(captions, train_text_encoder=self.train_text_encoder)
-        gen = self.noise_rng.generator
-        noise = noise_math.make_noise(latents, a.noise_offset, generator=gen)
-        timesteps = noise_math.sample_timesteps(latents.shape[0], len(self.alphas_cumprod), a.min_timestep,
-                                                a.max_timestep, generator=gen, device=latents.device)
-        noisy = noise_math.add_noise(self.alphas_cumprod, latents, noise, timesteps).to(self.weight_dtype)
+            cond = self.family.encode_captions(captions, train_text_encoder=self.train_text_encoder)
+        noised = self.family.noised(latents, self.noise_rng.generator)
+        noised.noisy = noised.noisy.to(self.weight_dtype)
         with acc.autocast():
-            pred = self.strategy.predict(noisy, timesteps, cond.to(self.weight_dtype), batch)
-        target = noise_math.training_target("v_prediction" if self.v_prediction else "epsilon", latents, noise,
-                                            timesteps, self.alphas_cumprod)
-        loss = noise_math.diffusion_loss(pred.float(), target.float(), timesteps, self.alphas_cumprod,
-                                         min_snr_gamma=a.min_snr_gamma, v_prediction=self.v_prediction,
-                                         loss_weights=batch["loss_weights"].to(latents.device))
+            pred = self.family.predict(noised, cond.to(self.weight_dtype), batch)
+        loss = training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights)
         acc.backward(loss)
         if acc.sync_gradients:
             allreduce_gradients(self.trained_params)
@@ -158,8 +152,8 @@ class Trainer(RunSetup, RunOutputs):
             latents = batch["latents"].to(device, non_blocking=True)
         else:
             with torch.no_grad():
-                latents = self.strategy.encode_images(batch["images"])
-        return latents.float() * self.strategy.vae_scaling_factor
+                latents = self.family.encode_images(batch["images"])
+        return self.family.scale_latents(latents)
 
     def after_step(self, loss: torch.Tensor) -> None:
         """Progress bar, events and scalars; reads the loss from the device only when something shows it."""

@@ -20,10 +20,9 @@ import struct
 from typing import Any, Mapping
 
 from .. import options as option_schema
+from ..families import family_spec
 
 SAI_MODEL_SPEC_VERSION = "1.0.1"
-IMPLEMENTATION_DIFFUSERS = "diffusers"
-IMPLEMENTATION_SGM = "https://github.com/Stability-AI/generative-models"
 MINIMAL_SS_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                    "ss_network_args")
 
@@ -35,24 +34,13 @@ _GROUPS_NOT_AS_SS = {"logging"}
 
 
 def base_model_version(family: str, v_prediction: bool) -> str:
-    """ss_base_model_version: sd_v1, sd_v2, sd_v2_v or sdxl_base_v1-0."""
-    if family == "sd1":
-        return "sd_v1"
-    if family == "sd2":
-        return "sd_v2_v" if v_prediction else "sd_v2"
-    if family == "sdxl":
-        return "sdxl_base_v1-0"
-    raise ValueError(f"unknown model family {family!r}")
+    """ss_base_model_version of a family (e.g. 'sd_v1', 'sd_v2_v', 'sdxl_base_v1-0'), from its FamilySpec."""
+    return family_spec(family).base_model_version_for(v_prediction)
 
 
 def modelspec_architecture(family: str, v_prediction: bool, adapter: str = "lora") -> str:
     """modelspec.architecture, e.g. 'stable-diffusion-v2-768-v/lora' ('' adapter for a full model)."""
-    base = {"sd1": "stable-diffusion-v1", "sdxl": "stable-diffusion-xl-v1-base"}.get(family)
-    if family == "sd2":
-        base = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
-    if base is None:
-        raise ValueError(f"unknown model family {family!r}")
-    return f"{base}/{adapter}" if adapter else base
+    return family_spec(family).architecture_for(v_prediction, adapter or None)
 
 
 def _summary_value(summary: Any, key: str, default: Any = None) -> Any:
@@ -95,7 +83,7 @@ def modelspec_metadata(args: argparse.Namespace, *, family: str, v_prediction: b
     meta = {
         "modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION,
         "modelspec.architecture": modelspec_architecture(family, v_prediction, adapter),
-        "modelspec.implementation": IMPLEMENTATION_SGM if family == "sdxl" else IMPLEMENTATION_DIFFUSERS,
+        "modelspec.implementation": family_spec(family).modelspec_implementation,
         "modelspec.title": str(title),
         "modelspec.resolution": f"{int(resolution[0])}x{int(resolution[1])}",
         "modelspec.date": _iso_date(timestamp),
@@ -133,7 +121,7 @@ def build_training_metadata(args: argparse.Namespace, *, family: str, v_predicti
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(getattr(args, "network_dim", None)),
         "ss_network_alpha": str(getattr(args, "network_alpha", None)),
-        "ss_v2": str(family == "sd2"),
+        "ss_v2": str(family_spec(family).ss_v2),
         "ss_base_model_version": base_model_version(family, v_prediction),
         "ss_sd_model_name": str(sd_model_name),
         "ss_output_name": str(getattr(args, "output_name", None)),

@@ -25,7 +25,7 @@ class TrainingMethod:
 
     # ---- set-up
     def module_dtype(self, part: str, compute_dtype: torch.dtype) -> torch.dtype:
-        """The dtype the loop loads `part` ('unet' or 'text_encoder') in: frozen parts use the compute dtype;
+        """The dtype the loop loads `part` ('denoiser' or 'text_encoder') in: frozen parts use the compute dtype;
         methods that train a part's own weights keep it in float32 (mixed precision autocasts)."""
         return compute_dtype
 
@@ -110,16 +110,16 @@ class NetworkMethod(TrainingMethod):
 
         a = self.args
         resolve_network_module(a.network_module)
-        for part in (bundle.unet, *bundle.text_encoders, bundle.vae):
+        for part in (bundle.denoiser, *bundle.text_encoders, bundle.vae):
             part.requires_grad_(False)
         train_unet = not a.network_train_text_encoder_only
         train_te = self.trains_text_encoder
         if a.network_weights and a.dim_from_weights:
-            net = lora.create_network_from_weights(a.network_weights, unet=bundle.unet,
+            net = lora.create_network_from_weights(a.network_weights, unet=bundle.denoiser,
                                                    text_encoders=bundle.text_encoders, family=family,
                                                    multiplier=a.network_multiplier)
         else:
-            net = lora.create_network(unet=bundle.unet, text_encoders=bundle.text_encoders, family=family,
+            net = lora.create_network(unet=bundle.denoiser, text_encoders=bundle.text_encoders, family=family,
                                       network_dim=a.network_dim, network_alpha=a.network_alpha,
                                       network_dropout=a.network_dropout, network_args=a.network_args,
                                       multiplier=a.network_multiplier, train_unet=train_unet,

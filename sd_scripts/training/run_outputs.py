@@ -28,15 +28,11 @@ class RunOutputs:
 
             prompts = self.method.sample_prompts(parse_prompt_file(a.sample_prompts,
                                                                    default_sampler=a.sample_sampler))
-            b = self.bundle
             with self.method.output_weights():
-                paths = generate_samples(unet=b.unet, vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer,
-                                         scheduler_config=b.scheduler_config, prompts=prompts,
-                                         out_dir=os.path.join(a.output_dir, "sample"), output_name=a.output_name,
-                                         epoch=epoch, step=None if epoch else self.global_step,
-                                         device=self.accelerator.device, dtype=self.weight_dtype,
-                                         clip_skip=a.clip_skip, eval_modules=[self.module],
-                                         text_encoder_2=b.text_encoder_2, tokenizer_2=b.tokenizer_2)
+                paths = generate_samples(self.family, prompts=prompts, out_dir=os.path.join(a.output_dir, "sample"),
+                                         output_name=a.output_name, epoch=epoch,
+                                         step=None if epoch else self.global_step, device=self.accelerator.device,
+                                         dtype=self.weight_dtype, clip_skip=a.clip_skip, eval_modules=[self.module])
             self.events.sample(step=self.global_step, epoch=self.epoch, paths=paths,
                                prompts=[p.prompt for p in prompts])
         self.accelerator.wait_for_everyone()

@@ -1,7 +1,8 @@
 """Setting a run up: accelerator, model, dataset, caches, the trained parameters, optimizer and schedule.
 
 `RunSetup` holds the steps `Trainer.run()` calls before the first training step (training/loop.py); each is a
-method with a name. What is trained comes from the method object, family specifics from the strategy.
+method with a name. What is trained comes from the method object, everything about the model from its family
+(sd_scripts/families).
 """
 from __future__ import annotations
 
@@ -88,37 +89,33 @@ class RunSetup:
             a.save_precision or "", None)
 
     def load_model(self) -> None:
+        from ..families import family_class
         from ..models.loading import load_model
 
         a = self.args
         log.info("loading %s", a.pretrained_model_name_or_path)
-        bundle = load_model(a.pretrained_model_name_or_path, vae=a.vae, v2=a.v2 or None,
-                            v_parameterization=a.v_parameterization or None)
+        bundle = load_model(a.pretrained_model_name_or_path, **self._load_options())
         device = self.accelerator.device
         # Frozen parts in the compute dtype; trained weights stay float32 (mixed precision autocasts).
-        bundle.unet.to(device, dtype=self.method.module_dtype("unet", self.weight_dtype))
+        bundle.denoiser.to(device, dtype=self.method.module_dtype("denoiser", self.weight_dtype))
         for text_encoder in bundle.text_encoders:
             text_encoder.to(device, dtype=self.method.module_dtype("text_encoder", self.weight_dtype))
         # The VAE overflows in fp16 (the SDXL one in bf16 too, unless no_half_vae keeps it in float32)
-        half_vae_ok = self.weight_dtype != torch.float16 and not a.no_half_vae
+        half_vae_ok = self.weight_dtype != torch.float16 and not getattr(a, "no_half_vae", False)
         bundle.vae.to(device, dtype=self.weight_dtype if half_vae_ok else torch.float32)
         if a.gradient_checkpointing:
-            bundle.unet.enable_gradient_checkpointing()
+            bundle.denoiser.enable_gradient_checkpointing()
         self.bundle = bundle
-        from ..models.families import family_info
-        from ..strategies import strategy_for
-
-        self.family = family_info(bundle.family)
-        self.strategy = strategy_for(bundle, a)
-        self.alphas_cumprod = torch.tensor(self._alphas_cumprod(bundle.scheduler_config), device=device)
+        self.family = family_class(bundle.family)(bundle, a)
+        self.spec = self.family.spec
         self.v_prediction = bundle.v_prediction
 
-    @staticmethod
-    def _alphas_cumprod(config: dict) -> list[float]:
-        from diffusers import DDPMScheduler
+    def _load_options(self) -> dict:
+        """The loading options of the command line: every option of the 'model' group a family may take."""
+        from ..options import OPTIONS
 
-        sched = DDPMScheduler.from_config(config)
-        return sched.alphas_cumprod.tolist()
+        return {o.name: getattr(self.args, o.name) for o in OPTIONS
+                if o.group == "model" and o.name != "pretrained_model_name_or_path" and hasattr(self.args, o.name)}
 
     def prepare_data(self) -> None:
         """The method's data preparation with the loaded model (DreamBooth class images), on the main process."""
@@ -131,9 +128,9 @@ class RunSetup:
         from ..data.dataset_config import load_datasets
 
         a = self.args
-        configs = load_datasets(a, bucket_step_default=self.family.bucket_step)
+        configs = load_datasets(a, bucket_step_default=self.spec.bucket_step)
         self.dataset = TrainDataset(configs, seed=a.seed or 0, prior_loss_weight=a.prior_loss_weight,
-                                    max_train_steps=a.max_train_steps, bucket_step=self.family.bucket_step)
+                                    max_train_steps=a.max_train_steps, bucket_step=self.spec.bucket_step)
         self.summary = self.dataset.summary()
         if self.summary.num_train_images == 0:
             raise UserError(f"no training images found in {a.train_data_dir or a.dataset_config}")
@@ -145,16 +142,16 @@ class RunSetup:
         t0 = time.time()
         kwargs = dict(vae_id=self.bundle.vae_id, to_disk=a.cache_latents_to_disk, batch_size=a.vae_batch_size,
                       skip_check=a.skip_cache_check,
-                      npz_suffix=getattr(self.strategy, "latent_cache_suffix", "_sd"))
+                      npz_suffix=self.family.latent_cache_suffix)
         with torch.no_grad():
             if a.cache_latents_to_disk:  # the main process writes the files, the others read them
                 if self.is_main:
-                    report = self.dataset.cache_latents(self.strategy.encode_images, is_main_process=True, **kwargs)
+                    report = self.dataset.cache_latents(self.family.encode_images, is_main_process=True, **kwargs)
                 self.accelerator.wait_for_everyone()
                 if not self.is_main:
-                    report = self.dataset.cache_latents(self.strategy.encode_images, is_main_process=False, **kwargs)
+                    report = self.dataset.cache_latents(self.family.encode_images, is_main_process=False, **kwargs)
             else:
-                report = self.dataset.cache_latents(self.strategy.encode_images, is_main_process=self.is_main,
+                report = self.dataset.cache_latents(self.family.encode_images, is_main_process=self.is_main,
                                                     **kwargs)
         log.info("latents: %d encoded, %d reused from disk in %.1f s", report.encoded, report.reused,
                  time.time() - t0)
@@ -163,7 +160,7 @@ class RunSetup:
         """cache_text_encoder_outputs[_to_disk]: every caption encoded once before training (te_cache.py)."""
         from .te_cache import cache_text_encoder_outputs
 
-        cache_text_encoder_outputs(self.strategy, self.dataset, self.args, self.accelerator)
+        cache_text_encoder_outputs(self.family, self.dataset, self.args, self.accelerator)
 
     def build_method(self) -> None:
         self.param_groups, self.lr_names = self.method.build(self.bundle, family=self.bundle.family)
@@ -187,10 +184,9 @@ class RunSetup:
         if a.cache_latents:
             self.bundle.vae = None
             freed.append("VAE")
-        release = getattr(self.strategy, "release_text_encoders", None)
-        if release and not self.method.trains_text_encoder:
+        if not self.method.trains_text_encoder:
             captions = self.dataset.fixed_captions()
-            if captions is not None and release(captions):
+            if captions is not None and self.family.release_text_encoders(captions):
                 freed.append("text encoder")
         if freed:
             import gc

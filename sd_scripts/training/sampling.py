@@ -249,26 +249,6 @@ def sample_file_name(output_name: str | None, *, epoch: int | None = None, step:
 
 
 # ------------------------------------------------------------------ generation
-def build_pipeline(*, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any,
-                   text_encoder_2: Any = None, tokenizer_2: Any = None) -> Any:
-    """A pipeline around the given in-memory modules (no copies, no safety checker or watermark, quiet):
-    StableDiffusionXLPipeline when a second text encoder is given (SDXL), else StableDiffusionPipeline."""
-    if text_encoder_2 is not None:
-        from diffusers import StableDiffusionXLPipeline
-
-        pipeline = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                             tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
-                                             scheduler=scheduler, add_watermarker=False)
-    else:
-        from diffusers import StableDiffusionPipeline
-
-        pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                           requires_safety_checker=False)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 @contextmanager
 def preserved_rng_states() -> Iterator[None]:
     """Restore Python's, numpy's and torch's (CPU and all CUDA devices) global random states on exit."""
@@ -307,62 +287,35 @@ def eval_mode(modules: Sequence[Any], device: Any) -> Iterator[None]:
             m.training = training
 
 
-def encode_prompt(text_encoder: Any, tokenizer: Any, prompt: str, device: Any, clip_skip: int | None = None) -> Any:
-    """CLIP text embeddings [1, 77, dim] of one prompt, truncated to the tokenizer's length.
-
-    `clip_skip` follows sd-scripts: 2 takes the penultimate layer's hidden states, then the final layer norm (as
-    the original SD code does). Done here rather than by the pipeline so it works with every transformers layout.
-    """
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
-    if not clip_skip or clip_skip <= 1:
-        return text_encoder(ids)[0]
-    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
-    final_layer_norm = getattr(getattr(text_encoder, "text_model", text_encoder), "final_layer_norm")
-    return final_layer_norm(hidden)
-
-
-def generate_samples(*, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler_config: dict,
-                     prompts: list[SamplePrompt], out_dir: str, output_name: str | None, epoch: int | None = None,
-                     step: int | None = None, device: Any, dtype: Any, clip_skip: int | None = None,
-                     eval_modules: Sequence[Any] = (), text_encoder_2: Any = None,
-                     tokenizer_2: Any = None) -> list[str]:
-    """Generate one PNG per prompt into `out_dir` (created) and return their paths.
+def generate_samples(family, *, prompts: list[SamplePrompt], out_dir: str, output_name: str | None,
+                     epoch: int | None = None, step: int | None = None, device: Any, dtype: Any,
+                     clip_skip: int | None = None, eval_modules: Sequence[Any] = ()) -> list[str]:
+    """Generate one PNG per prompt with the family's sample pipeline into `out_dir` (created); returns the paths.
 
     Runs under torch.no_grad (not inference_mode: tensors cached by adapters must stay usable for training) and
-    autocast to `dtype` on half precision, with each module (plus `eval_modules`, e.g. a LoRA network with dropout) in
-    eval mode on `device`. The caller's random states, train/eval modes and module devices are restored afterwards.
-    `clip_skip` follows sd-scripts (2 = the penultimate text-encoder layer). With `text_encoder_2`/`tokenizer_2`
-    (SDXL) the SDXL pipeline encodes the prompts itself (penultimate layers of both encoders, pooled text encoder 2
-    output; size conditioning = the image size, no crop) and `clip_skip` does not apply.
+    autocast to `dtype` on half precision, with the family's modules (plus `eval_modules`, e.g. a LoRA network with
+    dropout) in eval mode on `device`. The caller's random states, train/eval modes and module devices are restored
+    afterwards. Each prompt's sampler, steps, size, seed, negative prompt and guidance scale are used as given;
+    `clip_skip` follows sd-scripts where the family has it (2 = the penultimate text-encoder layer).
     """
     import torch
 
     device = torch.device(device)
     os.makedirs(out_dir, exist_ok=True)
-    sdxl = text_encoder_2 is not None
-    modules = [unet, vae, text_encoder, *([text_encoder_2] if sdxl else []), *eval_modules]
+    modules = [*family.sample_modules(), *eval_modules]
     use_autocast = dtype in (torch.float16, torch.bfloat16)
     autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else nullcontext()
     paths = []
     with preserved_rng_states(), eval_mode(modules, device), torch.no_grad(), autocast:
-        pipeline = build_pipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                  scheduler=make_scheduler("ddim", scheduler_config), text_encoder_2=text_encoder_2,
-                                  tokenizer_2=tokenizer_2)
+        sampling = family.sample_pipeline(None, clip_skip=clip_skip)
         for index, sample in enumerate(prompts):
-            pipeline.scheduler = make_scheduler(sample.sampler or "ddim", scheduler_config)
+            sampling.pipeline.scheduler = family.scheduler(sample.sampler)
             seed = sample.seed if sample.seed is not None else random.SystemRandom().randrange(2**32)
             generator = torch.Generator("cpu").manual_seed(seed)  # CPU: the same image on every device
-            if sdxl:
-                prompt_kwargs = dict(prompt=sample.prompt, negative_prompt=sample.negative_prompt)
-            else:
-                prompt_kwargs = dict(
-                    prompt_embeds=encode_prompt(text_encoder, tokenizer, sample.prompt, device, clip_skip),
-                    negative_prompt_embeds=encode_prompt(text_encoder, tokenizer, sample.negative_prompt, device,
-                                                         clip_skip))
-            image = pipeline(**prompt_kwargs, width=round_size(sample.width), height=round_size(sample.height),
-                             num_inference_steps=sample.steps, guidance_scale=sample.scale, generator=generator,
-                             output_type="pil").images[0]
+            image = sampling.pipeline(**sampling.inputs(sample, device), width=round_size(sample.width),
+                                      height=round_size(sample.height), num_inference_steps=sample.steps,
+                                      guidance_scale=sample.scale, generator=generator,
+                                      output_type="pil").images[0]
             name = sample_file_name(output_name, epoch=epoch, step=step if step is not None else 0, index=index,
                                     seed=sample.seed)
             path = os.path.join(out_dir, name)
@@ -370,7 +323,5 @@ def generate_samples(*, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, 
             image.save(tmp, format="PNG")
             os.replace(tmp, path)
             paths.append(path)
-        del pipeline
+        del sampling
     return paths
-
-

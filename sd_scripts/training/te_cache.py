@@ -2,7 +2,8 @@
 
 With frozen text encoders and captions that never change, each caption's conditioning is a constant: it is
 encoded once, before the first step, and the encoders are moved off the accelerator to the CPU (the loop frees
-them when no sample images need them). Only SDXL strategies support it (SD1/SD2 memoise frozen
+them when no sample images need them). Families that support it say so (FamilySpec.text_encoder_cache; the
+others, e.g. SD 1.x/2.x, memoise frozen
 encodings on their own).
 
 On disk (`cache_text_encoder_outputs_to_disk`), one file per image next to it: `<image stem>_te_outputs.npz`
@@ -156,59 +157,59 @@ class TECacheReport:
     written: int = 0
 
 
-def _cache(strategy, items: list[tuple[str, str]], *, to_disk: bool, write: bool, skip_check: bool,
+def _cache(family, items: list[tuple[str, str]], *, to_disk: bool, write: bool, skip_check: bool,
            te_id: str) -> TECacheReport:
     report = TECacheReport(captions=len({c for _, c in items}))
     stale = []
     if to_disk:
         for path, caption in items:
-            npz = te_outputs_path(path, strategy.te_cache_suffix)
+            npz = te_outputs_path(path, family.te_cache_suffix)
             arrays = _read(npz, caption, te_id, skip_check)
-            cond = strategy.from_cache_arrays(arrays) if arrays is not None else None
+            cond = family.from_cache_arrays(arrays) if arrays is not None else None
             if cond is None:
                 stale.append((npz, caption))
                 continue
-            strategy.remember([caption], type(cond)(cond.hidden[None], cond.pooled[None]))
+            family.remember([caption], type(cond).stack([cond]))
             report.reused += 1
     else:
         stale = [(None, caption) for _, caption in items]
     todo = list(dict.fromkeys(caption for _, caption in stale))
     report.encoded = len(todo)
-    strategy.encode_all(todo)
+    family.encode_all(todo)
     if to_disk and write:
         for npz, caption in stale:
-            cond = strategy.encode_captions([caption], train_text_encoder=False)[0]
-            _write(npz, strategy.cache_arrays(cond), caption, te_id)
+            cond = family.encode_captions([caption], train_text_encoder=False)[0]
+            _write(npz, family.cache_arrays(cond), caption, te_id)
             report.written += 1
     return report
 
 
-def cache_text_encoder_outputs(strategy, dataset, args, accelerator) -> TECacheReport | None:
-    """Encode every caption of `dataset` once with the frozen encoders (memoised in `strategy`), reading and
+def cache_text_encoder_outputs(family, dataset, args, accelerator) -> TECacheReport | None:
+    """Encode every caption of `dataset` once with the frozen encoders (memoised in `family`), reading and
     writing `<stem>_te_outputs.npz` files with cache_text_encoder_outputs_to_disk (written by the main process,
     read by the others). Afterwards the encoders move to the CPU (the loop frees them when nothing needs them; sample
     images move them back for a moment). Returns None when the run does not cache."""
     if not wanted(args):
         return None
     option = _option_name(args)
-    if not hasattr(strategy, "cache_arrays"):
-        raise OptionError(f"option '{option}' is for SDXL models; SD 1.x/2.x runs already encode each fixed caption "
-                          f"only once: turn {option} off")
+    if not family.spec.text_encoder_cache:
+        raise OptionError(f"option '{option}' is not available for {family.spec.label} models (they already encode "
+                          f"each fixed caption only once): turn {option} off")
     check_dataset(dataset, args)
-    bundle = strategy.bundle
+    bundle = family.bundle
     to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
     items = image_captions(dataset)
-    te_id = text_encoder_id(bundle.text_encoders, bundle.tokenizers, strategy.max_length)
+    te_id = text_encoder_id(bundle.text_encoders, bundle.tokenizers, family.max_length)
     kwargs = dict(to_disk=to_disk, skip_check=bool(getattr(args, "skip_cache_check", False)), te_id=te_id)
     with torch.no_grad():
         if to_disk:  # the main process writes the files, the others read them
             if accelerator.is_main_process:
-                report = _cache(strategy, items, write=True, **kwargs)
+                report = _cache(family, items, write=True, **kwargs)
             accelerator.wait_for_everyone()
             if not accelerator.is_main_process:
-                report = _cache(strategy, items, write=False, **kwargs)
+                report = _cache(family, items, write=False, **kwargs)
         else:
-            report = _cache(strategy, items, write=False, **kwargs)
+            report = _cache(family, items, write=False, **kwargs)
     for te in bundle.text_encoders:  # off the accelerator; sampling moves them back for a moment
         te.to("cpu")
     log.info("text-encoder outputs: %d captions, %d encoded, %d files reused, %d written", report.captions,

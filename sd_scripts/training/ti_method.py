@@ -44,16 +44,16 @@ class EncoderSlot:
 
 
 def encoder_slots(bundle, family: str) -> list[EncoderSlot]:
-    """The (key, tokenizer, text encoder) triples of a family: SD1/SD2 one, SDXL two ('clip_l', 'clip_g')."""
-    from ..networks.embeddings import EMB_PARAMS_KEY, SDXL_KEYS
+    """The (key, tokenizer, text encoder) triples of a family: one per text encoder, keyed as its embedding files
+    key them (FamilySpec.ti_keys, e.g. 'emb_params', or 'clip_l' and 'clip_g')."""
+    from ..families import family_spec
 
-    if family == "sdxl":
-        second = (getattr(bundle, "tokenizer_2", None), getattr(bundle, "text_encoder_2", None))
-        if None in second:
-            raise NotImplementedError("textual inversion on SDXL needs the bundle's second tokenizer/text encoder")
-        return [EncoderSlot(SDXL_KEYS[0], bundle.tokenizer, bundle.text_encoder),
-                EncoderSlot(SDXL_KEYS[1], *second)]
-    return [EncoderSlot(EMB_PARAMS_KEY, bundle.tokenizer, bundle.text_encoder)]
+    keys = family_spec(family).ti_keys
+    parts = list(zip(bundle.tokenizers, bundle.text_encoders))
+    if len(parts) < len(keys) or any(p is None for pair in parts[:len(keys)] for p in pair):
+        raise NotImplementedError(f"textual inversion needs every text encoder and tokenizer of the model "
+                                  f"({len(keys)})")
+    return [EncoderSlot(key, tokenizer, encoder) for key, (tokenizer, encoder) in zip(keys, parts)]
 
 
 def token_names(token_string: str, num_vectors: int) -> list[str]:
@@ -125,7 +125,7 @@ class TextualInversionMethod(TrainingMethod):
         self._warned_missing = False
         self.vectors = torch.nn.ParameterDict()
         self.rows: dict[str, tuple[torch.nn.Module, list[int]]] = {}  # key -> (embedding module, new ids)
-        self.family = "sd1"
+        self.family = ""
         self.v_prediction = False
 
     @property
@@ -138,7 +138,7 @@ class TextualInversionMethod(TrainingMethod):
         """Adds the tokens to every text encoder of the family and returns the vectors as the one param group."""
         a = self.args
         self.family, self.v_prediction = family, bool(bundle.v_prediction)
-        for part in (bundle.unet, bundle.vae, *(s.text_encoder for s in encoder_slots(bundle, family))):
+        for part in (bundle.denoiser, bundle.vae, *(s.text_encoder for s in encoder_slots(bundle, family))):
             part.requires_grad_(False)
         source = None
         if a.weights:

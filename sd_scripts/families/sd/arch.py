@@ -13,13 +13,18 @@ import os
 import re
 from typing import Mapping
 
-from ..errors import ModelLoadError
+from ...errors import ModelLoadError
 from .detect import CLIP_PREFIX, OPENCLIP_PREFIX, SDXL_TE2_PREFIX, UNET_PREFIX, VAE_PREFIX
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 ARCH_METADATA_KEY = "sd_scripts.architecture"
 SUPPORTED_FAMILIES = ("sd1", "sd2", "sdxl")
 Shapes = Mapping[str, tuple]
+
+
+def pad_mode_for(family: str) -> str:
+    """CLIP tokenizer padding: 'eos' for SD1 (and SDXL tokenizer 1), 'zero' (id 0, '!') for SD2."""
+    return "zero" if family == "sd2" else "eos"
 
 
 def variant_name(family: str, v_pred: bool) -> str:

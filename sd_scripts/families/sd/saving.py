@@ -11,11 +11,11 @@ from typing import Mapping
 
 import torch
 
-from .arch import ARCH_METADATA_KEY, arch_metadata, bundled_config, variant_name
-from .bundle import ModelBundle
+from ...models.bundle import ModelBundle
+from ...models.safetensors_writer import save_safetensors
+from ...models.tokenizer import PAD_TOKENS, TOKENIZER_DIR
+from .arch import ARCH_METADATA_KEY, arch_metadata, bundled_config, pad_mode_for, variant_name
 from .keymaps import model_keymaps
-from .safetensors_writer import save_safetensors
-from .tokenizer import PAD_TOKENS, TOKENIZER_DIR, pad_mode_for
 
 
 def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:

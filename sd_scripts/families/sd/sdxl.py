@@ -21,11 +21,13 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ..base import NoisedLatents, SamplePipeline
+from .common import UNetFamily
+
 log = logging.getLogger(__name__)
 
 CHUNK = 75  # tokens between BOS and EOS in one CLIP window
 WINDOW = CHUNK + 2
-LATENT_CACHE_SUFFIX = "_sdxl"
 TE_CACHE_SUFFIX = "_te_outputs.npz"
 
 
@@ -87,32 +89,36 @@ def first_eos_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (ids == eos_id).int().argmax(dim=1)
 
 
-# ------------------------------------------------------------------ strategy
-class SDXLStrategy:
-    """Conditioning, latents and the U-Net call for SDXL (see the module docstring)."""
+# ------------------------------------------------------------------ family
+class SDXLFamily(UNetFamily):
+    """Conditioning, latents, the U-Net call and the sample pipeline of SDXL (see the module docstring)."""
 
-    family = "sdxl"
-    latent_cache_suffix = LATENT_CACHE_SUFFIX
     te_cache_suffix = TE_CACHE_SUFFIX
 
-    def __init__(self, bundle, *, max_token_length: int | None = None, memo_size: int = 4096):
+    @classmethod
+    def lora_naming(cls, family: str, denoiser=None) -> dict:
+        """kohya names SDXL U-Net layers by their original (SAI) module paths, following `denoiser`'s block layout
+        when given (SDXL base otherwise)."""
+        from .sdxl_names import diffusers_to_sai_module_path, sai_name_map
+
+        naming = super().lora_naming(family, denoiser)
+        naming["unet_name_map"] = sai_name_map(denoiser) if denoiser is not None else diffusers_to_sai_module_path
+        return naming
+
+    def __init__(self, bundle, args=None, *, max_token_length: int | None = None, memo_size: int = 4096):
+        super().__init__(bundle, args)
         if bundle.text_encoder_2 is None or bundle.tokenizer_2 is None:
             raise ValueError("an SDXL bundle needs text_encoder_2 and tokenizer_2")
-        self.bundle = bundle
-        self.vae_scaling_factor = float(bundle.vae.config.scaling_factor)
+        if args is not None:
+            max_token_length = args.max_token_length
+            if getattr(args, "clip_skip", None):
+                log.warning("clip_skip is ignored for SDXL: it always uses the penultimate layer of both text "
+                            "encoders")
         self.max_length = (max_token_length or CHUNK) + 2
         self._te1_width = int(bundle.text_encoder.config.hidden_size)
         self._te2_width = int(bundle.text_encoder_2.config.hidden_size)
         self._memo: OrderedDict[str, SDXLConditioning] = OrderedDict()
         self._memo_size = memo_size
-
-    # ---- images
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images [B,3,H,W] in [-1,1] -> unscaled latents (float32), in the VAE's own dtype (float32 with
-        no_half_vae or fp16 training: the SDXL VAE overflows in fp16)."""
-        vae = self.bundle.vae
-        return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample().float()
 
     # ---- text
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,9 +217,24 @@ class SDXLStrategy:
                                                               batch["target_sizes_hw"])]
         return torch.tensor(rows, dtype=dtype, device=device)
 
-    def predict(self, noisy_latents, timesteps, conditioning: SDXLConditioning, batch) -> torch.Tensor:
+    def predict(self, noised: NoisedLatents, conditioning: SDXLConditioning, batch) -> torch.Tensor:
+        noisy_latents = noised.noisy
         device, dtype = noisy_latents.device, conditioning.hidden.dtype
         added = {"text_embeds": conditioning.pooled.to(device), "time_ids": self.time_ids(batch, device=device,
                                                                                           dtype=dtype)}
-        return self.bundle.unet(noisy_latents, timesteps, conditioning.hidden.to(device), added_cond_kwargs=added,
-                                return_dict=False)[0]
+        return self.bundle.unet(noisy_latents, noised.timesteps, conditioning.hidden.to(device),
+                                added_cond_kwargs=added, return_dict=False)[0]
+
+    # ---- sampling
+    def sample_pipeline(self, sampler: str | None, *, clip_skip: int | None = None) -> SamplePipeline:
+        """StableDiffusionXLPipeline around the in-memory modules: it encodes the prompts itself (penultimate layers
+        of both encoders, pooled text encoder 2 output; size conditioning = the image size, no crop)."""
+        from diffusers import StableDiffusionXLPipeline
+
+        b = self.bundle
+        pipeline = StableDiffusionXLPipeline(vae=b.vae, text_encoder=b.text_encoder, text_encoder_2=b.text_encoder_2,
+                                             tokenizer=b.tokenizer, tokenizer_2=b.tokenizer_2, unet=b.unet,
+                                             scheduler=self.scheduler(sampler), add_watermarker=False)
+        pipeline.set_progress_bar_config(disable=True)
+        return SamplePipeline(pipeline, lambda sample, device: dict(prompt=sample.prompt,
+                                                                    negative_prompt=sample.negative_prompt or ""))

@@ -1,21 +1,26 @@
-"""SD 1.x / SD 2.x: CLIP text conditioning (long captions in 75-token chunks, clip skip) and the U-Net call."""
+"""SD 1.x / SD 2.x: CLIP text conditioning (long captions in 75-token chunks, clip skip), the U-Net call and the
+sample pipeline."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 import torch
+
+from ..base import NoisedLatents, SamplePipeline
+from .common import UNetFamily
 
 CHUNK = 75  # tokens between BOS and EOS in one CLIP window
 
 
-class SDStrategy:
-    """Conditioning for SD 1.x (CLIP-L, pads with EOS) and SD 2.x (OpenCLIP-H, pads with 0)."""
+class SDFamily(UNetFamily):
+    """SD 1.x (CLIP-L, pads with EOS) and SD 2.x (OpenCLIP-H, pads with 0; 512 epsilon or 768 v-prediction)."""
 
-    def __init__(self, bundle, *, clip_skip: int | None = None, max_token_length: int | None = None,
+    def __init__(self, bundle, args=None, *, clip_skip: int | None = None, max_token_length: int | None = None,
                  memo_size: int = 4096):
-        self.family = bundle.family
-        self.bundle = bundle
-        self.vae_scaling_factor = float(bundle.vae.config.scaling_factor)
+        super().__init__(bundle, args)
+        if args is not None:
+            clip_skip, max_token_length = args.clip_skip, args.max_token_length
         self.clip_skip = clip_skip
         self.max_length = (max_token_length or CHUNK) + 2
         self.pad_id = bundle.tokenizer.pad_token_id
@@ -24,13 +29,6 @@ class SDStrategy:
         # a naive LoRA step is re-running the text encoder on fixed captions).
         self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._memo_size = memo_size
-
-    # ---- images
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        vae = self.bundle.vae
-        latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
-        return latents.float()
 
     # ---- text
     def tokenize(self, captions: list[str]) -> torch.Tensor:
@@ -105,5 +103,38 @@ class SDStrategy:
         return True
 
     # ---- U-Net
-    def predict(self, noisy_latents, timesteps, conditioning, batch) -> torch.Tensor:
-        return self.bundle.unet(noisy_latents, timesteps, conditioning, return_dict=False)[0]
+    def predict(self, noised: NoisedLatents, conditioning, batch) -> torch.Tensor:
+        return self.bundle.unet(noised.noisy, noised.timesteps, conditioning, return_dict=False)[0]
+
+    # ---- sampling
+    def sample_pipeline(self, sampler: str | None, *, clip_skip: int | None = None) -> SamplePipeline:
+        """StableDiffusionPipeline around the in-memory modules; prompts are encoded here with clip skip."""
+        from diffusers import StableDiffusionPipeline
+
+        b = self.bundle
+        pipeline = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
+                                           scheduler=self.scheduler(sampler), safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
+        pipeline.set_progress_bar_config(disable=True)
+
+        def inputs(sample, device) -> dict:
+            return dict(prompt_embeds=encode_prompt(b.text_encoder, b.tokenizer, sample.prompt, device, clip_skip),
+                        negative_prompt_embeds=encode_prompt(b.text_encoder, b.tokenizer, sample.negative_prompt or "",
+                                                             device, clip_skip))
+
+        return SamplePipeline(pipeline, inputs)
+
+
+def encode_prompt(text_encoder: Any, tokenizer: Any, prompt: str, device: Any, clip_skip: int | None = None) -> Any:
+    """CLIP text embeddings [1, 77, dim] of one prompt, truncated to the tokenizer's length.
+
+    `clip_skip` follows sd-scripts: 2 takes the penultimate layer's hidden states, then the final layer norm (as
+    the original SD code does). Done here rather than by the pipeline so it works with every transformers layout.
+    """
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    if not clip_skip or clip_skip <= 1:
+        return text_encoder(ids)[0]
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    final_layer_norm = getattr(getattr(text_encoder, "text_model", text_encoder), "final_layer_norm")
+    return final_layer_norm(hidden)

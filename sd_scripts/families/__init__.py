@@ -1,0 +1,204 @@
+"""The model-family registry (torch-free): which families exist, their facts, and which family a file or folder is.
+
+A family is one package under `sd_scripts/families/` plus one line in `PACKAGES`. Its `__init__` is torch-free and
+provides `SPECS` (one `FamilySpec` per family it registers), `detect_single_file(shapes, metadata)` and
+`detect_folder(path)` (each returns a `Detected` or None when the model is not theirs); its `FamilySpec.family_class`
+names the torch side (a `sd_scripts.families.base.Family` subclass). Nothing outside a family's package names that
+family: the loop, the methods, the GUI and the tools ask this registry. See docs/DEVELOPING.md, "Adding a family".
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+from typing import Mapping
+
+from ..errors import ModelLoadError
+from .spec import FamilySpec, MemoryFacts
+
+__all__ = ["FamilySpec", "MemoryFacts", "Detected", "ModelProbe", "all_families", "family_spec", "family_names",
+           "family_class", "detect_single_file", "detect_folder", "probe_model", "read_safetensors_header",
+           "family_for_script", "tiny_builder", "tiny_variants", "default_family", "guess_family",
+           "family_of_path"]
+
+#: one line per family package
+PACKAGES = (
+    "sd_scripts.families.sd",  # SD 1.x, SD 2.x (incl. 768-v), SDXL
+)
+
+
+@dataclass(frozen=True)
+class Detected:
+    """What a family package recognised: the family and, where the files tell, whether it predicts v."""
+
+    family: str
+    v_prediction: bool | None = None
+
+
+@dataclass(frozen=True)
+class ModelProbe:
+    """What a path holds, as far as can be told without loading weights. family/v_prediction are None when the
+    layout cannot be read without torch (a .ckpt)."""
+
+    layout: str  # 'single_file' | 'diffusers'
+    family: str | None
+    v_prediction: bool | None
+
+
+@lru_cache(maxsize=None)
+def _packages() -> tuple[ModuleType, ...]:
+    return tuple(importlib.import_module(name) for name in PACKAGES)
+
+
+@lru_cache(maxsize=None)
+def all_families() -> dict[str, FamilySpec]:
+    """Every registered family by name, in registry order."""
+    specs: dict[str, FamilySpec] = {}
+    for package in _packages():
+        for spec in package.SPECS:
+            if spec.name in specs:
+                raise RuntimeError(f"model family {spec.name!r} is registered twice")
+            specs[spec.name] = spec
+    return specs
+
+
+def family_names() -> tuple[str, ...]:
+    return tuple(all_families())
+
+
+def family_spec(name: str) -> FamilySpec:
+    """The FamilySpec of `name`; ValueError naming the known families otherwise."""
+    try:
+        return all_families()[name]
+    except KeyError:
+        raise ValueError(f"unknown model family {name!r}: expected one of {list(all_families())}") from None
+
+
+def family_class(name: str):
+    """The torch side of a family (imports torch)."""
+    return _import(family_spec(name).family_class)
+
+
+def family_for_script(script: str) -> FamilySpec | None:
+    """The family an sd-scripts script name is made for ('sdxl_train_network' -> SDXL); None for generic scripts."""
+    return next((s for s in all_families().values() if script in s.scripts), None)
+
+
+def default_family() -> str:
+    """The family assumed when nothing tells (the first registered)."""
+    return next(iter(all_families()))
+
+
+def family_of_path(path: str | None) -> str | None:
+    """The family of a model path, torch-free, or None when it cannot be told (missing, .ckpt, unknown)."""
+    if not path:
+        return None
+    try:
+        return probe_model(path).family
+    except ModelLoadError:
+        return None
+
+
+def guess_family(values: Mapping[str, object], kohya_config: Mapping[str, object] | None = None) -> str:
+    """The family settings are meant for: the model file's; else a kohya_ss checkbox that names one; else a
+    family-specific option that is set (e.g. v2); else the family whose native resolution is nearest the
+    resolution (earlier registered wins ties)."""
+    found = family_of_path(str(values.get("pretrained_model_name_or_path") or "") or None)
+    if found:
+        return found
+    specs = list(all_families().values())
+    for spec in specs:
+        if kohya_config and any(kohya_config.get(flag) for flag in spec.kohya_ss_flags):
+            return spec.name
+    for spec in specs:
+        if any(values.get(option) for option in sorted(spec.options)):
+            return spec.name
+    try:
+        from ..options import parse_resolution
+
+        size = max(parse_resolution(values.get("resolution") or specs[0].default_resolution))
+    except ValueError:
+        return specs[0].name
+    return min(specs, key=lambda s: abs(s.default_resolution - size)).name
+
+
+def _import(target: str):
+    module_name, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def tiny_builder(name: str):
+    """The function writing tiny random-weight models of family `name` (see sd_scripts.tools.tiny_model)."""
+    spec = family_spec(name)
+    if not spec.tiny_builder:
+        raise ValueError(f"no tiny models for {spec.label}")
+    return _import(spec.tiny_builder)
+
+
+def tiny_variants() -> dict[str, tuple[str, bool]]:
+    """Tiny-model names for the command line -> (family, v_prediction)."""
+    return {variant: (spec.name, bool(kwargs.get("v_prediction", False)))
+            for spec in all_families().values() for variant, kwargs in spec.tiny_variants.items()}
+
+
+# ------------------------------------------------------------------ detection
+def _known() -> str:
+    return ", ".join(s.label for s in all_families().values())
+
+
+def detect_single_file(shapes: Mapping[str, tuple], metadata: Mapping[str, str] | None = None,
+                       source: str = "the model") -> Detected:
+    """The family of a single-file checkpoint from its tensor names and shapes (a safetensors header gives them
+    without reading weights). ModelLoadError naming `source` when no family recognises it."""
+    for package in _packages():
+        found = package.detect_single_file(shapes, metadata or {})
+        if found is not None:
+            return found
+    raise ModelLoadError(f"{source}: not a checkpoint of a supported model family ({_known()}); pass a full model "
+                         f"file or a diffusers folder")
+
+
+def detect_folder(path: str) -> Detected:
+    """The family of a diffusers folder from its configs. ModelLoadError naming the folder otherwise."""
+    for package in _packages():
+        found = package.detect_folder(path)
+        if found is not None:
+            return found
+    raise ModelLoadError(f"{path}: not a diffusers folder of a supported model family ({_known()}): it needs "
+                         f"model_index.json and the configs of its parts; pass such a folder or a single file")
+
+
+def read_safetensors_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
+    """(tensor name -> shape, metadata) of a .safetensors file, reading only its header."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        (n,) = struct.unpack("<Q", head) if len(head) == 8 else (0,)
+        if n < 2 or n > 100_000_000:
+            raise ValueError("no safetensors header")
+        header = json.loads(f.read(n))
+    metadata = header.pop("__metadata__", None) or {}
+    shapes = {k: tuple(v.get("shape", ())) for k, v in header.items() if isinstance(v, dict)}
+    return shapes, metadata
+
+
+def probe_model(path: str) -> ModelProbe:
+    """Family and prediction type of a single file or diffusers folder, torch-free. ModelLoadError when the path is
+    missing or is not a model of a supported family."""
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file or folder; check the model path")
+    if os.path.isdir(path):
+        found = detect_folder(path)
+        return ModelProbe("diffusers", found.family, found.v_prediction)
+    if not path.lower().endswith(".safetensors"):
+        return ModelProbe("single_file", None, None)
+    try:
+        shapes, metadata = read_safetensors_header(path)
+    except (OSError, ValueError, struct.error):
+        raise ModelLoadError(f"{path}: not a readable .safetensors file; download it again or pass the right "
+                             f"file") from None
+    found = detect_single_file(shapes, metadata, path)
+    return ModelProbe("single_file", found.family, found.v_prediction)

@@ -1,0 +1,121 @@
+"""The torch side of a model family: what the shared loop, the training methods, sampling and saving ask of it.
+
+The loop holds no model maths: it asks the family to scale latents, encode captions, noise a batch (which also gives
+the target and the objective's loss weights) and call the denoiser. A new family subclasses `Family`, fills in the
+abstract parts, and registers its `FamilySpec` (families/spec.py) in its package; nothing else changes.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from . import family_spec
+from .spec import FamilySpec
+
+
+@dataclass
+class NoisedLatents:
+    """One batch prepared for the denoiser by the family's objective (DDPM, flow matching, ...)."""
+
+    noisy: torch.Tensor  # the denoiser's input
+    timesteps: torch.Tensor  # what the denoiser is conditioned on (DDPM: integer steps; flow matching: sigma x 1000)
+    target: torch.Tensor  # what the prediction is compared with
+    weights: torch.Tensor | None = None  # per-sample loss weights of the objective (e.g. min-SNR), [B]
+
+
+@dataclass
+class SamplePipeline:
+    """A diffusers pipeline around the family's in-memory modules, and how to ask it for one image."""
+
+    pipeline: Any
+    inputs: Callable[[Any, Any], dict]  # (SamplePrompt, device) -> the prompt arguments of pipeline(...)
+
+
+class Family:
+    """Base class of every family's torch side. `bundle` is a sd_scripts.models.bundle.ModelBundle on its device."""
+
+    def __init__(self, bundle, args: argparse.Namespace | None = None):
+        self.bundle = bundle
+        self.args = args
+
+    @property
+    def spec(self) -> FamilySpec:
+        return family_spec(self.bundle.family)
+
+    @property
+    def family(self) -> str:
+        return self.bundle.family
+
+    # ---- loading and saving
+    @classmethod
+    def load(cls, path: str, *, dtype: torch.dtype = torch.float32, **options):
+        """The model at `path` (single file or diffusers folder) as a ModelBundle, offline. `options` are the
+        trainer's loading options (vae, v2, v_parameterization, and the separate part files a family takes)."""
+        raise NotImplementedError
+
+    def save_checkpoint(self, path: str, *, dtype: torch.dtype | None, metadata: dict[str, str] | None,
+                        diffusers: bool) -> None:
+        """Save the whole (fine-tuned) model: a single file in the layout the ecosystem uses, or a diffusers folder."""
+        raise NotImplementedError(f"full-model saving is not implemented for {self.spec.label}")
+
+    # ---- latents
+    @property
+    def latent_cache_suffix(self) -> str:
+        """Latent .npz name suffix (FORMATS: '_sd', '_sdxl', ...)."""
+        return self.spec.latent_cache_suffix
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images [B,3,H,W] in [-1,1] -> UNSCALED latents (float32), as latent caches store them."""
+        vae = self.bundle.vae
+        return vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample().float()
+
+    def scale_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents -> what the denoiser is trained on: (z - shift) * scale, float32."""
+        spec = self.spec
+        latents = latents.float()
+        if spec.vae_shift_factor:
+            latents = latents - spec.vae_shift_factor
+        return latents * spec.vae_scaling_factor
+
+    # ---- text
+    def encode_captions(self, captions: list[str], *, train_text_encoder: bool) -> Any:
+        """Captions -> the conditioning the denoiser takes (with `.to(...)`)."""
+        raise NotImplementedError
+
+    def release_text_encoders(self, captions: list[str], max_captions: int = 1024) -> bool:
+        """Encode every caption the run can draw, then drop the frozen text encoders; False when not possible."""
+        return False
+
+    # ---- the training step
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
+        """Draw noise and timesteps for scaled latents [B, C, H, W]: the denoiser's input, its target and weights."""
+        raise NotImplementedError
+
+    def predict(self, noised: NoisedLatents, conditioning: Any, batch: dict) -> torch.Tensor:
+        """The denoiser's prediction for a noised batch, comparable with `noised.target`."""
+        raise NotImplementedError
+
+    # ---- adapters
+    @classmethod
+    def lora_naming(cls, family: str, denoiser: torch.nn.Module | None = None) -> dict[str, Any]:
+        """How kohya-format LoRA files name this family's layers: unet_prefix, te_prefixes, unet_name_map."""
+        spec = family_spec(family)
+        return {"unet_prefix": spec.lora_unet_prefix, "te_prefixes": spec.lora_te_prefixes, "unet_name_map": None}
+
+    # ---- sampling
+    def sample_pipeline(self, sampler: str | None, *, clip_skip: int | None = None) -> SamplePipeline:
+        """A pipeline for sample / class images with the named sampler (None: the family's default)."""
+        raise NotImplementedError
+
+    def scheduler(self, sampler: str | None) -> Any:
+        """The diffusers scheduler of a sampler name from a prompt file (None: the family's default)."""
+        raise NotImplementedError
+
+    def sample_modules(self) -> list[torch.nn.Module]:
+        """The modules sampling uses (put in eval mode on the device around it)."""
+        b = self.bundle
+        return [m for m in (b.denoiser, b.vae, *b.text_encoders) if m is not None]

@@ -1,0 +1,67 @@
+"""Torch-free facts of one model family: what the GUI, pre-flight, the option schema and metadata need to know
+without loading a model. Each family package declares its `FamilySpec`s; `sd_scripts.families` collects them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class MemoryFacts:
+    """Rough figures for the GUI's memory estimate (GB, and billions of parameters a full fine-tune trains)."""
+
+    weights_gb: float  # every part in fp16
+    trainable_b: float  # parameters of the denoiser + text encoders a full fine-tune trains
+    activations_gb: float  # per image at the native resolution, fp16
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """Static facts of one family. `family_class` is 'module:Class' of its torch side (imported only to train)."""
+
+    name: str
+    label: str
+    family_class: str
+    bucket_step: int
+    default_resolution: int
+    vae_scaling_factor: float
+    base_model_version: str  # kohya `ss_base_model_version`
+    modelspec_architecture: str  # `modelspec.architecture` of a full model ('/lora' etc. appended for adapters)
+    modelspec_implementation: str  # of adapters (full checkpoints use the trainer's own)
+    memory: MemoryFacts
+    learning_rates: Mapping[str, float]  # trainer ('network', 'db', 'finetune', 'ti') -> default learning rate
+    vae_shift_factor: float = 0.0
+    latent_cache_suffix: str = "_sd"
+    lora_unet_prefix: str = "lora_unet"
+    lora_te_prefixes: tuple[str, ...] = ("lora_te",)
+    ss_v2: bool = False
+    # v-prediction variant (SD 2.x 768-v): its native resolution and names
+    supports_v_prediction: bool = False
+    v_default_resolution: int | None = None
+    v_base_model_version: str | None = None
+    v_modelspec_architecture: str | None = None
+    trainers: frozenset = frozenset({"network", "db", "finetune", "ti"})
+    options: frozenset = frozenset()  # the family-specific options (schema: family_specific=True) it accepts
+    scripts: tuple[str, ...] = ()  # sd-scripts script names made for this family only (e.g. sdxl_train_network)
+    text_encoder_cache: bool = False  # supports cache_text_encoder_outputs
+    clip_skip: bool = False  # clip_skip means something for it
+    ti_keys: tuple[str, ...] = ("emb_params",)  # textual-inversion file keys, one per text encoder
+    kohya_ss_flags: tuple[str, ...] = ()  # kohya_ss config checkboxes that mean this family (e.g. 'sdxl')
+    tiny_builder: str = ""  # 'module:function' writing tiny test/demo models (sd_scripts.tools.tiny_model)
+    tiny_variants: Mapping[str, Mapping] = field(default_factory=dict)  # CLI name -> builder keyword arguments
+
+    def default_resolution_for(self, v_pred: bool = False) -> int:
+        """The native training resolution (SD 2.x v-prediction models are 768 px models)."""
+        return self.v_default_resolution if v_pred and self.v_default_resolution else self.default_resolution
+
+    def base_model_version_for(self, v_pred: bool = False) -> str:
+        return self.v_base_model_version if v_pred and self.v_base_model_version else self.base_model_version
+
+    def architecture_for(self, v_pred: bool = False, adapter: str | None = None) -> str:
+        """`modelspec.architecture`, with '/<adapter>' ('lora', 'textual-inversion') for adapter files."""
+        arch = self.v_modelspec_architecture if v_pred and self.v_modelspec_architecture \
+            else self.modelspec_architecture
+        return f"{arch}/{adapter}" if adapter else arch
+
+    def accepts_option(self, name: str) -> bool:
+        return name in self.options
