@@ -9,6 +9,15 @@ noise-generator state: the noisy input, the target (epsilon or v), the per-sampl
 min-SNR-gamma) and the loss; for the clipping options it recomputes the gradient on a copy of the denoiser and the
 AdamW update of the clipped gradient. So an option that stops reaching the step fails here.
 
+What each test guards (each was shown to fail when its option was dropped on a scratch copy):
+- test_noisy_input_and_epsilon_loss[0.5]: noise_offset not reaching the noise;
+- test_v_prediction_model_learns_v: a v-prediction model trained on the epsilon target;
+- test_min_snr_gamma_weights_each_sample: min_snr_gamma ignored, or weighted as epsilon for a v model;
+- test_prior_loss_weight_weights_the_regularisation_images: per-sample loss weights dropped (loop or dataset);
+- test_clip_skip_selects_the_text_encoder_layer[2]: clip_skip not reaching (or not used by) the strategy;
+- test_max_grad_norm_clips_the_global_gradient_norm[None]: the default max_grad_norm = 1 clipping skipped;
+- test_fused_backward_pass_steps_each_parameter_with_its_own_clipping: fused_backward_pass not wired in.
+
 Everything that knows the trainer's internals (attribute names, set-up step names, the order of the noise draws)
 is in the helpers right below; the tests only use them and the formulas.
 """

@@ -1,5 +1,6 @@
 """Tests for sd_scripts.training.sampling: prompt files, samplers, file names and generation on a tiny pipeline."""
 import datetime
+import functools
 import json
 import os
 import random
@@ -235,11 +236,10 @@ def test_eval_modules_are_put_back_in_their_mode(tiny, tmp_path):
 
 
 # ---------------------------------------------------------------- a real run's sample follows --n and --l
-def _hand_ddim_sample(model_dir: str, prompt: str, negative: str, scale: float, steps: int, seed: int,
-                      size: int) -> np.ndarray:
-    """The image DDIM with classifier-free guidance makes, written out step by step on the diffusers folder's parts:
-    x_T ~ N(0, I) from a CPU generator seeded with `seed`; at each step eps = eps(neg) + scale * (eps(prompt) -
-    eps(neg)); the VAE decodes x_0 / scaling_factor; pixels = round(255 * clamp(x / 2 + 0.5, 0, 1))."""
+@functools.lru_cache(maxsize=1)
+def _diffusers_parts(model_dir: str):
+    """U-Net, VAE, text encoder, tokenizer and the folder's scheduler config as DDIM, read with diffusers and
+    transformers alone (none of our loading code)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -250,6 +250,15 @@ def _hand_ddim_sample(model_dir: str, prompt: str, negative: str, scale: float, 
     with warnings.catch_warnings():  # the folder's scheduler is PNDM: DDIM ignores its PNDM-only keys
         warnings.simplefilter("ignore")
         scheduler = DDIMScheduler.from_pretrained(os.path.join(model_dir, "scheduler"))
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def _hand_ddim_sample(model_dir: str, prompt: str, negative: str, scale: float, steps: int, seed: int,
+                      size: int) -> np.ndarray:
+    """The image DDIM with classifier-free guidance makes, written out step by step on the diffusers folder's parts:
+    x_T ~ N(0, I) from a CPU generator seeded with `seed`; at each step eps = eps(neg) + scale * (eps(prompt) -
+    eps(neg)); the VAE decodes x_0 / scaling_factor; pixels = round(255 * clamp(x / 2 + 0.5, 0, 1))."""
+    unet, vae, text_encoder, tokenizer, scheduler = _diffusers_parts(model_dir)
     scheduler.set_timesteps(steps)
     with torch.no_grad():
         ids = tokenizer([negative, prompt], padding="max_length", max_length=77, truncation=True,
