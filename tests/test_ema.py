@@ -46,3 +46,45 @@ def test_swapped_in_restores_raw_weights():
         inside = module.weight.detach().clone()
     assert torch.equal(module.weight, shifted)
     torch.testing.assert_close(inside, raw * 2 / 11 + shifted * 9 / 11)
+
+
+# ---------------------------------------------------------------- a real run saves the average
+def _train_db(model: str, data: str, out_dir, *options: str) -> None:
+    """An in-process DreamBooth run of the real trainer entry point (3 steps, batch 1, tiny SD1 model)."""
+    from sd_scripts.train_db import main
+
+    argv = ["--pretrained_model_name_or_path", model, "--train_data_dir", data, "--output_dir", str(out_dir),
+            "--output_name", "m", "--resolution", "64", "--caption_extension", ".txt", "--max_train_steps", "3",
+            "--learning_rate", "1e-3", "--seed", "5", *options]
+    assert main(argv) == 0
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_use_ema_saves_the_average_of_the_raw_weights(tiny_sd1, demo_data, tmp_path):
+    """The same seeded run twice: without EMA, saving the raw weights w1, w2, w3 after each step; with use_ema and
+    ema_decay 0.2, saving once at the end. That file must hold e3, where e1 = w1 and e_n = d_n e_(n-1) + (1 - d_n) w_n
+    with d_n = min(ema_decay, n / (n + 9)) (d_2 = 2/11, d_3 = 0.2: the cap applies)."""
+    model = tiny_sd1.single_file
+    _train_db(model, demo_data, tmp_path / "raw", "--save_every_n_steps", "1")
+    raw = [_tensors(tmp_path / "raw" / name) for name in ("m-step00000001.safetensors",
+                                                          "m-step00000002.safetensors", "m.safetensors")]
+    _train_db(model, demo_data, tmp_path / "ema", "--use_ema", "--ema_decay", "0.2")
+    saved = _tensors(tmp_path / "ema" / "m.safetensors")
+
+    decays = [min(0.2, n / (n + 9)) if n > 1 else 0.0 for n in (1, 2, 3)]
+    assert decays[1] == 2 / 11 and decays[2] == 0.2
+    assert saved.keys() == raw[2].keys()
+    moved = 0
+    for key, value in saved.items():
+        average = raw[0][key].double()
+        for decay, weights in zip(decays[1:], raw[1:]):
+            average = decay * average + (1 - decay) * weights[key].double()
+        torch.testing.assert_close(value.double(), average, rtol=1e-5, atol=1e-6, msg=key)
+        if key.startswith("model.diffusion_model.") and (raw[2][key] - average).abs().max() > 1e-4:
+            moved += 1
+    assert moved > 10, "precondition: the average differs from the last raw weights"

@@ -184,8 +184,10 @@ def test_command_field_errors_and_sampling_without_prompts(tmp_path):
 
 
 def test_trainer_importable_uses_the_jobs_python(tmp_path):
-    assert preflight.trainer_importable("network", sys.executable) in (None,) or "sd_scripts.train_network" in \
-        preflight.trainer_importable("network", sys.executable)
+    # the test environment is a working one: every trainer is found, and a launch is not refused
+    for trainer in preflight.TRAINER_MODULES:
+        assert preflight.trainer_importable(trainer, sys.executable) is None, trainer
+    assert not _find(_run("lora", _values(tmp_path), python=sys.executable, check_trainer=True), "trainer")
     assert "cannot import sd_scripts.not_there" in _fake_module_check()
     assert "cannot run" in preflight.trainer_importable("network", str(tmp_path / "no-python"))
     checks = _run("lora", _values(tmp_path), python=str(tmp_path / "no-python"), check_trainer=True)

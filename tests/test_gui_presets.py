@@ -137,8 +137,10 @@ def test_old_unversioned_presets_migrate_and_unknown_keys_are_reported(tmp_path)
     assert loaded["caption_extension"] == ".cap" and loaded["learning_rate"] == 1e-4 and loaded["network_dim"] == 8
     assert "sdxl_no_half_vae" in loaded.unknown_keys and "clip_skip (invalid value)" in loaded.unknown_keys
     assert "migrated" in loaded.notes[0]
-    db = presets.load_preset("dreambooth", "Old", user_dir=str(tmp_path / "none")) if False else None
-    assert db is None
+    # a preset belongs to its training kind: the LoRA preset is not offered to DreamBooth from the same folder
+    assert "Old" not in presets.list_presets("dreambooth", user_dir=str(tmp_path))
+    with pytest.raises(presets.PresetError, match="no dreambooth preset named 'Old'"):
+        presets.load_preset("dreambooth", "Old", user_dir=str(tmp_path))
     with pytest.raises(presets.PresetError, match="no lora preset"):
         presets.load_preset("lora", "Nope", user_dir=str(tmp_path))
 

@@ -1,9 +1,11 @@
 """Tests for sd_scripts.training.sampling: prompt files, samplers, file names and generation on a tiny pipeline."""
 import datetime
+import functools
 import json
 import os
 import random
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -236,3 +238,71 @@ def test_eval_modules_are_put_back_in_their_mode(tiny, tmp_path):
     prompt = SamplePrompt("a dog", width=64, height=64, seed=1, steps=1, sampler="ddim")
     _generate(tiny, tmp_path, [prompt], step=1, eval_modules=[lora_like])
     assert lora_like.training and lora_like[0].training
+
+
+# ---------------------------------------------------------------- a real run's sample follows --n and --l
+@functools.lru_cache(maxsize=1)
+def _diffusers_parts(model_dir: str):
+    """U-Net, VAE, text encoder, tokenizer and the folder's scheduler config as DDIM, read with diffusers and
+    transformers alone (none of our loading code)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(model_dir, "unet")).eval()
+    vae = AutoencoderKL.from_pretrained(os.path.join(model_dir, "vae")).eval()
+    text_encoder = CLIPTextModel.from_pretrained(os.path.join(model_dir, "text_encoder")).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
+    with warnings.catch_warnings():  # the folder's scheduler is PNDM: DDIM ignores its PNDM-only keys
+        warnings.simplefilter("ignore")
+        scheduler = DDIMScheduler.from_pretrained(os.path.join(model_dir, "scheduler"))
+    return unet, vae, text_encoder, tokenizer, scheduler
+
+
+def _hand_ddim_sample(model_dir: str, prompt: str, negative: str, scale: float, steps: int, seed: int,
+                      size: int) -> np.ndarray:
+    """The image DDIM with classifier-free guidance makes, written out step by step on the diffusers folder's parts:
+    x_T ~ N(0, I) from a CPU generator seeded with `seed`; at each step eps = eps(neg) + scale * (eps(prompt) -
+    eps(neg)); the VAE decodes x_0 / scaling_factor; pixels = round(255 * clamp(x / 2 + 0.5, 0, 1))."""
+    unet, vae, text_encoder, tokenizer, scheduler = _diffusers_parts(model_dir)
+    scheduler.set_timesteps(steps)
+    with torch.no_grad():
+        ids = tokenizer([negative, prompt], padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+        states = text_encoder(ids)[0]
+        latents = torch.randn((1, 4, size // 8, size // 8), generator=torch.Generator("cpu").manual_seed(seed))
+        latents = latents * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            model_input = scheduler.scale_model_input(torch.cat([latents, latents]), t)
+            eps_negative, eps_prompt = unet(model_input, t, states).sample.chunk(2)
+            latents = scheduler.step(eps_negative + scale * (eps_prompt - eps_negative), t, latents).prev_sample
+        image = vae.decode(latents / vae.config.scaling_factor).sample
+    return (image[0].permute(1, 2, 0) / 2 + 0.5).clamp(0, 1).mul(255).round().to(torch.uint8).numpy()
+
+
+def test_training_run_sample_uses_negative_prompt_and_cfg_scale(tiny_sd1, demo_data, tmp_path):
+    """`--sample_at_first` in a real LoRA run: the LoRA starts at zero, so the sample is the base model's DDIM image
+    for the prompt, its `--n` negative prompt and its `--l` guidance scale."""
+    from PIL import Image
+
+    from sd_scripts.train_network import main
+
+    prompt, negative, scale, steps, seed = "a photo of sks dog", "blurry, red square", 4.0, 3, 11
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{prompt} --n {negative} --l {scale} --s {steps} --d {seed} --w 64 --h 64\n",
+                       encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["--pretrained_model_name_or_path", tiny_sd1.diffusers_dir, "--train_data_dir", demo_data,
+                 "--output_dir", str(out), "--resolution", "64", "--caption_extension", ".txt",
+                 "--max_train_steps", "1", "--seed", "1", "--sample_prompts", str(prompts),
+                 "--sample_at_first"]) == 0
+    (sample,) = os.listdir(out / "sample")
+    got = np.asarray(Image.open(out / "sample" / sample).convert("RGB")).astype(int)
+
+    expected = _hand_ddim_sample(tiny_sd1.diffusers_dir, prompt, negative, scale, steps, seed, 64).astype(int)
+    without_negative = _hand_ddim_sample(tiny_sd1.diffusers_dir, prompt, "", scale, steps, seed, 64).astype(int)
+    default_scale = _hand_ddim_sample(tiny_sd1.diffusers_dir, prompt, negative, 7.5, steps, seed, 64).astype(int)
+    # float rounding moves a few pixels by a level or two; the options move the whole image by about ten
+    for other in (without_negative, default_scale):  # precondition: both options visibly change the image
+        assert np.abs(other - expected).mean() > 5
+    difference = np.abs(got - expected)
+    assert difference.max() <= 3 and difference.mean() < 0.5
