@@ -14,7 +14,7 @@ What each test guards (each was shown to fail when its option was dropped on a s
 - test_v_prediction_model_learns_v: a v-prediction model trained on the epsilon target;
 - test_min_snr_gamma_weights_each_sample: min_snr_gamma ignored, or weighted as epsilon for a v model;
 - test_prior_loss_weight_weights_the_regularisation_images: per-sample loss weights dropped (loop or dataset);
-- test_clip_skip_selects_the_text_encoder_layer[2]: clip_skip not reaching (or not used by) the strategy;
+- test_clip_skip_selects_the_text_encoder_layer[2]: clip_skip not reaching (or not used by) the family;
 - test_max_grad_norm_clips_the_global_gradient_norm[None]: the default max_grad_norm = 1 clipping skipped;
 - test_fused_backward_pass_steps_each_parameter_with_its_own_clipping: fused_backward_pass not wired in.
 
@@ -66,7 +66,7 @@ def first_batch(trainer: Trainer) -> dict:
 
 
 def denoiser(trainer: Trainer) -> torch.nn.Module:
-    return trainer.bundle.unet
+    return trainer.bundle.denoiser
 
 
 def noise_generator(trainer: Trainer) -> torch.Generator:
