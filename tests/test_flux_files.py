@@ -144,6 +144,17 @@ def test_file_kinds_of_real_layout_key_sets():
     assert layout.classify_denoiser(t5) is None and layout.classify_denoiser({}) is None
 
 
+def test_layout_is_torch_free():
+    import subprocess
+    import sys
+
+    code = ("import sys, sd_scripts.families.flux.layout as l; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 def test_real_ae_and_t5_configs_from_shapes():
     from accelerate import init_empty_weights
     from transformers import T5Config, T5EncoderModel
@@ -350,6 +361,13 @@ def test_scaled_fp8_t5_is_unscaled(tiny_dev, tmp_path):
     state = t5.state_dict()
     for name, value in expected.items():
         assert torch.equal(state[name], value), name
+
+
+def test_tiny_command_line(tmp_path, capsys):
+    assert tiny.main(["--out", str(tmp_path), "--model_type", "flux_schnell", "--layout", "single"]) == 0
+    printed = capsys.readouterr().out
+    assert "flux1-tiny.safetensors" in printed and "diffusers_dir" not in printed
+    assert layout.classify_denoiser(_shapes(str(tmp_path / "flux1-tiny.safetensors"))) == "flux_schnell"
 
 
 def test_tiny_models_are_deterministic(tiny_dev, tmp_path):

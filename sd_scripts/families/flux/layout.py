@@ -194,8 +194,8 @@ def infer_ae_config(shapes: Shapes, prefix: str = "") -> dict:
     layers = _indices(shapes, re.escape(p) + r"encoder\.down\.0\.block\.(\d+)\.")
     channels = [shapes[f"{p}encoder.down.{i}.block.0.conv1.weight"][0] for i in levels]
     cfg = dict(AE_CONFIG)
-    cfg.update(in_channels=shapes[p + "encoder.conv_in.weight"][1], out_channels=shapes[p + "decoder.conv_out.weight"][0],
-               block_out_channels=channels, layers_per_block=len(layers),
+    cfg.update(in_channels=shapes[p + "encoder.conv_in.weight"][1],
+               out_channels=shapes[p + "decoder.conv_out.weight"][0], block_out_channels=channels, layers_per_block=len(layers),
                latent_channels=shapes[p + "decoder.conv_in.weight"][1],
                down_block_types=["DownEncoderBlock2D"] * len(levels), up_block_types=["UpDecoderBlock2D"] * len(levels),
                use_quant_conv=p + "quant_conv.weight" in shapes,
