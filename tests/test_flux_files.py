@@ -449,6 +449,8 @@ def test_wrong_file_kinds_are_named(tiny_dev, tiny_chroma, tmp_path):
         weights.load_single_files(tiny_dev.transformer, t5xxl=tiny_dev.clip_l, ae=tiny_dev.ae, clip_l=tiny_dev.clip_l)
     with pytest.raises(ModelLoadError, match="FLUX.1 needs the CLIP-L"):
         weights.load_single_files(tiny_dev.transformer, t5xxl=tiny_dev.t5xxl, ae=tiny_dev.ae)
+    with pytest.raises(ModelLoadError, match="add --model_type chroma"):  # not "needs CLIP-L"
+        weights.load_single_files(tiny_chroma.transformer, t5xxl=tiny_chroma.t5xxl, ae=tiny_chroma.ae)
 
 
 def test_missing_incomplete_and_damaged_files(tiny_dev, tmp_path):

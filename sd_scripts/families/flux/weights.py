@@ -394,10 +394,11 @@ def load_single_files(transformer: str, *, t5xxl: str, ae: str, clip_l: str | No
                       tokenizer_dir: str | None = None) -> FluxModelParts:
     """The parts from the separate files users download (denoiser, clip_l, t5xxl, ae); CLIP-L is required for FLUX.1
     and not used by Chroma. Each file's kind is checked before any weight is read."""
+    # header checks first: a wrong file fails before any weight is read
+    if check_file_kind(transformer, "--pretrained_model_name_or_path") != "folder":
+        _check_model_type(layout.classify_denoiser(open_checkpoint(transformer).shapes), model_type, transformer)
     if model_type != "chroma" and not clip_l:
         raise ModelLoadError("FLUX.1 needs the CLIP-L text encoder: pass clip_l.safetensors as --clip_l")
-    # header checks first: a wrong file fails before any weight is read
-    check_file_kind(transformer, "--pretrained_model_name_or_path")
     check_file_kind(t5xxl, "--t5xxl")
     check_file_kind(ae, "--ae")
     if model_type != "chroma":
