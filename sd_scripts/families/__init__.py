@@ -1,0 +1,1 @@
+"""Model families, one package each (see docs/DEVELOPING.md)."""
