@@ -31,7 +31,7 @@ def sai_shapes(config: dict, prefix: str = layout.SAI_PREFIX) -> dict:
     from accelerate import init_empty_weights
     from diffusers import SD3Transformer2DModel
 
-    with init_empty_weights():
+    with init_empty_weights(include_buffers=True):
         model = SD3Transformer2DModel(**config)
     state = model.state_dict()
     full = dict(model.config)
