@@ -342,3 +342,21 @@ def test_tiny_is_deterministic(tmp_path):
     for x, y in ((a.single_file, b.single_file), (a.clip_g, b.clip_g), (a.t5xxl, b.t5xxl)):
         assert open(x, "rb").read() == open(y, "rb").read()
     assert TINY_TRANSFORMER["num_attention_heads"] * TINY_TRANSFORMER["attention_head_dim"] == 128
+
+
+def test_diffusers_pipeline_from_single_file_reads_the_bundled_file_like_we_do(tiny):
+    """diffusers' own single-file reader takes every part of the tiny 'incl_clips_t5' file (MMDiT, VAE, CLIP-L,
+    CLIP-G, T5) to the same tensors as our loader and the separate t5xxl file."""
+    from diffusers import StableDiffusion3Pipeline
+    from safetensors.torch import load_file
+
+    paths = tiny["sd35_medium"]
+    pipe = StableDiffusion3Pipeline.from_single_file(paths.single_file_with_text_encoders, config=paths.diffusers_dir,
+                                                     local_files_only=True, tokenizer_3=None)
+    parts = load_sd3(paths.single_file_with_text_encoders)
+    for theirs, ours in ((pipe.transformer, parts.transformer), (pipe.vae, parts.vae),
+                         (pipe.text_encoder, parts.clip_l), (pipe.text_encoder_2, parts.clip_g)):
+        same_state(theirs, ours)
+    t5 = pipe.text_encoder_3.state_dict()
+    for key, tensor in load_file(paths.t5xxl).items():
+        assert torch.equal(t5[key], tensor), key
