@@ -113,7 +113,7 @@ class AppContext:
         """Pre-flight checks, plus a warning when the model file is of another family than the one selected."""
         from kohya_gui.preflight import Check, detect_family, run_preflight
 
-        checks = list(run_preflight(kind, values, accel))
+        checks = list(run_preflight(kind, values, accel, python=self.jobs.python))
         detected = detect_family(values.get("pretrained_model_name_or_path"))
         if detected and detected != family:
             checks.append(Check("warning", "model_family",
