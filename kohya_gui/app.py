@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -23,6 +24,7 @@ from kohya_gui.command import ACCEL_PREFIX, AccelerateSettings
 from kohya_gui.components.defaults import DEFAULT_FAMILY, FAMILY_DEPENDENT
 from kohya_gui.components.form import FAMILY_KEY
 from kohya_gui.gui_config import GuiConfig
+from kohya_gui.job_files import JobsDirError
 from kohya_gui.jobs import FINAL_STATUSES, Job, JobError, JobManager
 from kohya_gui.tensorboard import TensorBoard
 from sd_scripts.options import GROUPS, parse_resolution
@@ -200,14 +202,20 @@ class AppContext:
 
     @staticmethod
     def output_dir(job: Job) -> str | None:
-        return job.values.get("output_dir") or None
+        value = job.values.get("output_dir")
+        return value if isinstance(value, str) and value else None
 
     def gallery(self, job: Job, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Copies of the sample images in a GUI-owned temp folder (gradio serves only files it may serve)."""
+        """Copies of the sample images in a GUI-owned temp folder (gradio serves only files it may serve).
+
+        Only images inside the job's output folder are copied: an event naming any other file (a damaged or forged
+        events.jsonl) must not make the GUI serve it."""
         folder = os.path.join(self._gallery_dir, job.id)
         os.makedirs(folder, exist_ok=True)
         out = []
         for path, caption in items:
+            if not sample_image_allowed(path, self.output_dir(job)):
+                continue
             dest = os.path.join(folder, f"{abs(hash(path)) % 10**10}_{os.path.basename(path)}")
             if not os.path.exists(dest):
                 try:
@@ -232,8 +240,27 @@ class AppContext:
 
     def close(self) -> None:
         self._stop_ticker.set()
+        self.jobs.close()
         self.tensorboard.stop()
         shutil.rmtree(self._gallery_dir, ignore_errors=True)
+
+
+SAMPLE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MAX_SAMPLE_BYTES = 64 * 1024 * 1024
+
+
+def sample_image_allowed(path: str, output_dir: str | None) -> bool:
+    """True for an image file (by extension, a regular file, not huge) whose real path is inside output_dir."""
+    if not output_dir or not isinstance(path, str) or not path.lower().endswith(SAMPLE_EXTENSIONS):
+        return False
+    try:
+        real, root = os.path.realpath(path), os.path.realpath(output_dir)
+        if os.path.commonpath([real, root]) != root:
+            return False
+        st = os.stat(real)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size <= MAX_SAMPLE_BYTES
 
 
 def guess_family(values: dict[str, Any]) -> str:
@@ -306,7 +333,13 @@ def hide_api(demo: gr.Blocks) -> None:
 def launch(args: argparse.Namespace) -> int:
     """Build and serve the GUI with the parsed command-line flags (see cli.py). Blocks until Ctrl+C."""
     started = time.monotonic()
-    ctx = AppContext(args.jobs_dir, getattr(args, "gui_config", None))
+    try:
+        ctx = AppContext(args.jobs_dir, getattr(args, "gui_config", None))
+    except JobsDirError as e:
+        print(f"kohya_gui: {e}", file=sys.stderr)
+        return 2
+    if not ctx.jobs.is_runner:
+        print(f"kohya_gui: {ctx.jobs.viewer_reason()}", file=sys.stderr)
     for warning in ctx.config_warnings:
         print(f"kohya_gui: {warning}", file=sys.stderr)
     demo = build_app(ctx)
