@@ -19,7 +19,7 @@ from typing import Any
 
 import gradio as gr
 
-from kohya_gui import monitor
+from kohya_gui import monitor, net_guard
 from kohya_gui.command import ACCEL_PREFIX, AccelerateSettings
 from kohya_gui.components.defaults import DEFAULT_FAMILY, FAMILY_DEPENDENT
 from kohya_gui.components.form import FAMILY_KEY
@@ -345,9 +345,10 @@ def launch(args: argparse.Namespace) -> int:
     demo = build_app(ctx)
     ctx.start_ticker()
     auth = (args.username, args.password) if args.username and args.password else None
+    guard = net_guard.middleware(args.listen, (getattr(args, "allowed_hosts", "") or "").split(","), args.share)
     try:
         demo.queue(default_concurrency_limit=4).launch(
-            server_name=args.listen, server_port=args.server_port or None, share=args.share, auth=auth,
+            app_kwargs={"middleware": guard}, server_name=args.listen, server_port=args.server_port or None, share=args.share, auth=auth,
             inbrowser=args.inbrowser and not args.headless, root_path=args.root_path, show_error=True,
             prevent_thread_lock=True, css_paths=[ASSETS / "style.css"], footer_links=["settings"],
             allowed_paths=[ctx._gallery_dir])
