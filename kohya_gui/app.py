@@ -23,6 +23,7 @@ from kohya_gui import monitor, net_guard
 from kohya_gui.command import ACCEL_PREFIX, AccelerateSettings
 from kohya_gui.components.defaults import DEFAULT_FAMILY, FAMILY_DEPENDENT
 from kohya_gui.components.form import FAMILY_KEY
+from kohya_gui.file_browser import FileBrowser
 from kohya_gui.gui_config import GuiConfig
 from kohya_gui.job_files import JobsDirError
 from kohya_gui.jobs import FINAL_STATUSES, Job, JobError, JobManager
@@ -42,6 +43,10 @@ class AppContext:
         self.jobs = JobManager(jobs_dir, python=python, grace_s=float(self.config.gui("stop_grace_s")))
         self.jobs_dir = self.jobs.jobs_dir
         self.tensorboard = TensorBoard()
+        roots = self.config.gui("browse_roots")
+        self.browser = FileBrowser(roots if isinstance(roots, list) else None)
+        if not isinstance(roots, list):
+            self.config.problems.append("[gui] browse_roots must be a list of folders; using your home folder")
         self.config_warnings = list(self.config.problems)
         self._views: dict[str, tuple[monitor.EventTail, monitor.RunView]] = {}
         self._logs: dict[str, tuple[tuple, str]] = {}
@@ -160,8 +165,25 @@ class AppContext:
             url = self.tensorboard.start(logdir or "")
         except (OSError, ValueError) as e:
             return f"**TensorBoard not started:** {e}"
-        return (f"TensorBoard runs on [{url}]({url}) (this machine only; press the button again to stop it). "
+        return (f"TensorBoard runs on [{url}]({url}) (this machine only; press the button again to stop it; "
+                f"remote users see the scalars under *TensorBoard scalars* in the run monitor). "
                 f"Logs: `{self.tensorboard.logdir}`")
+
+    # ---- remote use: uploads and TensorBoard scalars
+    def extract_upload(self, zip_path: str, folder: str | None) -> str:
+        """Extract an uploaded dataset zip into a new folder inside `folder` (checked against the browse roots)."""
+        from kohya_gui.uploads import extract_dataset_zip
+
+        limit = self.config.gui("max_upload_mb")
+        limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 4096
+        return extract_dataset_zip(zip_path, folder or self.browser.home, self.browser, max_bytes=limit << 20)
+
+    def scalars(self, job: Job) -> dict[str, list[tuple[int, float]]]:
+        """TensorBoard scalars of the job (from its logging_dir), for the GUI's own chart."""
+        from kohya_gui.tb_scalars import read_scalars
+
+        logdir = job.values.get("logging_dir")
+        return read_scalars(logdir) if isinstance(logdir, str) and logdir else {}
 
     # ---- watching jobs
     def job_to_show(self, job_id: str | None) -> Job | None:
