@@ -60,8 +60,8 @@ def extract_dataset_zip(zip_path: str, parent: str, browser: FileBrowser, name: 
             written = 0
             for info in infos:
                 parts = _safe_parts(info.filename)
-                mode = info.external_attr >> 16
-                if stat.S_ISLNK(mode) or (mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))):
+                kind = stat.S_IFMT(info.external_attr >> 16)  # 0 when the zip does not record a file type
+                if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                     raise UploadError(f"entry {info.filename!r} is a link or special file; refused")
                 if not parts:
                     continue
