@@ -8,13 +8,13 @@ py="${PYTHON:-python3}"
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating $venv"
   "$py" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip
 fi
 stamp="$venv/.installed-$(basename "$want")"
 hash=$(cat "$here"/requirements*.txt "$here/setup.py" | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ]; then
   echo "[setup] installing $want into $venv (first run takes a few minutes)"
-  "$venv/bin/python" -m pip install -q -r "$here/$want"
-  "$venv/bin/python" -m pip install -q --no-deps -e "$here"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$here/$want"
+  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$here"
   echo "$hash" > "$stamp"
 fi

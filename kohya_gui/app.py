@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -18,11 +19,13 @@ from typing import Any
 
 import gradio as gr
 
-from kohya_gui import monitor
+from kohya_gui import monitor, net_guard
 from kohya_gui.command import ACCEL_PREFIX, AccelerateSettings
 from kohya_gui.components.defaults import FAMILY_DEPENDENT
 from kohya_gui.components.form import FAMILY_KEY
+from kohya_gui.file_browser import FileBrowser
 from kohya_gui.gui_config import GuiConfig
+from kohya_gui.job_files import JobsDirError
 from kohya_gui.jobs import FINAL_STATUSES, Job, JobError, JobManager
 from kohya_gui.tensorboard import TensorBoard
 from sd_scripts.options import GROUPS
@@ -40,6 +43,10 @@ class AppContext:
         self.jobs = JobManager(jobs_dir, python=python, grace_s=float(self.config.gui("stop_grace_s")))
         self.jobs_dir = self.jobs.jobs_dir
         self.tensorboard = TensorBoard()
+        roots = self.config.gui("browse_roots")
+        self.browser = FileBrowser(roots if isinstance(roots, list) else None)
+        if not isinstance(roots, list):
+            self.config.problems.append("[gui] browse_roots must be a list of folders; using your home folder")
         self.config_warnings = list(self.config.problems)
         self._views: dict[str, tuple[monitor.EventTail, monitor.RunView]] = {}
         self._logs: dict[str, tuple[tuple, str]] = {}
@@ -113,7 +120,7 @@ class AppContext:
         """Pre-flight checks, plus a warning when the model file is of another family than the one selected."""
         from kohya_gui.preflight import Check, detect_family, run_preflight
 
-        checks = list(run_preflight(kind, values, accel))
+        checks = list(run_preflight(kind, values, accel, python=self.jobs.python))
         detected = detect_family(values.get("pretrained_model_name_or_path"))
         if detected and detected != family:
             checks.append(Check("warning", "model_family",
@@ -158,8 +165,25 @@ class AppContext:
             url = self.tensorboard.start(logdir or "")
         except (OSError, ValueError) as e:
             return f"**TensorBoard not started:** {e}"
-        return (f"TensorBoard runs on [{url}]({url}) (this machine only; press the button again to stop it). "
+        return (f"TensorBoard runs on [{url}]({url}) (this machine only; press the button again to stop it; "
+                f"remote users see the scalars under *TensorBoard scalars* in the run monitor). "
                 f"Logs: `{self.tensorboard.logdir}`")
+
+    # ---- remote use: uploads and TensorBoard scalars
+    def extract_upload(self, zip_path: str, folder: str | None) -> str:
+        """Extract an uploaded dataset zip into a new folder inside `folder` (checked against the browse roots)."""
+        from kohya_gui.uploads import extract_dataset_zip
+
+        limit = self.config.gui("max_upload_mb")
+        limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else 4096
+        return extract_dataset_zip(zip_path, folder or self.browser.home, self.browser, max_bytes=limit << 20)
+
+    def scalars(self, job: Job) -> dict[str, list[tuple[int, float]]]:
+        """TensorBoard scalars of the job (from its logging_dir), for the GUI's own chart."""
+        from kohya_gui.tb_scalars import read_scalars
+
+        logdir = job.values.get("logging_dir")
+        return read_scalars(logdir) if isinstance(logdir, str) and logdir else {}
 
     # ---- watching jobs
     def job_to_show(self, job_id: str | None) -> Job | None:
@@ -200,14 +224,20 @@ class AppContext:
 
     @staticmethod
     def output_dir(job: Job) -> str | None:
-        return job.values.get("output_dir") or None
+        value = job.values.get("output_dir")
+        return value if isinstance(value, str) and value else None
 
     def gallery(self, job: Job, items: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """Copies of the sample images in a GUI-owned temp folder (gradio serves only files it may serve)."""
+        """Copies of the sample images in a GUI-owned temp folder (gradio serves only files it may serve).
+
+        Only images inside the job's output folder are copied: an event naming any other file (a damaged or forged
+        events.jsonl) must not make the GUI serve it."""
         folder = os.path.join(self._gallery_dir, job.id)
         os.makedirs(folder, exist_ok=True)
         out = []
         for path, caption in items:
+            if not sample_image_allowed(path, self.output_dir(job)):
+                continue
             dest = os.path.join(folder, f"{abs(hash(path)) % 10**10}_{os.path.basename(path)}")
             if not os.path.exists(dest):
                 try:
@@ -232,8 +262,27 @@ class AppContext:
 
     def close(self) -> None:
         self._stop_ticker.set()
+        self.jobs.close()
         self.tensorboard.stop()
         shutil.rmtree(self._gallery_dir, ignore_errors=True)
+
+
+SAMPLE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+MAX_SAMPLE_BYTES = 64 * 1024 * 1024
+
+
+def sample_image_allowed(path: str, output_dir: str | None) -> bool:
+    """True for an image file (by extension, a regular file, not huge) whose real path is inside output_dir."""
+    if not output_dir or not isinstance(path, str) or not path.lower().endswith(SAMPLE_EXTENSIONS):
+        return False
+    try:
+        real, root = os.path.realpath(path), os.path.realpath(output_dir)
+        if os.path.commonpath([real, root]) != root:
+            return False
+        st = os.stat(real)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_size <= MAX_SAMPLE_BYTES
 
 
 def guess_family(values: dict[str, Any], kohya_config: dict | None = None) -> str:
@@ -297,15 +346,22 @@ def hide_api(demo: gr.Blocks) -> None:
 def launch(args: argparse.Namespace) -> int:
     """Build and serve the GUI with the parsed command-line flags (see cli.py). Blocks until Ctrl+C."""
     started = time.monotonic()
-    ctx = AppContext(args.jobs_dir, getattr(args, "gui_config", None))
+    try:
+        ctx = AppContext(args.jobs_dir, getattr(args, "gui_config", None))
+    except JobsDirError as e:
+        print(f"kohya_gui: {e}", file=sys.stderr)
+        return 2
+    if not ctx.jobs.is_runner:
+        print(f"kohya_gui: {ctx.jobs.viewer_reason()}", file=sys.stderr)
     for warning in ctx.config_warnings:
         print(f"kohya_gui: {warning}", file=sys.stderr)
     demo = build_app(ctx)
     ctx.start_ticker()
     auth = (args.username, args.password) if args.username and args.password else None
+    guard = net_guard.middleware(args.listen, (getattr(args, "allowed_hosts", "") or "").split(","), args.share)
     try:
         demo.queue(default_concurrency_limit=4).launch(
-            server_name=args.listen, server_port=args.server_port or None, share=args.share, auth=auth,
+            app_kwargs={"middleware": guard}, server_name=args.listen, server_port=args.server_port or None, share=args.share, auth=auth,
             inbrowser=args.inbrowser and not args.headless, root_path=args.root_path, show_error=True,
             prevent_thread_lock=True, css_paths=[ASSETS / "style.css"], footer_links=["settings"],
             allowed_paths=[ctx._gallery_dir])

@@ -11,6 +11,7 @@ import os
 import sys
 
 LOOPBACK_NAMES = ("localhost", "localhost.localdomain", "ip6-localhost")
+PASSWORD_ENV = "KOHYA_GUI_PASSWORD"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs_dir", default=None,
                         help="Folder of the run folders (default: [gui] jobs_dir of config.toml, else jobs/ in the "
                              "project folder).")
+    parser.add_argument("--allowed_hosts", default="",
+                        help="Extra host names (comma separated) the GUI answers to, e.g. the name a reverse proxy "
+                             "or DNS uses; other Host headers are refused (DNS-rebinding protection).")
     parser.add_argument("--insecure", action="store_true",
                         help="Allow listening beyond this machine or sharing WITHOUT a login (anyone who can reach "
                              "the port can run programs as you).")
@@ -61,21 +65,32 @@ def exposure_error(args: argparse.Namespace) -> str | None:
     if args.share:
         return ("kohya_gui: refusing --share without a login: a public link lets anyone start programs on this "
                 "machine. Add --username and --password (or --insecure if you really mean it).")
-    if not is_loopback(args.listen or "127.0.0.1"):
-        return (f"kohya_gui: refusing to listen on {args.listen} without a login: anyone on the network could start "
+    listen = gradio_bind_address(args.listen)
+    if not is_loopback(listen):
+        shown = listen or "all interfaces (an empty address)"
+        return (f"kohya_gui: refusing to listen on {shown} without a login: anyone on the network could start "
                 "programs on this machine. Add --username and --password, listen on 127.0.0.1, or pass --insecure.")
     return None
+
+
+def gradio_bind_address(listen: str | None) -> str:
+    """The address Gradio will really bind for `listen`, by Gradio's own rule (`server_name or
+    os.getenv("GRADIO_SERVER_NAME", "127.0.0.1")`): an empty --listen / config value falls back to the environment,
+    which container images often set to 0.0.0.0. The result is passed to Gradio explicitly."""
+    return listen or os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Flags win; what they leave unset comes from config.toml's [gui] section (loaded into args.gui_config)."""
     from kohya_gui.gui_config import GUI_KEYS, load_gui_config  # schema only: no gradio, no torch
 
+    env_password = os.environ.pop(PASSWORD_ENV, None)  # read once; jobs and TensorBoard never inherit it
     if args.password is None:
-        args.password = os.environ.get("KOHYA_GUI_PASSWORD") or None
+        args.password = env_password or None
     config = args.gui_config = load_gui_config(args.config)
     if args.listen is None:
         args.listen = str(config.gui("listen"))
+    args.listen = gradio_bind_address(args.listen)
     if not args.server_port and config.gui("server_port") != GUI_KEYS["server_port"][0]:
         args.server_port = int(config.gui("server_port"))  # else 0: gradio takes 7860 or the next free port
     args.inbrowser = args.inbrowser or bool(config.gui("inbrowser"))

@@ -11,12 +11,15 @@ element: no shell ever sees it.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from sd_scripts import options as schema
+
+from .accelerate_args import ExtraArgsError, check_extra_args
 
 #: GUI training kind -> trainer name of the schema (`sd_scripts.options.TRAINERS`).
 KIND_TO_TRAINER: dict[str, str] = {"lora": "network", "dreambooth": "db", "finetune": "finetune", "ti": "ti"}
@@ -80,12 +83,50 @@ class AccelerateSettings:
         if unknown:
             raise CommandError(unknown[0], f"unknown accelerate setting (known: {', '.join(sorted(known))})")
         if isinstance(data.get("extra_args"), str):
-            data["extra_args"] = shlex.split(data["extra_args"])
-        return cls(**{k: (None if v == "" and k not in ("dynamo_backend",) else v) for k, v in data.items()})
+            try:
+                data["extra_args"] = shlex.split(data["extra_args"])
+            except ValueError as e:
+                raise CommandError("accelerate.extra_args", f"cannot be split into arguments ({e}); check the "
+                                                            f"quotes") from None
+        data = {k: (None if v == "" and k not in ("dynamo_backend",) else v) for k, v in data.items()}
+        return cls(**{k: _accel_value(k, v) for k, v in data.items()})
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (for job.json and presets)."""
         return asdict(self)
+
+
+_ACCEL_INTS = ("num_processes", "num_machines", "machine_rank", "main_process_port", "num_cpu_threads_per_process")
+_ACCEL_BOOLS = ("multi_gpu", "cpu")
+
+
+def _accel_value(name: str, value: Any) -> Any:
+    """One accelerate setting with its type checked (presets and imported files may hold anything)."""
+    where = f"accelerate.{name}"
+    if value is None:
+        return None
+    if name in _ACCEL_INTS:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        elif isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise CommandError(where, f"expected a whole number, got {value!r}")
+        return value
+    if name in _ACCEL_BOOLS:
+        if not isinstance(value, bool):
+            raise CommandError(where, f"expected true or false, got {value!r}")
+        return value
+    if name == "extra_args":
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise CommandError(where, f"expected a list of text arguments, got {value!r}")
+        return list(value)
+    if name == "gpu_ids" and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise CommandError(where, f"expected text, got {value!r}")
+    _check_text(where, value, multiline=False)
+    return value
 
 
 @dataclass
@@ -117,9 +158,17 @@ def split_accelerate(values: dict[str, Any]) -> tuple[dict[str, Any], Accelerate
     return rest, AccelerateSettings.from_dict(accel)
 
 
+#: Control characters no text value may hold (tab is fine; line breaks only in multi-line fields).
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _check_text(name: str, text: str, multiline: bool) -> None:
     if "\x00" in text:
         raise CommandError(name, "contains a NUL character; remove it")
+    bad = _CONTROL.search(text)
+    if bad:
+        raise CommandError(name, f"contains the control character {bad.group()!r} (DEL or similar, invisible); "
+                                 f"remove it")
     if not multiline and ("\n" in text or "\r" in text):
         raise CommandError(name, "must be a single line (it contains a line break)")
 
@@ -130,8 +179,18 @@ def _coerce(opt: schema.Option, value: Any) -> Any:
         return None
     if isinstance(value, str) and value.strip() == "" and not (opt.type is str and opt.default == ""):
         return None
+    if isinstance(value, dict) or (isinstance(value, (list, tuple)) and not opt.nargs):
+        raise CommandError(opt.name, f"expected a single {getattr(opt.type, '__name__', 'value')}, got {value!r}")
     if opt.nargs:
-        items = shlex.split(value) if isinstance(value, str) else [str(v) for v in value]
+        if isinstance(value, str):
+            try:
+                items = shlex.split(value)
+            except ValueError as e:
+                raise CommandError(opt.name, f"cannot be split into items ({e}); check the quotes") from None
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+            items = [str(v) for v in value]
+        else:
+            raise CommandError(opt.name, f"expected a list of text items, got {value!r}")
         for item in items:
             _check_text(opt.name, item, multiline=False)
         return items or None
@@ -231,9 +290,10 @@ def accelerate_flags(accel: AccelerateSettings, mixed_precision: str) -> list[st
         flags += ["--main_process_ip", str(accel.main_process_ip)]
     if accel.main_process_port not in (None, "", 0):
         flags += ["--main_process_port", str(int(accel.main_process_port))]
-    for item in accel.extra_args or []:
-        _check_text("accelerate.extra_args", str(item), multiline=False)
-        flags.append(str(item))
+    try:
+        flags += check_extra_args(list(accel.extra_args or []))
+    except ExtraArgsError as e:
+        raise CommandError("accelerate.extra_args", str(e)) from None
     return flags
 
 
@@ -241,8 +301,9 @@ def prompts_file_text(text: str | None) -> str | None:
     """The sample prompt file's content, or None when there are no prompts. NUL characters are refused."""
     if text is None:
         return None
-    if "\x00" in text:
-        raise CommandError("sample_prompts_text", "contains a NUL character; remove it")
+    if not isinstance(text, str):
+        raise CommandError("sample_prompts_text", f"must be text, got {type(text).__name__}")
+    _check_text("sample_prompts_text", text, multiline=True)
     lines = [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
     if not any(line.strip() and not line.lstrip().startswith("#") for line in lines):
         return None

@@ -39,6 +39,9 @@ GUI_KEYS: dict[str, tuple[Any, str]] = {
     "server_port": (7860, "Port of the web server."),
     "inbrowser": (False, "Open the browser on start."),
     "default_kind": ("lora", "Tab shown first: lora, dreambooth, finetune or ti."),
+    "browse_roots": ([], "Folders the server-side file browser may show and dataset zips may be extracted into "
+                         "(empty: your home folder)."),
+    "max_upload_mb": (4096, "Largest unpacked size of an uploaded dataset zip, in MiB."),
 }
 
 #: Built-in per-kind defaults (kohya_ss used 1e-6 for everything; that starves a LoRA).

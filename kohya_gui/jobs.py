@@ -8,6 +8,11 @@ Liveness is never assumed: a job is running only while a process with its pid AN
 `tick()` (the UI calls it every second) notices a dead process within a second, finishes its job from the exit code
 and the `done` event, and starts the next queued job, so stale state can never block a new start.
 
+Trust: a job runs from its kind and run.toml, rebuilt and checked by the GUI at launch; the argv kept in job.json is
+for display only and is never executed. The jobs folder must be private (job_files.ensure_private_dir); one GUI per
+folder runs the queue (file lock), the others are read-only viewers. Every job.json field is type-checked: a bad job
+is listed as unreadable with the reason and never stops the others or the tick.
+
 Stopping: `stop()` writes the `stop` request file into the job folder (the trainer finishes its step, saves, emits
 `done: stopped` and exits 0); if the process is still alive `grace_s` seconds later, `tick()` kills the whole process
 tree (psutil + the process group). No shell anywhere: processes start from an argument list.
@@ -21,16 +26,20 @@ import secrets as _random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import psutil
 
+from sd_scripts import options as schema
+
 from . import monitor
-from .command import AccelerateSettings, RunCommand, build_command, format_command
+from .atomic import atomic_write
+from .command import (JOB_OPTIONS, AccelerateSettings, CommandError, RunCommand, build_command, format_command,
+                      trainer_for)
+from .job_files import JobFileError, JobsDirError, QueueLock, check_job_fields, ensure_private_dir
 from .secrets import redact, secret_values, strip_secrets
 
 log = logging.getLogger(__name__)
@@ -115,26 +124,15 @@ class Job:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], folder: str) -> "Job":
-        known = {f.name for f in fields(cls)} - {"folder"}
-        job = cls(**{k: v for k, v in data.items() if k in known})
+    def from_dict(cls, data: Any, folder: str) -> "Job":
+        """A Job from job.json content; JobFileError names a field of the wrong type."""
+        job = cls(**check_job_fields(data, os.path.basename(folder), STATUSES))
         job.folder = folder
         return job
 
 
 def _atomic_write(path: str, text: str) -> None:
-    folder = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, text)
 
 
 def process_alive(pid: int | None, create_time: float | None) -> bool:
@@ -190,9 +188,31 @@ class JobManager:
         self._lock = threading.RLock()
         self._procs: dict[str, subprocess.Popen] = {}
         self._secrets: dict[str, list[str]] = {}
-        self._cache: dict[str, tuple[int, Job]] = {}
-        os.makedirs(self.jobs_dir, exist_ok=True)
-        self.reattach()
+        self._cache: dict[str, tuple[int, Job | str]] = {}  # job id -> (mtime, Job or why it is unreadable)
+        self._live: dict[str, tuple[int, float | None]] = {}  # job id -> (pid, create time) of runs seen running
+        self._tails: dict[str, tuple[monitor.EventTail, monitor.RunView]] = {}
+        ensure_private_dir(self.jobs_dir)
+        self._queue_lock = QueueLock(self.jobs_dir)
+        if self._queue_lock.try_acquire():
+            self.reattach()
+
+    # ---- the queue-runner lock
+    @property
+    def is_runner(self) -> bool:
+        """True when this GUI runs the queue; False: another GUI does and this one only shows the jobs."""
+        return self._queue_lock.held
+
+    def viewer_reason(self) -> str:
+        return (f"another GUI (pid {self._queue_lock.holder()}) runs the queue of {self.jobs_dir}; this one only "
+                f"shows it. Use that GUI, or close it and this one takes over")
+
+    def _require_runner(self) -> None:
+        if not self._queue_lock.try_acquire():
+            raise JobError(self.viewer_reason())
+
+    def close(self) -> None:
+        """Give up the queue (another GUI may take over). Running trainers keep running."""
+        self._queue_lock.release()
 
     # ---- storage
     def _save(self, job: Job) -> None:
@@ -207,22 +227,36 @@ class JobManager:
             return None
         cached = self._cache.get(job_id)
         if cached and cached[0] == mtime:
-            return cached[1]
+            return cached[1] if isinstance(cached[1], Job) else None
         try:
             with open(path, encoding="utf-8") as f:
-                job = Job.from_dict(json.load(f), folder)
-        except (OSError, ValueError, TypeError) as e:
-            log.warning("ignoring unreadable job file %s: %s", path, e)
-            return None
+                job: Job | str = Job.from_dict(json.load(f), folder)
+        except JobFileError as e:
+            job = str(e)
+        except (OSError, ValueError, TypeError, RecursionError) as e:
+            job = f"job.json cannot be read: {e}"
+        if isinstance(job, str):
+            log.warning("unreadable job %s: %s", path, job)
         self._cache[job_id] = (mtime, job)
-        return job
+        return job if isinstance(job, Job) else None
+
+    def unreadable(self) -> list[tuple[str, str]]:
+        """(job id, reason) of the job folders whose job.json is not what the GUI writes (shown, never run)."""
+        with self._lock:
+            self._all()
+            out = []
+            for job_id, (_, entry) in sorted(self._cache.items()):
+                if isinstance(entry, str) and os.path.isfile(os.path.join(self.jobs_dir, job_id, JOB_JSON)):
+                    out.append((job_id, entry))
+            return out
 
     def _all(self) -> list[Job]:
         try:
             names = os.listdir(self.jobs_dir)
         except FileNotFoundError:
             return []
-        jobs = [self._read(n) for n in names if os.path.isfile(os.path.join(self.jobs_dir, n, JOB_JSON))]
+        jobs = [self._read(n) for n in names
+                if not n.startswith(".") and os.path.isfile(os.path.join(self.jobs_dir, n, JOB_JSON))]
         return [j for j in jobs if j is not None]
 
     def list(self) -> list[Job]:
@@ -251,8 +285,36 @@ class JobManager:
         with self._lock:
             for job in self._all():
                 if job.status == "running" and self._alive(job):
+                    self._live.setdefault(job.id, (job.pid or 0, job.create_time))
                     return job
             return None
+
+    def _busy(self) -> bool:
+        """A run is alive: a readable running job, or one seen running whose job.json became unreadable."""
+        if self.running() is not None:
+            return True
+        for job_id, (pid, create_time) in list(self._live.items()):
+            proc = self._procs.get(job_id)
+            if (proc.poll() is None) if proc is not None else process_alive(pid, create_time):
+                return True
+            self._live.pop(job_id, None)
+        return False
+
+    def _reap_orphans(self) -> list[str]:
+        """Kill the process tree of runs whose job folder was deleted while they ran (nothing would watch them)."""
+        killed = []
+        for job_id, (pid, create_time) in list(self._live.items()):
+            if os.path.isdir(os.path.join(self.jobs_dir, job_id)):
+                continue
+            log.warning("job folder %s was deleted while its run was alive: killing the run", job_id)
+            kill_tree(pid, create_time)
+            proc = self._procs.pop(job_id, None)
+            if proc is not None:
+                proc.wait()
+            self._live.pop(job_id, None)
+            self._cache.pop(job_id, None)
+            killed.append(job_id)
+        return killed
 
     # ---- creating and starting
     def create(self, kind: str, values: dict[str, Any], accel: AccelerateSettings | None = None,
@@ -260,10 +322,11 @@ class JobManager:
         """Queue a run: build its command (errors raise before anything is written), write the job folder."""
         accel = accel or AccelerateSettings()
         with self._lock:
+            self._require_runner()
             job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{_random.token_hex(3)}"
             folder = os.path.join(self.jobs_dir, job_id)
             cmd = self.build(kind, values, accel, folder, python=self.python)
-            os.makedirs(folder)
+            os.makedirs(folder, mode=0o700)
             _atomic_write(cmd.toml_path, cmd.toml_text)
             if cmd.prompts_text is not None and cmd.prompts_path:
                 _atomic_write(cmd.prompts_path, cmd.prompts_text)
@@ -278,7 +341,7 @@ class JobManager:
     def start_next(self) -> Job | None:
         """Start the first queued job if nothing is running. Returns the started job (or None)."""
         with self._lock:
-            if self.running() is not None:
+            if not self._queue_lock.try_acquire() or self._busy():
                 return None
             for job in self.queued():
                 self._launch(job)
@@ -292,7 +355,28 @@ class JobManager:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
         return env
 
+    def _rebuild(self, job: Job) -> RunCommand:
+        """The job's command, made now from its kind, run.toml and accelerate settings, all checked again (the files
+        may have been edited since they were queued). CommandError / OptionError say what is wrong."""
+        trainer = trainer_for(job.kind)
+        values = schema.config_values(job.toml_path, trainer)
+        for name in JOB_OPTIONS:
+            values.pop(name, None)
+        accel = AccelerateSettings.from_dict(job.accel)
+        cmd = self.build(job.kind, values, accel, job.job_dir, python=self.python)
+        _atomic_write(cmd.toml_path, cmd.toml_text)
+        return cmd
+
     def _launch(self, job: Job) -> None:
+        try:
+            cmd = self._rebuild(job)
+        except (CommandError, ValueError, OSError) as e:
+            job.status, job.ended = "failed", time.time()
+            job.error_message = f"not started: {e}"
+            job.error_hint = "The job's run.toml or settings are not valid; queue the run again from the form."
+            self._save(job)
+            return
+        job.argv = list(cmd.argv)  # for display; what runs is cmd.argv, built just now
         for name in CONTROL_REQUESTS:  # a stale request must not stop the new run
             try:
                 os.remove(os.path.join(job.job_dir, name))
@@ -303,7 +387,7 @@ class JobManager:
             with open(job.log_path, "ab") as logf:
                 logf.write(f"$ {job.command_line}\n".encode("utf-8", "replace"))
                 logf.flush()
-                proc = subprocess.Popen(job.argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                proc = subprocess.Popen(cmd.argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         cwd=self.cwd, env=self._env(), start_new_session=True, close_fds=True)
         except OSError as e:
             job.status, job.ended = "failed", time.time()
@@ -313,10 +397,12 @@ class JobManager:
             return
         self._procs[job.id] = proc
         job.pid = proc.pid
+        self._live[job.id] = (proc.pid, None)
         try:
             job.create_time = psutil.Process(proc.pid).create_time()
         except psutil.Error:
             job.create_time = None
+        self._live[job.id] = (proc.pid, job.create_time)
         self._save(job)
 
     # ---- watching
@@ -329,8 +415,13 @@ class JobManager:
     def tick(self) -> list[Job]:
         """Call about once a second: finish jobs whose process ended, kill runs past their stop grace period,
         start the next queued job. Returns the jobs whose status changed."""
-        changed = []
+        changed: list[Job] = []
         with self._lock:
+            if not self._queue_lock.held:
+                if not self._queue_lock.try_acquire():
+                    return changed  # a viewer: the runner GUI settles and starts jobs
+                changed += self.reattach()
+            self._reap_orphans()
             for job in self._all():
                 if job.status != "running":
                     continue
@@ -342,6 +433,7 @@ class JobManager:
                         changed.append(job)
                     continue
                 self._finish(job)
+                self._live.pop(job.id, None)
                 changed.append(job)
             started = self.start_next()
             if started is not None:
@@ -352,7 +444,7 @@ class JobManager:
         """The process is gone: settle the final status from its exit code and events."""
         proc = self._procs.pop(job.id, None)
         rc = proc.wait() if proc is not None else None
-        view = monitor.update(monitor.RunView(), monitor.EventTail(job.events_path).read())
+        view = self._event_view(job)
         tail = redact(monitor.read_log_tail(job.log_path, LOG_TAIL_LINES), self._secrets.get(job.id, []))
         job.log_tail, job.exit_code, job.ended = tail, rc, time.time()
         job.outputs = view.outputs or [p for _, p in view.saves]
@@ -388,7 +480,11 @@ class JobManager:
         finished = []
         with self._lock:
             for job in self._all():
-                if job.status == "running" and not process_alive(job.pid, job.create_time):
+                if job.status != "running":
+                    continue
+                if process_alive(job.pid, job.create_time):
+                    self._live[job.id] = (job.pid or 0, job.create_time)
+                else:
                     self._finish(job)
                     finished.append(job)
         return finished
@@ -400,6 +496,7 @@ class JobManager:
         from sd_scripts.training.control import request
 
         with self._lock:
+            self._require_runner()
             job = self._need(job_id)
             if job.status == "queued":
                 return self.cancel(job_id)
@@ -428,6 +525,7 @@ class JobManager:
     def kill(self, job_id: str) -> Job:
         """Kill the run's whole process tree now (no final save)."""
         with self._lock:
+            self._require_runner()
             job = self._need(job_id)
             if job.status != "running":
                 raise JobError(f"job {job_id} is {job.status}, not running")
@@ -443,6 +541,7 @@ class JobManager:
         if what not in ("save", "sample"):
             raise JobError(f"request must be 'save' or 'sample', got {what!r}")
         with self._lock:
+            self._require_runner()
             job = self._need(job_id)
             if job.status != "running":
                 raise JobError(f"job {job_id} is {job.status}, not running")
@@ -452,6 +551,7 @@ class JobManager:
     def cancel(self, job_id: str) -> Job:
         """Take a queued job off the queue (status cancelled)."""
         with self._lock:
+            self._require_runner()
             job = self._need(job_id)
             if job.status != "queued":
                 raise JobError(f"only queued jobs can be cancelled; job {job_id} is {job.status} (use stop)")
@@ -465,6 +565,7 @@ class JobManager:
         if step not in (-1, 1):
             raise JobError(f"direction must be 'up' or 'down', got {direction!r}")
         with self._lock:
+            self._require_runner()
             queue = self.queued()
             ids = [j.id for j in queue]
             if job_id not in ids:
@@ -485,16 +586,30 @@ class JobManager:
         import shutil
 
         with self._lock:
+            self._require_runner()
             job = self._need(job_id)
             if not job.is_final:
                 raise JobError(f"job {job_id} is {job.status}; stop or cancel it first")
             shutil.rmtree(job.job_dir)
             self._cache.pop(job_id, None)
 
+    def _event_view(self, job: Job) -> monitor.RunView:
+        """The job's RunView from its events, reading only what was appended since the last call (offset kept)."""
+        tail, view = self._tails.get(job.id) or (monitor.EventTail(job.events_path), monitor.RunView())
+        events = tail.read()
+        if tail.restarted:  # the file was replaced: rebuild from its start
+            view = monitor.RunView()
+        monitor.update(view, events)
+        self._tails[job.id] = (tail, view)
+        return view
+
     def view(self, job_id: str) -> monitor.RunView:
-        """A RunView of the job from its files (status, events, log tail)."""
-        job = self._need(job_id)
-        view = monitor.view_from_files(job.events_path, job.log_path, status=job.status)
+        """A RunView of the job from its files (status, events incrementally, log tail)."""
+        with self._lock:
+            job = self._need(job_id)
+            view = self._event_view(job)
+        view.status = job.status
+        view.log_tail = monitor.read_log_tail(job.log_path)
         if job.error_message and not view.error_message:
             view.error_message = job.error_message
         return view

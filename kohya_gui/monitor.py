@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 EMA_ALPHA = 0.1  # weight of the newest loss in the smoothed curve
-MAX_LOSS_POINTS = 20000  # keep memory bounded on very long runs (older points are thinned)
+MAX_LOSS_POINTS = 20000
+MAX_LINE_BYTES = 1 << 20  # keep memory bounded on very long runs (older points are thinned)
 
 
 class EventTail:
@@ -24,14 +25,17 @@ class EventTail:
         self.path = os.fspath(path)
         self.offset = 0
         self._pending = b""
+        self.restarted = False  # the last read() started again from the top (file replaced or truncated)
 
     def read(self) -> list[dict[str, Any]]:
         """Events appended since the last call."""
+        self.restarted = False
         try:
             with open(self.path, "rb") as f:
                 f.seek(0, os.SEEK_END)
                 size = f.tell()
-                if size < self.offset:  # replaced or truncated
+                self.restarted = size < self.offset
+                if self.restarted:  # replaced or truncated
                     self.offset, self._pending = 0, b""
                 f.seek(self.offset)
                 data = f.read()
@@ -41,6 +45,8 @@ class EventTail:
         data = self._pending + data
         lines = data.split(b"\n")
         self._pending = lines.pop()  # b"" when data ended with a newline
+        if len(self._pending) > MAX_LINE_BYTES:  # no event is that long: drop the garbage, keep memory bounded
+            self._pending = b""
         events = []
         for line in lines:
             record = _parse(line)
@@ -113,39 +119,57 @@ def _num(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def _texts(value: Any) -> list[str]:
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
 def update(view: RunView, events: Iterable[dict[str, Any]]) -> RunView:
-    """Apply events to `view` in place (and return it). Unknown event types and missing fields are ignored."""
+    """Apply events to `view` in place (and return it). Unknown event types, missing fields and fields of the wrong
+    type (the file is written by another process and may be damaged) are ignored, never raised."""
     for ev in events:
-        kind = ev.get("type")
-        if kind == "start":
-            view.start = {k: v for k, v in ev.items() if k not in ("type", "time")}
-            view.total_steps = ev.get("total_steps", ev.get("steps", view.total_steps))
-            view.total_epochs = ev.get("total_epochs", ev.get("epochs", view.total_epochs))
-            if view.status == "queued":
-                view.status = "running"
-        elif kind == "progress":
-            _progress(view, ev)
-        elif kind == "sample":
-            paths = ev.get("paths") or []
-            prompts = ev.get("prompts") or []
-            step = int(ev.get("step") or 0)
-            for i, path in enumerate(paths):
-                view.samples.append((step, str(path), str(prompts[i]) if i < len(prompts) else ""))
-        elif kind == "save":
-            view.saves.append((str(ev.get("kind") or ""), str(ev.get("path") or "")))
-        elif kind == "validation":
-            view.validations.append({k: v for k, v in ev.items() if k != "type"})
-        elif kind == "warning":
-            message = str(ev.get("message") or "")
-            hint = ev.get("hint")
-            view.warnings.append(f"{message} ({hint})" if hint else message)
-        elif kind == "error":
-            view.error_message = str(ev.get("message") or "") or view.error_message
-            view.error_hint = str(ev.get("hint") or "") or view.error_hint
-        elif kind == "done":
-            view.done_status = ev.get("status")
-            view.outputs = [str(p) for p in ev.get("outputs") or []]
+        if isinstance(ev, dict):
+            _apply(view, ev)
     return view
+
+
+def _apply(view: RunView, ev: dict[str, Any]) -> None:
+    kind = ev.get("type")
+    if kind == "start":
+        view.start = {k: v for k, v in ev.items() if k not in ("type", "time")}
+        view.total_steps = _int(ev.get("total_steps", ev.get("steps"))) or view.total_steps
+        view.total_epochs = _int(ev.get("total_epochs", ev.get("epochs"))) or view.total_epochs
+        if view.status == "queued":
+            view.status = "running"
+    elif kind == "progress":
+        _progress(view, ev)
+    elif kind == "sample":
+        prompts = ev.get("prompts") if isinstance(ev.get("prompts"), list) else []
+        step = _int(ev.get("step")) or 0
+        for i, path in enumerate(_texts(ev.get("paths"))):
+            prompt = prompts[i] if i < len(prompts) and isinstance(prompts[i], str) else ""
+            view.samples.append((step, path, prompt))
+    elif kind == "save":
+        view.saves.append((_text(ev.get("kind")), _text(ev.get("path"))))
+    elif kind == "validation":
+        view.validations.append({k: v for k, v in ev.items() if k != "type"})
+    elif kind == "warning":
+        message, hint = _text(ev.get("message")), _text(ev.get("hint"))
+        view.warnings.append(f"{message} ({hint})" if hint else message)
+    elif kind == "error":
+        view.error_message = _text(ev.get("message")) or view.error_message
+        view.error_hint = _text(ev.get("hint")) or view.error_hint
+    elif kind == "done":
+        status = ev.get("status")
+        view.done_status = status if status in ("completed", "stopped", "failed") else view.done_status
+        view.outputs = _texts(ev.get("outputs"))
 
 
 def _progress(view: RunView, ev: dict[str, Any]) -> None:

@@ -186,6 +186,22 @@ def estimate_memory_gb(trainer: str, family: str, values: dict[str, Any]) -> flo
 
 # ------------------------------------------------------------------ checks
 
+def python_problem(python: str) -> str | None:
+    """Why the configured interpreter cannot run jobs (missing, a folder, not executable), or None."""
+    if not python:
+        return "no Python interpreter is configured; set [gui] python in config.toml or leave it empty"
+    if not os.path.isabs(python):
+        found = shutil.which(python)
+        if not found:
+            return f"cannot run the job Python {python!r}: it is not found on PATH; fix [gui] python in config.toml"
+        python = found
+    if not os.path.isfile(python):
+        return f"cannot run the job Python {python!r}: it does not exist; fix [gui] python in config.toml"
+    if not os.access(python, os.X_OK):
+        return f"cannot run the job Python {python!r}: it is not executable; fix [gui] python in config.toml"
+    return None
+
+
 def trainer_importable(trainer: str, python: str = sys.executable, timeout: float = 30.0) -> str | None:
     """None when `python` can find the trainer module and accelerate (find_spec, torch not imported); else why."""
     module = TRAINER_MODULES[trainer]
@@ -395,8 +411,12 @@ def run_preflight(kind: str, values: dict[str, Any], accel: AccelerateSettings |
         norm = normalize_values(kind, merged)
     except CommandError as e:
         return [Check("error", e.field, str(e))]
+    if accel.extra_args:
+        checks.append(Check("warning", "accelerate.extra_args",
+                            f"extra `accelerate launch` arguments (from the form, a preset or an imported config): "
+                            f"{' '.join(accel.extra_args)}; check that you want them"))
     if check_trainer:
-        problem = trainer_importable(trainer, python)
+        problem = python_problem(python) or trainer_importable(trainer, python)
         if problem:
             checks.append(Check("error", "trainer", problem))
     _check_paths(trainer, norm, checks)

@@ -25,7 +25,8 @@ from sd_scripts import options as schema
 from sd_scripts.families import all_families
 
 from .command import (ACCEL_PREFIX, GUI_FIELDS, JOB_OPTIONS, KIND_TO_TRAINER, AccelerateSettings, CommandError,
-                      _coerce, trainer_for)
+                      _coerce, accelerate_flags, trainer_for)
+from .atomic import atomic_write
 from .secrets import is_secret, strip_secrets
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -111,6 +112,8 @@ def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Bring a preset dict to SCHEMA_VERSION. Returns (preset, notes)."""
     notes = []
     version = data.get("schema_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PresetError(f"preset key 'schema_version' must be a whole number, got {version!r}")
     if version == 0:  # a flat dict of values, maybe with sd-scripts spellings
         values = {schema.ALIASES.get(k, k): v for k, v in data.items() if k not in ("name", "kind", "description")}
         data = {"schema_version": 1, "name": data.get("name"), "kind": data.get("kind"),
@@ -123,6 +126,18 @@ def migrate(data: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     return data, notes
 
 
+def accelerate_problem(key: str, value: Any) -> str | None:
+    """Why an 'accelerate.<setting>' value from a file cannot be used (wrong type, extra arguments outside the
+    allow-list), or None."""
+    try:
+        AccelerateSettings.from_dict({key[len(ACCEL_PREFIX):]: value}).extra_args  # type and allow-list checks
+        if key == ACCEL_PREFIX + "extra_args":
+            accelerate_flags(AccelerateSettings.from_dict({"extra_args": value}), "no")
+    except CommandError as e:
+        return str(e)
+    return None
+
+
 def _clean_values(kind: str, raw: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Keep known keys (converted to their types); report the rest by name."""
     trainer = trainer_for(kind)
@@ -132,9 +147,16 @@ def _clean_values(kind: str, raw: dict[str, Any]) -> tuple[dict[str, Any], list[
     for key, value in raw.items():
         name = schema.ALIASES.get(key, key)
         if name in GUI_FIELDS:
-            values[name] = value
+            if isinstance(value, str):
+                values[name] = value
+            else:
+                unknown.append(f"{key} (invalid value: expected text, got {type(value).__name__})")
         elif name.startswith(ACCEL_PREFIX) and name[len(ACCEL_PREFIX):] in accel_names:
-            values[name] = value
+            problem = accelerate_problem(name, value)
+            if problem:
+                unknown.append(f"{key} (refused: {problem})")
+            else:
+                values[name] = value
         elif name in schema.BY_NAME and name not in JOB_OPTIONS:
             opt = schema.BY_NAME[name]
             if not opt.applies_to(trainer):
@@ -161,7 +183,11 @@ def load_preset(kind: str, name: str, user_dir: str | None = None, demo_dir: str
     if name not in index:
         raise PresetError(f"no {kind} preset named {name!r}; known: {', '.join(index) or 'none'}")
     path = index[name][0]
-    data, notes = migrate(_read(path))
+    stored = _read(path)
+    try:
+        data, notes = migrate(stored)
+    except PresetError as e:
+        raise PresetError(f"preset {path}: {e}") from None
     raw = data.get("values") or {}
     if not isinstance(raw, dict):
         raise PresetError(f"preset {path}: 'values' must be an object")
@@ -213,11 +239,7 @@ def save_preset(kind: str, name: str, values: dict[str, Any], user_dir: str | No
     path = os.path.join(folder, _slug(name) + ".json")
     data = {"schema_version": SCHEMA_VERSION, "name": name, "kind": kind, "description": description,
             "values": preset_changes(kind, values)}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", mode=0o644)
     return path
 
 
@@ -342,7 +364,11 @@ def import_kohya_json(path: str, kind: str | None = None) -> tuple[dict[str, Any
         if name.startswith(ACCEL_PREFIX):
             setting = name[len(ACCEL_PREFIX):]
             if setting in accel_names and _meaningful(raw):
-                values[name] = raw
+                problem = accelerate_problem(name, raw)
+                if problem:
+                    unknown.append(f"{key} (refused: {problem})")
+                else:
+                    values[name] = raw
             continue
         opt = schema.BY_NAME.get(name)
         if opt is None or name in JOB_OPTIONS:

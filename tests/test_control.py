@@ -101,33 +101,34 @@ def test_sync_flags_single_process_is_unchanged():
 
 WORKER = textwrap.dedent("""
     import os, sys
+    import torch.distributed as dist
     import torch.multiprocessing as mp
 
-    def worker(rank, port):
+    def worker(rank, rendezvous):
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        from accelerate import Accelerator
-        from sd_scripts.training.control import sync_flags
-        acc = Accelerator(cpu=True)
-        assert acc.num_processes == 2
-        flags = {"stop": rank == 1, "save": rank == 0, "sample": False}
-        out = sync_flags(acc, flags)
-        assert out == {"stop": True, "save": True, "sample": False}, out
-        acc.wait_for_everyone()
-        if rank == 0:
-            print("SYNC_OK")
+                          MASTER_ADDR="127.0.0.1")
+        # A file rendezvous: no TCP port to pick and race for (a fixed or "free right now" port can be taken by
+        # another test under load). accelerate reuses an initialised process group.
+        dist.init_process_group("gloo", init_method="file://" + rendezvous, rank=rank, world_size=2)
+        try:
+            from accelerate import Accelerator
+            from sd_scripts.training.control import sync_flags
+            acc = Accelerator(cpu=True)
+            assert acc.num_processes == 2
+            flags = {"stop": rank == 1, "save": rank == 0, "sample": False}
+            out = sync_flags(acc, flags)
+            assert out == {"stop": True, "save": True, "sample": False}, out
+            acc.wait_for_everyone()
+            if rank == 0:
+                print("SYNC_OK", flush=True)
+        finally:
+            # tear the group down before exit: gloo threads alive at interpreter exit abort the process
+            # ("terminate called without an active exception")
+            dist.destroy_process_group()
 
     if __name__ == "__main__":
-        mp.spawn(worker, args=(int(sys.argv[1]),), nprocs=2)
+        mp.spawn(worker, args=(sys.argv[1],), nprocs=2, join=True)
 """)
-
-
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sync_flags_ors_across_two_gloo_processes(tmp_path):
@@ -136,7 +137,7 @@ def test_sync_flags_ors_across_two_gloo_processes(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run([sys.executable, str(script), str(_free_port())], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "rendezvous")], env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SYNC_OK" in proc.stdout

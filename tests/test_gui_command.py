@@ -73,7 +73,9 @@ def test_injection_strings_stay_literal_and_nothing_runs(tmp_path):
               "metadata_author": texts[4], "metadata_tags": texts[5], "caption_prefix": texts[6],
               "pretrained_model_name_or_path": texts[7], "optimizer_args": ["weight_decay=0.01", texts[1]],
               "sample_prompts_text": "\n".join(texts)}
-    cmd = build_command("lora", values, AccelerateSettings(extra_args=[texts[0]]), str(job))
+    with pytest.raises(CommandError, match="accelerate.extra_args"):  # never passed on to accelerate (issue 11)
+        build_command("lora", values, AccelerateSettings(extra_args=[texts[0]]), str(job))
+    cmd = build_command("lora", values, AccelerateSettings(), str(job))
     back = _readback(cmd, tmp_path)
     for key in ("output_name", "training_comment", "metadata_title", "metadata_author", "metadata_tags",
                 "caption_prefix", "pretrained_model_name_or_path", "optimizer_args"):

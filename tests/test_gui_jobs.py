@@ -194,6 +194,7 @@ def test_reattach_after_restart_keeps_live_runs_and_fails_dead_ones(tmp_path, fa
     with open(ghost.log_path, "w") as f:
         f.write("loading model\nRuntimeError: CUDA out of memory\n")
 
+    m.close()  # the GUI dies: its queue lock goes with it (its trainers keep running)
     m2 = JobManager(str(tmp_path / "jobs"), python=sys.executable, grace_s=30, build=fake_build)  # "restart"
     g = m2.get(ghost.id)
     assert g.status == "failed" and "CUDA out of memory" in g.log_tail and "not watching" in g.error_message
@@ -210,6 +211,7 @@ def test_reattached_process_that_dies_is_failed(tmp_path, fake_build):
     m = _manager(tmp_path, fake_build)
     job = m.create("lora", {"output_name": "ignore_stop", "max_train_steps": 100000}, AccelerateSettings())
     m.tick()
+    m.close()  # the GUI dies: its queue lock goes with it
     m2 = JobManager(str(tmp_path / "jobs"), python=sys.executable, build=fake_build)
     assert process_alive(m2.get(job.id).pid, m2.get(job.id).create_time)
     os.kill(job.pid if job.pid else m2.get(job.id).pid, signal.SIGKILL)

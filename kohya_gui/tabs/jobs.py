@@ -36,6 +36,7 @@ class JobsTab:
                 self.stop = gr.Button("Stop", variant="stop", elem_id="jobs-stop")
                 self.kill = gr.Button("Kill now", variant="stop", elem_id="jobs-kill")
             self.message = gr.Markdown(elem_id="jobs-message")
+            self.viewer_notice = gr.Markdown(self._viewer_text(), elem_id="jobs-viewer")
             self.command = gr.Code(label="Command of the selected job", language="shell", interactive=False,
                                    elem_id="jobs-command")
         self.signature = gr.State("")
@@ -50,6 +51,10 @@ class JobsTab:
                                (self.kill, "kill")):
             button.click(lambda job_id, a=action: self._act(job_id, a), self.selected,
                          [self.message, self.table, self.selected, self.signature])
+
+    def _viewer_text(self) -> str:
+        jobs = self.ctx.jobs
+        return "" if jobs.is_runner else f"**Read-only:** {jobs.viewer_reason()}."
 
     # ---- table
     def _rows(self) -> list[list[str]]:
@@ -68,6 +73,8 @@ class JobsTab:
             rows.append([job.id, job.name, job.kind, status, progress,
                          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created)),
                          "" if job.exit_code is None else str(job.exit_code)])
+        for job_id, reason in self.ctx.jobs.unreadable():  # shown with the reason, never run
+            rows.append([job_id, reason, "", "unreadable", "", "", ""])
         return rows
 
     def _queue_position(self, job_id: str) -> int:

@@ -42,6 +42,16 @@ class RunMonitor:
             self.log = gr.Textbox(label="Log (tail)", lines=10, max_lines=10, autoscroll=True, interactive=False,
                                   elem_id="run-log")
             self.outputs = gr.Markdown(elem_id="run-outputs")
+            with gr.Accordion("TensorBoard scalars (read from the run's logging_dir)", open=False,
+                              elem_id="run-tb"):
+                self.tb_tag = gr.Dropdown([], label="Scalar", elem_id="run-tb-tag")
+                self.tb_refresh = gr.Button("Refresh", elem_id="run-tb-refresh")
+                self.tb_plot = gr.LinePlot(x="step", y="value", label="Scalar", height=240, elem_id="run-tb-plot")
+                self.tb_message = gr.Markdown(elem_id="run-tb-message")
+        self.tb_refresh.click(self.scalars, [self.watched, self.tb_tag], [self.tb_tag, self.tb_plot,
+                                                                          self.tb_message], show_progress="hidden")
+        self.tb_tag.input(self.scalars, [self.watched, self.tb_tag], [self.tb_tag, self.tb_plot, self.tb_message],
+                          show_progress="hidden")
         self.signature = gr.State({})
         self.timer = gr.Timer(TICK_S)
         self.timer.tick(self.tick, [self.watched, self.signature],
@@ -74,6 +84,18 @@ class RunMonitor:
             else:
                 out.append(parts[name])
         return [*out, new_signature]
+
+    def scalars(self, watched: str | None, tag: str | None):
+        """The watched job's TensorBoard scalars: tag choices and the chosen tag's curve."""
+        import pandas as pd  # already loaded by gradio
+
+        job = self.ctx.job_to_show(watched)
+        series = self.ctx.scalars(job) if job is not None else {}
+        if not series:
+            return gr.update(choices=[], value=None), None, "No TensorBoard scalars yet (set Logging dir)."
+        tag = tag if tag in series else sorted(series)[0]
+        frame = pd.DataFrame(series[tag], columns=["step", "value"]).astype({"step": "int64", "value": "float64"})
+        return gr.update(choices=sorted(series), value=tag), frame, f"{len(series[tag])} points of `{tag}`."
 
     @staticmethod
     def _plot_value(view):

@@ -12,6 +12,7 @@ import gradio as gr
 
 from kohya_gui.command import KIND_TO_TRAINER, TRAINER_MODULES, build_command, format_command
 from kohya_gui.components.form import TrainingForm
+from kohya_gui.components.path_picker import PathPicker
 
 if TYPE_CHECKING:
     from kohya_gui.app import AppContext
@@ -74,6 +75,7 @@ class TrainingTab:
                                               elem_id=f"{prefix}-import-path")
                 self.import_button = gr.Button("Import", size="md", scale=1, elem_id=f"{prefix}-import")
             self.form = TrainingForm(kind, self.trainer, ctx.initial_values(kind), prefix)
+            self.picker = PathPicker(ctx, self.form, prefix)
             self.family_state = gr.State(self.form.family.value)
             with gr.Row():
                 self.print_button = gr.Button("Print command", elem_id=f"{prefix}-print")
