@@ -20,12 +20,14 @@ from typing import Any, Callable
 import psutil
 
 from sd_scripts import options as schema
-from sd_scripts.data.folders import parse_concept_name  # the trainer's own folder rule
+from sd_scripts.data.folders import scan_concept_folders  # the trainer's own folder rule
+from sd_scripts.data.images import list_images
+from sd_scripts.errors import DatasetError
 from sd_scripts.families import family_of_path, family_spec, guess_family
+from sd_scripts.training.plan import batches_per_process, plan_steps
 
 from .command import AccelerateSettings, CommandError, TRAINER_MODULES, normalize_values, trainer_for
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: minimum CUDA compute capability per mixed precision mode
 PRECISION_MIN_CC = {"fp16": 7.0, "bf16": 8.0, "fp8": 9.0}
@@ -101,67 +103,39 @@ def detect_family(model_path: str | None) -> str | None:
 
 # ------------------------------------------------------------------ dataset
 
-def _images(folder: str) -> list[str]:
-    try:
-        return sorted(n for n in os.listdir(folder)
-                      if n.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, n)))
-    except OSError:
-        return []
-
-
 def scan_concepts(parent: str, option: str, caption_extension: str, checks: list[Check]) -> dict[str, tuple[int, int]]:
-    """{concept folder: (images, repeats)} of a kohya-convention parent folder, adding checks for every mistake."""
+    """{concept folder: (images, repeats)} of a kohya-convention parent folder, by the trainer's own scan
+    (sd_scripts.data.folders): its errors and warnings become checks, plus a note on images without captions."""
+    warnings: list[str] = []
+    try:
+        subsets = scan_concept_folders(parent, is_reg=option == "reg_data_dir", caption_extension=caption_extension,
+                                       warnings=warnings)
+    except DatasetError as e:
+        checks.extend(Check("warning", option, message) for message in warnings)
+        checks.append(Check("error", option, str(e)))
+        return {}
+    checks.extend(Check("warning", option, message) for message in warnings)
     concepts: dict[str, tuple[int, int]] = {}
-    loose = _images(parent)
-    name = os.path.basename(os.path.normpath(parent))
-    if loose and parse_concept_name(name):
-        checks.append(Check("error", option, f"{parent} is a concept folder itself: set {option} to its parent "
-                                             f"folder {os.path.dirname(os.path.abspath(parent))}"))
-        return concepts
-    for entry in sorted(os.listdir(parent)):
-        path = os.path.join(parent, entry)
-        if not os.path.isdir(path) or entry.startswith("."):
-            continue
-        parsed = parse_concept_name(entry)
-        if parsed is None:
-            checks.append(Check("warning", option, f"folder '{entry}' in {parent} is ignored: concept folders are "
-                                                   f"named '<repeats>_<class tokens>', e.g. '10_sks dog'"))
-            continue
-        images = _images(path)
-        if not images:
-            checks.append(Check("error", option, f"concept folder {path} has no images (png, jpg, jpeg, webp, bmp)"))
-            continue
-        missing = sum(1 for n in images if not os.path.exists(os.path.join(path, os.path.splitext(n)[0]
-                                                                           + caption_extension)))
+    for subset in subsets:
+        images = list_images(subset.image_dir)
+        entry = os.path.basename(subset.image_dir)
+        missing = sum(1 for n in images if not os.path.exists(os.path.splitext(n)[0] + caption_extension))
         if missing:
             checks.append(Check("info", "caption_extension",
                                 f"{missing} of {len(images)} images in '{entry}' have no '{caption_extension}' "
-                                f"caption: their folder's class tokens '{parsed[1]}' are used"))
-        concepts[entry] = (len(images), parsed[0])
-    if not concepts and not any(c.level == "error" and c.field == option for c in checks):
-        if loose:
-            checks.append(Check("error", option, f"{parent} holds images directly: move them into a concept folder "
-                                                 f"such as '{os.path.join(parent, '10_sks dog')}' (or use Dataset "
-                                                 f"preparation)"))
-        else:
-            checks.append(Check("error", option, f"{parent} has no concept folders with images: add a folder such "
-                                                 f"as '10_sks dog' holding the images"))
-    elif loose:
-        checks.append(Check("warning", option, f"{len(loose)} image(s) directly in {parent} are ignored: only "
-                                               f"images inside concept folders are used"))
+                                f"caption: their folder's class tokens '{subset.class_tokens}' are used"))
+        concepts[entry] = (len(images), subset.num_repeats)
     return concepts
 
 
 def steps_plan(train_images: int, reg_images: int, batch_size: int, num_processes: int, grad_accum: int,
                max_train_steps: int | None, max_train_epochs: int | None) -> tuple[int, int, int]:
-    """(steps_per_epoch, total_steps, epochs). Regularisation doubles an epoch (one reg draw per train draw)."""
+    """(steps_per_epoch, total_steps, epochs), by the trainer's own arithmetic (sd_scripts.training.plan).
+    Regularisation doubles an epoch (one reg draw per train draw)."""
     draws = train_images * (2 if reg_images else 1)
-    batches = math.ceil(draws / max(1, batch_size))
-    steps_per_epoch = max(1, math.ceil(math.ceil(batches / max(1, num_processes)) / max(1, grad_accum)))
-    if max_train_epochs:
-        return steps_per_epoch, steps_per_epoch * max_train_epochs, max_train_epochs
-    total = max_train_steps or 0
-    return steps_per_epoch, total, math.ceil(total / steps_per_epoch)
+    plan = plan_steps(batches_per_process(draws, batch_size, num_processes), grad_accum, max_train_steps,
+                      max_train_epochs)
+    return plan.steps_per_epoch, plan.total_steps, plan.total_epochs
 
 
 # ------------------------------------------------------------------ memory
@@ -262,7 +236,7 @@ def _check_paths(trainer: str, values: dict[str, Any], checks: list[Check]) -> N
 
 def _finetune_images(train_dir: str, in_json: str | None) -> int:
     """Images fine-tuning will use: those of the folder listed in the metadata JSON (all of them without one)."""
-    files = _images(train_dir)
+    files = list_images(train_dir)
     if not in_json or not os.path.isfile(in_json):
         return len(files)
     try:

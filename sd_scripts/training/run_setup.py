@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -19,18 +17,9 @@ from ..errors import UserError
 from ..options import OptionError
 from .distributed import broadcast_parameters
 from .events import EventWriter
+from .plan import Plan, plan_steps
 
 log = logging.getLogger("sd_scripts.train")
-
-
-@dataclass
-class Plan:
-    """How long the run is: derived once from the dataset size and the options."""
-
-    batches_per_epoch: int
-    steps_per_epoch: int
-    total_steps: int
-    total_epochs: int
 
 
 class RunSetup:
@@ -236,9 +225,7 @@ class RunSetup:
 
     def _plan(self, batches_per_epoch: int) -> Plan:
         a = self.args
-        steps_per_epoch = max(1, math.ceil(batches_per_epoch / a.gradient_accumulation_steps))
-        total = a.max_train_epochs * steps_per_epoch if a.max_train_epochs else a.max_train_steps
-        return Plan(batches_per_epoch, steps_per_epoch, total, math.ceil(total / steps_per_epoch))
+        return plan_steps(batches_per_epoch, a.gradient_accumulation_steps, a.max_train_steps, a.max_train_epochs)
 
     def resume_state(self) -> None:
         a = self.args

@@ -79,8 +79,8 @@ def build_tiny_parts(model_type: str = "flux_dev", seed: int = 0):
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from ...models.arch import bundled_config
-    from ...models.loading import build_vae
+    from ..sd.arch import bundled_config
+    from ..sd.loading import build_vae
     from ...models.t5 import T5_XXL_CONFIG, load_t5_tokenizer
     from ...models.tokenizer import load_clip_tokenizer
     from .weights import FluxModelParts, build_transformer
