@@ -89,6 +89,8 @@ def test_flux_options_parse_with_sd_scripts_defaults():
     ("flux", "network", "flux_train_network", {"clip_skip": 2}, ["'clip_skip'", "pooled"]),
     ("flux", "network", "flux_train_network", {"noise_offset": 0.1}, ["'noise_offset'"]),
     ("chroma", "network", "flux_train_network", {"clip_l": "x"}, ["'clip_l'", "Chroma"]),
+    ("flux", "network", "flux_train_network", {"blocks_to_swap": 8}, ["'blocks_to_swap'", "not implemented"]),
+    ("flux", "network", "flux_train_network", {"fp8_base": True}, ["'fp8_base'", "not implemented"]),
 ])
 def test_runs_refused_with_the_reason(family, trainer, script, values, words):
     message = check_run(family, trainer=trainer, script=script, values=dict(DEFAULTS, **values), defaults=DEFAULTS)
