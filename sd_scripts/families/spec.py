@@ -49,6 +49,15 @@ class FamilySpec:
     kohya_ss_flags: tuple[str, ...] = ()  # kohya_ss config checkboxes that mean this family (e.g. 'sdxl')
     tiny_builder: str = ""  # 'module:function' writing tiny test/demo models (sd_scripts.tools.tiny_model)
     tiny_variants: Mapping[str, Mapping] = field(default_factory=dict)  # CLI name -> builder keyword arguments
+    # trainer kind -> the script that trains this family; when set, the generic scripts (train_network, ...) refuse
+    # the family's models naming that script (SDXL leaves it empty: train_network trains SDXL too)
+    trainer_scripts: Mapping[str, str] = field(default_factory=dict)
+    # options every family has that this one cannot use -> the reason (refused when set)
+    refused_options: Mapping[str, str] = field(default_factory=dict)
+    # refuse family-specific options of other families (e.g. v_parameterization) instead of ignoring them
+    strict_options: bool = False
+    # option -> the values it takes for this family (the schema's choices are the union over the families)
+    option_values: Mapping[str, tuple] = field(default_factory=dict)
 
     def default_resolution_for(self, v_pred: bool = False) -> int:
         """The native training resolution (SD 2.x v-prediction models are 768 px models)."""

@@ -43,6 +43,7 @@ def run_entry(trainer: str, argv: Sequence[str] | None, make_method: Callable, p
         args = parse_args(trainer, argv, prog=prog)
     except OptionError as e:
         return _fail(_events_file_from_argv(argv), str(e), e.hint)
+    args.trainer_kind, args.trainer_script = trainer, prog  # which script runs: the family check names it
     logging.basicConfig(level=getattr(logging, args.console_log_level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     from .loop import Trainer
