@@ -242,6 +242,38 @@ OPTIONS: tuple[Option, ...] = (
        "images.", "dataset", family_specific=True, advanced=True),
     _O("no_half_vae", bool, False, "Keep the VAE in float32 under fp16/bf16 (e.g. the SDXL VAE overflows in fp16).",
        "precision", family_specific=True),
+    # ---- flow-matching DiT families, shared with FLUX.1 (branch-local until the flux-family options land)
+    _O("clip_l", str, None, "CLIP-L text encoder file (when the model file does not include it).", "model",
+       path="file", family_specific=True, label="CLIP-L"),
+    _O("t5xxl", str, None, "T5-XXL text encoder file (when the model file does not include it).", "model",
+       path="file", family_specific=True, label="T5-XXL"),
+    _O("t5xxl_max_token_length", int, None, "T5-XXL caption length in tokens (SD3 default 256).", "model",
+       family_specific=True, minimum=1, check=_positive),
+    _O("apply_t5_attn_mask", bool, False, "Pass the padding mask to T5-XXL.", "model", family_specific=True),
+    _O("weighting_scheme", str, "uniform", "Timestep density / loss weighting of flow matching.", "noise",
+       choices=("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"), family_specific=True),
+    _O("logit_mean", float, 0.0, "Mean of the logit_normal timestep density.", "noise", family_specific=True),
+    _O("logit_std", float, 1.0, "Standard deviation of the logit_normal timestep density.", "noise",
+       family_specific=True),
+    _O("mode_scale", float, 1.29, "Scale of the mode timestep density.", "noise", family_specific=True),
+    # ---- SD3 / SD3.5 only (names and defaults as sd-scripts' sd3_train_network)
+    _O("clip_g", str, None, "CLIP-G text encoder file (when the model file does not include it).", "model",
+       path="file", family_specific=True, label="CLIP-G"),
+    _O("apply_lg_attn_mask", bool, False, "Pass the padding mask to CLIP-L and CLIP-G.", "model",
+       family_specific=True),
+    _O("clip_l_dropout_rate", float, 0.0, "Probability of training a sample without its CLIP-L embedding.",
+       "caption", family_specific=True, minimum=0, maximum=1),
+    _O("clip_g_dropout_rate", float, 0.0, "Probability of training a sample without its CLIP-G embedding.",
+       "caption", family_specific=True, minimum=0, maximum=1),
+    _O("t5_dropout_rate", float, 0.0, "Probability of training a sample without its T5-XXL embedding.", "caption",
+       family_specific=True, minimum=0, maximum=1),
+    _O("training_shift", float, 1.0, "Shift of the training timestep density (> 1: noisier, overall structure; "
+       "< 1: cleaner, detail).", "noise", family_specific=True, minimum=0, check=_positive),
+    _O("pos_emb_random_crop_rate", float, 0.0, "Probability of a random instead of a centred crop of the "
+       "positional embedding (SD3.5 medium).", "training", family_specific=True, minimum=0, maximum=1,
+       advanced=True),
+    _O("enable_scaled_pos_embed", bool, False, "Scale the positional embedding to each bucket's resolution "
+       "(SD3.5 medium, multi-resolution training).", "training", family_specific=True, advanced=True),
     # ---- DreamBooth / fine-tuning
     _O("learning_rate_te", float, None, "Learning rate of the text encoder (default: learning_rate).", "optimizer",
        trainers=FULL, minimum=0),

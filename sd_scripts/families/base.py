@@ -61,6 +61,11 @@ class Family:
         """Save the whole (fine-tuned) model: a single file in the layout the ecosystem uses, or a diffusers folder."""
         raise NotImplementedError(f"full-model saving is not implemented for {self.spec.label}")
 
+    def file_metadata(self, metadata: dict[str, str]) -> dict[str, str]:
+        """Keys this family sets in a trained file's metadata over the computed ones (`metadata`), e.g. names that
+        depend on the variant read from the model file; none by default."""
+        return {}
+
     # ---- latents
     @property
     def latent_cache_suffix(self) -> str:

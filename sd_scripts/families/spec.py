@@ -43,6 +43,10 @@ class FamilySpec:
     trainers: frozenset = frozenset({"network", "db", "finetune", "ti"})
     options: frozenset = frozenset()  # the family-specific options (schema: family_specific=True) it accepts
     scripts: tuple[str, ...] = ()  # sd-scripts script names made for this family only (e.g. sdxl_train_network)
+    # trainer -> this family's own script for it (e.g. 'network' -> 'sd3_train_network'), named when a model of this
+    # family is given to another script
+    trainer_scripts: Mapping[str, str] = field(default_factory=dict)
+    generic_scripts: bool = True  # the generic scripts (train_network, fine_tune, ...) train it too
     text_encoder_cache: bool = False  # supports cache_text_encoder_outputs
     clip_skip: bool = False  # clip_skip means something for it
     ti_keys: tuple[str, ...] = ("emb_params",)  # textual-inversion file keys, one per text encoder
@@ -62,6 +66,14 @@ class FamilySpec:
         arch = self.v_modelspec_architecture if v_pred and self.v_modelspec_architecture \
             else self.modelspec_architecture
         return f"{arch}/{adapter}" if adapter else arch
+
+    def script_for(self, trainer: str, generic: str) -> str | None:
+        """The script that trains this family with `trainer` (`generic`, e.g. 'train_network', when the generic
+        scripts take it); None when no script does."""
+        own = self.trainer_scripts.get(trainer)
+        if own:
+            return own
+        return generic if self.generic_scripts and trainer in self.trainers else None
 
     def accepts_option(self, name: str) -> bool:
         return name in self.options
