@@ -138,6 +138,14 @@ NET = frozenset({"network"})
 NOT_TI = frozenset({"network", "db", "finetune"})
 FULL = frozenset({"db", "finetune"})
 FOLDER_TRAINERS = frozenset({"network", "db", "ti"})
+NET_FT = frozenset({"network", "finetune"})
+
+
+def _family_option_choices(option: str) -> tuple:
+    from .families import option_choices
+
+    return option_choices(option)
+
 
 _O = Option
 OPTIONS: tuple[Option, ...] = (
@@ -156,6 +164,19 @@ OPTIONS: tuple[Option, ...] = (
        "model", minimum=1, maximum=12, check=_positive),
     _O("max_token_length", int, None, "Caption length in tokens: 75 (default), 150 or 225.", "model",
        choices=(None, 75, 150, 225)),
+    # ---- DiT families' part files and text encoding (FamilySpec.options says which family takes them)
+    _O("clip_l", str, None, "CLIP-L text encoder file (clip_l.safetensors).", "model", path="file",
+       trainers=NET_FT, family_specific=True, label="CLIP-L"),
+    _O("t5xxl", str, None, "T5-XXL text encoder file (e.g. t5xxl_fp16.safetensors).", "model", path="file",
+       trainers=NET_FT, family_specific=True, label="T5-XXL"),
+    _O("ae", str, None, "Autoencoder file (ae.safetensors) or a diffusers VAE folder.", "model", path="file_or_dir",
+       trainers=NET_FT, family_specific=True, label="Autoencoder"),
+    _O("model_type", str, None, "Model type (told by the model file; given, it must match).", "model",
+       choices=(None, *_family_option_choices("model_type")), trainers=NET_FT, family_specific=True),
+    _O("t5xxl_max_token_length", int, None, "T5-XXL tokens per caption (default: 256 for schnell, 512 otherwise).",
+       "model", minimum=1, maximum=512, check=_positive, trainers=NET_FT, family_specific=True),
+    _O("apply_t5_attn_mask", bool, False, "Mask T5-XXL padding in the text encoder and the denoiser's attention.",
+       "model", trainers=NET_FT, family_specific=True),
     # ---- folders
     _O("train_data_dir", str, None, "Parent folder of the concept folders '<repeats>_<class tokens>'.", "folders",
        path="dir", trainers=FOLDER_TRAINERS | {"finetune"}, label="Image folder"),
@@ -214,7 +235,7 @@ OPTIONS: tuple[Option, ...] = (
        advanced=True),
     # ---- network
     _O("network_module", str, "networks.lora", "Adapter type (networks.lora: kohya LoRA / LoCon).", "network",
-       trainers=NET, choices=("networks.lora", "sd_scripts.networks.lora")),
+       trainers=NET, choices=("networks.lora", "sd_scripts.networks.lora", *_family_option_choices("network_module"))),
     _O("network_dim", int, 4, "LoRA rank.", "network", trainers=NET, minimum=1, check=_positive,
        label="Network rank (dim)"),
     _O("network_alpha", float, 1.0, "LoRA alpha: the update is scaled by alpha / rank.", "network", trainers=NET,
@@ -242,38 +263,24 @@ OPTIONS: tuple[Option, ...] = (
        "images.", "dataset", family_specific=True, advanced=True),
     _O("no_half_vae", bool, False, "Keep the VAE in float32 under fp16/bf16 (e.g. the SDXL VAE overflows in fp16).",
        "precision", family_specific=True),
-    # ---- flow-matching DiT families, shared with FLUX.1 (branch-local until the flux-family options land)
-    _O("clip_l", str, None, "CLIP-L text encoder file (when the model file does not include it).", "model",
-       path="file", family_specific=True, label="CLIP-L"),
-    _O("t5xxl", str, None, "T5-XXL text encoder file (when the model file does not include it).", "model",
-       path="file", family_specific=True, label="T5-XXL"),
-    _O("t5xxl_max_token_length", int, None, "T5-XXL caption length in tokens (SD3 default 256).", "model",
-       family_specific=True, minimum=1, check=_positive),
-    _O("apply_t5_attn_mask", bool, False, "Pass the padding mask to T5-XXL.", "model", family_specific=True),
-    _O("weighting_scheme", str, "uniform", "Timestep density / loss weighting of flow matching.", "noise",
-       choices=("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"), family_specific=True),
-    _O("logit_mean", float, 0.0, "Mean of the logit_normal timestep density.", "noise", family_specific=True),
-    _O("logit_std", float, 1.0, "Standard deviation of the logit_normal timestep density.", "noise",
-       family_specific=True),
-    _O("mode_scale", float, 1.29, "Scale of the mode timestep density.", "noise", family_specific=True),
     # ---- SD3 / SD3.5 only (names and defaults as sd-scripts' sd3_train_network)
     _O("clip_g", str, None, "CLIP-G text encoder file (when the model file does not include it).", "model",
-       path="file", family_specific=True, label="CLIP-G"),
+       path="file", trainers=NET_FT, family_specific=True, label="CLIP-G"),
     _O("apply_lg_attn_mask", bool, False, "Pass the padding mask to CLIP-L and CLIP-G.", "model",
-       family_specific=True),
+       trainers=NET_FT, family_specific=True),
     _O("clip_l_dropout_rate", float, 0.0, "Probability of training a sample without its CLIP-L embedding.",
-       "caption", family_specific=True, minimum=0, maximum=1),
+       "caption", trainers=NET_FT, family_specific=True, minimum=0, maximum=1),
     _O("clip_g_dropout_rate", float, 0.0, "Probability of training a sample without its CLIP-G embedding.",
-       "caption", family_specific=True, minimum=0, maximum=1),
+       "caption", trainers=NET_FT, family_specific=True, minimum=0, maximum=1),
     _O("t5_dropout_rate", float, 0.0, "Probability of training a sample without its T5-XXL embedding.", "caption",
-       family_specific=True, minimum=0, maximum=1),
+       trainers=NET_FT, family_specific=True, minimum=0, maximum=1),
     _O("training_shift", float, 1.0, "Shift of the training timestep density (> 1: noisier, overall structure; "
-       "< 1: cleaner, detail).", "noise", family_specific=True, minimum=0, check=_positive),
+       "< 1: cleaner, detail).", "noise", trainers=NET_FT, family_specific=True, minimum=0, check=_positive),
     _O("pos_emb_random_crop_rate", float, 0.0, "Probability of a random instead of a centred crop of the "
-       "positional embedding (SD3.5 medium).", "training", family_specific=True, minimum=0, maximum=1,
+       "positional embedding (SD3.5 medium).", "training", trainers=NET_FT, family_specific=True, minimum=0, maximum=1,
        advanced=True),
     _O("enable_scaled_pos_embed", bool, False, "Scale the positional embedding to each bucket's resolution "
-       "(SD3.5 medium, multi-resolution training).", "training", family_specific=True, advanced=True),
+       "(SD3.5 medium, multi-resolution training).", "training", trainers=NET_FT, family_specific=True, advanced=True),
     # ---- DreamBooth / fine-tuning
     _O("learning_rate_te", float, None, "Learning rate of the text encoder (default: learning_rate).", "optimizer",
        trainers=FULL, minimum=0),
@@ -346,6 +353,36 @@ OPTIONS: tuple[Option, ...] = (
     _O("min_timestep", int, None, "Lowest timestep sampled.", "noise", minimum=0, maximum=999, advanced=True),
     _O("max_timestep", int, None, "Highest timestep sampled (exclusive).", "noise", minimum=1, maximum=1000,
        advanced=True),
+    # ---- flow matching (DiT families)
+    _O("guidance_scale", float, 3.5, "Guidance embedding value while training (guidance-distilled models).",
+       "noise", trainers=NET_FT, family_specific=True),
+    _O("timestep_sampling", str, "sigma", "How sigmas are drawn: sigma (the scheduler's, with weighting_scheme), "
+       "uniform, sigmoid, shift, flux_shift.", "noise", choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift"),
+       trainers=NET_FT, family_specific=True),
+    _O("sigmoid_scale", float, 1.0, "Scale of the normal sample in sigmoid/shift/flux_shift sampling.", "noise",
+       trainers=NET_FT, family_specific=True),
+    _O("model_prediction_type", str, "sigma_scaled", "How the prediction is compared: raw, additive (+ noisy input) "
+       "or sigma_scaled (x0 estimate, weighted).", "noise", choices=("raw", "additive", "sigma_scaled"),
+       trainers=NET_FT, family_specific=True),
+    _O("discrete_flow_shift", float, 3.0, "Shift of the flow-matching schedule (sigma and shift sampling).", "noise",
+       trainers=NET_FT, family_specific=True),
+    _O("weighting_scheme", str, "uniform", "Timestep density / loss weighting.", "noise",
+       choices=("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"), trainers=NET_FT,
+       family_specific=True),
+    _O("logit_mean", float, 0.0, "Mean of logit_normal weighting.", "noise", trainers=NET_FT, family_specific=True,
+       advanced=True),
+    _O("logit_std", float, 1.0, "Standard deviation of logit_normal weighting.", "noise", trainers=NET_FT,
+       family_specific=True, advanced=True),
+    _O("mode_scale", float, 1.29, "Scale of mode weighting.", "noise", trainers=NET_FT, family_specific=True,
+       advanced=True),
+    _O("blocks_to_swap", int, None, "Keep this many denoiser blocks on the CPU, moving each in for its turn.",
+       "precision", minimum=0, trainers=NET_FT, family_specific=True),
+    _O("fp8_base", bool, False, "Store the frozen base weights in float8 (computed in the mixed precision).",
+       "precision", trainers=NET_FT, family_specific=True),
+    _O("fp8_base_unet", bool, False, "Store only the denoiser's base weights in float8.", "precision",
+       trainers=NET_FT, family_specific=True),
+    _O("cpu_offload_checkpointing", bool, False, "Offload gradient-checkpointing activations to the CPU.",
+       "precision", trainers=NET_FT, family_specific=True),
     # ---- sampling
     _O("sample_prompts", str, None, "Prompt file for sample images (one prompt per line, options after --).",
        "sampling", path="file"),

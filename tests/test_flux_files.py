@@ -160,7 +160,7 @@ def test_real_ae_and_t5_configs_from_shapes():
     from transformers import T5Config, T5EncoderModel
 
     from sd_scripts.models.keymaps import VAE_PREFIX, vae_keymap
-    from sd_scripts.models.loading import build_vae
+    from sd_scripts.families.sd.loading import build_vae
     from sd_scripts.models.t5 import T5_XXL_CONFIG
 
     vae = build_vae(layout.AE_CONFIG)

@@ -47,8 +47,9 @@ def test_prompt_file_table(tmp_path):
         SamplePrompt("a photo of sks dog", sampler="euler"),  # defaults: 512x512, 30 steps, 7.5, no seed
         SamplePrompt("a cat", "blurry, lowres", 640, 512, 42, 20, 6.5, "euler_a"),  # 515 -> 512
         SamplePrompt("a bird", width=96, height=64, steps=1000, sampler="k_dpm_2_a"),  # 100 -> 96, 32 -> 64
-        SamplePrompt("a fish", steps=1, scale=7.0, sampler="euler"),  # steps clamped; --g ignored
+        SamplePrompt("a fish", steps=1, scale=7.0, sampler="euler", guidance=3.5),  # steps clamped; --g kept
     ]
+    assert prompts[3].given == {"steps", "guidance", "scale"} and prompts[0].given == frozenset()
     assert parse_prompt_file(str(path))[0].sampler == "ddim"
 
 

@@ -65,6 +65,9 @@ def test_sd3_lora_run_loads_in_diffusers(tmp_path, tiny3, demo_data):
     assert any(n.startswith("lora_te1_text_model_encoder_layers_") for n in names)
     assert any(n.startswith("lora_te2_text_model_encoder_layers_") for n in names)
     assert not any(n.startswith("lora_te3_") for n in names), "T5 is not trained by default (sd-scripts)"
+    qkv = "lora_unet_joint_blocks_0_x_block_attn_qkv"
+    assert tensors[qkv + ".lora_up.weight"].shape == (3 * 128, 4), "q/k/v saved as one fused module"
+    assert tensors[qkv + ".lora_down.weight"].shape == (4, 128)
     assert len(list((out / "sample").glob("sd3lora_*.png"))) == 1
 
     from sd_scripts.families.sd3.lora_files import to_diffusers_lora

@@ -10,7 +10,6 @@ import torch
 from sd_scripts.errors import ModelLoadError
 from sd_scripts.families import detect_single_file, family_for_script, family_spec, probe_model, tiny_variants
 from sd_scripts.options import OptionError, parse_args
-from sd_scripts.training.entry import check_script
 
 
 @pytest.fixture(scope="module")
@@ -56,35 +55,48 @@ def test_detection(tiny):
         detect_single_file({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)})
 
 
-def _args(*argv: str, trainer: str = "network"):
-    return parse_args(trainer, list(argv))
+def _why(family: str, script: str, trainer: str = "network", **values) -> str | None:
+    from sd_scripts.families import check_run
+    from sd_scripts.options import BY_NAME
+
+    return check_run(family, trainer=trainer, script=script, values=values,
+                     defaults={n: o.default for n, o in BY_NAME.items()}, source="model")
 
 
-def test_scripts_take_their_family_only(tiny, tiny_sd1):
-    check_script("sd3_train_network", "network", _args("--pretrained_model_name_or_path", tiny.single_file,
-                                                       "--clip_g", tiny.clip_g, "--training_shift", "3"))
-    with pytest.raises(OptionError, match="Stable Diffusion 1.x model, but sd3_train_network .*train_network"):
-        check_script("sd3_train_network", "network", _args("--pretrained_model_name_or_path", tiny_sd1.single_file))
-    with pytest.raises(OptionError, match="Stable Diffusion 3 / 3.5 model, which train_network does not train: use python -m sd_scripts.sd3_train_network"):
-        check_script("train_network", "network", _args("--pretrained_model_name_or_path", tiny.single_file))
-    with pytest.raises(OptionError, match="sd_scripts.sd3_train$"):
-        check_script("fine_tune", "finetune", _args("--pretrained_model_name_or_path", tiny.diffusers_dir,
-                                                    trainer="finetune"))
-    check_script("train_network", "network", _args("--pretrained_model_name_or_path", tiny_sd1.single_file))
+def test_scripts_take_their_family_only():
+    assert _why("sd3", "sd3_train_network", clip_g="clip_g.safetensors", training_shift=3.0) is None
+    assert "train it with sd3_train_network instead of train_network" in _why("sd3", "train_network")
+    assert "train it with sd3_train instead" in _why("sd3", "fine_tune", trainer="finetune")
+    assert "sd3_train_network trains Stable Diffusion 3 / 3.5 models" in _why("sd1", "sd3_train_network")
+    assert "cannot be trained with the db trainer" in _why("sd3", "train_db", trainer="db")
+    assert _why("sd1", "train_network") is None
 
 
 def test_family_options_accepted_and_refused():
-    check_script("sd3_train_network", "network", _args("--apply_lg_attn_mask", "--clip_l_dropout_rate", "0.1",
-                                                       "--weighting_scheme", "logit_normal",
-                                                       "--pos_emb_random_crop_rate", "0.2"))
-    with pytest.raises(OptionError, match="option 'v2' does not apply to Stable Diffusion 3 / 3.5 models"):
-        check_script("sd3_train_network", "network", _args("--v2"))
-    with pytest.raises(OptionError, match="option 'clip_g' is for Stable Diffusion 3 / 3.5 models.*sd3_train_network"):
-        check_script("train_network", "network", _args("--clip_g", "clip_g.safetensors"))
+    assert _why("sd3", "sd3_train_network", apply_lg_attn_mask=True, clip_l_dropout_rate=0.1,
+                weighting_scheme="logit_normal", pos_emb_random_crop_rate=0.2) is None
+    assert "option 'v2' is for Stable Diffusion 2.x models" in _why("sd3", "sd3_train_network", v2=True)
+    assert "option 'blocks_to_swap'" in _why("sd3", "sd3_train_network", blocks_to_swap=4)
     with pytest.raises(OptionError, match="training_shift"):
-        _args("--training_shift", "0")
+        parse_args("network", ["--training_shift", "0"])
     with pytest.raises(OptionError, match="weighting_scheme"):
-        _args("--weighting_scheme", "nope")
+        parse_args("network", ["--weighting_scheme", "nope"])
+
+
+def test_lora_names_follow_sd_scripts(tiny):
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.networks import lora
+
+    b = load_model(tiny.single_file_with_text_encoders)
+    net = lora.create_network(unet=b.denoiser, text_encoders=b.text_encoders, family="sd3", network_dim=4,
+                              network_alpha=1)
+    names = {m.lora_name for m in net.all_loras()}
+    assert any(n.startswith("lora_unet_joint_blocks_0_x_block_attn_qkv") for n in names), sorted(names)[-5:]
+    assert "lora_unet_joint_blocks_1_context_block_mlp_fc2" in names
+    assert "lora_unet_joint_blocks_2_context_block_adaLN_modulation_1" not in names  # (shift, scale) swapped
+    assert any(n.startswith("lora_te1_text_model_") for n in names)
+    assert any(n.startswith("lora_te2_text_model_") for n in names)
+    assert not any(n.startswith("lora_te3_") for n in names)
 
 
 def test_noised_follows_sd3_flow_matching(family):
@@ -188,11 +200,11 @@ def test_cache_arrays_round_trip_with_sd_scripts_keys(family):
 
 
 def test_file_metadata_names_the_variant(family):
-    assert family.file_metadata({"modelspec.architecture": "stable-diffusion-3-medium/lora"}) == {
+    assert family.adjust_metadata({"modelspec.architecture": "stable-diffusion-3-medium/lora"}) == {
         "ss_base_model_version": "medium", "modelspec.architecture": "stable-diffusion-3-medium/lora"}
     family.variant = "sd35_large"
     try:
-        meta = family.file_metadata({"modelspec.architecture": "stable-diffusion-3-medium"})
+        meta = family.adjust_metadata({"modelspec.architecture": "stable-diffusion-3-medium"})
     finally:
         family.variant = "sd3_medium"
     assert meta == {"ss_base_model_version": "5-large", "modelspec.architecture": "stable-diffusion-3-5-large"}

@@ -23,12 +23,13 @@ from .spec import FamilySpec, MemoryFacts
 __all__ = ["FamilySpec", "MemoryFacts", "Detected", "ModelProbe", "all_families", "family_spec", "family_names",
            "family_class", "detect_single_file", "detect_folder", "probe_model", "read_safetensors_header",
            "family_for_script", "tiny_builder", "tiny_variants", "default_family", "guess_family",
-           "family_of_path"]
+           "family_of_path", "families_for_script", "option_choices", "check_run"]
 
 #: one line per family package
 PACKAGES = (
     "sd_scripts.families.sd",  # SD 1.x, SD 2.x (incl. 768-v), SDXL
     "sd_scripts.families.sd3",  # SD3 medium, SD3.5 medium / large
+    "sd_scripts.families.flux",  # FLUX.1 dev / schnell, Chroma
 )
 
 
@@ -89,6 +90,63 @@ def family_for_script(script: str) -> FamilySpec | None:
     return next((s for s in all_families().values() if script in s.scripts), None)
 
 
+def families_for_script(script: str) -> tuple[str, ...]:
+    """Every family an sd-scripts script name is made for (empty for the generic scripts)."""
+    return tuple(s.name for s in all_families().values() if script in s.scripts)
+
+
+def option_choices(option: str) -> tuple:
+    """The values a family-specific option takes, over every family that declares them (registry order)."""
+    values: list = []
+    for spec in all_families().values():
+        values += [v for v in spec.option_values.get(option, ()) if v not in values]
+    return tuple(values)
+
+
+def check_run(family: str, *, trainer: str | None, script: str | None, values: Mapping[str, object],
+              defaults: Mapping[str, object] | None = None, source: str = "the model") -> str | None:
+    """Why a run of `script` (trainer kind `trainer`) cannot train a model of `family` with these option values, as
+    one line naming the script or option and the fix; None when it can. Torch-free (pre-flight uses it too).
+
+    - a family-made script (flux_train_network, ...) given another family's model;
+    - a generic script (train_network, ...) given a model whose family has its own script for that trainer;
+    - a trainer the family does not support;
+    - an option the family refuses (FamilySpec.refused_options), or, for strict families, another family's option.
+    """
+    spec = family_spec(family)
+    if script and trainer:
+        made_for = families_for_script(script)
+        if made_for and family not in made_for:
+            labels = " / ".join(family_spec(f).label for f in made_for)
+            own = spec.trainer_scripts.get(trainer)
+            fix = f"use {own}" if own else "use the generic script of this trainer (e.g. train_network)"
+            return f"{source} is a {spec.label} model, but {script} trains {labels} models: {fix}"
+        own = spec.trainer_scripts.get(trainer)
+        if not made_for and own and own != script:
+            return f"{source} is a {spec.label} model: train it with {own} instead of {script}"
+    if trainer and trainer not in spec.trainers:
+        return f"{spec.label} models cannot be trained with the {trainer} trainer; use one of " \
+               f"{', '.join(sorted(spec.trainer_scripts.values()) or sorted(spec.trainers))}"
+    defaults = defaults or {}
+
+    def is_set(name: str) -> bool:
+        value = values.get(name)
+        return value not in (None, False, "", []) and value != defaults.get(name)
+
+    for name, reason in spec.refused_options.items():
+        if is_set(name):
+            return f"option '{name}' cannot be used with {spec.label} models ({source}): {reason}; remove it"
+    if spec.strict_options:
+        from ..options import OPTIONS
+
+        for opt in OPTIONS:
+            if opt.family_specific and is_set(opt.name) and not spec.accepts_option(opt.name):
+                owners = [s.label for s in all_families().values() if s.accepts_option(opt.name)]
+                return (f"option '{opt.name}' is for {' / '.join(owners)} models; {source} is a {spec.label} model: "
+                        f"remove it")
+    return None
+
+
 def default_family() -> str:
     """The family assumed when nothing tells (the first registered)."""
     return next(iter(all_families()))
@@ -115,8 +173,14 @@ def guess_family(values: Mapping[str, object], kohya_config: Mapping[str, object
     for spec in specs:
         if kohya_config and any(kohya_config.get(flag) for flag in spec.kohya_ss_flags):
             return spec.name
+    from ..options import BY_NAME
+
+    def set_here(option: str) -> bool:  # set, and not to the schema default (guidance_scale 3.5 says nothing)
+        value = values.get(option)
+        return bool(value) and (option not in BY_NAME or value != BY_NAME[option].default)
+
     for spec in specs:
-        if any(values.get(option) for option in sorted(spec.options)):
+        if any(set_here(option) for option in sorted(spec.options)):
             return spec.name
     try:
         from ..options import parse_resolution

@@ -61,11 +61,6 @@ class Family:
         """Save the whole (fine-tuned) model: a single file in the layout the ecosystem uses, or a diffusers folder."""
         raise NotImplementedError(f"full-model saving is not implemented for {self.spec.label}")
 
-    def file_metadata(self, metadata: dict[str, str]) -> dict[str, str]:
-        """Keys this family sets in a trained file's metadata over the computed ones (`metadata`), e.g. names that
-        depend on the variant read from the model file; none by default."""
-        return {}
-
     # ---- latents
     @property
     def latent_cache_suffix(self) -> str:
@@ -105,11 +100,26 @@ class Family:
         raise NotImplementedError
 
     # ---- adapters
+    #: network_args keys the family's LoRA takes besides the shared ones (key -> parser); when non-empty,
+    #: lora_naming is called with `network_args=` (those keys, parsed)
+    LORA_NETWORK_ARGS: dict[str, Callable[[str], Any]] = {}
+
     @classmethod
     def lora_naming(cls, family: str, denoiser: torch.nn.Module | None = None) -> dict[str, Any]:
-        """How kohya-format LoRA files name this family's layers: unet_prefix, te_prefixes, unet_name_map."""
+        """How kohya-format LoRA files name this family's layers: unet_prefix, te_prefixes, unet_name_map.
+
+        Optional keys (the shared defaults apply when absent): unet_block_classes / te_block_classes (class names
+        of the blocks whose Linear/Conv layers are adapted), te_enabled (per text encoder, whether it gets LoRA
+        modules), shared_down (fused file modules share one down projection). unet_name_map(path) may return
+        (file path, part index, part count) for layers the file fuses into one module (see networks/lora.py)."""
         spec = family_spec(family)
         return {"unet_prefix": spec.lora_unet_prefix, "te_prefixes": spec.lora_te_prefixes, "unet_name_map": None}
+
+    # ---- metadata
+    def adjust_metadata(self, metadata: dict[str, str]) -> dict[str, str]:
+        """The saved file's metadata with the family's own names where the spec's cannot say it (e.g. which variant
+        of the family was trained). The default changes nothing."""
+        return metadata
 
     # ---- sampling
     def sample_pipeline(self, sampler: str | None, *, clip_skip: int | None = None) -> SamplePipeline:

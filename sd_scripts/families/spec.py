@@ -43,16 +43,21 @@ class FamilySpec:
     trainers: frozenset = frozenset({"network", "db", "finetune", "ti"})
     options: frozenset = frozenset()  # the family-specific options (schema: family_specific=True) it accepts
     scripts: tuple[str, ...] = ()  # sd-scripts script names made for this family only (e.g. sdxl_train_network)
-    # trainer -> this family's own script for it (e.g. 'network' -> 'sd3_train_network'), named when a model of this
-    # family is given to another script
-    trainer_scripts: Mapping[str, str] = field(default_factory=dict)
-    generic_scripts: bool = True  # the generic scripts (train_network, fine_tune, ...) train it too
     text_encoder_cache: bool = False  # supports cache_text_encoder_outputs
     clip_skip: bool = False  # clip_skip means something for it
     ti_keys: tuple[str, ...] = ("emb_params",)  # textual-inversion file keys, one per text encoder
     kohya_ss_flags: tuple[str, ...] = ()  # kohya_ss config checkboxes that mean this family (e.g. 'sdxl')
     tiny_builder: str = ""  # 'module:function' writing tiny test/demo models (sd_scripts.tools.tiny_model)
     tiny_variants: Mapping[str, Mapping] = field(default_factory=dict)  # CLI name -> builder keyword arguments
+    # trainer kind -> the script that trains this family; when set, the generic scripts (train_network, ...) refuse
+    # the family's models naming that script (SDXL leaves it empty: train_network trains SDXL too)
+    trainer_scripts: Mapping[str, str] = field(default_factory=dict)
+    # options every family has that this one cannot use -> the reason (refused when set)
+    refused_options: Mapping[str, str] = field(default_factory=dict)
+    # refuse family-specific options of other families (e.g. v_parameterization) instead of ignoring them
+    strict_options: bool = False
+    # option -> the values it takes for this family (the schema's choices are the union over the families)
+    option_values: Mapping[str, tuple] = field(default_factory=dict)
 
     def default_resolution_for(self, v_pred: bool = False) -> int:
         """The native training resolution (SD 2.x v-prediction models are 768 px models)."""
@@ -66,14 +71,6 @@ class FamilySpec:
         arch = self.v_modelspec_architecture if v_pred and self.v_modelspec_architecture \
             else self.modelspec_architecture
         return f"{arch}/{adapter}" if adapter else arch
-
-    def script_for(self, trainer: str, generic: str) -> str | None:
-        """The script that trains this family with `trainer` (`generic`, e.g. 'train_network', when the generic
-        scripts take it); None when no script does."""
-        own = self.trainer_scripts.get(trainer)
-        if own:
-            return own
-        return generic if self.generic_scripts and trainer in self.trainers else None
 
     def accepts_option(self, name: str) -> bool:
         return name in self.options

@@ -46,9 +46,12 @@ class LoRANetwork(nn.Module):
                  dropout: float | None = None, rank_dropout: float | None = None,
                  module_dropout: float | None = None, multiplier: float = 1.0, train_unet: bool = True,
                  train_text_encoder: bool = True, unet_prefix: str = UNET_PREFIX,
-                 te_prefixes: Sequence[str] = ("lora_te",), unet_name_map: Callable[[str], str] | None = None,
-                 modules_dim: dict[str, int] | None = None, modules_alpha: dict[str, float] | None = None):
+                 te_prefixes: Sequence[str] = ("lora_te",), unet_name_map: Callable[[str], Any] | None = None,
+                 modules_dim: dict[str, int] | None = None, modules_alpha: dict[str, float] | None = None,
+                 unet_block_classes: Sequence[str] | None = None, te_block_classes: Sequence[str] | None = None,
+                 te_enabled: Sequence[bool] | None = None, shared_down: bool = True):
         super().__init__()
+        self.shared_down = bool(shared_down) or modules_dim is not None  # a file's fused modules load as shared
         if len(te_prefixes) < len(text_encoders):
             raise ValueError(f"{len(text_encoders)} text encoders but only {len(te_prefixes)} prefixes")
         self.multiplier: float | torch.Tensor = float(multiplier)
@@ -62,19 +65,37 @@ class LoRANetwork(nn.Module):
 
         te_loras: list[LoRAModule] = []
         if train_text_encoder or from_file:
-            for te, prefix in zip(text_encoders, te_prefixes):
-                if te is not None:  # a missing encoder keeps the others' prefixes (SDXL te1/te2)
-                    te_loras += self._create(text_encoder_targets(te, prefix))
+            enabled = list(te_enabled) if te_enabled is not None else [True] * len(text_encoders)
+            for te, prefix, on in zip(text_encoders, te_prefixes, enabled):
+                if te is not None and (on or from_file):  # a missing encoder keeps the others' prefixes
+                    te_loras += self._create(text_encoder_targets(te, prefix, te_block_classes))
         unet_loras: list[LoRAModule] = []
         if unet is not None and (train_unet or from_file):
             include_conv = from_file or self.conv_dim is not None
             unet_loras = self._create(unet_targets(unet, unet_prefix, include_conv=include_conv,
-                                                   name_map=unet_name_map))
-        # Registered under their file names, so state_dict() keys are exactly the file's keys.
+                                                   name_map=unet_name_map, block_classes=unet_block_classes))
+        # Registered under their file names, so state_dict() keys are exactly the file's keys (a part of a fused
+        # file module under '<name>_part<i>'; lora_state_dict() gives the file's form).
         self.text_encoder_loras: list[LoRAModule] = te_loras
         self.unet_loras: list[LoRAModule] = unet_loras
+        self._fused: dict[str, list[LoRAModule]] = {}
         for lora in te_loras + unet_loras:
-            self.add_module(lora.lora_name, lora)
+            part = getattr(lora, "part", None)
+            if part is None:
+                self.add_module(lora.lora_name, lora)
+                continue
+            self.add_module(f"{lora.lora_name}_part{part[0]}", lora)
+            self._fused.setdefault(lora.lora_name, []).append(lora)
+        for name, parts in self._fused.items():
+            parts.sort(key=lambda m: m.part[0])
+            if [m.part[0] for m in parts] != list(range(parts[0].part[1])):
+                raise NetworkError(f"{name}: the fused module's parts are incomplete (only {len(parts)} of "
+                                   f"{parts[0].part[1]} layers adapted)")
+            if self.shared_down:  # one down projection for all parts (sd-scripts' layout of a fused layer)
+                for other in parts[1:]:
+                    if other.rank != parts[0].rank or other.lora_down.weight.shape != parts[0].lora_down.weight.shape:
+                        raise NetworkError(f"{name}: the parts of a fused module need one rank")
+                    other.lora_down = parts[0].lora_down
         if from_file:
             known = {m.lora_name for m in self.all_loras()}
             unknown = sorted(set(modules_dim) - known)
@@ -96,7 +117,10 @@ class LoRANetwork(nn.Module):
                 rank, alpha = self.conv_dim, self.conv_alpha
             else:
                 rank, alpha = self.dim, self.alpha
-            loras.append(LoRAModule(target.lora_name, target.module, rank=rank, alpha=alpha, **self._module_options))
+            lora = LoRAModule(target.lora_name, target.module, rank=rank, alpha=alpha, **self._module_options)
+            if target.part is not None:
+                lora.part = target.part
+            loras.append(lora)
         return loras
 
     # ---- structure
@@ -137,7 +161,7 @@ class LoRANetwork(nn.Module):
         names: list[str] = []
         for loras, lr, name in ((self.unet_loras, unet_lr, "unet"),
                                 (self.text_encoder_loras, text_encoder_lr, "textencoder")):
-            params = [p for lora in loras for p in lora.parameters()]
+            params = list({id(p): p for lora in loras for p in lora.parameters()}.values())  # shared downs once
             if params:
                 groups.append({"params": params, "lr": default_lr if lr is None else lr})
                 names.append(name)
@@ -150,8 +174,81 @@ class LoRANetwork(nn.Module):
         return result
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for every module (= state_dict())."""
-        return {k: v.detach() for k, v in self.state_dict().items()}
+        """`<name>.lora_down.weight`, `<name>.lora_up.weight`, `<name>.alpha` for every file module (= state_dict()
+        when no layer is fused). A fused module (several layers, one file name) is written as one: shared down
+        [r, in] with the parts' ups stacked [sum out, r] and the common alpha; or, with a down per part (split),
+        the downs stacked [sum r, in], the ups block-diagonal [sum out, sum r] and alpha = sum r x alpha/r, so
+        alpha / rank (the scale) is unchanged and any kohya LoRA reader computes the same update."""
+        if not self._fused:
+            return {k: v.detach() for k, v in self.state_dict().items()}
+        out: dict[str, torch.Tensor] = {}
+        for lora in self.all_loras():
+            part = getattr(lora, "part", None)
+            if part is None:
+                for suffix, tensor in (("lora_down.weight", lora.lora_down.weight),
+                                       ("lora_up.weight", lora.lora_up.weight), ("alpha", lora.alpha)):
+                    out[f"{lora.lora_name}.{suffix}"] = tensor.detach()
+            elif part[0] == 0:
+                out.update(self._fused_tensors(lora.lora_name, self._fused[lora.lora_name]))
+        return out
+
+    def _fused_tensors(self, name: str, parts: list[LoRAModule]) -> dict[str, torch.Tensor]:
+        ups = [m.lora_up.weight.detach() for m in parts]
+        if parts[0].lora_down is parts[-1].lora_down:  # shared down
+            return {f"{name}.lora_down.weight": parts[0].lora_down.weight.detach(),
+                    f"{name}.lora_up.weight": torch.cat(ups, dim=0), f"{name}.alpha": parts[0].alpha.detach()}
+        downs = [m.lora_down.weight.detach() for m in parts]
+        total = sum(m.rank for m in parts)
+        return {f"{name}.lora_down.weight": torch.cat(downs, dim=0),
+                f"{name}.lora_up.weight": torch.block_diag(*ups),
+                f"{name}.alpha": torch.tensor(total * parts[0].scale, dtype=parts[0].alpha.dtype)}
+
+    @torch.no_grad()
+    def _load_fused(self, path: str, name: str, parts: list[LoRAModule], down: torch.Tensor | None,
+                    up: torch.Tensor | None, alpha: torch.Tensor | None) -> None:
+        """Put a file's fused module into the parts: sd-scripts' shared-down form (down [r, in], up [sum out, r])
+        or the block-diagonal form this network writes with split downs."""
+        outs = [m.lora_up.weight.shape[0] for m in parts]
+        if up is not None and up.shape[0] != sum(outs):
+            raise NetworkError(f"{path}: {name}.lora_up.weight has {up.shape[0]} rows but the layers it adapts have "
+                               f"{sum(outs)}: the file was made for another model")
+        rank = down.shape[0] if down is not None else (up.shape[1] if up is not None else None)
+        shared = parts[0].lora_down is parts[-1].lora_down
+        rows = torch.split(torch.arange(sum(outs)), outs)
+        if shared or rank == parts[0].rank:  # every part takes the whole down and its rows of up
+            if rank is not None and rank != parts[0].rank:
+                raise NetworkError(f"{path}: {name} has rank {rank} but this network needs {parts[0].rank}: use a "
+                                   f"file made with the same rank, or set dim_from_weights")
+            for i, m in enumerate(parts):
+                if down is not None:
+                    m.lora_down.weight.copy_(down.to(m.lora_down.weight.dtype))
+                if up is not None:
+                    m.lora_up.weight.copy_(up[rows[i]].to(m.lora_up.weight.dtype))
+                if alpha is not None:
+                    m.alpha.copy_(alpha.float())
+                m.sync_alpha()
+            return
+        ranks = [m.rank for m in parts]
+        if rank != sum(ranks):
+            raise NetworkError(f"{path}: {name} has rank {rank}; this network (split_qkv) needs {sum(ranks)} "
+                               f"(block-diagonal) or {ranks[0]} (shared down): use a matching file or "
+                               f"dim_from_weights")
+        cols = torch.split(torch.arange(rank), ranks)
+        if up is not None:
+            mask = torch.ones_like(up, dtype=torch.bool)
+            for r, c in zip(rows, cols):
+                mask[r[0]:r[-1] + 1, c[0]:c[-1] + 1] = False
+            if up[mask].abs().max().item() != 0:
+                raise NetworkError(f"{path}: {name} is not block-diagonal, so its parts cannot be split: load it "
+                                   f"without split_qkv (or with dim_from_weights)")
+        scale = float(alpha) / rank if alpha is not None and float(alpha) > 0 else 1.0
+        for i, m in enumerate(parts):
+            if down is not None:
+                m.lora_down.weight.copy_(down[cols[i]].to(m.lora_down.weight.dtype))
+            if up is not None:
+                m.lora_up.weight.copy_(up[rows[i]][:, cols[i]].to(m.lora_up.weight.dtype))
+            m.alpha.fill_(scale * m.rank)
+            m.sync_alpha()
 
     # ---- files
     def save_weights(self, path: str | os.PathLike, dtype: torch.dtype | None = None,
@@ -170,6 +267,9 @@ class LoRANetwork(nn.Module):
             if key not in own:
                 continue
             target = own[key]
+            if key.rsplit(".", 2)[0].split(".")[0] in self._fused:  # checked by _load_fused (two file forms)
+                matched[key] = value
+                continue
             if tuple(value.shape) != tuple(target.shape):
                 raise NetworkError(f"{path}: {key} has shape {list(value.shape)} but this network needs "
                                    f"{list(target.shape)}: use a file made with the same rank/conv_dim and model "
@@ -180,8 +280,13 @@ class LoRANetwork(nn.Module):
             raise NetworkError(f"{path}: none of its {len(tensors)} tensors is a LoRA module of this network: the "
                                f"file was made for another model family or is not a kohya-format LoRA")
         missing = sorted(k for k in own if k not in matched and not k.endswith(".alpha"))
+        for name, parts in self._fused.items():
+            self._load_fused(str(path), name, parts, *(matched.get(f"{name}.{suffix}") for suffix in
+                                                         ("lora_down.weight", "lora_up.weight", "alpha")))
         with torch.no_grad():
             for lora in self.all_loras():
+                if getattr(lora, "part", None) is not None:
+                    continue
                 for suffix, tensor in (("lora_down.weight", lora.lora_down.weight),
                                        ("lora_up.weight", lora.lora_up.weight), ("alpha", lora.alpha)):
                     value = matched.get(f"{lora.lora_name}.{suffix}")
@@ -198,8 +303,11 @@ NETWORK_ARG_TYPES: dict[str, Callable[[str], Any]] = {
 }
 
 
-def parse_network_args(network_args: Sequence[str] | dict[str, Any] | None) -> dict[str, Any]:
-    """['conv_dim=4', 'conv_alpha=1'] -> {'conv_dim': 4, 'conv_alpha': 1.0}; unknown keys are NetworkErrors."""
+def parse_network_args(network_args: Sequence[str] | dict[str, Any] | None,
+                       extra_types: dict[str, Callable[[str], Any]] | None = None) -> dict[str, Any]:
+    """['conv_dim=4', 'conv_alpha=1'] -> {'conv_dim': 4, 'conv_alpha': 1.0}; unknown keys are NetworkErrors.
+    `extra_types`: the family's own keys (Family.LORA_NETWORK_ARGS)."""
+    types = dict(NETWORK_ARG_TYPES, **(extra_types or {}))
     items = network_args.items() if isinstance(network_args, dict) else []
     if not isinstance(network_args, dict):
         pairs = []
@@ -211,29 +319,37 @@ def parse_network_args(network_args: Sequence[str] | dict[str, Any] | None) -> d
         items = pairs
     out: dict[str, Any] = {}
     for key, value in items:
-        if key not in NETWORK_ARG_TYPES:
+        if key not in types:
             raise NetworkError(f"option 'network_args': unknown key {key!r}; supported: "
-                               f"{', '.join(NETWORK_ARG_TYPES)}")
+                               f"{', '.join(types)}")
         if value is None or str(value).strip().lower() in ("", "none"):
             out[key] = None
             continue
         try:
-            out[key] = NETWORK_ARG_TYPES[key](value)
+            out[key] = types[key](value)
         except (TypeError, ValueError):
             raise NetworkError(f"option 'network_args': {key}={value!r} is not a "
-                               f"{NETWORK_ARG_TYPES[key].__name__}") from None
+                               f"{getattr(types[key], '__name__', 'valid value')}") from None
     return out
 
 
-def family_naming(family: str, unet: nn.Module | None = None) -> dict[str, Any]:
-    """unet_prefix, te_prefixes and unet_name_map of a model family, from the family itself (names follow the block
-    layout of `unet` when given)."""
+def _family_class(family: str):
     from ..families import family_class
 
     try:
-        cls = family_class(family)
+        return family_class(family)
     except ValueError as e:
         raise NetworkError(f"networks.lora: {e}") from None
+
+
+def family_naming(family: str, unet: nn.Module | None = None,
+                  family_args: dict[str, Any] | None = None) -> dict[str, Any]:
+    """unet_prefix, te_prefixes and unet_name_map of a model family (and the optional keys of Family.lora_naming),
+    from the family itself (names follow the block layout of `unet` when given; `family_args` are the family's own
+    network_args)."""
+    cls = _family_class(family)
+    if cls.LORA_NETWORK_ARGS:
+        return cls.lora_naming(family, unet, network_args=family_args or {})
     return cls.lora_naming(family, unet)
 
 
@@ -242,11 +358,13 @@ def create_network(*, unet: nn.Module | None, text_encoders: Sequence[nn.Module]
                    network_args: Sequence[str] | dict[str, Any] | None = None, multiplier: float = 1.0,
                    train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
     """A new network from training options (defaults: rank 4, alpha 1; conv_alpha 1 when conv_dim is set)."""
-    extra = parse_network_args(network_args)
+    own_keys = _family_class(family).LORA_NETWORK_ARGS
+    extra = parse_network_args(network_args, own_keys)
+    family_args = {k: extra.pop(k) for k in list(extra) if k in own_keys}
     return LoRANetwork(unet, list(text_encoders), dim=4 if network_dim is None else network_dim,
                        alpha=1.0 if network_alpha is None else network_alpha, dropout=network_dropout,
                        multiplier=multiplier, train_unet=train_unet, train_text_encoder=train_text_encoder,
-                       **extra, **family_naming(family, unet))
+                       **extra, **family_naming(family, unet, family_args))
 
 
 def _dims_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
@@ -274,6 +392,8 @@ def create_network_from_weights(path: str | os.PathLike, *, unet: nn.Module | No
     if not dims:
         raise NetworkError(f"{path}: no '<name>.lora_down.weight' tensors: not a kohya-format LoRA file")
     naming = family_naming(family, unet)
+    naming.pop("te_enabled", None)  # the file says which text encoders have modules
+    naming.pop("shared_down", None)  # a fused file module loads as one shared-down module (exact for both forms)
     keep = [p for p, on in ((naming["unet_prefix"] + "_", train_unet), ("lora_te", train_text_encoder)) if on]
     dims = {n: d for n, d in dims.items() if n.startswith(tuple(keep))}
     if not dims:

@@ -14,8 +14,14 @@ NETWORK_MODULES: dict[str, str] = {
 
 def resolve_network_module(name: str) -> ModuleType:
     """'networks.lora' (as sd-scripts command lines say) or 'sd_scripts.networks.lora' -> our LoRA module."""
-    target = NETWORK_MODULES.get(str(name).strip())
+    from ..families import option_choices
+
+    # a family's sd-scripts module name (FamilySpec.option_values['network_module']) is this network too: the
+    # family tells it its layers and names
+    known = dict(NETWORK_MODULES, **{alias: NETWORK_MODULES["networks.lora"]
+                                     for alias in option_choices("network_module")})
+    target = known.get(str(name).strip())
     if target is None:
         raise NetworkError(f"option 'network_module': {name!r} is not supported; use one of "
-                           f"{', '.join(sorted(NETWORK_MODULES))}")
+                           f"{', '.join(sorted(known))}")
     return importlib.import_module(target)

@@ -26,6 +26,7 @@ class Target:
     module_path: str
     module: nn.Module
     kind: str  # "linear", "conv1x1" or "conv3x3" (any kernel larger than 1x1)
+    part: tuple[int, int] | None = None  # (index, count) of a layer the file fuses with others into one module
 
     @property
     def is_conv_kxk(self) -> bool:
@@ -58,10 +59,16 @@ def _children_in(block_path: str, block: nn.Module) -> Iterator[tuple[str, nn.Mo
             yield f"{block_path}.{child_path}", child
 
 
+NameMap = Callable[[str], "str | tuple[str, int, int]"]
+
+
 def find_targets(root: nn.Module, prefix: str, block_classes: tuple[str, ...],
-                 name_map: Callable[[str], str] | None = None) -> list[Target]:
-    """Every Linear/Conv2d inside a module whose class name is in `block_classes`, in module order, once each."""
-    targets: dict[str, Target] = {}
+                 name_map: NameMap | None = None) -> list[Target]:
+    """Every Linear/Conv2d inside a module whose class name is in `block_classes`, in module order, once each.
+
+    `name_map(module path)` gives the path the file names the layer by, or (file path, part index, part count) for
+    a layer the file's layout fuses with others into one module (e.g. FLUX's q/k/v as one qkv Linear)."""
+    targets: dict[object, Target] = {}
     seen: set[int] = set()
     for block_path, block in root.named_modules():
         if type(block).__name__ not in block_classes:
@@ -72,25 +79,35 @@ def find_targets(root: nn.Module, prefix: str, block_classes: tuple[str, ...],
                 continue
             seen.add(id(module))
             file_path = name_map(path) if name_map else path
+            part = None
+            if isinstance(file_path, tuple):
+                file_path, index, count = file_path
+                part = (int(index), int(count))
             name = lora_name(prefix, file_path)
-            if name in targets:
-                raise ValueError(f"two layers map to the LoRA name {name!r}: {targets[name].module_path}, {path}")
-            targets[name] = Target(name, path, module, kind)
+            key = name if part is None else (name, part[0])
+            if key in targets or (part is not None and name in targets) or \
+                    (part is None and any(isinstance(k, tuple) and k[0] == name for k in targets)):
+                raise ValueError(f"two layers map to the LoRA name {name!r}: {path} and another one")
+            targets[key] = Target(name, path, module, kind, part)
     return list(targets.values())
 
 
 def unet_targets(unet: nn.Module, prefix: str = "lora_unet", *, include_conv: bool = False,
-                 name_map: Callable[[str], str] | None = None) -> list[Target]:
-    """U-Net layers: transformer blocks; with `include_conv`, also ResNet blocks and samplers (LoCon)."""
+                 name_map: NameMap | None = None, block_classes: tuple[str, ...] | None = None) -> list[Target]:
+    """U-Net layers: transformer blocks; with `include_conv`, also ResNet blocks and samplers (LoCon).
+    `block_classes`: the family's own target blocks instead (a DiT's transformer blocks)."""
     classes = UNET_ATTENTION_CLASSES + (UNET_CONV_CLASSES + UNET_SAMPLER_CLASSES if include_conv else ())
-    return find_targets(unet, prefix, classes, name_map)
+    return find_targets(unet, prefix, classes if block_classes is None else tuple(block_classes), name_map)
 
 
-def text_encoder_targets(text_encoder: nn.Module, prefix: str = "lora_te") -> list[Target]:
+def text_encoder_targets(text_encoder: nn.Module, prefix: str = "lora_te",
+                         block_classes: tuple[str, ...] | None = None) -> list[Target]:
     """Text encoder layers: attention q/k/v/out_proj and MLP fc1/fc2.
 
     Files name them from `text_model.` (CLIPTextModel's layout before transformers 5, and CLIPTextModelWithProjection's
     still); a transformers-5 CLIPTextModel has no `text_model` level, so the prefix is added back for the file name.
     """
-    name_map = None if hasattr(text_encoder, "text_model") else (lambda path: "text_model." + path)
-    return find_targets(text_encoder, prefix, TEXT_ENCODER_CLASSES, name_map)
+    clip_without_level = type(text_encoder).__name__.startswith("CLIP") and not hasattr(text_encoder, "text_model")
+    name_map = (lambda path: "text_model." + path) if clip_without_level else None
+    classes = TEXT_ENCODER_CLASSES if block_classes is None else tuple(block_classes)
+    return find_targets(text_encoder, prefix, classes, name_map)

@@ -54,16 +54,16 @@ def init_module(module, seed: int, component: str) -> None:
 
 
 def build_tiny_model(out_dir: str, family: str, v_prediction: bool = False, layout: str = "both",
-                     seed: int = 0, **variant_options) -> TinyModelPaths:
+                     seed: int = 0, **variant) -> TinyModelPaths:
     """Write a tiny model of `family` under out_dir (single file and/or diffusers folder, as the family's users
-    have them); the family package's builder does the work. `variant_options` are a tiny variant's builder
-    keyword arguments (FamilySpec.tiny_variants) besides v_prediction."""
+    have them); the family package's builder does the work. `variant`: the builder's own keyword arguments (a
+    FamilySpec.tiny_variants entry, e.g. which model type of the family)."""
     from ..families import tiny_builder
 
     if layout not in ("single", "diffusers", "both"):
         raise ValueError(f"layout must be single, diffusers or both, not {layout!r}")
     return tiny_builder(family)(out_dir, family=family, v_prediction=v_prediction, layout=layout, seed=seed,
-                                **variant_options)
+                                **variant)
 
 
 # ---------------------------------------------------------------- demo dataset
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     family, v = variants[args.family]
     from ..families import family_spec
 
-    options = {k: o for k, o in family_spec(family).tiny_variants[args.family].items() if k != "v_prediction"}
-    paths = build_tiny_model(args.out, family, v, args.layout, args.seed, **options)
+    extra = {k: v for k, v in family_spec(family).tiny_variants[args.family].items() if k != "v_prediction"}
+    paths = build_tiny_model(args.out, family, v, args.layout, args.seed, **extra)
     for label, path in (("single file", paths.single_file), ("diffusers folder", paths.diffusers_dir)):
         if path:
             print(f"{label}: {path}")

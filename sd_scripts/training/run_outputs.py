@@ -73,9 +73,7 @@ class RunOutputs:
                       step=self.global_step, started_at=self.started_at, finished_at=time.time(),
                       sd_model_name=os.path.basename(a.pretrained_model_name_or_path.rstrip("/\\")),
                       network_args=self.method.network_args_dict())
-        metadata = build_training_metadata(a, **kwargs)
-        metadata.update(self.family.file_metadata(metadata))
-        metadata = self.method.metadata(metadata)
+        metadata = self.family.adjust_metadata(self.method.metadata(build_training_metadata(a, **kwargs)))
         return minimal_metadata(metadata) if a.no_metadata else metadata
 
     def save_final(self, status: str) -> None:

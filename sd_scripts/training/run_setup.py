@@ -48,6 +48,7 @@ class RunSetup:
         from .saving import check_output_dir_writable
 
         check_output_dir_writable(a.output_dir)
+        self._check_family()
         from .te_cache import check_options as check_te_cache_options
 
         check_te_cache_options(a, trains_text_encoder=self.method.trains_text_encoder, trainer=self.method.name)
@@ -56,6 +57,27 @@ class RunSetup:
         if (a.color_aug or a.random_crop) and a.cache_latents:
             raise OptionError("options 'cache_latents' and 'color_aug'/'random_crop' exclude each other: latents of "
                               "augmented images change every epoch; turn one of them off")
+
+    def _check_family(self) -> None:
+        """Before any heavy work: the model's family (read torch-free from the file's header or the folder's
+        configs) must be one this script trains, with options it can use (families.check_run)."""
+        from ..errors import ModelLoadError
+        from ..families import check_run, probe_model
+        from ..options import BY_NAME
+
+        a = self.args
+        try:
+            family = probe_model(a.pretrained_model_name_or_path).family
+        except ModelLoadError:
+            return  # the loader reports it with the whole story
+        if family is None:
+            return
+        message = check_run(family, trainer=getattr(a, "trainer_kind", None),
+                            script=getattr(a, "trainer_script", None), values=vars(a),
+                            defaults={name: o.default for name, o in BY_NAME.items()},
+                            source=a.pretrained_model_name_or_path)
+        if message:
+            raise OptionError(message)
 
     def _default_control_dir(self) -> str | None:
         return os.path.dirname(os.path.abspath(self.args.events_file)) if self.args.events_file else None

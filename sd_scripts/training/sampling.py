@@ -6,9 +6,10 @@ starting with `#` are skipped; options follow ` --`:
     a photo of sks dog --n blurry, lowres --w 640 --h 512 --d 42 --s 20 --l 7 --ss euler_a
 
 `--n` negative prompt, `--w`/`--h` size (512; rounded down to a multiple of 8, at least 64, as sd-scripts does),
-`--d` seed (a random one when absent), `--s` steps (30; clamped to 1..1000), `--l` CFG scale (7.5), `--ss` sampler.
-sd-scripts options that do not apply to these models (`--g`, `--cn`, `--ctr`, `--rcfg`, `--fs`) are accepted and
-ignored; any other option, or a value that is not a number where one is needed, is an error naming the file and line
+`--d` seed (a random one when absent), `--s` steps (30; clamped to 1..1000), `--l` CFG scale (7.5), `--ss` sampler,
+`--g` the guidance embedding of guidance-distilled models (families that have none ignore it). Families may have
+their own defaults for what a prompt does not set (`SamplePrompt.given` tells which it set). sd-scripts options that
+do not apply to these models (`--cn`, `--ctr`, `--rcfg`, `--fs`) are accepted and ignored; any other option, or a value that is not a number where one is needed, is an error naming the file and line
 (sd-scripts silently ignores those). `.toml` (`[prompt]` defaults + `[[prompt.subset]]` entries) and `.json` (a list of
 strings or objects) prompt files with sd-scripts' keys (prompt, negative_prompt, width, height, seed, sample_steps,
 scale, sample_sampler) are read too.
@@ -28,7 +29,7 @@ import os
 import random
 import warnings
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 from ..errors import UserError
@@ -52,7 +53,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
                    "k_dpm_2_a": "dpm_2_a"}
 SAMPLER_NAMES = tuple(SAMPLERS) + tuple(SAMPLER_ALIASES)
-IGNORED_OPTIONS = ("g", "cn", "ctr", "rcfg", "fs")  # sd-scripts options for other model families / ControlNet
+IGNORED_OPTIONS = ("cn", "ctr", "rcfg", "fs")  # sd-scripts options for other model families / ControlNet
 
 
 class SamplePromptError(UserError):
@@ -71,6 +72,8 @@ class SamplePrompt:
     steps: int = 30
     scale: float = 7.5
     sampler: str | None = None
+    guidance: float | None = None  # --g: the guidance embedding (guidance-distilled models)
+    given: frozenset = field(default=frozenset(), compare=False)  # the fields the prompt set itself
 
 
 # ------------------------------------------------------------------ prompt files
@@ -107,6 +110,7 @@ def parse_prompt_line(line: str, where: str = "prompt", default_sampler: str | N
     """One prompt line (without comment handling) -> SamplePrompt. `where` names the file and line in errors."""
     prompt, *options = line.strip().split(" --")
     sample = SamplePrompt(prompt=prompt.strip(), sampler=default_sampler)
+    given = set()
     for option in options:
         flag, _, value = option.strip().partition(" ")
         flag, value = flag.lower(), value.strip()
@@ -122,25 +126,37 @@ def parse_prompt_line(line: str, where: str = "prompt", default_sampler: str | N
             sample.scale = _number(float, value, where, flag)
         elif flag == "ss":
             sample.sampler = _sampler_name(value, where)
+        elif flag == "g":
+            sample.guidance = _number(float, value, where, flag)
         elif flag in IGNORED_OPTIONS:
             log.warning("%s: option --%s does not apply here and is ignored", where, flag)
         else:
-            raise SamplePromptError(f"{where}: unknown option --{flag}; options are --n --w --h --d --s --l --ss")
+            raise SamplePromptError(f"{where}: unknown option --{flag}; options are --n --w --h --d --s --l --ss "
+                                    f"--g")
+        given.add(_FLAG_FIELDS.get(flag, flag))
+    sample.given = frozenset(given)
     return sample
+
+
+_FLAG_FIELDS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "scale",
+                "ss": "sampler", "g": "guidance"}
 
 
 # sd-scripts' keys in .toml/.json prompt files -> SamplePrompt fields
 _DICT_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
               "seed": "seed", "sample_steps": "steps", "steps": "steps", "scale": "scale",
-              "sample_sampler": "sampler", "sampler": "sampler"}
-_DICT_IGNORED = {"enum", "subset", "guidance_scale", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift"}
+              "sample_sampler": "sampler", "sampler": "sampler", "guidance_scale": "guidance"}
+_DICT_IGNORED = {"enum", "subset", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift"}
 
 
 def _prompt_from_dict(entry: dict, where: str, default_sampler: str | None) -> SamplePrompt:
     sample = SamplePrompt(prompt="", sampler=default_sampler)
+    given = set()
     for key, value in entry.items():
         if key in _DICT_IGNORED:
             continue
+        if key in _DICT_KEYS and value is not None:
+            given.add(_DICT_KEYS[key])
         if key not in _DICT_KEYS:
             raise SamplePromptError(f"{where}: unknown key {key!r}; keys are {', '.join(sorted(_DICT_KEYS))}")
         field = _DICT_KEYS[key]
@@ -149,14 +165,15 @@ def _prompt_from_dict(entry: dict, where: str, default_sampler: str | None) -> S
         elif field == "sampler":
             sample.sampler = _sampler_name(str(value), where)
         elif value is not None:
-            kind = float if field == "scale" else int
-            number = _number(kind, str(value), where, {"width": "w", "height": "h", "seed": "d", "steps": "s"}.get(
-                field, "l"))
+            kind = float if field in ("scale", "guidance") else int
+            number = _number(kind, str(value), where, {"width": "w", "height": "h", "seed": "d", "steps": "s",
+                                                       "guidance": "g"}.get(field, "l"))
             if field in ("width", "height"):
                 number = round_size(number)
             elif field == "steps":
                 number = clamp_steps(number)
             setattr(sample, field, number)
+    sample.given = frozenset(given)
     return sample
 
 
@@ -312,10 +329,11 @@ def generate_samples(family, *, prompts: list[SamplePrompt], out_dir: str, outpu
             sampling.pipeline.scheduler = family.scheduler(sample.sampler)
             seed = sample.seed if sample.seed is not None else random.SystemRandom().randrange(2**32)
             generator = torch.Generator("cpu").manual_seed(seed)  # CPU: the same image on every device
-            image = sampling.pipeline(**sampling.inputs(sample, device), width=round_size(sample.width),
-                                      height=round_size(sample.height), num_inference_steps=sample.steps,
-                                      guidance_scale=sample.scale, generator=generator,
-                                      output_type="pil").images[0]
+            kwargs = dict(width=round_size(sample.width), height=round_size(sample.height),
+                          num_inference_steps=sample.steps, guidance_scale=sample.scale, generator=generator,
+                          output_type="pil")
+            kwargs.update(sampling.inputs(sample, device))  # the family's own meaning of a prompt's settings wins
+            image = sampling.pipeline(**kwargs).images[0]
             name = sample_file_name(output_name, epoch=epoch, step=step if step is not None else 0, index=index,
                                     seed=sample.seed)
             path = os.path.join(out_dir, name)

@@ -79,8 +79,8 @@ def build_tiny_parts(model_type: str = "flux_dev", seed: int = 0):
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    from ...models.arch import bundled_config
-    from ...models.loading import build_vae
+    from ..sd.arch import bundled_config
+    from ..sd.loading import build_vae
     from ...models.t5 import T5_XXL_CONFIG, load_t5_tokenizer
     from ...models.tokenizer import load_clip_tokenizer
     from .weights import FluxModelParts, build_transformer
@@ -129,6 +129,21 @@ def build_tiny_flux(out_dir: str, *, model_type: str = "flux_dev", seed: int = 0
     if which in ("diffusers", "both"):
         paths.diffusers_dir = save_diffusers_folder(parts, os.path.join(out_dir, "diffusers"))
     return paths
+
+
+def build_tiny_model(out_dir: str, *, family: str = "flux", v_prediction: bool = False, layout: str = "both",
+                     seed: int = 0, model_type: str | None = None):  # noqa: A002 - the registry's keyword names
+    """The registry's tiny-model builder (sd_scripts.tools.tiny_model): writes `build_tiny_flux` under `out_dir` and
+    returns TinyModelPaths with `single_file` = the denoiser file; its part files lie next to it in `out_dir`
+    (`clip_l.safetensors` (not for Chroma), `t5xxl.safetensors`, `ae.safetensors`), for --clip_l / --t5xxl / --ae.
+    `diffusers_dir` = `out_dir/diffusers`. `model_type`: flux_dev (default for FLUX.1), flux_schnell or chroma."""
+    from ...tools.tiny_model import TinyModelPaths
+
+    if v_prediction:
+        raise ValueError("FLUX.1 / Chroma models have no v-prediction variant")
+    kind = model_type or ("chroma" if family == "chroma" else "flux_dev")
+    paths = build_tiny_flux(out_dir, model_type=kind, seed=seed, layout=layout)
+    return TinyModelPaths(paths.transformer, paths.diffusers_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

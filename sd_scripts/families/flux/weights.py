@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ...errors import ModelLoadError
-from ...models.arch import infer_text_config
+from ..sd.arch import infer_text_config
 from ...models.checkpoint import Checkpoint, open_checkpoint
 from ...models.keymaps import VAE_PREFIX, clip_keymap, vae_keymap
 from ...models.safetensors_writer import save_safetensors
@@ -271,7 +271,7 @@ def save_transformer(model, path: str, *, dtype: torch.dtype | None = None,
 def load_clip_l(path: str, dtype: torch.dtype = torch.float32):
     """A transformers CLIPTextModel (eval) from a clip_l single file (keys `text_model.*`, or without that level);
     the config is CLIP-L's with the sizes read from the shapes."""
-    from ...models.loading import build_text_encoder
+    from ..sd.loading import build_text_encoder
 
     ckpt = open_checkpoint(os.fspath(path))
     _expect_kind(ckpt, "--clip_l")
@@ -321,7 +321,7 @@ def load_ae(path: str, dtype: torch.dtype = torch.float32):
     ae.safetensors (original VAE layout without prefix), or a diffusers VAE folder."""
     from diffusers import AutoencoderKL
 
-    from ...models.loading import build_vae
+    from ..sd.loading import build_vae
 
     path = os.fspath(path)
     if os.path.isdir(path):

@@ -39,6 +39,8 @@ from . import MODEL_TYPES, layout
 log = logging.getLogger(__name__)
 
 CLIP_LENGTH = 77
+#: the diffusers modules inside SD3's joint blocks whose Linears sd-scripts' SingleDiTBlock targets cover
+UNET_BLOCKS = ("Attention", "FeedForward", "AdaLayerNormZero", "SD35AdaLayerNormZeroX")
 DEFAULT_T5_LENGTH = 256  # sd-scripts' --t5xxl_max_token_length default for SD3
 TE_CACHE_SUFFIX = "_sd3_te.npz"  # sd-scripts' Sd3TextEncoderOutputsCachingStrategy name
 _PART_OPTIONS = (("clip_l", "--clip_l", "the clip_l.safetensors file"),
@@ -256,10 +258,10 @@ class SD3Family(Family):
         else:
             save_single_file(self.bundle, path, dtype=dtype, metadata=metadata)
 
-    def file_metadata(self, metadata: Mapping[str, str]) -> dict[str, str]:
+    def adjust_metadata(self, metadata: dict[str, str]) -> dict[str, str]:
         """The variant's names, as sd-scripts writes them: ss_base_model_version 'medium' / '5-medium' / '5-large',
         modelspec.architecture 'stable-diffusion-3-<type>' (keeping an adapter suffix such as '/lora')."""
-        out = {"ss_base_model_version": MODEL_TYPES[self.variant]}
+        out = dict(metadata, ss_base_model_version=MODEL_TYPES[self.variant])
         arch = metadata.get("modelspec.architecture")
         if arch is not None:
             _, slash, adapter = arch.partition("/")
@@ -407,6 +409,28 @@ class SD3Family(Family):
                                     pooled_projections=cond.pooled.to(noisy.device), timestep=noised.timesteps,
                                     return_dict=False)[0]
         return fm.precondition_prediction(pred, noisy, noised.timesteps.float() / fm.NUM_TRAIN_TIMESTEPS)
+
+    # ---- adapters
+    @classmethod
+    def lora_naming(cls, family: str, denoiser: torch.nn.Module | None = None,
+                    network_args: dict | None = None) -> dict[str, Any]:
+        """sd-scripts' networks/lora_sd3 names: `lora_unet_` + the SAI module path (`joint_blocks_N_x_block_attn_qkv`:
+        q/k/v saved as one fused module with a shared down projection), `lora_te1_` CLIP-L, `lora_te2_` CLIP-G,
+        `lora_te3_` T5 (not trained, as sd-scripts' default). Targets: the Linears of the joint blocks' attention,
+        feed-forward and adaLN layers; the last block's context adaLN is left out (its SAI rows are (shift, scale),
+        diffusers' (scale, shift): no slice of one up weight maps onto the other)."""
+        naming = super().lora_naming(family, denoiser)
+        config = dict(denoiser.config) if denoiser is not None else dict(layout.TRANSFORMER_DEFAULTS, num_layers=24)
+        table: dict[str, Any] = {}
+        for sai, names, kind in layout.transformer_key_table(config):
+            if not sai.endswith(".weight") or kind == layout.SWAP:
+                continue
+            paths = [n[: -len(".weight")] for n in names]
+            for i, path in enumerate(paths):
+                table[path] = sai[: -len(".weight")] if len(paths) == 1 else (sai[: -len(".weight")], i, len(paths))
+        naming.update(unet_name_map=lambda path: table.get(path, path), unet_block_classes=UNET_BLOCKS,
+                      te_enabled=(True, True, False), shared_down=True)
+        return naming
 
     # ---- sampling
     def scheduler(self, sampler: str | None) -> Any:
