@@ -263,6 +263,24 @@ OPTIONS: tuple[Option, ...] = (
        "images.", "dataset", family_specific=True, advanced=True),
     _O("no_half_vae", bool, False, "Keep the VAE in float32 under fp16/bf16 (e.g. the SDXL VAE overflows in fp16).",
        "precision", family_specific=True),
+    # ---- SD3 / SD3.5 only (names and defaults as sd-scripts' sd3_train_network)
+    _O("clip_g", str, None, "CLIP-G text encoder file (when the model file does not include it).", "model",
+       path="file", trainers=NET_FT, family_specific=True, label="CLIP-G"),
+    _O("apply_lg_attn_mask", bool, False, "Pass the padding mask to CLIP-L and CLIP-G.", "model",
+       trainers=NET_FT, family_specific=True),
+    _O("clip_l_dropout_rate", float, 0.0, "Probability of training a sample without its CLIP-L embedding.",
+       "caption", trainers=NET_FT, family_specific=True, minimum=0, maximum=1),
+    _O("clip_g_dropout_rate", float, 0.0, "Probability of training a sample without its CLIP-G embedding.",
+       "caption", trainers=NET_FT, family_specific=True, minimum=0, maximum=1),
+    _O("t5_dropout_rate", float, 0.0, "Probability of training a sample without its T5-XXL embedding.", "caption",
+       trainers=NET_FT, family_specific=True, minimum=0, maximum=1),
+    _O("training_shift", float, 1.0, "Shift of the training timestep density (> 1: noisier, overall structure; "
+       "< 1: cleaner, detail).", "noise", trainers=NET_FT, family_specific=True, minimum=0, check=_positive),
+    _O("pos_emb_random_crop_rate", float, 0.0, "Probability of a random instead of a centred crop of the "
+       "positional embedding (SD3.5 medium).", "training", trainers=NET_FT, family_specific=True, minimum=0, maximum=1,
+       advanced=True),
+    _O("enable_scaled_pos_embed", bool, False, "Scale the positional embedding to each bucket's resolution "
+       "(SD3.5 medium, multi-resolution training).", "training", trainers=NET_FT, family_specific=True, advanced=True),
     # ---- DreamBooth / fine-tuning
     _O("learning_rate_te", float, None, "Learning rate of the text encoder (default: learning_rate).", "optimizer",
        trainers=FULL, minimum=0),

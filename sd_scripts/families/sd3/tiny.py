@@ -174,6 +174,18 @@ def build_tiny_sd3(out_dir: str, *, variant: str = "sd3_medium", seed: int = 0,
     return paths
 
 
+def build_tiny_model(out_dir: str, *, family: str = "sd3", v_prediction: bool = False, layout: str = "both",
+                     seed: int = 0, variant: str = "sd3_medium"):
+    """The registry's tiny builder (`python -m sd_scripts.tools.tiny_model --family sd3|sd35-medium`): every file
+    of `build_tiny_sd3`; the single file it reports is the one with bundled text encoders (it trains alone)."""
+    from ...tools.tiny_model import TinyModelPaths
+
+    if v_prediction:
+        raise ValueError("SD3 models are flow-matching models; there is no v-prediction variant")
+    paths = build_tiny_sd3(out_dir, variant=variant, seed=seed, layout=layout)
+    return TinyModelPaths(paths.single_file_with_text_encoders, paths.diffusers_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sd_scripts.families.sd3.tiny",
                                      description="Write a tiny random-weight SD3 / SD3.5 model.")

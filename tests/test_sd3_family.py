@@ -1,0 +1,236 @@
+"""The SD3 / SD3.5 family: registry facts and detection, which options and scripts take it, the training step's
+maths on known inputs, conditioning, text-encoder cache arrays, file metadata names and loading errors."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sd_scripts.errors import ModelLoadError
+from sd_scripts.families import detect_single_file, family_for_script, family_spec, probe_model, tiny_variants
+from sd_scripts.options import OptionError, parse_args
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from sd_scripts.families.sd3.tiny import build_tiny_sd3
+
+    return build_tiny_sd3(str(tmp_path_factory.mktemp("sd3")), variant="sd3_medium", layout="both")
+
+
+@pytest.fixture(scope="module")
+def family(tiny):
+    from argparse import Namespace
+
+    from sd_scripts.families.sd3.model import SD3Family
+    from sd_scripts.models.loading import load_model
+
+    bundle = load_model(tiny.single_file_with_text_encoders)
+    args = Namespace(t5xxl_max_token_length=8, weighting_scheme="uniform", training_shift=1.0)
+    return SD3Family(bundle, args)
+
+
+def test_facts():
+    spec = family_spec("sd3")
+    assert (spec.bucket_step, spec.default_resolution) == (32, 1024)
+    assert (spec.vae_scaling_factor, spec.vae_shift_factor) == (1.5305, 0.0609)
+    assert spec.lora_te_prefixes == ("lora_te1", "lora_te2", "lora_te3")
+    assert family_for_script("sd3_train_network").name == "sd3" and family_for_script("sd3_train").name == "sd3"
+    assert spec.architecture_for(False, "lora") == "stable-diffusion-3-medium/lora"
+    assert spec.base_model_version == "medium" and spec.trainers == {"network", "finetune"}
+    assert tiny_variants()["sd3"] == ("sd3", False) and tiny_variants()["sd35-medium"] == ("sd3", False)
+
+
+def test_detection(tiny):
+    assert probe_model(tiny.single_file).family == "sd3"
+    assert probe_model(tiny.single_file_with_text_encoders).family == "sd3"
+    assert probe_model(tiny.diffusers_dir).family == "sd3"
+    # a real-size key set (SD3.5 large: q/k norms, 38 blocks) without weights
+    shapes = {"model.diffusion_model.x_embedder.proj.weight": (2432, 16, 2, 2),
+              "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (7296, 2432),
+              "model.diffusion_model.joint_blocks.0.x_block.attn.ln_q.weight": (64,)}
+    assert detect_single_file(shapes).family == "sd3"
+    with pytest.raises(ModelLoadError):
+        detect_single_file({"double_blocks.0.img_attn.qkv.weight": (9216, 3072)})
+
+
+def _why(family: str, script: str, trainer: str = "network", **values) -> str | None:
+    from sd_scripts.families import check_run
+    from sd_scripts.options import BY_NAME
+
+    return check_run(family, trainer=trainer, script=script, values=values,
+                     defaults={n: o.default for n, o in BY_NAME.items()}, source="model")
+
+
+def test_scripts_take_their_family_only():
+    assert _why("sd3", "sd3_train_network", clip_g="clip_g.safetensors", training_shift=3.0) is None
+    assert "train it with sd3_train_network instead of train_network" in _why("sd3", "train_network")
+    assert "train it with sd3_train instead" in _why("sd3", "fine_tune", trainer="finetune")
+    assert "sd3_train_network trains Stable Diffusion 3 / 3.5 models" in _why("sd1", "sd3_train_network")
+    assert "cannot be trained with the db trainer" in _why("sd3", "train_db", trainer="db")
+    assert _why("sd1", "train_network") is None
+
+
+def test_family_options_accepted_and_refused():
+    assert _why("sd3", "sd3_train_network", apply_lg_attn_mask=True, clip_l_dropout_rate=0.1,
+                weighting_scheme="logit_normal", pos_emb_random_crop_rate=0.2) is None
+    assert "option 'v2' is for Stable Diffusion 2.x models" in _why("sd3", "sd3_train_network", v2=True)
+    assert "option 'blocks_to_swap'" in _why("sd3", "sd3_train_network", blocks_to_swap=4)
+    with pytest.raises(OptionError, match="training_shift"):
+        parse_args("network", ["--training_shift", "0"])
+    with pytest.raises(OptionError, match="weighting_scheme"):
+        parse_args("network", ["--weighting_scheme", "nope"])
+
+
+def test_lora_names_follow_sd_scripts(tiny):
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.networks import lora
+
+    b = load_model(tiny.single_file_with_text_encoders)
+    net = lora.create_network(unet=b.denoiser, text_encoders=b.text_encoders, family="sd3", network_dim=4,
+                              network_alpha=1)
+    names = {m.lora_name for m in net.all_loras()}
+    assert any(n.startswith("lora_unet_joint_blocks_0_x_block_attn_qkv") for n in names), sorted(names)[-5:]
+    assert "lora_unet_joint_blocks_1_context_block_mlp_fc2" in names
+    assert "lora_unet_joint_blocks_2_context_block_adaLN_modulation_1" not in names  # (shift, scale) swapped
+    assert any(n.startswith("lora_te1_text_model_") for n in names)
+    assert any(n.startswith("lora_te2_text_model_") for n in names)
+    assert not any(n.startswith("lora_te3_") for n in names)
+
+
+def test_noised_follows_sd3_flow_matching(family):
+    torch.manual_seed(0)
+    latents = torch.randn(3, 16, 4, 4)
+    gen = torch.Generator().manual_seed(5)
+    noised = family.noised(latents, gen)
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=gen)
+    u = torch.rand(3, generator=gen)  # weighting_scheme uniform: u ~ U[0, 1), training_shift 1
+    t = (u * 1000).long().float()
+    sigma = (t / 1000).reshape(3, 1, 1, 1)
+    assert torch.equal(noised.timesteps, t)
+    torch.testing.assert_close(noised.noisy, (1 - sigma) * latents + sigma * noise)
+    assert torch.equal(noised.target, latents) and noised.weights is None
+
+
+def test_training_shift_min_max_and_sigma_sqrt(family):
+    family.density = dict(family.density, training_shift=3.0, min_timestep=100, max_timestep=500)
+    family.weighting_scheme = "sigma_sqrt"
+    try:
+        gen = torch.Generator().manual_seed(2)
+        noised = family.noised(torch.zeros(4, 16, 4, 4), gen)
+        gen = torch.Generator().manual_seed(2)
+        torch.randn(4, 16, 4, 4, generator=gen)
+        u = torch.rand(4, generator=gen)
+        u = u * 3 / (1 + 2 * u)
+        t = (u * 400 + 100).long().float()
+        assert torch.equal(noised.timesteps, t)
+        torch.testing.assert_close(noised.weights, (t / 1000) ** -2.0)
+    finally:
+        family.density = dict(family.density, training_shift=1.0, min_timestep=None, max_timestep=None)
+        family.weighting_scheme = "uniform"
+
+
+def test_predict_is_preconditioned_and_context_is_padded(family):
+    cond = family.encode_captions(["a dog", "a cat"], train_text_encoder=False)
+    assert cond.lg_out.shape == (2, 77, 32 + 64) and cond.t5_out.shape == (2, 8, 128)
+    assert cond.pooled.shape == (2, 96)
+    context = family.context(cond)
+    assert context.shape == (2, 85, 128) and torch.all(context[:, :77, 96:] == 0)
+    assert torch.equal(context[:, 77:], cond.t5_out)
+    from sd_scripts.families.base import NoisedLatents
+
+    noisy = torch.randn(2, 16, 8, 8)
+    timesteps = torch.tensor([250.0, 750.0])
+    with torch.no_grad():
+        pred = family.predict(NoisedLatents(noisy, timesteps, noisy), cond, {})
+        raw = family.bundle.denoiser(hidden_states=noisy, encoder_hidden_states=context, pooled_projections=cond.pooled,
+                                     timestep=timesteps, return_dict=False)[0]
+    torch.testing.assert_close(pred, raw * -torch.tensor([0.25, 0.75]).reshape(2, 1, 1, 1) + noisy)
+
+
+def test_conditioning_matches_the_diffusers_pipeline(family):
+    from diffusers import StableDiffusion3Pipeline
+
+    b = family.bundle
+    pipe = StableDiffusion3Pipeline(transformer=b.denoiser, scheduler=family.scheduler(None), vae=b.vae,
+                                    text_encoder=b.text_encoders[0], tokenizer=b.tokenizers[0],
+                                    text_encoder_2=b.text_encoders[1], tokenizer_2=b.tokenizers[1],
+                                    text_encoder_3=b.text_encoders[2], tokenizer_3=b.tokenizers[2])
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt("a red dog", None, None, do_classifier_free_guidance=False,
+                                                  max_sequence_length=8)
+        ours = family.encode_tokens(family.tokenize(["a red dog"]))
+    torch.testing.assert_close(family.context(ours), embeds)
+    torch.testing.assert_close(ours.pooled, pooled)
+
+
+def test_dropout_zeroes_each_encoders_part(family):
+    cond = family.encode_captions(["a dog", "a cat", "a bird"], train_text_encoder=False)
+    family.dropout_rates = (1.0, 0.0, 1.0)
+    try:
+        dropped = family.dropped(cond)
+    finally:
+        family.dropout_rates = (0.0, 0.0, 0.0)
+    assert torch.all(dropped.lg_out[..., :32] == 0) and torch.equal(dropped.lg_out[..., 32:], cond.lg_out[..., 32:])
+    assert torch.all(dropped.pooled[:, :32] == 0) and torch.equal(dropped.pooled[:, 32:], cond.pooled[:, 32:])
+    assert torch.all(dropped.t5_out == 0)
+    family.dropout_rates = (0.0, 0.5, 0.0)
+    random.seed(3)
+    try:
+        dropped = family.dropped(cond)
+    finally:
+        family.dropout_rates = (0.0, 0.0, 0.0)
+    random.seed(3)
+    kept = [random.random() >= 0.5 for _ in range(3)]
+    for i in range(3):
+        assert torch.equal(dropped.lg_out[i, :, 32:], cond.lg_out[i, :, 32:] * float(kept[i]))
+
+
+def test_cache_arrays_round_trip_with_sd_scripts_keys(family):
+    cond = family.encode_captions(["a dog"], train_text_encoder=False)[0]
+    arrays = family.cache_arrays(cond)
+    assert {"lg_out", "t5_out", "lg_pooled", "clip_l_attn_mask", "clip_g_attn_mask", "t5_attn_mask",
+            "apply_lg_attn_mask", "apply_t5_attn_mask"} <= set(arrays)
+    back = family.from_cache_arrays(arrays)
+    assert torch.equal(back.lg_out, cond.lg_out) and torch.equal(back.t5_out, cond.t5_out)
+    arrays["apply_t5_attn_mask"] = True
+    assert family.from_cache_arrays(arrays) is None
+
+
+def test_file_metadata_names_the_variant(family):
+    assert family.adjust_metadata({"modelspec.architecture": "stable-diffusion-3-medium/lora"}) == {
+        "ss_base_model_version": "medium", "modelspec.architecture": "stable-diffusion-3-medium/lora"}
+    family.variant = "sd35_large"
+    try:
+        meta = family.adjust_metadata({"modelspec.architecture": "stable-diffusion-3-medium"})
+    finally:
+        family.variant = "sd3_medium"
+    assert meta == {"ss_base_model_version": "5-large", "modelspec.architecture": "stable-diffusion-3-5-large"}
+
+
+def test_missing_and_wrong_part_files_are_named_before_loading(tiny, tmp_path):
+    from sd_scripts.models.loading import load_model
+
+    with pytest.raises(ModelLoadError, match="does not include clip_l; pass --clip_l"):
+        load_model(tiny.single_file)
+    with pytest.raises(ModelLoadError, match="T5 encoder, not a CLIP text encoder; pass it as --t5xxl"):
+        load_model(tiny.single_file, clip_l=tiny.t5xxl, clip_g=tiny.clip_g, t5xxl=tiny.t5xxl)
+    with pytest.raises(ModelLoadError, match="a CLIP text encoder, but --t5xxl needs"):
+        load_model(tiny.single_file, clip_l=tiny.clip_l, clip_g=tiny.clip_g, t5xxl=tiny.clip_l)
+    with pytest.raises(ModelLoadError, match=r"nope.safetensors: no such file \(--clip_g\)"):
+        load_model(tiny.single_file, clip_l=tiny.clip_l, clip_g=str(tmp_path / "nope.safetensors"))
+    bundle = load_model(tiny.single_file, clip_l=tiny.clip_l, clip_g=tiny.clip_g, t5xxl=tiny.t5xxl)
+    assert [type(t).__name__ for t in bundle.text_encoders] == ["CLIPTextModelWithProjection"] * 2 + \
+        ["T5EncoderModel"]
+
+
+def test_tiny_model_cli_writes_the_variant(tmp_path):
+    from sd_scripts.families.sd3.layout import classify
+    from sd_scripts.families import read_safetensors_header
+    from sd_scripts.tools.tiny_model import main
+
+    assert main(["--family", "sd35-medium", "--out", str(tmp_path), "--layout", "single"]) == 0
+    shapes, _ = read_safetensors_header(str(tmp_path / "tiny-sd35_medium-incl-clips-t5.safetensors"))
+    assert classify(shapes) == "sd35_medium"
