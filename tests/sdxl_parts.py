@@ -54,6 +54,10 @@ class _Bundle(SimpleNamespace):
     def text_encoders(self):
         return [self.text_encoder, self.text_encoder_2]
 
+    @text_encoders.setter
+    def text_encoders(self, encoders):
+        self.text_encoder, self.text_encoder_2 = encoders
+
     @property
     def tokenizers(self):
         return [self.tokenizer, self.tokenizer_2]

@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +25,7 @@ import torch
 from ...errors import ModelLoadError
 from ...training import flow_matching as fm
 from ..base import Family, NoisedLatents, SamplePipeline
+from ..conditioning import MemoisedCaptions
 from . import CHROMA, FLUX, layout
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _model_config(model) -> dict:
 
 
 # ------------------------------------------------------------------ the family
-class FluxFamily(Family):
+class FluxFamily(MemoisedCaptions, Family):
     """FLUX.1-dev / schnell and Chroma (see the module docstring)."""
 
     te_cache_suffix = TE_CACHE_SUFFIX
@@ -218,8 +218,7 @@ class FluxFamily(Family):
         self.logit_mean = float(option("logit_mean", fm.DEFAULT_LOGIT_MEAN))
         self.logit_std = float(option("logit_std", fm.DEFAULT_LOGIT_STD))
         self.mode_scale = float(option("mode_scale", fm.DEFAULT_MODE_SCALE))
-        self._memo: OrderedDict[str, FluxConditioning] = OrderedDict()
-        self._memo_size = memo_size
+        self.init_memo(memo_size)
         self._clip_tokenizer = bundle.tokenizers[0] if not self.is_chroma else None
         self._t5_tokenizer = bundle.tokenizers[-1]
 
@@ -262,45 +261,8 @@ class FluxFamily(Family):
             pooled = clip(clip_ids.to(clip.device)).pooler_output.to(states.device)
         return FluxConditioning(states, pooled, mask)
 
-    def encode_captions(self, captions: list[str], *, train_text_encoder: bool) -> FluxConditioning:
-        """Captions -> conditioning; with frozen encoders each caption is encoded once and memoised."""
-        if train_text_encoder:
-            return self.encode_ids(*self.tokenize(captions))
-        missing = list(dict.fromkeys(c for c in captions if c not in self._memo))
-        if missing:
-            if self.t5 is None:
-                raise RuntimeError(f"caption {missing[0]!r} was not encoded before the text encoders were released")
-            with torch.no_grad():
-                self.remember(missing, self.encode_ids(*self.tokenize(missing)))
-        for c in captions:
-            self._memo.move_to_end(c)
-        return FluxConditioning.stack([self._memo[c] for c in captions])
-
-    def remember(self, captions: Iterable[str], conditioning: FluxConditioning) -> None:
-        """Memoise each caption's conditioning (batch order), e.g. from a text-encoder output cache."""
-        for i, caption in enumerate(captions):
-            item = conditioning[i]
-            self._memo[caption] = FluxConditioning(item.t5.detach(), None if item.pooled is None
-                                                   else item.pooled.detach(), item.mask.detach())
-            if len(self._memo) > self._memo_size:
-                self._memo.popitem(last=False)
-
-    def encode_all(self, captions: list[str], batch_size: int = 16) -> None:
-        """Encode and memoise every caption (no limit on the memo), with the frozen encoders."""
-        self._memo_size = max(self._memo_size, len(self._memo) + len(captions))
-        todo = [c for c in dict.fromkeys(captions) if c not in self._memo]
-        with torch.no_grad():
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                self.remember(chunk, self.encode_ids(*self.tokenize(chunk)))
-
-    def release_text_encoders(self, captions: list[str], max_captions: int = 1024) -> bool:
-        """Encode every caption the run can draw, then drop the frozen text encoders (T5-XXL is 9 GB in fp16)."""
-        if len(captions) > max_captions:
-            return False
-        self.encode_all(captions)
-        self.bundle.text_encoders = [None] * len(self.bundle.text_encoders)
-        return True
+    def encode_batch(self, captions: list[str]) -> FluxConditioning:
+        return self.encode_ids(*self.tokenize(captions))
 
     # ---- text-encoder output cache files (training/te_cache.py), sd-scripts' keys
     def cache_arrays(self, cond: FluxConditioning) -> dict[str, np.ndarray]:

@@ -2,18 +2,18 @@
 sample pipeline."""
 from __future__ import annotations
 
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from ..base import NoisedLatents, SamplePipeline
+from ..conditioning import MemoisedCaptions
 from .common import UNetFamily
 
 CHUNK = 75  # tokens between BOS and EOS in one CLIP window
 
 
-class SDFamily(UNetFamily):
+class SDFamily(MemoisedCaptions, UNetFamily):
     """SD 1.x (CLIP-L, pads with EOS) and SD 2.x (OpenCLIP-H, pads with 0; 512 epsilon or 768 v-prediction)."""
 
     def __init__(self, bundle, args=None, *, clip_skip: int | None = None, max_token_length: int | None = None,
@@ -25,10 +25,7 @@ class SDFamily(UNetFamily):
         self.max_length = (max_token_length or CHUNK) + 2
         self.pad_id = bundle.tokenizer.pad_token_id
         self.eos_id = bundle.tokenizer.eos_token_id
-        # Frozen text encoder: the same caption always encodes the same, so encode it once (the main waste of
-        # a naive LoRA step is re-running the text encoder on fixed captions).
-        self._memo: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._memo_size = memo_size
+        self.init_memo(memo_size)
 
     # ---- text
     def tokenize(self, captions: list[str]) -> torch.Tensor:
@@ -72,35 +69,8 @@ class SDFamily(UNetFamily):
             outputs.append(hidden)
         return torch.cat(outputs, dim=1)
 
-    def encode_captions(self, captions: list[str], *, train_text_encoder: bool) -> torch.Tensor:
-        if self.bundle.text_encoder is None:  # released: every caption was encoded beforehand
-            return torch.stack([self._memo[c] for c in captions])
-        if train_text_encoder:
-            return self._encode_ids(self.tokenize(captions))
-        missing = list(dict.fromkeys(c for c in captions if c not in self._memo))
-        if missing:
-            with torch.no_grad():
-                encoded = self._encode_ids(self.tokenize(missing))
-            for caption, states in zip(missing, encoded):
-                self._memo[caption] = states
-                if len(self._memo) > self._memo_size:
-                    self._memo.popitem(last=False)
-        for c in captions:
-            self._memo.move_to_end(c)
-        return torch.stack([self._memo[c] for c in captions])
-
-    def release_text_encoders(self, captions: list[str], max_captions: int = 1024) -> bool:
-        """Encode every caption the run can draw, then drop the frozen text encoder (saves its memory)."""
-        if len(captions) > max_captions:
-            return False
-        with torch.no_grad():
-            for start in range(0, len(captions), 16):
-                chunk = captions[start:start + 16]
-                for caption, states in zip(chunk, self._encode_ids(self.tokenize(chunk))):
-                    self._memo[caption] = states
-        self._memo_size = max(self._memo_size, len(self._memo))
-        self.bundle.text_encoder = None
-        return True
+    def encode_batch(self, captions: list[str]) -> torch.Tensor:
+        return self._encode_ids(self.tokenize(captions))
 
     # ---- U-Net
     def predict(self, noised: NoisedLatents, conditioning, batch) -> torch.Tensor:

@@ -14,14 +14,14 @@ Frozen encoders: every caption is encoded once and memoised (or all of them befo
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
 from ..base import NoisedLatents, SamplePipeline
+from ..conditioning import MemoisedCaptions
 from .common import UNetFamily
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ def first_eos_positions(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ family
-class SDXLFamily(UNetFamily):
+class SDXLFamily(MemoisedCaptions, UNetFamily):
     """Conditioning, latents, the U-Net call and the sample pipeline of SDXL (see the module docstring)."""
 
     te_cache_suffix = TE_CACHE_SUFFIX
@@ -117,14 +117,16 @@ class SDXLFamily(UNetFamily):
         self.max_length = (max_token_length or CHUNK) + 2
         self._te1_width = int(bundle.text_encoder.config.hidden_size)
         self._te2_width = int(bundle.text_encoder_2.config.hidden_size)
-        self._memo: OrderedDict[str, SDXLConditioning] = OrderedDict()
-        self._memo_size = memo_size
+        self.init_memo(memo_size)
 
     # ---- text
     def tokenize(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of both tokenizers, [B, max_token_length + 2] each."""
         return tuple(tok(captions, padding="max_length", max_length=self.max_length, truncation=True,
                          return_tensors="pt").input_ids for tok in self.bundle.tokenizers)
+
+    def encode_batch(self, captions: list[str]) -> SDXLConditioning:
+        return self.encode_ids(*self.tokenize(captions))
 
     def encode_ids(self, ids1: torch.Tensor, ids2: torch.Tensor) -> SDXLConditioning:
         """Token ids of both tokenizers -> conditioning, every window of every caption in one encoder call."""
@@ -147,45 +149,6 @@ class SDXLFamily(UNetFamily):
         pooled = te2.text_projection(pooled_in.to(te2.text_projection.weight.dtype))
         hidden = torch.cat([hidden1, hidden2.to(hidden1.device, hidden1.dtype)], dim=-1)
         return SDXLConditioning(hidden, pooled.to(hidden.device))
-
-    def encode_captions(self, captions: list[str], *, train_text_encoder: bool) -> SDXLConditioning:
-        """Captions -> conditioning; with frozen encoders each caption is encoded once and memoised."""
-        if train_text_encoder:
-            return self.encode_ids(*self.tokenize(captions))
-        missing = list(dict.fromkeys(c for c in captions if c not in self._memo))
-        if missing:
-            if self.bundle.text_encoder is None:
-                raise RuntimeError(f"caption {missing[0]!r} was not encoded before the text encoders were released")
-            with torch.no_grad():
-                self.remember(missing, self.encode_ids(*self.tokenize(missing)))
-        for c in captions:
-            self._memo.move_to_end(c)
-        return SDXLConditioning.stack([self._memo[c] for c in captions])
-
-    def remember(self, captions: Iterable[str], conditioning: SDXLConditioning) -> None:
-        """Memoise the conditioning of each caption (batch order), e.g. from a text-encoder output cache."""
-        for i, caption in enumerate(captions):
-            self._memo[caption] = SDXLConditioning(conditioning.hidden[i].detach(), conditioning.pooled[i].detach())
-            if len(self._memo) > self._memo_size:
-                self._memo.popitem(last=False)
-
-    def encode_all(self, captions: list[str], batch_size: int = 16) -> None:
-        """Encode and memoise every caption (no limit on the memo), with the frozen encoders."""
-        self._memo_size = max(self._memo_size, len(self._memo) + len(captions))
-        todo = [c for c in dict.fromkeys(captions) if c not in self._memo]
-        with torch.no_grad():
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                self.remember(chunk, self.encode_ids(*self.tokenize(chunk)))
-
-    def release_text_encoders(self, captions: list[str], max_captions: int = 1024) -> bool:
-        """Encode every caption the run can draw, then drop both frozen text encoders (saves their memory)."""
-        if len(captions) > max_captions:
-            return False
-        self.encode_all(captions)
-        self.bundle.text_encoder = None
-        self.bundle.text_encoder_2 = None
-        return True
 
     # ---- text-encoder output cache files (training/te_cache.py); kohya's keys, so sd-scripts reads them too
     def cache_arrays(self, cond: SDXLConditioning) -> dict[str, np.ndarray]:

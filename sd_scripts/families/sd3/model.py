@@ -23,9 +23,8 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,6 +33,7 @@ from ...errors import ModelLoadError
 from ...options import OptionError
 from ...training import flow_matching as fm
 from ..base import Family, NoisedLatents, SamplePipeline
+from ..conditioning import MemoisedCaptions
 from . import MODEL_TYPES, layout
 
 log = logging.getLogger(__name__)
@@ -198,7 +198,7 @@ class PositionCrop:
 
 
 # ------------------------------------------------------------------ family
-class SD3Family(Family):
+class SD3Family(MemoisedCaptions, Family):
     """SD3 medium, SD3.5 medium and SD3.5 large (see the module docstring)."""
 
     te_cache_suffix = TE_CACHE_SUFFIX
@@ -233,8 +233,7 @@ class SD3Family(Family):
         self.variant = variant_of(bundle.denoiser)
         rate = float(option("pos_emb_random_crop_rate", 0.0) or 0.0)
         self.position_crop = PositionCrop(bundle.denoiser.pos_embed, rate) if rate > 0 else None
-        self._memo: OrderedDict[str, SD3Conditioning] = OrderedDict()
-        self._memo_size = memo_size
+        self.init_memo(memo_size)
 
     @property
     def max_length(self) -> int:
@@ -296,44 +295,8 @@ class SD3Family(Family):
         t5_out = t5(ids_t5.to(t5.device), attention_mask=mask).last_hidden_state
         return SD3Conditioning(lg_out, t5_out.to(device), lg_pooled)
 
-    def encode_captions(self, captions: list[str], *, train_text_encoder: bool) -> SD3Conditioning:
-        """Captions -> conditioning; with frozen encoders each caption is encoded once and memoised."""
-        if train_text_encoder:
-            return self.encode_tokens(self.tokenize(captions))
-        missing = list(dict.fromkeys(c for c in captions if c not in self._memo))
-        if missing:
-            if self.bundle.text_encoder is None:
-                raise RuntimeError(f"caption {missing[0]!r} was not encoded before the text encoders were released")
-            with torch.no_grad():
-                self.remember(missing, self.encode_tokens(self.tokenize(missing)))
-        for caption in captions:
-            self._memo.move_to_end(caption)
-        return SD3Conditioning.stack([self._memo[c] for c in captions])
-
-    def remember(self, captions: Iterable[str], conditioning: SD3Conditioning) -> None:
-        """Memoise each caption's conditioning (batch order), e.g. from a text-encoder output cache."""
-        for i, caption in enumerate(captions):
-            self._memo[caption] = SD3Conditioning(conditioning.lg_out[i].detach(), conditioning.t5_out[i].detach(),
-                                                  conditioning.pooled[i].detach())
-            if len(self._memo) > self._memo_size:
-                self._memo.popitem(last=False)
-
-    def encode_all(self, captions: list[str], batch_size: int = 16) -> None:
-        """Encode and memoise every caption (no limit on the memo) with the frozen encoders."""
-        self._memo_size = max(self._memo_size, len(self._memo) + len(captions))
-        todo = [c for c in dict.fromkeys(captions) if c not in self._memo]
-        with torch.no_grad():
-            for start in range(0, len(todo), batch_size):
-                chunk = todo[start:start + batch_size]
-                self.remember(chunk, self.encode_tokens(self.tokenize(chunk)))
-
-    def release_text_encoders(self, captions: list[str], max_captions: int = 1024) -> bool:
-        """Encode every caption the run can draw, then drop the three frozen text encoders."""
-        if len(captions) > max_captions:
-            return False
-        self.encode_all(captions)
-        self.bundle.text_encoders[:] = [None] * len(self.bundle.text_encoders)
-        return True
+    def encode_batch(self, captions: list[str]) -> SD3Conditioning:
+        return self.encode_tokens(self.tokenize(captions))
 
     # ---- text-encoder output cache files (sd-scripts' keys, so its trainer reads ours and we read its)
     def cache_arrays(self, cond: SD3Conditioning) -> dict[str, np.ndarray]:
