@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ...errors import ModelLoadError
+from ...models.module_io import cast_for_save, fill_module, save_safetensors_atomic, first_line, from_pretrained, read_json, write_json
 from ..sd.arch import infer_text_config
 from ...models.checkpoint import Checkpoint, open_checkpoint
 from ...models.keymaps import VAE_PREFIX, clip_keymap, vae_keymap
@@ -51,11 +52,6 @@ _FILE_OPTIONS = {
     "--t5xxl": (("t5xxl",), "a T5-XXL text encoder", "t5xxl_fp16.safetensors (or t5xxl_fp8_e4m3fn.safetensors)"),
     "--ae": (("ae",), "the FLUX autoencoder", "ae.safetensors (the FLUX.1 autoencoder)"),
 }
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _expect_kind(ckpt: Checkpoint, option: str) -> str:
@@ -87,15 +83,7 @@ def check_file_kind(path: str, option: str) -> str:
 
 
 def _fill(module, state_dict: Mapping[str, torch.Tensor], what: str, path: str):
-    """Put the tensors into a meta-built module (strict), turning shape errors into one line."""
-    try:
-        module.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln),
-                      _first_line(e))
-        raise ModelLoadError(f"{path}: the {what} weights do not fit together ({detail[:160]}); the file is damaged "
-                             f"or not a standard {what} file") from None
-    return module.eval()
+    return fill_module(module, state_dict, what, path, f"the file is damaged or not a standard {what} file")
 
 
 def _require(keys: list[str], ckpt: Checkpoint, what: str, fix: str) -> None:
@@ -103,25 +91,6 @@ def _require(keys: list[str], ckpt: Checkpoint, what: str, fix: str) -> None:
     if missing:
         raise ModelLoadError(f"{ckpt.path}: incomplete {what}: {len(missing)} tensors are missing (e.g. "
                              f"{missing[0]}); {fix}")
-
-
-def _atomic_save(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None,
-                 dtype: torch.dtype | None = None) -> str:
-    """Write a deterministic safetensors file via a temp file in the same folder and os.replace."""
-    out = _cast(tensors, dtype)
-    meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_safetensors(out, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
 
 
 # ---------------------------------------------------------------- BFL <-> diffusers tensors
@@ -214,10 +183,10 @@ def load_transformer(path: str, *, dtype: torch.dtype = torch.float32, model_typ
     try:
         config = layout.infer_transformer_config(ckpt.shapes)
     except (KeyError, StopIteration) as e:
-        raise ModelLoadError(f"{path}: incomplete {found} checkpoint (no tensor {_first_line(e)}); download the "
+        raise ModelLoadError(f"{path}: incomplete {found} checkpoint (no tensor {first_line(e)}); download the "
                              f"model file again") from None
     except ValueError as e:
-        raise ModelLoadError(f"{path}: the architecture read from the tensor shapes is not usable ({_first_line(e)});"
+        raise ModelLoadError(f"{path}: the architecture read from the tensor shapes is not usable ({first_line(e)});"
                              f" the file is not a standard FLUX.1 / Chroma checkpoint") from None
     prefix = layout.COMFY_PREFIX if any(k.startswith(layout.COMFY_PREFIX) for k in ckpt.shapes) else ""
     table = layout.transformer_key_table(config)
@@ -225,13 +194,13 @@ def load_transformer(path: str, *, dtype: torch.dtype = torch.float32, model_typ
     try:
         model = build_transformer(config)
     except (ValueError, TypeError, AssertionError) as e:
-        raise ModelLoadError(f"{path}: cannot build the denoiser these shapes describe ({_first_line(e)}); the file "
+        raise ModelLoadError(f"{path}: cannot build the denoiser these shapes describe ({first_line(e)}); the file "
                              f"is not a standard FLUX.1 / Chroma checkpoint") from None
     read = TensorReader(ckpt, dtype)
     try:
         state = bfl_to_diffusers(lambda k: read(prefix + k), config)
     except ValueError as e:
-        raise ModelLoadError(f"{path}: {_first_line(e)}; the file is not a standard FLUX.1 / Chroma checkpoint") \
+        raise ModelLoadError(f"{path}: {first_line(e)}; the file is not a standard FLUX.1 / Chroma checkpoint") \
             from None
     _fill(model, state, "FLUX denoiser", path)
     unused = read.unused(k for k in ckpt.shapes if k.startswith(prefix))
@@ -254,7 +223,7 @@ def _load_transformer_folder(path: str, dtype: torch.dtype, model_type: str):
     found = "chroma" if class_name == "ChromaTransformer2DModel" else (
         "flux_dev" if config.get("guidance_embeds") else "flux_schnell")
     _check_model_type(found, model_type, path)
-    return _from_pretrained(_transformer_class(class_name), path, sub, dtype)
+    return from_pretrained(_transformer_class(class_name), path, sub, dtype)
 
 
 def save_transformer(model, path: str, *, dtype: torch.dtype | None = None,
@@ -263,7 +232,7 @@ def save_transformer(model, path: str, *, dtype: torch.dtype | None = None,
     deterministically; float tensors cast to `dtype` when given. diffusers'
     `FluxTransformer2DModel.from_single_file(path, config=...)` and our load_transformer read it back."""
     tensors = diffusers_to_bfl(model.state_dict(), _model_config(model))
-    return _atomic_save(tensors, path, metadata, dtype)
+    return save_safetensors_atomic(tensors, path, metadata, dtype)
 
 
 # ---------------------------------------------------------------- CLIP-L
@@ -279,7 +248,7 @@ def load_clip_l(path: str, dtype: torch.dtype = torch.float32):
     try:
         cfg = infer_text_config(ckpt.shapes, "sd1", False, clip_prefix=prefix)
     except (KeyError, IndexError) as e:
-        raise ModelLoadError(f"{path}: incomplete CLIP-L file (no tensor {_first_line(e)}); download clip_l.safetensors"
+        raise ModelLoadError(f"{path}: incomplete CLIP-L file (no tensor {first_line(e)}); download clip_l.safetensors"
                              f" again") from None
     model = build_text_encoder(cfg)
     keymap = clip_keymap(model.state_dict().keys(), prefix)
@@ -291,7 +260,7 @@ def load_clip_l(path: str, dtype: torch.dtype = torch.float32):
 def save_clip_l(model, path: str, *, dtype: torch.dtype | None = None) -> str:
     """Write a CLIPTextModel as a clip_l single file (`text_model.*` keys, the layout users download)."""
     keymap = clip_keymap(model.state_dict().keys(), "text_model.")
-    return _atomic_save(keymap.to_ldm(model.state_dict()), path, None, dtype)
+    return save_safetensors_atomic(keymap.to_ldm(model.state_dict()), path, None, dtype)
 
 
 # ---------------------------------------------------------------- T5-XXL
@@ -307,7 +276,7 @@ def load_t5xxl(path: str, dtype: torch.dtype = torch.float32):
 def save_t5xxl(model, path: str, *, dtype: torch.dtype | None = None) -> str:
     """Write a T5EncoderModel as a t5xxl single file (transformers names, one `shared.weight` embedding)."""
     state = {k: v for k, v in model.state_dict().items() if k != "encoder.embed_tokens.weight"}
-    return _atomic_save(state, path, None, dtype)
+    return save_safetensors_atomic(state, path, None, dtype)
 
 
 # ---------------------------------------------------------------- autoencoder
@@ -329,19 +298,19 @@ def load_ae(path: str, dtype: torch.dtype = torch.float32):
         if not os.path.isfile(os.path.join(path, sub, "config.json")):
             raise ModelLoadError(f"{path}: no config.json or vae/config.json; pass ae.safetensors (the FLUX.1 "
                                  f"autoencoder) or a diffusers VAE folder as --ae")
-        return _from_pretrained(AutoencoderKL, path, sub, dtype)
+        return from_pretrained(AutoencoderKL, path, sub, dtype)
     ckpt = open_checkpoint(path)
     _expect_kind(ckpt, "--ae")
     prefix = _ae_prefix(ckpt)
     try:
         cfg = layout.infer_ae_config(ckpt.shapes, prefix)
     except (KeyError, IndexError) as e:
-        raise ModelLoadError(f"{path}: incomplete autoencoder (no tensor {_first_line(e)}); download ae.safetensors "
+        raise ModelLoadError(f"{path}: incomplete autoencoder (no tensor {first_line(e)}); download ae.safetensors "
                              f"again") from None
     try:
         vae = build_vae(cfg)
     except (ValueError, TypeError) as e:
-        raise ModelLoadError(f"{path}: cannot build an autoencoder from these shapes ({_first_line(e)}); pass "
+        raise ModelLoadError(f"{path}: cannot build an autoencoder from these shapes ({first_line(e)}); pass "
                              f"ae.safetensors (the FLUX.1 autoencoder)") from None
     keymap = vae_keymap(vae.state_dict().keys(), len(cfg["block_out_channels"])).with_ldm_prefix(VAE_PREFIX, prefix)
     _require(keymap.ldm_keys, ckpt, "autoencoder", "download ae.safetensors again")
@@ -351,7 +320,7 @@ def load_ae(path: str, dtype: torch.dtype = torch.float32):
 def save_ae(vae, path: str, *, dtype: torch.dtype | None = None) -> str:
     """Write an AutoencoderKL in the BFL ae.safetensors layout (original VAE names, no prefix)."""
     keymap = vae_keymap(vae.state_dict().keys(), len(vae.config.block_out_channels)).with_ldm_prefix(VAE_PREFIX, "")
-    return _atomic_save(keymap.to_ldm(vae.state_dict()), path, None, dtype)
+    return save_safetensors_atomic(keymap.to_ldm(vae.state_dict()), path, None, dtype)
 
 
 # ---------------------------------------------------------------- all parts; diffusers folders
@@ -413,23 +382,7 @@ def load_single_files(transformer: str, *, t5xxl: str, ae: str, clip_l: str | No
 
 
 def _read_json(path: str, folder: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ModelLoadError(f"{folder}: {os.path.relpath(path, folder)} is missing; pass a complete diffusers "
-                             f"FLUX.1 / Chroma folder or the single files") from None
-    except ValueError as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({_first_line(e)}); repair or re-download the model") from None
-
-
-def _from_pretrained(cls, folder: str, sub: str, dtype: torch.dtype):
-    try:
-        kwargs = {"subfolder": sub} if sub else {}
-        return cls.from_pretrained(folder, torch_dtype=dtype, local_files_only=True, **kwargs).eval()
-    except Exception as e:  # noqa: BLE001 - any failure here is a problem with the user's folder
-        raise ModelLoadError(f"{os.path.join(folder, sub)}: cannot load ({_first_line(e)}); re-download or "
-                             f"re-convert the model") from None
+    return read_json(path, folder, "diffusers FLUX.1 / Chroma folder or the single files")
 
 
 def _folder_t5_tokenizer(folder: str, sub: str):
@@ -454,22 +407,15 @@ def load_diffusers_folder(path: str, *, dtype: torch.dtype = torch.float32,
     kind = model_type_of(transformer)
     sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
     sched = _read_json(sched_path, path) if os.path.isfile(sched_path) else layout.scheduler_config(kind)
-    ae = _from_pretrained(AutoencoderKL, path, "vae", dtype)
+    ae = from_pretrained(AutoencoderKL, path, "vae", dtype)
     if kind == "chroma":
-        return FluxModelParts(kind, transformer, _from_pretrained(T5EncoderModel, path, "text_encoder", dtype),
+        return FluxModelParts(kind, transformer, from_pretrained(T5EncoderModel, path, "text_encoder", dtype),
                               _folder_t5_tokenizer(path, "tokenizer"), ae, sched)
     tok_dir = os.path.join(path, "tokenizer")
-    return FluxModelParts(kind, transformer, _from_pretrained(T5EncoderModel, path, "text_encoder_2", dtype),
+    return FluxModelParts(kind, transformer, from_pretrained(T5EncoderModel, path, "text_encoder_2", dtype),
                           _folder_t5_tokenizer(path, "tokenizer_2"), ae, sched,
-                          _from_pretrained(CLIPTextModel, path, "text_encoder", dtype),
+                          from_pretrained(CLIPTextModel, path, "text_encoder", dtype),
                           load_clip_tokenizer("eos", tok_dir if os.path.isdir(tok_dir) else None))
-
-
-def _write_json(path: str, data: Mapping) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def _public(cfg: Mapping) -> dict:
@@ -491,7 +437,7 @@ def _write_clip_tokenizer(folder: str) -> None:
         with open(os.path.join(TOKENIZER_DIR, name), encoding="utf-8") as f:
             data = json.load(f)
         data["pad_token"] = PAD_TOKENS["eos"]
-        _write_json(os.path.join(folder, name), data)
+        write_json(os.path.join(folder, name), data)
 
 
 def _write_t5_tokenizer(folder: str) -> None:
@@ -518,23 +464,23 @@ def save_diffusers_folder(parts: FluxModelParts, out_dir: str, *, dtype: torch.d
                  t5_sub: ["transformers", "T5EncoderModel"], t5_tok_sub: ["transformers", "T5TokenizerFast"]}
         if not chroma:
             index.update(text_encoder=["transformers", "CLIPTextModel"], tokenizer=["transformers", "CLIPTokenizer"])
-        _write_json(os.path.join(tmp, "model_index.json"), index)
-        _write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), parts.scheduler_config)
+        write_json(os.path.join(tmp, "model_index.json"), index)
+        write_json(os.path.join(tmp, "scheduler", "scheduler_config.json"), parts.scheduler_config)
         fmt = {"format": "pt"}
         for sub, module in (("transformer", parts.transformer), ("vae", parts.ae)):
-            _write_json(os.path.join(tmp, sub, "config.json"),
+            write_json(os.path.join(tmp, sub, "config.json"),
                         dict(_public(dict(module.config)), _class_name=type(module).__name__))
-            save_safetensors(_cast(module.state_dict(), dtype),
+            save_safetensors(cast_for_save(module.state_dict(), dtype),
                              os.path.join(tmp, sub, "diffusion_pytorch_model.safetensors"), fmt)
-        _write_json(os.path.join(tmp, t5_sub, "config.json"), _text_config(parts.t5, "T5EncoderModel"))
+        write_json(os.path.join(tmp, t5_sub, "config.json"), _text_config(parts.t5, "T5EncoderModel"))
         t5_state = {k: v for k, v in parts.t5.state_dict().items() if k != "encoder.embed_tokens.weight"}
-        save_safetensors(_cast(t5_state, dtype), os.path.join(tmp, t5_sub, "model.safetensors"), fmt)
+        save_safetensors(cast_for_save(t5_state, dtype), os.path.join(tmp, t5_sub, "model.safetensors"), fmt)
         _write_t5_tokenizer(os.path.join(tmp, t5_tok_sub))
         if not chroma:
-            _write_json(os.path.join(tmp, "text_encoder", "config.json"), _text_config(parts.clip_l, "CLIPTextModel"))
+            write_json(os.path.join(tmp, "text_encoder", "config.json"), _text_config(parts.clip_l, "CLIPTextModel"))
             clip_state = {(k if k.startswith("text_model.") else "text_model." + k): v
                           for k, v in parts.clip_l.state_dict().items()}
-            save_safetensors(_cast(clip_state, dtype), os.path.join(tmp, "text_encoder", "model.safetensors"), fmt)
+            save_safetensors(cast_for_save(clip_state, dtype), os.path.join(tmp, "text_encoder", "model.safetensors"), fmt)
             _write_clip_tokenizer(os.path.join(tmp, "tokenizer"))
         for root, _dirs, files in os.walk(tmp):
             os.chmod(root, 0o755)
@@ -549,20 +495,10 @@ def save_diffusers_folder(parts: FluxModelParts, out_dir: str, *, dtype: torch.d
     return out_dir
 
 
-def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, t in tensors.items():
-        t = t.detach().to("cpu")
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        out[name] = t.contiguous()
-    return out
-
-
 def transformer_config_dir(model_or_config, folder: str) -> str:
     """Write `folder/transformer/config.json` for a transformer (or its config dict) and return `folder`: what
     diffusers' `FluxTransformer2DModel.from_single_file(path, config=folder, local_files_only=True)` needs
     offline."""
     cfg = _model_config(model_or_config) if hasattr(model_or_config, "config") else dict(model_or_config)
-    _write_json(os.path.join(folder, "transformer", "config.json"), cfg)
+    write_json(os.path.join(folder, "transformer", "config.json"), cfg)
     return folder

@@ -7,13 +7,13 @@ Saving lives in `saving.py`; its functions are re-exported here.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping
 
 import torch
 
 from ...errors import ModelLoadError
+from ...models.module_io import fill_module, first_line, from_pretrained, read_json
 from .arch import (SUPPORTED_FAMILIES, pad_mode_for, arch_overrides, bundled_config, infer_openclip_text_config,
                    infer_text_config, infer_unet_config, infer_vae_config, scheduler_training_config)
 from ...models.bundle import ModelBundle, compute_vae_id
@@ -28,11 +28,6 @@ from .keymaps import model_keymaps
 
 __all__ = ["ModelBundle", "load_model", "load_vae", "detect_family", "save_single_file", "save_diffusers",
            "diffusers_config_dir", "build_unet", "build_vae", "build_text_encoder", "build_text_encoder_2"]
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def _unsupported(family: str, path: str) -> ModelLoadError:
@@ -87,15 +82,7 @@ def build_text_encoder_2(config: Mapping, *, meta: bool = True):
 
 
 def _fill(module, state_dict: dict, what: str, path: str):
-    """Put the tensors into a meta-built module (strict), turning shape errors into one line."""
-    try:
-        module.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln),
-                      _first_line(e))
-        raise ModelLoadError(f"{path}: the {what} weights do not fit the detected architecture ({detail[:160]}); "
-                             f"the file is not a standard Stable Diffusion checkpoint") from None
-    return module.eval()
+    return fill_module(module, state_dict, what, path, "the file is not a standard Stable Diffusion checkpoint")
 
 
 def _check_present(keys: list[str], ckpt: Checkpoint, what: str) -> None:
@@ -153,7 +140,7 @@ def _load_single_file(path: str, v2: bool | None, v_param: bool | None, dtype: t
     try:
         configs = _single_file_configs(ckpt, family, v_pred, clip_prefix)
     except (KeyError, StopIteration, ZeroDivisionError, IndexError, ValueError) as e:
-        raise ModelLoadError(f"{path}: incomplete {family} checkpoint (no tensor {_first_line(e)}); pass a full "
+        raise ModelLoadError(f"{path}: incomplete {family} checkpoint (no tensor {first_line(e)}); pass a full "
                              f"SD model with U-Net, VAE and text encoder(s)") from None
 
     builders = (build_unet, build_vae, build_text_encoder, build_text_encoder_2)
@@ -161,7 +148,7 @@ def _load_single_file(path: str, v2: bool | None, v_param: bool | None, dtype: t
         modules = [build(cfg) for build, cfg in zip(builders, configs)]
     except (ValueError, TypeError) as e:
         raise ModelLoadError(f"{path}: the {family} architecture read from the tensor shapes cannot be built "
-                             f"({_first_line(e)}); the file is not a standard Stable Diffusion checkpoint") from None
+                             f"({first_line(e)}); the file is not a standard Stable Diffusion checkpoint") from None
     maps = list(model_keymaps(family, *modules))
     if clip_prefix == CLIP_PREFIX:
         maps[2] = clip_keymap(modules[2].state_dict().keys(), clip_prefix)
@@ -189,22 +176,7 @@ def _load_single_file(path: str, v2: bool | None, v_param: bool | None, dtype: t
 
 
 def _read_json(path: str, folder: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise ModelLoadError(f"{folder}: {os.path.relpath(path, folder)} is missing; pass a complete diffusers "
-                             f"Stable Diffusion folder or a single-file checkpoint") from None
-    except ValueError as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({_first_line(e)}); repair or re-download the model") from None
-
-
-def _from_pretrained(cls, folder: str, sub: str, dtype: torch.dtype):
-    try:
-        return cls.from_pretrained(folder, subfolder=sub, torch_dtype=dtype, local_files_only=True).eval()
-    except Exception as e:  # noqa: BLE001 - any failure here is a problem with the user's folder
-        raise ModelLoadError(f"{os.path.join(folder, sub)}: cannot load ({_first_line(e)}); re-download or "
-                             f"re-convert the model") from None
+    return read_json(path, folder, "diffusers Stable Diffusion folder or a single-file checkpoint")
 
 
 def _load_diffusers(path: str, v2: bool | None, v_param: bool | None, dtype: torch.dtype) -> ModelBundle:
@@ -228,12 +200,12 @@ def _load_diffusers(path: str, v2: bool | None, v_param: bool | None, dtype: tor
     sched_cfg = _read_json(sched_path, path) if os.path.isfile(sched_path) else bundled_config(family, False,
                                                                                                 "scheduler")
     v_pred = bool(v_param) or sched_cfg.get("prediction_type") == "v_prediction"
-    unet = _from_pretrained(UNet2DConditionModel, path, "unet", dtype)
-    vae = _from_pretrained(AutoencoderKL, path, "vae", dtype)
-    te = _from_pretrained(CLIPTextModel, path, "text_encoder", dtype)
+    unet = from_pretrained(UNet2DConditionModel, path, "unet", dtype)
+    vae = from_pretrained(AutoencoderKL, path, "vae", dtype)
+    te = from_pretrained(CLIPTextModel, path, "text_encoder", dtype)
     text_encoders, tokenizers = [te], [_folder_tokenizer(path, "tokenizer", pad_mode_for(family))]
     if family == "sdxl":
-        text_encoders.append(_from_pretrained(CLIPTextModelWithProjection, path, "text_encoder_2", dtype))
+        text_encoders.append(from_pretrained(CLIPTextModelWithProjection, path, "text_encoder_2", dtype))
         tokenizers.append(_folder_tokenizer(path, "tokenizer_2", "zero"))
     bundle = ModelBundle(family, unet, vae, text_encoders, tokenizers, os.path.abspath(path), v_pred,
                          scheduler_training_config(sched_cfg, v_pred))
@@ -246,7 +218,7 @@ def _folder_tokenizer(path: str, sub: str, pad: str):
     try:
         return load_clip_tokenizer(pad, tok_dir if os.path.isdir(tok_dir) else None)
     except Exception as e:  # noqa: BLE001
-        raise ModelLoadError(f"{tok_dir}: cannot load the tokenizer ({_first_line(e)}); delete the folder to use "
+        raise ModelLoadError(f"{tok_dir}: cannot load the tokenizer ({first_line(e)}); delete the folder to use "
                              f"the bundled CLIP tokenizer") from None
 
 
@@ -260,9 +232,9 @@ def load_vae(path: str, family: str = "sd1", v_pred: bool = False, dtype: torch.
 
     if os.path.isdir(path):
         if os.path.isfile(os.path.join(path, "config.json")):
-            return _from_pretrained(AutoencoderKL, path, "", dtype)
+            return from_pretrained(AutoencoderKL, path, "", dtype)
         if os.path.isfile(os.path.join(path, "vae", "config.json")):
-            return _from_pretrained(AutoencoderKL, path, "vae", dtype)
+            return from_pretrained(AutoencoderKL, path, "vae", dtype)
         raise ModelLoadError(f"{path}: no config.json or vae/config.json; pass a diffusers VAE folder or a VAE file")
     ckpt = open_checkpoint(path)
     prefix = next((p for p in (VAE_PREFIX, "") if p + "encoder.conv_in.weight" in ckpt.shapes
@@ -273,11 +245,11 @@ def load_vae(path: str, family: str = "sd1", v_pred: bool = False, dtype: torch.
     try:
         cfg = infer_vae_config(ckpt.shapes, family, v_pred, prefix, arch_overrides(ckpt.metadata).get("vae"))
     except (KeyError, IndexError) as e:
-        raise ModelLoadError(f"{path}: incomplete VAE (no tensor {_first_line(e)}); pass a complete VAE") from None
+        raise ModelLoadError(f"{path}: incomplete VAE (no tensor {first_line(e)}); pass a complete VAE") from None
     try:
         vae = build_vae(cfg)
     except (ValueError, TypeError) as e:
-        raise ModelLoadError(f"{path}: cannot build a VAE from these tensor shapes ({_first_line(e)}); pass an "
+        raise ModelLoadError(f"{path}: cannot build a VAE from these tensor shapes ({first_line(e)}); pass an "
                              f"SD VAE") from None
     keymap = vae_keymap(vae.state_dict().keys(), len(cfg["block_out_channels"])).with_ldm_prefix(VAE_PREFIX, prefix)
     _check_present(keymap.ldm_keys, ckpt, "VAE")

@@ -12,20 +12,11 @@ from typing import Mapping
 import torch
 
 from ...models.bundle import ModelBundle
+from ...models.module_io import cast_for_save, temp_path, write_json
 from ...models.safetensors_writer import save_safetensors
 from ...models.tokenizer import PAD_TOKENS, TOKENIZER_DIR
 from .arch import ARCH_METADATA_KEY, arch_metadata, bundled_config, pad_mode_for, variant_name
 from .keymaps import model_keymaps
-
-
-def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, t in tensors.items():
-        t = t.detach()
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        out[name] = t.contiguous()
-    return out
 
 
 def _modules(bundle: ModelBundle) -> list:
@@ -45,14 +36,6 @@ def ldm_state_dict(bundle: ModelBundle) -> dict[str, torch.Tensor]:
     return out
 
 
-def _temp_path(path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    return tmp
-
-
 def save_single_file(bundle: ModelBundle, path: str, *, dtype: torch.dtype | None = None,
                      metadata: dict | None = None) -> str:
     """Write the model as one original-layout file (.safetensors, or .ckpt with a 'state_dict'), atomically.
@@ -60,10 +43,10 @@ def save_single_file(bundle: ModelBundle, path: str, *, dtype: torch.dtype | Non
     Float tensors are cast to `dtype` when given. Header metadata: the given `metadata` (str values) plus the
     architecture facts that shapes cannot tell, so the file loads back to the same configs.
     """
-    tensors = _cast(ldm_state_dict(bundle), dtype)
+    tensors = cast_for_save(ldm_state_dict(bundle), dtype)
     te2 = bundle.text_encoder_2.config.to_dict() if bundle.text_encoder_2 is not None else None
     arch = arch_metadata(bundle.unet.config, bundle.vae.config, bundle.text_encoder.config.to_dict(), te2)
-    tmp = _temp_path(path)
+    tmp = temp_path(path)
     try:
         if path.lower().endswith(".safetensors"):
             meta = {str(k): str(v) for k, v in (metadata or {}).items()}
@@ -78,13 +61,6 @@ def save_single_file(bundle: ModelBundle, path: str, *, dtype: torch.dtype | Non
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def _write_json(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def _pipeline_scheduler_config(bundle_or_sched: Mapping, family: str = "sd1") -> dict:
@@ -127,7 +103,7 @@ def _public(cfg: Mapping) -> dict:
 def _write_text_config(path: str, te_cfg: Mapping, architecture: str) -> None:
     te = {k: v for k, v in te_cfg.items() if not k.startswith("_")}
     te.update(architectures=[architecture], model_type="clip_text_model")
-    _write_json(path, te)
+    write_json(path, te)
 
 
 def _write_tokenizer(tok: str, pad: str) -> None:
@@ -138,7 +114,7 @@ def _write_tokenizer(tok: str, pad: str) -> None:
         with open(os.path.join(TOKENIZER_DIR, name), encoding="utf-8") as f:
             data = json.load(f)
         data["pad_token"] = PAD_TOKENS[pad]
-        _write_json(os.path.join(tok, name), data)
+        write_json(os.path.join(tok, name), data)
 
 
 def _write_config_tree(folder: str, unet_cfg: Mapping, vae_cfg: Mapping, te_cfg: Mapping, sched_cfg: Mapping,
@@ -147,12 +123,12 @@ def _write_config_tree(folder: str, unet_cfg: Mapping, vae_cfg: Mapping, te_cfg:
     With `te2_cfg` it is an SDXL pipeline (text_encoder_2 and tokenizer_2, which pads with '!')."""
     index = _model_index("sdxl" if te2_cfg is not None else "sd1")
     index["scheduler"][1] = sched_cfg["_class_name"]
-    _write_json(os.path.join(folder, "model_index.json"), index)
-    _write_json(os.path.join(folder, "unet", "config.json"),
+    write_json(os.path.join(folder, "model_index.json"), index)
+    write_json(os.path.join(folder, "unet", "config.json"),
                 dict(_public(unet_cfg), _class_name="UNet2DConditionModel"))
-    _write_json(os.path.join(folder, "vae", "config.json"), dict(_public(vae_cfg), _class_name="AutoencoderKL"))
+    write_json(os.path.join(folder, "vae", "config.json"), dict(_public(vae_cfg), _class_name="AutoencoderKL"))
     _write_text_config(os.path.join(folder, "text_encoder", "config.json"), te_cfg, "CLIPTextModel")
-    _write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), dict(sched_cfg))
+    write_json(os.path.join(folder, "scheduler", "scheduler_config.json"), dict(sched_cfg))
     _write_tokenizer(os.path.join(folder, "tokenizer"), pad)
     if te2_cfg is not None:
         _write_text_config(os.path.join(folder, "text_encoder_2", "config.json"), te2_cfg,
@@ -186,16 +162,16 @@ def save_diffusers(bundle: ModelBundle, out_dir: str, *, dtype: torch.dtype | No
                            _pipeline_scheduler_config(bundle.scheduler_config, bundle.family),
                            pad_mode_for(bundle.family), te2.config.to_dict() if te2 is not None else None)
         fmt = {"format": "pt"}
-        save_safetensors(_cast(bundle.unet.state_dict(), dtype),
+        save_safetensors(cast_for_save(bundle.unet.state_dict(), dtype),
                          os.path.join(tmp, "unet", "diffusion_pytorch_model.safetensors"), fmt)
-        save_safetensors(_cast(bundle.vae.state_dict(), dtype),
+        save_safetensors(cast_for_save(bundle.vae.state_dict(), dtype),
                          os.path.join(tmp, "vae", "diffusion_pytorch_model.safetensors"), fmt)
         # 'text_model.' names: what every hub checkpoint uses and what transformers 4 and 5 both read
         te_sd = {(k if k.startswith("text_model.") else "text_model." + k): v
                  for k, v in bundle.text_encoder.state_dict().items()}
-        save_safetensors(_cast(te_sd, dtype), os.path.join(tmp, "text_encoder", "model.safetensors"), fmt)
+        save_safetensors(cast_for_save(te_sd, dtype), os.path.join(tmp, "text_encoder", "model.safetensors"), fmt)
         if te2 is not None:  # CLIPTextModelWithProjection keeps 'text_model.' in transformers 5 too
-            save_safetensors(_cast(te2.state_dict(), dtype), os.path.join(tmp, "text_encoder_2", "model.safetensors"),
+            save_safetensors(cast_for_save(te2.state_dict(), dtype), os.path.join(tmp, "text_encoder_2", "model.safetensors"),
                              fmt)
         for root, dirs, files in os.walk(tmp):
             os.chmod(root, 0o755)

@@ -14,21 +14,12 @@ from typing import Mapping
 import torch
 
 from ...models.keymaps import vae_keymap
+from ...models.module_io import cast_for_save
 from ...training.saving import atomic_save_safetensors, atomic_torch_save
 from . import layout
 from .weights import transformer_to_sai
 
 _TEXT_ENCODER_FILES = ("clip_l", "clip_g", "t5xxl")
-
-
-def _cast(tensors: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, t in tensors.items():
-        t = t.detach().to("cpu")
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        out[name] = t.contiguous()
-    return out
 
 
 def _write(tensors: dict[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None) -> None:
@@ -57,11 +48,11 @@ def save_single_file(bundle, path: str, *, dtype: torch.dtype | None = None,
     tensors = dict(transformer_to_sai(transformer.state_dict(), transformer.config))
     vae_state = vae.state_dict()
     tensors.update(vae_keymap(vae_state.keys(), len(vae.config.block_out_channels)).to_ldm(vae_state))
-    _write(_cast(tensors, dtype), path, metadata)
+    _write(cast_for_save(tensors, dtype), path, metadata)
     stem, ext = os.path.splitext(path)
     for name, module in zip(_TEXT_ENCODER_FILES, bundle.text_encoders):
         if _is_trained(module):
-            _write(_cast(_text_encoder_state(name, module), dtype), f"{stem}_{name}{ext}", None)
+            _write(cast_for_save(_text_encoder_state(name, module), dtype), f"{stem}_{name}{ext}", None)
     return path
 
 
@@ -83,5 +74,5 @@ def save_diffusers(bundle, folder: str, *, dtype: torch.dtype | None = None) -> 
             for name in files:
                 if name.endswith(".safetensors"):
                     file = os.path.join(root, name)
-                    save_file(_cast(load_file(file), dtype), file, metadata={"format": "pt"})
+                    save_file(cast_for_save(load_file(file), dtype), file, metadata={"format": "pt"})
     return folder

@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch
 
 from ...errors import ModelLoadError
+from ...models.module_io import fill_module, first_line, from_pretrained, save_safetensors_atomic
 from ...models.checkpoint import Checkpoint, open_checkpoint
 from ...models.keymaps import vae_keymap
-from ...models.safetensors_writer import save_safetensors
 from . import layout
 
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
@@ -53,11 +52,6 @@ class SD3Parts:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
-
-
 def _build(cls_or_fn: Callable[[], Any], include_buffers: bool = False):
     """Build a module on the meta device. include_buffers: buffers too (only for modules whose buffers are all
     persistent and come from the file: the MMDiT's positional table, 0.9 GB at SD3.5 medium's size, is then never
@@ -69,14 +63,7 @@ def _build(cls_or_fn: Callable[[], Any], include_buffers: bool = False):
 
 
 def _fill(module, state_dict: Mapping[str, torch.Tensor], what: str, path: str):
-    try:
-        module.load_state_dict(state_dict, strict=True, assign=True)
-    except RuntimeError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln or "Missing" in ln
-                       or "Unexpected" in ln), _first_line(e))
-        raise ModelLoadError(f"{path}: the {what} weights do not fit the architecture read from the file "
-                             f"({detail[:160]}); the file is damaged or not a standard SD3 model") from None
-    return module.eval()
+    return fill_module(module, state_dict, what, path, "the file is damaged or not a standard SD3 model")
 
 
 def _missing(keys, ckpt: Checkpoint, what: str) -> None:
@@ -144,7 +131,7 @@ def _transformer_from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None):
     try:
         config = layout.infer_transformer_config(ckpt.shapes)
     except (KeyError, ValueError, IndexError) as e:
-        raise ModelLoadError(f"{ckpt.path}: incomplete or unusual SD3 MMDiT ({_first_line(e)}); download the model "
+        raise ModelLoadError(f"{ckpt.path}: incomplete or unusual SD3 MMDiT ({first_line(e)}); download the model "
                              f"again") from None
     table = layout.transformer_key_table(config)
     _missing([prefix + sai for sai, _, _ in table], ckpt, "MMDiT")
@@ -158,7 +145,7 @@ def _transformer_from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None):
     try:
         model = _build(lambda: SD3Transformer2DModel(**init_args), include_buffers=True)
     except (ValueError, TypeError) as e:
-        raise ModelLoadError(f"{ckpt.path}: cannot build an SD3 MMDiT from these shapes ({_first_line(e)})") from None
+        raise ModelLoadError(f"{ckpt.path}: cannot build an SD3 MMDiT from these shapes ({first_line(e)})") from None
     state = transformer_to_diffusers(lambda k: ckpt.get(k, dtype), config, prefix)
     return _fill(model, state, "MMDiT", ckpt.path)
 
@@ -169,14 +156,6 @@ def load_transformer(path: str, dtype: torch.dtype | None = torch.float32):
     return _transformer_from_checkpoint(open_checkpoint(os.fspath(path)), dtype)
 
 
-def _temp_path(path: str) -> str:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    os.close(fd)
-    return tmp
-
-
 def save_transformer(model, path: str, dtype: torch.dtype | None = None,
                      metadata: Mapping[str, str] | None = None) -> str:
     """Write the MMDiT as an SAI single file (`model.diffusion_model.*`, .safetensors) atomically, float tensors
@@ -185,23 +164,7 @@ def save_transformer(model, path: str, dtype: torch.dtype | None = None,
     path = os.fspath(path)
     if not path.lower().endswith(".safetensors"):
         raise ModelLoadError(f"{path}: SD3 models are saved as .safetensors; use that extension")
-    tensors = {}
-    for name, t in transformer_to_sai(model.state_dict(), model.config).items():
-        t = t.detach().to("cpu")
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        tensors[name] = t.contiguous()
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    meta.setdefault("format", "pt")
-    tmp = _temp_path(path)
-    try:
-        save_safetensors(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return save_safetensors_atomic(transformer_to_sai(model.state_dict(), model.config), path, metadata, dtype)
 
 
 # ---------------------------------------------------------------- CLIP-L / CLIP-G
@@ -233,7 +196,7 @@ def _clip_from_checkpoint(ckpt: Checkpoint, which: str, dtype: torch.dtype | Non
     try:
         cfg = layout.infer_clip_config(ckpt.shapes, prefix, base)
     except (KeyError, ValueError) as e:
-        raise ModelLoadError(f"{ckpt.path}: incomplete {which} text encoder (no tensor {_first_line(e)}); download "
+        raise ModelLoadError(f"{ckpt.path}: incomplete {which} text encoder (no tensor {first_line(e)}); download "
                              f"it again") from None
     model = _build(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**cfg)))
     names = list(model.state_dict().keys())
@@ -300,7 +263,7 @@ def _vae_from_checkpoint(ckpt: Checkpoint, dtype: torch.dtype | None):
     try:
         cfg = layout.infer_vae_config(ckpt.shapes, prefix)
     except (KeyError, IndexError) as e:
-        raise ModelLoadError(f"{ckpt.path}: incomplete autoencoder (no tensor {_first_line(e)})") from None
+        raise ModelLoadError(f"{ckpt.path}: incomplete autoencoder (no tensor {first_line(e)})") from None
     if cfg["latent_channels"] != 16:
         raise ModelLoadError(f"{ckpt.path}: this autoencoder has {cfg['latent_channels']} latent channels; SD3 needs "
                              f"its 16-channel VAE (an SD 1.x/XL VAE does not fit)")
@@ -324,24 +287,11 @@ def load_vae(path: str, dtype: torch.dtype | None = torch.float32):
         if not os.path.isfile(os.path.join(path, sub, "config.json")):
             raise ModelLoadError(f"{path}: no config.json or vae/config.json; pass a diffusers VAE folder or the SD3 "
                                  f"VAE file")
-        return _from_pretrained(AutoencoderKL, path, sub, dtype)
+        return from_pretrained(AutoencoderKL, path, sub, dtype)
     return _vae_from_checkpoint(open_checkpoint(path), dtype)
 
 
 # ---------------------------------------------------------------- diffusers folder
-
-
-def _from_pretrained(cls, folder: str, sub: str, dtype: torch.dtype | None):
-    kwargs = {"local_files_only": True}
-    if dtype is not None:
-        kwargs["torch_dtype"] = dtype
-    if sub:
-        kwargs["subfolder"] = sub
-    try:
-        return cls.from_pretrained(folder, **kwargs).eval()
-    except Exception as e:  # noqa: BLE001 - any failure here is a problem with the user's folder
-        raise ModelLoadError(f"{os.path.join(folder, sub)}: cannot load ({_first_line(e)}); re-download or "
-                             f"re-convert the model") from None
 
 
 def _read_model_index(path: str) -> dict:
@@ -353,7 +303,7 @@ def _read_model_index(path: str) -> dict:
         raise ModelLoadError(f"{path}: folder without model_index.json; pass a diffusers StableDiffusion3Pipeline "
                              f"folder or an SD3 .safetensors file") from None
     except ValueError as e:
-        raise ModelLoadError(f"{index}: not valid JSON ({_first_line(e)}); re-download the model") from None
+        raise ModelLoadError(f"{index}: not valid JSON ({first_line(e)}); re-download the model") from None
     if data.get("_class_name") != PIPELINE_CLASS:
         raise ModelLoadError(f"{path}: a {data.get('_class_name')} folder, not an SD3 one ({PIPELINE_CLASS}); pass "
                              f"an SD3 / SD3.5 model")
@@ -374,13 +324,13 @@ def load_diffusers_folder(path: str, dtype: torch.dtype | None = torch.float32) 
 
     path = os.fspath(path)
     index = _read_model_index(path)
-    transformer = _from_pretrained(SD3Transformer2DModel, path, "transformer", dtype)
+    transformer = from_pretrained(SD3Transformer2DModel, path, "transformer", dtype)
 
     def optional(name: str, cls):
         entry = index.get(name)
         if not entry or entry[0] is None or not os.path.isdir(os.path.join(path, name)):
             return None
-        return _from_pretrained(cls, path, name, dtype)
+        return from_pretrained(cls, path, name, dtype)
 
     t5_dir = os.path.join(path, "text_encoder_3")
     return SD3Parts(_variant_of_config(transformer.config), transformer,
