@@ -153,7 +153,7 @@ def test_wrong_script_and_options_are_refused(tmp_path, tiny_flux, tiny_sd1):
     assert proc.returncode == 1 and "--t5xxl" in proc.stderr and "CLIP-L" in proc.stderr
 
 
-def test_flux_full_fine_tune_saves_bfl_file(tmp_path, tiny_flux):
+def test_flux_full_fine_tune_with_fused_backward_saves_bfl_file(tmp_path, tiny_flux):
     from sd_scripts.families.flux.weights import load_transformer
     from sd_scripts.tools.build_metadata import main as build_metadata_main
 
@@ -169,7 +169,8 @@ def test_flux_full_fine_tune_saves_bfl_file(tmp_path, tiny_flux):
     _run("--pretrained_model_name_or_path", flux.single_file, *_parts(root), "--in_json", str(meta_json),
          "--train_data_dir", str(images), "--output_dir", str(out), "--output_name", "ft", "--resolution", "64",
          "--max_train_steps", "2", "--learning_rate", "1e-3", "--seed", "2", "--t5xxl_max_token_length", "32",
-         "--save_precision", "float", "--max_data_loader_n_workers", "0", module="sd_scripts.flux_train")
+         "--save_precision", "float", "--max_data_loader_n_workers", "0",
+         "--fused_backward_pass", module="sd_scripts.flux_train")  # optimizer steps inside backward (24 GB path)
     final = out / "ft.safetensors"
     tensors, meta = _tensors(final)
     assert "double_blocks.0.img_attn.qkv.weight" in tensors and "guidance_in.in_layer.weight" in tensors
