@@ -280,8 +280,8 @@ def test_registry():
 
 
 def test_unknown_family_is_a_user_error(models):
-    with pytest.raises(NetworkError, match="sd3"):
-        create_network(unet=models[0], text_encoders=[models[1]], family="sd3", network_dim=4, network_alpha=1)
+    with pytest.raises(NetworkError, match="nope"):
+        create_network(unet=models[0], text_encoders=[models[1]], family="nope", network_dim=4, network_alpha=1)
 
 
 def test_per_sample_multiplier():
