@@ -91,7 +91,7 @@ def test_lora_names_follow_sd_scripts(tiny):
     net = lora.create_network(unet=b.denoiser, text_encoders=b.text_encoders, family="sd3", network_dim=4,
                               network_alpha=1)
     names = {m.lora_name for m in net.all_loras()}
-    assert any(n.startswith("lora_unet_joint_blocks_0_x_block_attn_qkv") for n in names), sorted(names)[-5:]
+    assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in names, sorted(names)[-5:]
     assert "lora_unet_joint_blocks_1_context_block_mlp_fc2" in names
     assert "lora_unet_joint_blocks_2_context_block_adaLN_modulation_1" not in names  # (shift, scale) swapped
     assert any(n.startswith("lora_te1_text_model_") for n in names)
