@@ -203,6 +203,28 @@ def test_fp8_storage_close_to_reference_and_lora_trains():
     assert all(m.weight.dtype == FP8 for m in linears if m.weight.dtype != torch.bfloat16)
 
 
+def test_fp8_and_block_swap_together_equal_fp8_alone():
+    from sd_scripts.training.fp8 import store_in_fp8
+
+    ref_model = _flux().to(torch.bfloat16)
+    model = copy.deepcopy(ref_model)  # before the hooks: a deep copy of a hooked layer calls the original's forward
+    for m in (ref_model, model):
+        store_in_fp8(m, torch.bfloat16)
+    ref_net, net = _lora(ref_model), _lora(model)
+    net.load_state_dict(ref_net.state_dict())
+    for m in (ref_model, model):
+        m.enable_gradient_checkpointing()
+        m.train()
+    swapper = BlockSwapper(model, _flux_groups(model, 2), "cpu").install()
+    inputs = _inputs(model, dtype=torch.bfloat16)
+    ref_out, ref_grads = _step(ref_model, ref_net, inputs)
+    out, grads = _step(model, net, inputs)
+    assert torch.equal(out, ref_out) and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+    for block in swapper.swapped.values():  # the CPU masters are the fp8 weights, untouched by the casts
+        assert any(m.dtype == FP8 for m in block.masters)
+        assert all(p.data_ptr() == m.data_ptr() for p, m in zip(block.params, block.masters))
+
+
 def test_fp8_keeps_t5_wo_in_compute_dtype():
     from transformers import T5Config, T5EncoderModel
 
