@@ -90,8 +90,6 @@ def test_flux_options_parse_with_sd_scripts_defaults():
     ("flux", "network", "flux_train_network", {"clip_skip": 2}, ["'clip_skip'", "pooled"]),
     ("flux", "network", "flux_train_network", {"noise_offset": 0.1}, ["'noise_offset'"]),
     ("chroma", "network", "flux_train_network", {"clip_l": "x"}, ["'clip_l'", "Chroma"]),
-    ("flux", "network", "flux_train_network", {"blocks_to_swap": 8}, ["'blocks_to_swap'", "not implemented"]),
-    ("flux", "network", "flux_train_network", {"fp8_base": True}, ["'fp8_base'", "not implemented"]),
 ])
 def test_runs_refused_with_the_reason(family, trainer, script, values, words):
     message = check_run(family, trainer=trainer, script=script, values=dict(DEFAULTS, **values), defaults=DEFAULTS)
@@ -103,6 +101,9 @@ def test_runs_accepted():
                      defaults=DEFAULTS) is None
     assert check_run("chroma", trainer="finetune", script="flux_train", values=dict(DEFAULTS),
                      defaults=DEFAULTS) is None
+    memory = dict(blocks_to_swap=8, fp8_base=True, fp8_base_unet=True, cpu_offload_checkpointing=True)
+    assert check_run("flux", trainer="network", script="flux_train_network", values=dict(DEFAULTS, **memory),
+                     defaults=DEFAULTS) is None  # implemented (training/memory.py), no longer refused
     for family in ("sd1", "sdxl"):  # the generic scripts keep training the SD families, options unchanged
         assert check_run(family, trainer="network", script="train_network",
                          values=dict(DEFAULTS, no_half_vae=True, guidance_scale=5.0), defaults=DEFAULTS) is None

@@ -76,7 +76,8 @@ def test_family_options_accepted_and_refused():
     assert _why("sd3", "sd3_train_network", apply_lg_attn_mask=True, clip_l_dropout_rate=0.1,
                 weighting_scheme="logit_normal", pos_emb_random_crop_rate=0.2) is None
     assert "option 'v2' is for Stable Diffusion 2.x models" in _why("sd3", "sd3_train_network", v2=True)
-    assert "option 'blocks_to_swap'" in _why("sd3", "sd3_train_network", blocks_to_swap=4)
+    assert _why("sd3", "sd3_train_network", blocks_to_swap=4, fp8_base=True) is None  # sd-scripts' SD3 has both
+    assert "option 'model_type' is for" in _why("sd3", "sd3_train_network", model_type="chroma")
     with pytest.raises(OptionError, match="training_shift"):
         parse_args("network", ["--training_shift", "0"])
     with pytest.raises(OptionError, match="weighting_scheme"):

@@ -115,6 +115,14 @@ class Family:
         spec = family_spec(family)
         return {"unet_prefix": spec.lora_unet_prefix, "te_prefixes": spec.lora_te_prefixes, "unet_name_map": None}
 
+    # ---- memory features
+    @classmethod
+    def block_swap_groups(cls, denoiser: torch.nn.Module, blocks_to_swap: int) -> list | None:
+        """`--blocks_to_swap N`: the denoiser's lists of transformer blocks that may live on the CPU, each with how
+        many of N it takes, as `sd_scripts.training.block_swap.SwapGroup`s in forward order. None (the default): the
+        family has no swappable blocks. Moving, hooks and limits are generic (training/block_swap.py, memory.py)."""
+        return None
+
     # ---- metadata
     def adjust_metadata(self, metadata: dict[str, str]) -> dict[str, str]:
         """The saved file's metadata with the family's own names where the spec's cannot say it (e.g. which variant

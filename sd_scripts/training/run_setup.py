@@ -17,6 +17,7 @@ from ..errors import UserError
 from ..options import OptionError
 from .distributed import broadcast_parameters
 from .events import EventWriter
+from .memory import MemoryFeatures
 from .plan import Plan, plan_steps
 
 log = logging.getLogger("sd_scripts.train")
@@ -38,7 +39,10 @@ class RunSetup:
 
         check_output_dir_writable(a.output_dir)
         self._check_family()
+        from .memory import check_options as check_memory_options
         from .te_cache import check_options as check_te_cache_options
+
+        check_memory_options(a, trainer=getattr(a, "trainer_kind", None))
 
         check_te_cache_options(a, trains_text_encoder=self.method.trains_text_encoder, trainer=self.method.name)
         if a.output_name is None:
@@ -107,17 +111,28 @@ class RunSetup:
         log.info("loading %s", a.pretrained_model_name_or_path)
         bundle = load_model(a.pretrained_model_name_or_path, **self._load_options())
         device = self.accelerator.device
+        family_cls = family_class(bundle.family)
         # Frozen parts in the compute dtype; trained weights stay float32 (mixed precision autocasts).
-        bundle.denoiser.to(device, dtype=self.method.module_dtype("denoiser", self.weight_dtype))
-        for text_encoder in bundle.text_encoders:
-            text_encoder.to(device, dtype=self.method.module_dtype("text_encoder", self.weight_dtype))
+        denoiser_dtype = self.method.module_dtype("denoiser", self.weight_dtype)
+        text_encoder_dtype = self.method.module_dtype("text_encoder", self.weight_dtype)
+        self.memory = MemoryFeatures.from_args(a)
+        if self.memory.any:  # fp8 storage, block swap: checked on the CPU copy, then placed
+            self.memory.place(bundle, family_cls, device, denoiser_dtype=denoiser_dtype,
+                              text_encoder_dtype=text_encoder_dtype, compute_dtype=self.weight_dtype)
+            if self.memory.blocks_to_swap and not a.gradient_checkpointing:
+                self.warn("option 'blocks_to_swap' saves device memory only with gradient_checkpointing (without it "
+                          "the autograd graph keeps every block's weights until the backward pass): add it")
+        else:
+            bundle.denoiser.to(device, dtype=denoiser_dtype)
+            for text_encoder in bundle.text_encoders:
+                text_encoder.to(device, dtype=text_encoder_dtype)
         # The VAE overflows in fp16 (the SDXL one in bf16 too, unless no_half_vae keeps it in float32)
         half_vae_ok = self.weight_dtype != torch.float16 and not getattr(a, "no_half_vae", False)
         bundle.vae.to(device, dtype=self.weight_dtype if half_vae_ok else torch.float32)
         if a.gradient_checkpointing:
-            bundle.denoiser.enable_gradient_checkpointing()
+            self.memory.enable_checkpointing(bundle.denoiser)
         self.bundle = bundle
-        self.family = family_class(bundle.family)(bundle, a)
+        self.family = family_cls(bundle, a)
         self.spec = self.family.spec
         self.v_prediction = bundle.v_prediction
 

@@ -44,10 +44,6 @@ _REFUSED = {
     "max_timestep": "FLUX.1 samples sigmas with timestep_sampling, not integer timesteps",
     "vae": "FLUX.1's autoencoder is given with ae",
 }
-# sd-scripts' memory options this trainer accepts by name but does not implement yet: refused, never ignored
-_NOT_YET = "not implemented in this trainer yet; use gradient_checkpointing and mixed_precision bf16 to save memory"
-_REFUSED.update({name: _NOT_YET for name in ("blocks_to_swap", "fp8_base", "fp8_base_unet",
-                                              "cpu_offload_checkpointing")})
 _LR = {"network": 1e-4, "finetune": 5e-6}
 _SCRIPTS = {"network": "flux_train_network", "finetune": "flux_train"}
 

@@ -379,6 +379,18 @@ class FluxFamily(MemoisedCaptions, Family):
                       shared_down=not _flag(args.get("split_qkv", False)))
         return naming
 
+    # ---- memory features
+    @classmethod
+    def block_swap_groups(cls, denoiser: torch.nn.Module, blocks_to_swap: int) -> list:
+        """sd-scripts' split (library/flux_models.py): N // 2 double blocks and twice the rest in single blocks (a
+        single block is about half a double one), double blocks first."""
+        from ...training.block_swap import SwapGroup
+
+        double = blocks_to_swap // 2
+        single = (blocks_to_swap - double) * 2
+        return [SwapGroup("transformer_blocks", denoiser.transformer_blocks, double),
+                SwapGroup("single_transformer_blocks", denoiser.single_transformer_blocks, single)]
+
     # ---- metadata
     def adjust_metadata(self, metadata: dict[str, str]) -> dict[str, str]:
         """sd-scripts' FLUX names: architecture flux-1-dev / flux-1-schnell / chroma (suffix kept), the BFL (Chroma)

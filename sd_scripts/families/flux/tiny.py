@@ -43,11 +43,11 @@ class TinyFluxPaths:
     diffusers_dir: str | None
 
 
-def tiny_transformer_config(model_type: str) -> dict:
-    """The tiny denoiser's diffusers config (with '_class_name')."""
+def tiny_transformer_config(model_type: str, blocks: tuple[int, int] = (2, 2)) -> dict:
+    """The tiny denoiser's diffusers config (with '_class_name'); `blocks` = (double, single) block counts."""
     if model_type not in layout.MODEL_TYPES:
         raise ValueError(f"model_type must be one of {layout.MODEL_TYPES}, not {model_type!r}")
-    cfg = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=2, num_single_layers=2,
+    cfg = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=blocks[0], num_single_layers=blocks[1],
                attention_head_dim=TINY_HEAD_DIM, num_attention_heads=TINY_HEADS,
                joint_attention_dim=TINY_T5["d_model"], axes_dims_rope=layout.rope_axes(TINY_HEAD_DIM))
     if model_type == "chroma":
@@ -74,8 +74,8 @@ def _randomise(module, seed: int, component: str) -> None:
     module.eval()
 
 
-def build_tiny_parts(model_type: str = "flux_dev", seed: int = 0):
-    """The tiny model as FluxModelParts (random seeded modules, bundled tokenizers)."""
+def build_tiny_parts(model_type: str = "flux_dev", seed: int = 0, blocks: tuple[int, int] = (2, 2)):
+    """The tiny model as FluxModelParts (random seeded modules, bundled tokenizers); `blocks` = (double, single)."""
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -85,7 +85,7 @@ def build_tiny_parts(model_type: str = "flux_dev", seed: int = 0):
     from ...models.tokenizer import load_clip_tokenizer
     from .weights import FluxModelParts, build_transformer
 
-    transformer = build_transformer(tiny_transformer_config(model_type))
+    transformer = build_transformer(tiny_transformer_config(model_type, blocks))
     _randomise(transformer, seed, "transformer")
     ae = build_vae(dict(layout.AE_CONFIG, **TINY_AE))
     _randomise(ae, seed, "ae")
@@ -106,16 +106,17 @@ def build_tiny_parts(model_type: str = "flux_dev", seed: int = 0):
     return parts
 
 
-def build_tiny_flux(out_dir: str, *, model_type: str = "flux_dev", seed: int = 0,
-                    layout: str = "both") -> TinyFluxPaths:  # noqa: A002 - the option's name in tiny_model
+def build_tiny_flux(out_dir: str, *, model_type: str = "flux_dev", seed: int = 0, layout: str = "both",
+                    blocks: tuple[int, int] = (2, 2)) -> TinyFluxPaths:  # noqa: A002 - tiny_model's option name
     """Write the tiny model under `out_dir`: the single files (layout 'single' or 'both') and the diffusers folder
-    `out_dir/diffusers` ('diffusers' or 'both')."""
+    `out_dir/diffusers` ('diffusers' or 'both'). `blocks`: (double, single) block counts (block-swap tests need
+    more than the default 2 + 2)."""
     from .weights import save_ae, save_clip_l, save_diffusers_folder, save_t5xxl, save_transformer
 
     which = layout
     if which not in ("single", "diffusers", "both"):
         raise ValueError(f"layout must be single, diffusers or both, not {which!r}")
-    parts = build_tiny_parts(model_type, seed)
+    parts = build_tiny_parts(model_type, seed, blocks)
     os.makedirs(out_dir, exist_ok=True)
     paths = TinyFluxPaths(model_type, None, None, None, None, None)
     if which in ("single", "both"):

@@ -26,7 +26,8 @@ OPTIONS = frozenset({
     "clip_l", "clip_g", "t5xxl", "t5xxl_max_token_length", "apply_lg_attn_mask", "apply_t5_attn_mask",
     "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "training_shift", "weighting_scheme",
     "logit_mean", "logit_std", "mode_scale", "pos_emb_random_crop_rate", "enable_scaled_pos_embed",
-    "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
+    "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "blocks_to_swap", "fp8_base",
+    "fp8_base_unet", "cpu_offload_checkpointing",
 })
 
 SPECS = (

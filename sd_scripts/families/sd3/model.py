@@ -395,6 +395,14 @@ class SD3Family(MemoisedCaptions, Family):
                       te_enabled=(True, True, False), shared_down=True)
         return naming
 
+    # ---- memory features
+    @classmethod
+    def block_swap_groups(cls, denoiser: torch.nn.Module, blocks_to_swap: int) -> list:
+        """The MMDiT's joint blocks, N of them (sd-scripts library/sd3_models.py)."""
+        from ...training.block_swap import SwapGroup
+
+        return [SwapGroup("transformer_blocks", denoiser.transformer_blocks, blocks_to_swap)]
+
     # ---- sampling
     def scheduler(self, sampler: str | None) -> Any:
         """SD3 samples with the flow-matching Euler scheduler (shift 3.0) whatever sampler a prompt names."""
