@@ -262,7 +262,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("cache_text_encoder_outputs_to_disk", bool, False, "Keep the text-encoder cache in .npz files next to the "
        "images.", "dataset", family_specific=True, advanced=True),
     _O("no_half_vae", bool, False, "Keep the VAE in float32 under fp16/bf16 (e.g. the SDXL VAE overflows in fp16).",
-       "precision", family_specific=True),
+       "precision"),
     # ---- SD3 / SD3.5 only (names and defaults as sd-scripts' sd3_train_network)
     _O("clip_g", str, None, "CLIP-G text encoder file (when the model file does not include it).", "model",
        path="file", trainers=NET_FT, family_specific=True, label="CLIP-G"),

@@ -104,9 +104,12 @@ def test_runs_accepted():
     memory = dict(blocks_to_swap=8, fp8_base=True, fp8_base_unet=True, cpu_offload_checkpointing=True)
     assert check_run("flux", trainer="network", script="flux_train_network", values=dict(DEFAULTS, **memory),
                      defaults=DEFAULTS) is None  # implemented (training/memory.py), no longer refused
-    for family in ("sd1", "sdxl"):  # the generic scripts keep training the SD families, options unchanged
+    for family in ("sd1", "sdxl"):  # the generic scripts keep training the SD families; FLUX options are refused
         assert check_run(family, trainer="network", script="train_network",
-                         values=dict(DEFAULTS, no_half_vae=True, guidance_scale=5.0), defaults=DEFAULTS) is None
+                         values=dict(DEFAULTS, no_half_vae=True), defaults=DEFAULTS) is None
+        assert "option 'guidance_scale' is for FLUX.1" in check_run(
+            family, trainer="network", script="train_network", values=dict(DEFAULTS, guidance_scale=5.0),
+            defaults=DEFAULTS)
 
 
 # ---------------------------------------------------------------- the step

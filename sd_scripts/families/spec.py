@@ -55,7 +55,7 @@ class FamilySpec:
     # options every family has that this one cannot use -> the reason (refused when set)
     refused_options: Mapping[str, str] = field(default_factory=dict)
     # refuse family-specific options of other families (e.g. v_parameterization) instead of ignoring them
-    strict_options: bool = False
+    strict_options: bool = True
     # option -> the values it takes for this family (the schema's choices are the union over the families)
     option_values: Mapping[str, tuple] = field(default_factory=dict)
 
