@@ -34,3 +34,12 @@ def family_defaults(kind: str, family: str, v_parameterization: bool = False) ->
     if rate is not None:
         out["learning_rate"] = rate
     return out
+
+
+def option_shown(opt, family: str) -> bool:
+    """Whether the form shows (and sends) option `opt` for `family`: the family takes it (Option.families), and it is
+    not one of the options every family has that this family refuses (FamilySpec.refused_options, e.g. clip_skip for
+    FLUX.1). A refused option of the family's own (one not implemented yet) stays shown: pre-flight names it."""
+    if family not in opt.families:
+        return False
+    return opt.family_specific or opt.name not in family_spec(family).refused_options
