@@ -112,7 +112,8 @@ class AppContext:
 
         values, unknown = import_kohya_json(path, kind)
         values = dict(values)
-        values[FAMILY_KEY] = guess_family(values, _kohya_config(path))
+        if values.get(FAMILY_KEY) is None:
+            values[FAMILY_KEY] = guess_family(values, _kohya_config(path))
         return values, [f"not imported: {k}" for k in unknown]
 
     # ---- launching
@@ -120,8 +121,10 @@ class AppContext:
         """Pre-flight checks, plus a warning when the model file is of another family than the one selected."""
         from kohya_gui.preflight import Check, detect_family, run_preflight
 
-        checks = list(run_preflight(kind, values, accel, python=self.jobs.python))
         detected = detect_family(values.get("pretrained_model_name_or_path"))
+        # the model file's family when it tells, else the selector's
+        checks = list(run_preflight(kind, values, accel, python=self.jobs.python,
+                                    family=None if detected else family))
         if detected and detected != family:
             checks.append(Check("warning", "model_family",
                                 f"the model file looks like {detected} but the Model family selector says {family}: "

@@ -30,8 +30,11 @@ TRAINER_MODULES: dict[str, str] = {
     "finetune": "sd_scripts.fine_tune",
     "ti": "sd_scripts.train_textual_inversion",
 }
+#: The model family the form is set to (a registered family name): chooses the trainer script when the model file
+#: does not tell (a family with its own scripts, FamilySpec.trainer_scripts, trains with them); never a trainer option.
+FAMILY_KEY = "model_family"
 #: GUI fields that are not schema options but that build_command understands.
-GUI_FIELDS = ("sample_prompts_text",)
+GUI_FIELDS = ("sample_prompts_text", FAMILY_KEY)
 #: Options set by the job itself (on the argv), never taken from values.
 JOB_OPTIONS = ("events_file", "control_dir")
 #: Free-text options that may hold several lines (everything else must be one line).
@@ -310,6 +313,28 @@ def prompts_file_text(text: str | None) -> str | None:
     return "\n".join(lines).strip("\n") + "\n"
 
 
+def run_family(values: dict[str, Any]) -> str:
+    """The model family a run is for: the model file's (read torch-free from its header or configs), else the form's
+    FAMILY_KEY, else the family the options point to (sd_scripts.families.guess_family). CommandError for a
+    FAMILY_KEY that is not a registered family."""
+    from sd_scripts.families import all_families, family_of_path, guess_family
+
+    chosen = values.get(FAMILY_KEY)
+    if chosen not in (None, "") and chosen not in all_families():
+        raise CommandError(FAMILY_KEY, f"unknown model family {chosen!r}; choose one of {', '.join(all_families())}")
+    model = values.get("pretrained_model_name_or_path")
+    return family_of_path(model if isinstance(model, str) and model else None) or chosen or guess_family(values)
+
+
+def trainer_module(trainer: str, family: str | None = None) -> str:
+    """The module `accelerate launch -m` runs: the family's own script for this trainer when it has one
+    (FamilySpec.trainer_scripts, e.g. a DiT family's LoRA script), else the generic trainer module."""
+    from sd_scripts.families import script_for
+
+    script = script_for(family, trainer) if family else None
+    return f"sd_scripts.{script}" if script else TRAINER_MODULES[trainer]
+
+
 def build_command(kind: str, values: dict[str, Any], accel: AccelerateSettings, job_dir: str,
                   python: str = sys.executable) -> RunCommand:
     """GUI values -> RunCommand. Pure: writes nothing.
@@ -317,9 +342,11 @@ def build_command(kind: str, values: dict[str, Any], accel: AccelerateSettings, 
     `values` are schema option values (unknown key -> CommandError, a ValueError, naming it) plus the GUI field
     'sample_prompts_text'. When that text holds prompts, it goes to <job_dir>/prompts.txt and `sample_prompts` points
     there (the file is written before launch by the job manager). `events_file` and `control_dir` are always the
-    job's. accel.mixed_precision, when set, overrides the option so that accelerate and the trainer agree.
+    job's. accel.mixed_precision, when set, overrides the option so that accelerate and the trainer agree. The
+    trainer module is the run family's own script when it has one (`run_family`, `trainer_module`).
     """
     trainer = trainer_for(kind)
+    module = trainer_module(trainer, run_family(values))
     accel = accel or AccelerateSettings()
     values = dict(values)
     if accel.mixed_precision is not None:
@@ -338,7 +365,7 @@ def build_command(kind: str, values: dict[str, Any], accel: AccelerateSettings, 
     toml_text = schema.dump_toml(normalized, trainer)
     argv = [python, "-m", "accelerate.commands.launch",
             *accelerate_flags(accel, normalized["mixed_precision"]),
-            "-m", TRAINER_MODULES[trainer],
+            "-m", module,
             "--config_file", toml_path,
             "--events_file", os.path.join(job_dir, EVENTS_FILE),
             "--control_dir", job_dir]

@@ -37,8 +37,8 @@ from sd_scripts import options as schema
 
 from . import monitor
 from .atomic import atomic_write
-from .command import (JOB_OPTIONS, AccelerateSettings, CommandError, RunCommand, build_command, format_command,
-                      trainer_for)
+from .command import (FAMILY_KEY, JOB_OPTIONS, AccelerateSettings, CommandError, RunCommand, build_command,
+                      format_command, trainer_for)
 from .job_files import JobFileError, JobsDirError, QueueLock, check_job_fields, ensure_private_dir
 from .secrets import redact, secret_values, strip_secrets
 
@@ -362,6 +362,9 @@ class JobManager:
         values = schema.config_values(job.toml_path, trainer)
         for name in JOB_OPTIONS:
             values.pop(name, None)
+        family = (job.values or {}).get(FAMILY_KEY)
+        if isinstance(family, str) and family:  # the form's family (the model file's own wins in build_command)
+            values[FAMILY_KEY] = family
         accel = AccelerateSettings.from_dict(job.accel)
         cmd = self.build(job.kind, values, accel, job.job_dir, python=self.python)
         _atomic_write(cmd.toml_path, cmd.toml_text)

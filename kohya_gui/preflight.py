@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,10 +24,11 @@ from sd_scripts import options as schema
 from sd_scripts.data.folders import scan_concept_folders  # the trainer's own folder rule
 from sd_scripts.data.images import list_images
 from sd_scripts.errors import DatasetError
-from sd_scripts.families import family_of_path, family_spec, guess_family
+from sd_scripts.families import check_run, family_of_path, family_spec, guess_family
 from sd_scripts.training.plan import batches_per_process, plan_steps
 
-from .command import AccelerateSettings, CommandError, TRAINER_MODULES, normalize_values, trainer_for
+from .command import (KIND_TO_TRAINER, AccelerateSettings, CommandError, TRAINER_MODULES, normalize_values,
+                      trainer_for, trainer_module)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: minimum CUDA compute capability per mixed precision mode
@@ -349,10 +351,11 @@ def _check_hardware(trainer: str, family: str, values: dict[str, Any], accel: Ac
                             f"AdamW8bit"))
 
 
-def _check_family(trainer: str, family: str, values: dict[str, Any], checks: list[Check]) -> None:
+def _check_family(trainer: str, family: str, values: dict[str, Any], checks: list[Check],
+                  skip: set[str] = frozenset()) -> None:
     for opt in schema.options_for(trainer):
         value = values.get(opt.name)
-        if value not in (None, opt.default, False, "") and family not in opt.families:
+        if value not in (None, opt.default, False, "") and family not in opt.families and opt.name not in skip:
             checks.append(Check("warning", opt.name, f"applies to {', '.join(sorted(opt.families))} models only; "
                                                      f"it has no effect on this {family} model: clear it"))
     res = values.get("resolution")
@@ -363,6 +366,26 @@ def _check_family(trainer: str, family: str, values: dict[str, Any], checks: lis
         return
     if max(w, h) < native // 2 or max(w, h) > native * 2:
         checks.append(Check("warning", "resolution", f"{w}x{h} is far from the {family} model's native {native} px"))
+
+
+def _check_family_run(kind: str, trainer: str, family: str, values: dict[str, Any], checks: list[Check]) -> set[str]:
+    """The trainer's own refusals, before launch (sd_scripts.families.check_run, torch-free): a kind of training the
+    family does not have (FamilySpec.trainers), an option the family refuses, another family's option on a strict
+    family. Returns the option names reported."""
+    spec = family_spec(family)
+    if trainer not in spec.trainers:
+        kinds = [k for k, t in KIND_TO_TRAINER.items() if t in spec.trainers]
+        checks.append(Check("error", "model_family", f"{spec.label} models cannot be trained with {kind}: use the "
+                                                     f"{' or '.join(kinds) or 'other'} tab, or choose another model"))
+        return set()
+    script = trainer_module(trainer, family).rsplit(".", 1)[-1]
+    problem = check_run(family, trainer=trainer, script=script, values=values, defaults=schema.defaults(trainer))
+    if not problem:
+        return set()
+    option = re.search(r"option '(\w+)'", problem)
+    field = option.group(1) if option else "pretrained_model_name_or_path"
+    checks.append(Check("error", field, problem))
+    return {field}
 
 
 def run_preflight(kind: str, values: dict[str, Any], accel: AccelerateSettings | None = None,
@@ -406,7 +429,8 @@ def run_preflight(kind: str, values: dict[str, Any], accel: AccelerateSettings |
     spec = family_spec(fam)
     if norm.get("v_parameterization") and not norm.get("v2") and spec.supports_v_prediction:
         checks.append(Check("info", "v2", f"v_parameterization is for {spec.label}: v2 is implied"))
-    _check_family(trainer, fam, norm, checks)
+    refused = _check_family_run(kind, trainer, fam, norm, checks)
+    _check_family(trainer, fam, norm, checks, skip=refused)
     gpus = (gpu_probe or probe_gpus)()
     _check_hardware(trainer, fam, norm, accel, gpus, checks)
     sampling = norm.get("sample_every_n_steps") or norm.get("sample_every_n_epochs") or norm.get("sample_at_first")

@@ -24,8 +24,8 @@ from typing import Any
 from sd_scripts import options as schema
 from sd_scripts.families import all_families
 
-from .command import (ACCEL_PREFIX, GUI_FIELDS, JOB_OPTIONS, KIND_TO_TRAINER, AccelerateSettings, CommandError,
-                      _coerce, accelerate_flags, trainer_for)
+from .command import (ACCEL_PREFIX, FAMILY_KEY, GUI_FIELDS, JOB_OPTIONS, KIND_TO_TRAINER, AccelerateSettings,
+                      CommandError, _coerce, accelerate_flags, trainer_for)
 from .atomic import atomic_write
 from .secrets import is_secret, strip_secrets
 
@@ -146,7 +146,9 @@ def _clean_values(kind: str, raw: dict[str, Any]) -> tuple[dict[str, Any], list[
     unknown: list[str] = []
     for key, value in raw.items():
         name = schema.ALIASES.get(key, key)
-        if name in GUI_FIELDS:
+        if name == FAMILY_KEY and value not in all_families():
+            unknown.append(f"{key} (unknown model family {value!r}; known: {', '.join(all_families())})")
+        elif name in GUI_FIELDS:
             if isinstance(value, str):
                 values[name] = value
             else:
@@ -195,7 +197,9 @@ def load_preset(kind: str, name: str, user_dir: str | None = None, demo_dir: str
         demo = os.path.abspath(demo_dir or default_demo_dir())
         raw = {k: v.replace(DEMO_PLACEHOLDER, demo) if isinstance(v, str) else v for k, v in raw.items()}
         if make_demo:
-            notes += ensure_demo(demo, str(raw.get("pretrained_model_name_or_path") or ""))
+            variant = data.get("demo_variant")
+            notes += ensure_demo(demo, str(raw.get("pretrained_model_name_or_path") or ""),
+                                 variant=variant if isinstance(variant, str) else None, values=raw)
             notes += ensure_demo_metadata(demo, raw)
     values, unknown = _clean_values(kind, raw)
     full = schema.defaults(trainer_for(kind))
@@ -243,26 +247,52 @@ def save_preset(kind: str, name: str, values: dict[str, Any], user_dir: str | No
     return path
 
 
-def ensure_demo(demo_dir: str, model: str, python: str = sys.executable, timeout: float = 600) -> list[str]:
-    """Make a demo preset's tiny model (its path `<demo_dir>/<folder>/tiny-<variant>.safetensors` names the tiny
-    model variant, see `python -m sd_scripts.tools.tiny_model --help`) and the demo dataset in `demo_dir` unless
-    they exist. Returns notes; PresetError when the tool fails (with the end of its output)."""
-    from sd_scripts.families import tiny_variants
+def demo_files(model: str, variant: str | None = None) -> tuple[str, dict[str, str]]:
+    """(tiny variant, {option: path}) of a demo preset's model path: the files
+    `python -m sd_scripts.tools.tiny_model --family VARIANT --layout single --out <folder of model>` writes (the
+    registry's `tiny_files`: the model, and the part files of families that have them). The variant is the preset's
+    `demo_variant`, else the one whose model file has this name (`tiny-<variant>.safetensors` for one-file models).
+    PresetError when the name fits no variant (or several, without demo_variant)."""
+    from sd_scripts.families import tiny_files, tiny_variants
 
-    name = os.path.basename(model)
-    variant = name[len("tiny-"):-len(".safetensors")] if name.startswith("tiny-") and \
-        name.endswith(".safetensors") else ""
-    if variant not in tiny_variants():
-        raise PresetError(f"demo preset model {model!r}: expected {{demo_dir}}/<folder>/tiny-<variant>.safetensors "
-                          f"with a variant among {', '.join(sorted(tiny_variants()))}")
+    name, folder = os.path.basename(model), os.path.dirname(model)
+    files = {v: tiny_files(v) for v in tiny_variants()}
+    if variant is not None and variant not in files:
+        raise PresetError(f"demo preset key 'demo_variant': {variant!r} is not a tiny model; use one of "
+                          f"{', '.join(sorted(files))}")
+    fitting = [v for v, f in files.items() if f["pretrained_model_name_or_path"] == name]
+    if variant is None and len(fitting) == 1:
+        variant = fitting[0]
+    if variant is None or variant not in fitting:
+        if len(fitting) > 1 and variant is None:
+            raise PresetError(f"demo preset model {model!r} is written by several tiny models: set the preset's "
+                              f"'demo_variant' to one of {', '.join(fitting)}")
+        expected = files[variant]["pretrained_model_name_or_path"] if variant else "tiny-<variant>.safetensors"
+        raise PresetError(f"demo preset model {model!r}: expected {{demo_dir}}/<folder>/{expected} "
+                          f"with a variant among {', '.join(sorted(files))}")
+    return variant, {option: os.path.join(folder, file) for option, file in files[variant].items()}
+
+
+def ensure_demo(demo_dir: str, model: str, python: str = sys.executable, timeout: float = 600,
+                variant: str | None = None, values: dict[str, Any] | None = None) -> list[str]:
+    """Make a demo preset's tiny model (see `demo_files`: its model path names the tiny model variant, see
+    `python -m sd_scripts.tools.tiny_model --help`; families with part files write them next to it, and the preset's
+    part options, in `values`, must name those files) and the demo dataset in `demo_dir` unless they exist. Returns
+    notes; PresetError when a path does not fit or the tool fails (with the end of its output)."""
+    variant, wanted = demo_files(model, variant)
+    for option, path in wanted.items():
+        given = (values or {}).get(option, path if option == "pretrained_model_name_or_path" else None)
+        if values is not None and given != path:
+            raise PresetError(f"demo preset option '{option}' must be {path} (the tiny {variant} model's file "
+                              f"next to its model), not {given!r}: fix the preset")
     train = os.path.join(demo_dir, "dataset", "train")
-    if os.path.isfile(model) and os.path.isdir(train):
+    if all(os.path.isfile(path) for path in wanted.values()) and os.path.isdir(train):
         return []
     argv = [python, "-m", "sd_scripts.tools.tiny_model", "--family", variant, "--layout", "single",
             "--out", os.path.dirname(model)]
     if not os.path.isdir(train):
         argv += ["--dataset", os.path.join(demo_dir, "dataset")]
-    _run_demo_tool(argv, model, f"the demo model in {demo_dir}", timeout)
+    _run_demo_tool(argv, list(wanted.values()), f"the demo model in {demo_dir}", timeout)
     return [f"made the demo {variant} model and dataset in {demo_dir}"]
 
 
@@ -286,14 +316,15 @@ def ensure_demo_metadata(demo_dir: str, values: dict[str, Any], python: str = sy
     return [f"made the demo metadata {in_json}"]
 
 
-def _run_demo_tool(argv: list[str], product: str, what: str, timeout: float) -> None:
+def _run_demo_tool(argv: list[str], product: str | list[str], what: str, timeout: float) -> None:
     """Run one of our tools (argument list, no shell); PresetError with the end of its output unless `product`
-    exists afterwards."""
+    (every one of them) exists afterwards."""
+    products = [product] if isinstance(product, str) else product
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
     except (OSError, subprocess.TimeoutExpired) as e:
         raise PresetError(f"could not make {what}: {e}") from None
-    if out.returncode != 0 or not os.path.exists(product):
+    if out.returncode != 0 or not all(os.path.exists(p) for p in products):
         tail = "\n".join((out.stdout + out.stderr).strip().splitlines()[-5:])
         raise PresetError(f"could not make {what} (exit {out.returncode}): {tail}")
 
@@ -323,95 +354,208 @@ KOHYA_GUI_ONLY = frozenset({"model_list", "save_as_bool", "sd3_checkbox", "flux1
                             *(flag for spec in all_families().values() for flag in spec.kohya_ss_flags),
                             "LoRA_type", "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "lr_warmup",
                             "xformers", "noise_offset_type", "unit", "lr_warmup_steps"})
-#: kohya LoRA types our networks.lora implements (LoCon = conv_dim/conv_alpha network_args).
-SUPPORTED_LORA_TYPES = {"Standard", "Kohya LoCon", "LoCon"}
+#: kohya LoRA types our LoRA implements (LoCon = conv_dim/conv_alpha network_args; kohya_ss's 'Flux1' is its name for
+#: sd-scripts' networks.lora_flux, the family's own network_module).
+SUPPORTED_LORA_TYPES = {"Standard", "Kohya LoCon", "LoCon", "Flux1"}
+#: kohya_ss values that mean the same as leaving the option unset (sd-scripts' own defaults): not imported, so that a
+#: family that refuses the option (e.g. clip_skip for FLUX.1) is not given it.
+KOHYA_SAME_AS_UNSET = {"clip_skip": 1, "max_token_length": 75, "min_timestep": 0, "max_timestep": 1000}
+NETWORK_ARGS_PREFIX = "network_args:"
 
 
 def _meaningful(value: Any) -> bool:
     return value not in (None, "", False, 0, 0.0, [], {}, "none", "None", "0")
 
 
-def import_kohya_json(path: str, kind: str | None = None) -> tuple[dict[str, Any], list[str]]:
+def _kohya_family(data: dict[str, Any]) -> str:
+    """The family a kohya_ss config is for: its model file's, its family checkbox, a family-specific option kohya_ss
+    passes to every family (e.g. v2), else by resolution. (Fields of a family's own kohya_ss widgets are left out:
+    kohya_ss saves them for every config.)"""
+    from sd_scripts.families import guess_family
+
+    owned = {k for s in all_families().values() for k in (*s.kohya_ss_keys, *s.kohya_ss_unsupported)}
+    hints = {k: v for k, v in data.items()
+             if k in schema.BY_NAME and schema.BY_NAME[k].family_specific and k not in owned}
+    return guess_family({**hints, "pretrained_model_name_or_path": data.get("pretrained_model_name_or_path"),
+                         "resolution": str(data.get("max_resolution") or "")}, data)
+
+
+def import_kohya_json(path: str, kind: str | None = None,
+                      report: dict[str, str] | None = None) -> tuple[dict[str, Any], list[str]]:
     """Read a kohya_ss GUI config JSON -> (values, unknown_keys).
 
     Same-named keys map directly; renamed ones via KOHYA_RENAMES (epoch -> max_train_epochs, max_resolution ->
     resolution, optimizer -> optimizer_type, sample_prompts text -> sample_prompts_text, accelerate settings ->
-    'accelerate.*'); LoRA_type Standard/LoCon -> networks.lora (+ conv_dim/conv_alpha, rank/module dropout in
-    network_args); lr_warmup percent -> lr_warmup_steps fraction; xformers 'xformers'/'sdpa' -> flags. kohya's 0 / ''
-    meaning "unset" become unset. Keys we cannot honour are listed in unknown_keys when they carry a setting
-    (empty/zero/false ones change nothing and are skipped). Secret keys are never imported.
+    'accelerate.*'); LoRA_type Standard/LoCon/Flux1 -> our LoRA (+ conv_dim/conv_alpha, rank/module dropout in
+    network_args; the family's own network_module, e.g. networks.lora_flux); lr_warmup percent -> lr_warmup_steps
+    fraction; xformers 'xformers'/'sdpa' -> flags. kohya's 0 / '' meaning "unset" become unset.
+
+    The config's model family (its model file, else its kohya_ss checkbox, FamilySpec.kohya_ss_flags) decides the
+    family-only keys (FamilySpec.kohya_ss_keys: e.g. flux1_cache_text_encoder_outputs -> cache_text_encoder_outputs,
+    train_blocks -> network_args): they are imported for that family; another family's keys, the family's keys this
+    trainer cannot honour (FamilySpec.kohya_ss_unsupported) and options the family refuses are reported with the
+    reason. Keys we cannot honour are listed in unknown_keys when they carry a setting (empty/zero/false ones change
+    nothing and are skipped). Secret keys are never imported. The family is in values[FAMILY_KEY].
+
+    `report`, when given, receives what happened to every key: 'imported', 'unset' (no setting), 'gui' (kohya_ss
+    widget state only), 'reported' (in unknown_keys).
     """
+    from sd_scripts.families import family_spec
+
     data = _read(path)
     trainer = trainer_for(kind) if kind else None
-    values: dict[str, Any] = {}
+    family = _kohya_family(data)
+    spec = family_spec(family)
+    values: dict[str, Any] = {FAMILY_KEY: family}
     unknown: list[str] = []
+    report = {} if report is None else report
+    sources: dict[str, str] = {}  # our option -> the kohya key it came from
+
+    def reported(key: str, text: str) -> None:
+        unknown.append(text)
+        report[key] = "reported"
+
     lora_type = data.get("LoRA_type", "Standard") or "Standard"
     if "LoRA_type" in data and lora_type not in SUPPORTED_LORA_TYPES:
-        unknown.append(f"LoRA_type ({lora_type!r} is not supported; imported as a standard LoRA)")
+        reported("LoRA_type", f"LoRA_type ({lora_type!r} is not supported; imported as a standard LoRA)")
     accel_names = {f.name for f in fields(AccelerateSettings)}
+    # a family's own field wins over a plain one naming the same option (sd3_clip_l over an old-style clip_l)
+    preferred = {target: key for key, target in spec.kohya_ss_keys.items() if key != target and _meaningful(data.get(key))}
+    net_args: list[str] = []
     for key, raw in data.items():
+        report.setdefault(key, "unset")
         if is_secret(key):
             if _meaningful(raw):
-                unknown.append(f"{key} (secret, not imported)")
+                reported(key, f"{key} (secret, not imported)")
             continue
-        name = KOHYA_RENAMES.get(key, schema.ALIASES.get(key, key))
-        if key in KOHYA_GUI_ONLY and name == key:
+        if key in spec.kohya_ss_unsupported:
+            if _meaningful(raw):
+                reported(key, f"{key} (not supported for {spec.label}: {spec.kohya_ss_unsupported[key]})")
             continue
+        owners = [s for s in all_families().values() if key in s.kohya_ss_keys or key in s.kohya_ss_unsupported]
+        if key in spec.kohya_ss_keys:
+            name = spec.kohya_ss_keys[key]
+            if name.startswith(NETWORK_ARGS_PREFIX):
+                if _meaningful(raw) and str(raw).lower() != "all" and trainer in (None, "network"):
+                    net_args.append(f"{name[len(NETWORK_ARGS_PREFIX):]}={str(raw).lower() if isinstance(raw, bool) else raw}")
+                    report[key] = "imported"
+                elif _meaningful(raw) and str(raw).lower() != "all":
+                    reported(key, f"{key} (a LoRA network_args setting; does not apply to {kind})")
+                continue
+            if name in preferred and preferred[name] != key:
+                if _meaningful(raw) and raw != data.get(preferred[name]):
+                    reported(key, f"{key} (not used: the config's {preferred[name]} sets {name})")
+                continue
+        elif owners:
+            name = key
+            opt = schema.BY_NAME.get(key)
+            default = opt.default if opt is not None else None
+            if _meaningful(raw) and raw != default:
+                labels = " / ".join(o.label for o in owners)
+                reported(key, f"{key} (a kohya_ss {labels} field; this config is for {spec.label} models, so "
+                              f"kohya_ss does not use it either)")
+            continue
+        else:
+            name = KOHYA_RENAMES.get(key, schema.ALIASES.get(key, key))
+            if key in KOHYA_GUI_ONLY and name == key:
+                report[key] = "gui"
+                continue
         if name in GUI_FIELDS:
             if _meaningful(raw):
                 values[name] = str(raw)
+                report[key] = "imported"
             continue
         if name.startswith(ACCEL_PREFIX):
             setting = name[len(ACCEL_PREFIX):]
             if setting in accel_names and _meaningful(raw):
                 problem = accelerate_problem(name, raw)
                 if problem:
-                    unknown.append(f"{key} (refused: {problem})")
+                    reported(key, f"{key} (refused: {problem})")
                 else:
                     values[name] = raw
+                    report[key] = "imported"
             continue
         opt = schema.BY_NAME.get(name)
         if opt is None or name in JOB_OPTIONS:
             if _meaningful(raw):
-                unknown.append(key)
+                reported(key, key)
             continue
         if trainer and not opt.applies_to(trainer):
             if _meaningful(raw) and raw != opt.default:
-                unknown.append(f"{key} (does not apply to {kind})")
+                reported(key, f"{key} (does not apply to {kind})")
             continue
         try:
             value = _coerce(opt, raw)
         except CommandError:
-            unknown.append(f"{key} (invalid value {raw!r})")
+            reported(key, f"{key} (invalid value {raw!r})")
             continue
         if value is None or opt.type is not bool and not opt.nargs and value == 0 and (
                 opt.default is None or (opt.minimum is not None and opt.minimum >= 1)):
             continue  # kohya's "unset"
+        if name in KOHYA_SAME_AS_UNSET and value == KOHYA_SAME_AS_UNSET[name]:
+            continue
         if opt.choices and not opt.nargs and value not in opt.choices:
-            unknown.append(f"{key} ({value!r} is not one of our choices)")
+            reported(key, f"{key} ({value!r} is not one of our choices)")
             continue
         if value != opt.default:
             values[name] = value
-    _kohya_specials(data, values, lora_type, trainer)
+            sources[name] = key
+            report[key] = "imported"
+    _kohya_specials(data, values, lora_type, trainer, net_args, report)
+    _family_refusals(spec, values, sources, unknown, report)
     return values, unknown
 
 
-def _kohya_specials(data: dict[str, Any], values: dict[str, Any], lora_type: str, trainer: str | None) -> None:
+def _family_refusals(spec, values: dict[str, Any], sources: dict[str, str], unknown: list[str],
+                     report: dict[str, str]) -> None:
+    """Take out what the config's family refuses (the trainer would stop on it: FamilySpec.refused_options, and
+    other families' options for strict families), reporting each with the reason."""
+    for name in list(values):
+        opt = schema.BY_NAME.get(name)
+        if opt is None:
+            continue
+        reason = spec.refused_options.get(name)
+        if reason is None and spec.strict_options and opt.family_specific and not spec.accepts_option(name):
+            owners = " / ".join(s.label for s in all_families().values() if s.accepts_option(name))
+            reason = f"an option of {owners} models"
+        if reason is None:
+            continue
+        key = sources.get(name, name)
+        del values[name]
+        unknown.append(f"{key} (not used for {spec.label} models: {reason})")
+        report[key] = "reported"
+
+
+def _kohya_specials(data: dict[str, Any], values: dict[str, Any], lora_type: str, trainer: str | None,
+                    family_args: list[str], report: dict[str, str]) -> None:
+    from sd_scripts.families import family_spec
+
     if trainer in (None, "network"):
         net_args = list(values.get("network_args") or [])
         keys = ["rank_dropout", "module_dropout"] + (["conv_dim", "conv_alpha"] if "LoCon" in lora_type else [])
         for key in keys:
             if _meaningful(data.get(key)):
                 net_args.append(f"{key}={data[key]}")
+                report[key] = "imported"
+        net_args += family_args
         if net_args:
             values["network_args"] = net_args
+        own = family_spec(values[FAMILY_KEY]).option_values.get("network_module", ())
+        if own:  # kohya_ss runs the family's sd-scripts network (networks.lora_flux, networks.lora_sd3)
+            values["network_module"] = own[0]
     warmup_steps = data.get("lr_warmup_steps")
     if _meaningful(warmup_steps):
         values["lr_warmup_steps"] = _coerce(schema.BY_NAME["lr_warmup_steps"], warmup_steps)
+        report["lr_warmup_steps"] = "imported"
     elif _meaningful(data.get("lr_warmup")):
         values["lr_warmup_steps"] = float(data["lr_warmup"]) / 100.0
+        report["lr_warmup"] = "imported"
     attention = data.get("xformers")
     if attention in (True, "xformers"):
         values["xformers"] = True
+        report["xformers"] = "imported"
     elif attention == "sdpa":
         values["sdpa"] = True
+        report["xformers"] = "imported"
+    if lora_type in SUPPORTED_LORA_TYPES and "LoRA_type" in data:
+        report["LoRA_type"] = "imported"

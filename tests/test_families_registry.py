@@ -102,3 +102,19 @@ def test_no_family_is_named_outside_the_families_package():
                         if pattern.search(line):
                             offenders.append(f"{os.path.relpath(path, REPO)}:{number}: {line.strip()}")
     assert not offenders, "family names outside sd_scripts/families:\n" + "\n".join(offenders[:30])
+
+
+@pytest.mark.parametrize("variant", ["sd1", "flux", "chroma", "sd3"])
+def test_tiny_files_name_what_the_builders_write(variant, tmp_path):
+    """families.tiny_files (the GUI's demo presets rely on it): the files `tiny_model --layout single` writes."""
+    from sd_scripts.families import family_spec, probe_model, tiny_files, tiny_variants
+    from sd_scripts.tools.tiny_model import build_tiny_model
+
+    family, v_pred = tiny_variants()[variant]
+    extra = {k: v for k, v in family_spec(family).tiny_variants[variant].items() if k != "v_prediction"}
+    build_tiny_model(str(tmp_path), family, v_pred, "single", 0, **extra)
+    files = tiny_files(variant)
+    for option, name in files.items():
+        assert (tmp_path / name).is_file(), (option, name)
+        assert option == "pretrained_model_name_or_path" or family_spec(family).accepts_option(option), option
+    assert probe_model(str(tmp_path / files["pretrained_model_name_or_path"])).family == family

@@ -436,3 +436,54 @@ def test_dataset_preparation_fills_the_lora_folders(gui, tmp_path):
     assert filled["output_dir"] == str(tmp_path / "ds" / "model")
     bad = utilities._prepare(str(tmp_path / "nope"), str(tmp_path / "ds2"), "sks", "dog", 10, "", 1, 1)
     assert "Not prepared" in bad[0] and all(isinstance(x, type(gr.skip())) for x in bad[1:])
+
+
+@pytest.mark.parametrize("family, shown, hidden", [
+    ("flux", ("clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "model_prediction_type",
+              "blocks_to_swap", "fp8_base"), ("clip_g", "v2", "v_parameterization", "no_half_vae", "training_shift",
+                                              "clip_skip", "max_token_length", "noise_offset", "min_snr_gamma", "vae")),
+    ("sd3", ("clip_l", "clip_g", "t5xxl", "weighting_scheme", "training_shift", "t5_dropout_rate"),
+     ("ae", "guidance_scale", "timestep_sampling", "v2", "no_half_vae", "blocks_to_swap")),
+])
+def test_choosing_a_dit_family_shows_its_options_and_defaults(gui, family, shown, hidden, tmp_path):
+    from sd_scripts.families import family_spec
+
+    spec = family_spec(family)
+    for kind in ("lora", "finetune"):
+        tab = tabs(gui)[kind]
+        data = initial_data(tab)
+        data[tab.form.family] = family
+        updates = tab.form.family_changed(data, "sd1")
+        assert updates[tab.form.widget("resolution")]["value"] == "1024" == str(spec.default_resolution)
+        rate = updates[tab.form.widget("learning_rate")].get("value", data[tab.form.widget("learning_rate")])
+        assert rate == spec.learning_rates[tab.trainer] == learning_rate(kind, family)
+        for name in shown:
+            if name in tab.form.options:
+                assert updates[tab.form.widget(name)]["visible"] is True, (kind, name)
+        for name in hidden:
+            if name in tab.form.options:
+                assert updates[tab.form.widget(name)]["visible"] is False, (kind, name)
+        for name, (opt, widget) in tab.form.options.items():
+            refused = not opt.family_specific and name in spec.refused_options  # e.g. clip_skip for FLUX.1
+            assert updates[widget]["visible"] == (family in opt.families and not refused), name
+            data[widget] = updates[widget].get("value", data[widget])
+        values, accel, chosen = tab.form.collect(data)
+        assert chosen == family and values["model_family"] == family
+        assert not set(hidden) & set(values)  # other families' options never reach the trainer
+        cmd = build_command(kind, values, accel, str(tmp_path / kind))
+        assert cmd.argv[cmd.argv.index("--config_file") - 1] == f"sd_scripts.{spec.trainer_scripts[tab.trainer]}"
+
+
+def test_a_family_without_a_kind_keeps_the_tab_usable_and_preflight_refuses(gui, tmp_path):
+    tab = tabs(gui)["dreambooth"]
+    data = initial_data(tab)
+    data[tab.form.family] = "flux"
+    updates = tab.form.family_changed(data, "sd1")
+    assert "value" not in updates[tab.form.widget("learning_rate")]  # FLUX.1 has no DreamBooth learning rate
+    assert updates[tab.form.widget("resolution")]["value"] == "1024"
+    values, accel, family = tab.form.collect(data)
+    checks = gui[0].preflight("dreambooth", values, accel, family)
+    assert any(c.level == "error" and c.field == "model_family" and "cannot be trained with dreambooth" in c.message
+               for c in checks), checks
+    data[tab.form.family] = "sd1"
+    assert "value" not in tab.form.family_changed(data, "flux")[tab.form.widget("learning_rate")]

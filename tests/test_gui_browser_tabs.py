@@ -1,6 +1,7 @@
 """End to end in headless Chromium, one GUI for all: the DreamBooth, Fine-tune and Textual Inversion tabs each load
 their 'Demo (tiny model, CPU)' preset (the first load makes the tiny model and dataset, the fine-tune one also its
-metadata JSON), Start it, and the run monitor shows the run completed at 100 % with the trained file listed.
+metadata JSON), Start it, and the run monitor shows the run completed at 100 % with the trained file listed; the LoRA
+tab does the same with 'Demo FLUX (tiny model, CPU)' (a FLUX.1 LoRA through flux_train_network).
 
 Needs /usr/bin/chromium and Python playwright; skipped without them. Screenshots go to test-artifacts/.
 """
@@ -80,6 +81,28 @@ def progress(page) -> tuple[str, int, str]:
 
 @pytest.mark.parametrize("kind, label, output", TABS, ids=[t[0] for t in TABS])
 def test_demo_preset_runs_to_completion_from_its_tab(page, app, kind, label, output):
+    run_demo(page, app, kind, label, output, DEMO)
+
+
+def test_flux_demo_lora_runs_to_completion(page, app):
+    """The FLUX.1 demo in the LoRA tab: the preset makes the tiny FLUX.1-dev files (transformer, clip_l, t5xxl, ae),
+    selects the FLUX.1 family (its part-file fields shown), and Start runs flux_train_network to its LoRA."""
+    _, folder = app
+    run_demo(page, app, "lora", "LoRA", "demo_flux_lora.safetensors", "Demo FLUX (tiny model, CPU)",
+             check=lambda: _flux_form_shown(page, folder))
+
+
+def _flux_form_shown(page, folder) -> None:
+    assert "FLUX.1" in page.locator("#lora-model_family input").first.input_value()
+    for part in ("clip_l", "t5xxl", "ae"):
+        field = page.locator(f"#lora-{part} input, #lora-{part} textarea").first
+        assert field.is_visible() and field.input_value().endswith(f"{part}.safetensors"), part
+        assert (folder / "demo" / "model-flux" / f"{part}.safetensors").is_file()
+    assert page.locator("#lora-v2").first.is_hidden()  # an SD 2.x option: not shown for FLUX.1
+    assert page.locator("#lora-clip_skip").first.is_hidden()  # every family has it; FLUX.1 refuses it
+
+
+def run_demo(page, app, kind, label, output, preset, check=None):
     _, folder = app
     started = time.monotonic()
     page.get_by_role("tab", name=label, exact=True).click()
@@ -88,7 +111,7 @@ def test_demo_preset_runs_to_completion_from_its_tab(page, app, kind, label, out
     message = page.locator(f"#{kind}-message")
 
     page.locator(f"#{kind}-preset input").click()
-    page.get_by_role("option", name=DEMO).click()
+    page.get_by_role("option", name=preset, exact=True).click()
     page.locator(f"#{kind}-load-preset").click()
     wait_for(lambda: "Loaded preset" in message.inner_text() or "not loaded" in message.inner_text(), 300,
              f"the {label} demo preset to load", page, shot=kind)
@@ -97,6 +120,8 @@ def test_demo_preset_runs_to_completion_from_its_tab(page, app, kind, label, out
         output.removesuffix(".safetensors")
     if kind == "finetune":
         assert (folder / "demo" / "dataset" / "meta.json").is_file()
+    if check is not None:
+        check()
 
     page.locator(f"#{kind}-start").click()
     text = wait_for(lambda: re.search(r"Started job `?([0-9]{8}-[0-9]{6}-\w+-[0-9a-f]+)", message.inner_text())

@@ -202,3 +202,46 @@ def _fake_module_check():
     finally:
         preflight.TRAINER_MODULES.clear()
         preflight.TRAINER_MODULES.update(saved)
+
+
+# ------------------------------------------------------------------ FLUX.1 / SD3: kinds, refusals, part files
+
+def _flux_values(tmp_path, **kw):
+    parts = {}
+    for part in ("clip_l", "t5xxl", "ae"):
+        parts[part] = str(tmp_path / f"{part}.safetensors")
+        open(parts[part], "wb").close()
+    values = _values(tmp_path, pretrained_model_name_or_path=str(tmp_path / "flux1-dev.safetensors"),
+                     resolution="1024", network_module="networks.lora_flux", **parts)
+    open(values["pretrained_model_name_or_path"], "wb").close()
+    values.update(kw)
+    return values
+
+
+def test_kinds_a_family_does_not_have_are_refused_with_the_tabs_to_use(tmp_path):
+    from sd_scripts.families import family_spec
+
+    for family in ("flux", "sd3"):
+        assert "db" not in family_spec(family).trainers and "ti" not in family_spec(family).trainers
+        for kind in ("dreambooth", "ti"):
+            values = _values(tmp_path, resolution="1024")
+            checks = _run(kind, values, family=family)
+            found = _find(checks, "model_family", "error", "cannot be trained with " + kind)
+            assert found and "use the lora or finetune tab" in found[0].message, checks
+        assert not _find(_run("lora", _flux_values(tmp_path), family=family), "model_family", "error")
+
+
+def test_flux_part_files_must_exist_and_refused_options_are_errors(tmp_path):
+    good = _run("lora", _flux_values(tmp_path), family="flux")
+    assert not has_errors(good), [c for c in good if c.level == "error"]
+    missing = _run("lora", _flux_values(tmp_path, t5xxl=str(tmp_path / "nope" / "t5xxl.safetensors")),
+                   family="flux")
+    assert _find(missing, "t5xxl", "error", "does not exist")
+    refused = _run("lora", _flux_values(tmp_path, noise_offset=0.05), family="flux")
+    assert _find(refused, "noise_offset", "error", "cannot be used with FLUX.1 models")
+    assert not _find(refused, "noise_offset", "warning")  # one message per problem
+    other = _run("lora", _flux_values(tmp_path, clip_g=str(tmp_path / "clip_l.safetensors")), family="flux")
+    assert _find(other, "clip_g", "error", "is for Stable Diffusion 3")
+    sd3 = _run("lora", _flux_values(tmp_path, clip_g=str(tmp_path / "nope.safetensors"), ae=None,
+                                    network_module="networks.lora_sd3"), family="sd3")
+    assert _find(sd3, "clip_g", "error", "does not exist")

@@ -10,15 +10,16 @@ from typing import Any
 
 import gradio as gr
 
-from kohya_gui.command import AccelerateSettings
+from kohya_gui.command import FAMILY_KEY, AccelerateSettings
 from sd_scripts.options import Option
 
 from .accelerate_launch import AccelerateLaunch
-from .defaults import DEFAULT_FAMILY, FAMILY_CHOICES, family_defaults
+from .defaults import DEFAULT_FAMILY, FAMILY_CHOICES, family_defaults, option_shown
 from .sections import SECTIONS, SampleImages, SchemaSection
 from .widgets import to_option_value, to_widget_value
 
-FAMILY_KEY = "model_family"  # stored in presets next to the options; never sent to the trainer
+# FAMILY_KEY ('model_family', kohya_gui.command) is stored in presets next to the options; it chooses the trainer
+# script of a family that has its own, and is never sent to the trainer
 
 
 class TrainingForm:
@@ -62,8 +63,9 @@ class TrainingForm:
         """
         family = data[self.family] or DEFAULT_FAMILY
         values = {name: to_option_value(opt, data[widget]) for name, (opt, widget) in self.options.items()
-                  if family in opt.families}
+                  if option_shown(opt, family)}
         values["sample_prompts_text"] = data[self.prompts] or ""
+        values[FAMILY_KEY] = family
         return values, self.accelerate.collect(data), family
 
     def updates(self, values: dict[str, Any]) -> dict[gr.components.Component, Any]:
@@ -74,7 +76,7 @@ class TrainingForm:
                                                    self.prompts: full.get("sample_prompts_text") or ""}
         for name, (opt, widget) in self.options.items():
             out[widget] = gr.update(value=to_widget_value(opt, full.get(name, opt.default)),
-                                    visible=family in opt.families)
+                                    visible=option_shown(opt, family))
         out.update(self.accelerate.updates({**self.base, **values}))
         return out
 
@@ -86,8 +88,8 @@ class TrainingForm:
         new = family_defaults(self.kind, family, bool(self._raw(data, "v_parameterization")))
         out = {}
         for name, (opt, widget) in self.options.items():
-            update: dict[str, Any] = {"visible": family in opt.families}
-            if name in new and _same(to_option_value(opt, data[widget]), old[name]):
+            update: dict[str, Any] = {"visible": option_shown(opt, family)}
+            if name in new and name in old and _same(to_option_value(opt, data[widget]), old[name]):
                 update["value"] = to_widget_value(opt, new[name])
             out[widget] = gr.update(**update)
         return out

@@ -13,6 +13,7 @@ import gradio as gr
 
 from sd_scripts.options import GROUPS, Option, options_for
 
+from .defaults import option_shown
 from .widgets import make_widget
 
 COLUMNS = 3
@@ -54,7 +55,7 @@ class SchemaSection:
                 with gr.Row():
                     for opt in in_group[start:start + COLUMNS]:
                         widget = make_widget(opt, values.get(opt.name, opt.default), elem_prefix,
-                                             visible=family in opt.families)
+                                             visible=option_shown(opt, family))
                         self.widgets[opt.name] = (opt, widget)
 
 

@@ -23,7 +23,8 @@ from .spec import FamilySpec, MemoryFacts
 __all__ = ["FamilySpec", "MemoryFacts", "Detected", "ModelProbe", "all_families", "family_spec", "family_names",
            "family_class", "detect_single_file", "detect_folder", "probe_model", "read_safetensors_header",
            "family_for_script", "tiny_builder", "tiny_variants", "default_family", "guess_family",
-           "family_of_path", "families_for_script", "option_choices", "check_run"]
+           "family_of_path", "families_for_script", "option_choices", "check_run", "tiny_files",
+           "script_for", "kohya_ss_owner"]
 
 #: one line per family package
 PACKAGES = (
@@ -165,7 +166,10 @@ def family_of_path(path: str | None) -> str | None:
 def guess_family(values: Mapping[str, object], kohya_config: Mapping[str, object] | None = None) -> str:
     """The family settings are meant for: the model file's; else a kohya_ss checkbox that names one; else a
     family-specific option that is set (e.g. v2); else the family whose native resolution is nearest the
-    resolution (earlier registered wins ties)."""
+    resolution (earlier registered wins ties).
+
+    Options: the family that takes every set family-specific option and family-valued option (e.g. network_module
+    networks.lora_flux); several do: the first registered; none does: the one taking most of them."""
     found = family_of_path(str(values.get("pretrained_model_name_or_path") or "") or None)
     if found:
         return found
@@ -179,9 +183,21 @@ def guess_family(values: Mapping[str, object], kohya_config: Mapping[str, object
         value = values.get(option)
         return bool(value) and (option not in BY_NAME or value != BY_NAME[option].default)
 
-    for spec in specs:
-        if any(set_here(option) for option in sorted(spec.options)):
-            return spec.name
+    # the set options that only some families take: their family-specific options, and values of options whose
+    # choices differ per family (FamilySpec.option_values, e.g. network_module networks.lora_flux)
+    signals = {o for spec in specs for o in spec.options if set_here(o)}
+    valued = {o for spec in specs for o in spec.option_values
+              if set_here(o) and any(values.get(o) in s.option_values.get(o, ()) for s in specs)}
+
+    def taken(spec: FamilySpec) -> int:
+        return sum(1 for o in signals if spec.accepts_option(o)) + \
+            sum(1 for o in valued if values.get(o) in spec.option_values.get(o, ()))
+
+    if signals or valued:
+        wanted = len(signals) + len(valued)
+        best = max(specs, key=taken)  # the first registered of the best wins ties
+        complete = [s for s in specs if taken(s) == wanted]
+        return (complete[0] if complete else best).name
     try:
         from ..options import parse_resolution
 
@@ -202,6 +218,29 @@ def tiny_builder(name: str):
     if not spec.tiny_builder:
         raise ValueError(f"no tiny models for {spec.label}")
     return _import(spec.tiny_builder)
+
+
+def tiny_files(variant: str) -> dict[str, str]:
+    """{option: file name} of what `python -m sd_scripts.tools.tiny_model --family VARIANT --layout single` writes
+    into its --out folder: the model under 'pretrained_model_name_or_path' and, for families with separate part
+    files, each part under its option (e.g. the text encoders). ValueError for an unknown variant."""
+    if variant not in tiny_variants():
+        raise ValueError(f"unknown tiny model {variant!r}: expected one of {', '.join(sorted(tiny_variants()))}")
+    spec = family_spec(tiny_variants()[variant][0])
+    files = spec.tiny_files.get(variant)
+    return dict(files) if files else {"pretrained_model_name_or_path": f"tiny-{variant}.safetensors"}
+
+
+def script_for(family: str, trainer: str) -> str | None:
+    """The sd-scripts script name that trains `family` with `trainer` when the family has its own
+    (FamilySpec.trainer_scripts, e.g. a LoRA of a DiT family), else None (the generic script of the trainer)."""
+    return family_spec(family).trainer_scripts.get(trainer)
+
+
+def kohya_ss_owner(key: str) -> str | None:
+    """The family whose kohya_ss-only config key `key` is (FamilySpec.kohya_ss_keys / kohya_ss_unsupported)."""
+    return next((s.name for s in all_families().values()
+                 if key in s.kohya_ss_keys or key in s.kohya_ss_unsupported), None)
 
 
 def tiny_variants() -> dict[str, tuple[str, bool]]:

@@ -58,6 +58,15 @@ class FamilySpec:
     strict_options: bool = True
     # option -> the values it takes for this family (the schema's choices are the union over the families)
     option_values: Mapping[str, tuple] = field(default_factory=dict)
+    # tiny variant -> {option: file name} of what its builder writes with layout 'single' into the --out folder
+    # (the denoiser under 'pretrained_model_name_or_path', part files under their options); variants left out
+    # write one file, `tiny-<variant>.safetensors` (see `families.tiny_files`)
+    tiny_files: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # kohya_ss GUI config keys that kohya_ss uses only when this family's checkbox (kohya_ss_flags) is on ->
+    # our option, or 'network_args:<key>' for a key that becomes a network_args item
+    kohya_ss_keys: Mapping[str, str] = field(default_factory=dict)
+    # kohya_ss GUI config keys of this family that this trainer cannot honour -> the reason (reported on import)
+    kohya_ss_unsupported: Mapping[str, str] = field(default_factory=dict)
 
     def default_resolution_for(self, v_pred: bool = False) -> int:
         """The native training resolution (SD 2.x v-prediction models are 768 px models)."""

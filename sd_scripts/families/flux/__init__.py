@@ -45,6 +45,44 @@ _REFUSED = {
     "vae": "FLUX.1's autoencoder is given with ae",
 }
 _LR = {"network": 1e-4, "finetune": 5e-6}
+# what the tiny builder writes (tiny.py: the BFL denoiser file and the part files next to it)
+_TINY_PARTS = {"clip_l": "clip_l.safetensors", "t5xxl": "t5xxl.safetensors", "ae": "ae.safetensors"}
+_TINY_FLUX = dict(_TINY_PARTS, pretrained_model_name_or_path="flux1-tiny.safetensors")
+_TINY_CHROMA = {"pretrained_model_name_or_path": "chroma-tiny.safetensors", "t5xxl": "t5xxl.safetensors",
+                "ae": "ae.safetensors"}
+# kohya_ss GUI config keys (bmaltais/kohya_ss kohya_gui/class_flux1.py, lora_gui.py / dreambooth_gui.py) that it
+# passes to sd-scripts only with its 'flux1_checkbox' on -> our option or network_args item
+_KOHYA_KEYS = {
+    **{name: name for name in ("model_type", "ae", "clip_l", "t5xxl", "discrete_flow_shift", "model_prediction_type",
+                               "timestep_sampling", "t5xxl_max_token_length", "guidance_scale", "apply_t5_attn_mask",
+                               "cpu_offload_checkpointing", "fp8_base_unet", "blocks_to_swap")},
+    "flux1_cache_text_encoder_outputs": "cache_text_encoder_outputs",
+    "flux1_cache_text_encoder_outputs_to_disk": "cache_text_encoder_outputs_to_disk",
+    "flux_fused_backward_pass": "fused_backward_pass",
+    "train_blocks": "network_args:train_blocks",
+    "split_qkv": "network_args:split_qkv",
+    "train_t5xxl": "network_args:train_t5xxl",
+}
+_PER_LAYER = "per-layer ranks of sd-scripts' lora_flux are not implemented here (every layer has network_dim)"
+_KOHYA_UNSUPPORTED = {
+    "split_mode": "sd-scripts' split_mode (deprecated there) is not implemented; use blocks_to_swap to save memory "
+                  "and network_args train_blocks=single to train only the single blocks",
+    "single_blocks_to_swap": "deprecated in sd-scripts and not implemented: use blocks_to_swap",
+    "double_blocks_to_swap": "deprecated in sd-scripts and not implemented: use blocks_to_swap",
+    "blockwise_fused_optimizers": "not implemented: use fused_backward_pass",
+    "mem_eff_save": "sd-scripts' memory-efficient saving of full models is not implemented; files are saved normally",
+    "enable_all_linear": "an option of kohya_ss's 'Flux1 OFT' network, which this trainer does not have",
+    "train_double_block_indices": "training only some block indices is not implemented; use network_args "
+                                  "train_blocks=double|single",
+    "train_single_block_indices": "training only some block indices is not implemented; use network_args "
+                                  "train_blocks=double|single",
+    **{key: _PER_LAYER for key in ("img_attn_dim", "img_mlp_dim", "img_mod_dim", "single_dim", "txt_attn_dim",
+                                   "txt_mlp_dim", "txt_mod_dim", "single_mod_dim", "in_dims")},
+    "show_timesteps": "sd-scripts' timestep plot is not implemented",
+    "show_timesteps_resolution": "sd-scripts' timestep plot is not implemented",
+    "ggpo_beta": "GGPO regularisation is not implemented",
+    "ggpo_sigma": "GGPO regularisation is not implemented",
+}
 _SCRIPTS = {"network": "flux_train_network", "finetune": "flux_train"}
 
 SPECS = (
@@ -57,6 +95,8 @@ SPECS = (
                trainer_scripts=_SCRIPTS, refused_options=_REFUSED, strict_options=True, text_encoder_cache=True,
                ti_keys=(), kohya_ss_flags=("flux1_checkbox",), tiny_builder=_TINY,
                tiny_variants={"flux": {"model_type": "flux_dev"}, "flux-schnell": {"model_type": "flux_schnell"}},
+               tiny_files={"flux": _TINY_FLUX, "flux-schnell": _TINY_FLUX},
+               kohya_ss_keys=_KOHYA_KEYS, kohya_ss_unsupported=_KOHYA_UNSUPPORTED,
                option_values={"model_type": MODEL_TYPES, "network_module": ("networks.lora_flux",)}),
     FamilySpec(CHROMA, "Chroma", _CLASS, bucket_step=16, default_resolution=1024,
                vae_scaling_factor=layout.AE_SCALING_FACTOR, vae_shift_factor=layout.AE_SHIFT_FACTOR,
@@ -69,7 +109,8 @@ SPECS = (
                refused_options=dict(_REFUSED, clip_l="Chroma has no CLIP-L text encoder: remove clip_l",
                                     guidance_scale="Chroma has no guidance embedding: remove guidance_scale"),
                strict_options=True, text_encoder_cache=True, ti_keys=(), tiny_builder=_TINY,
-               tiny_variants={"chroma": {"model_type": "chroma"}}, option_values={"model_type": MODEL_TYPES, "network_module": ("networks.lora_flux",)}),
+               tiny_variants={"chroma": {"model_type": "chroma"}}, tiny_files={"chroma": _TINY_CHROMA},
+               option_values={"model_type": MODEL_TYPES, "network_module": ("networks.lora_flux",)}),
 )
 
 

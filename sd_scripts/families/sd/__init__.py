@@ -39,7 +39,10 @@ SPECS = (
                latent_cache_suffix="_sdxl", lora_te_prefixes=("lora_te1", "lora_te2"),
                options=frozenset({"cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk"}),
                scripts=("sdxl_train_network", "sdxl_train", "sdxl_train_textual_inversion"),
-               text_encoder_cache=True, ti_keys=("clip_l", "clip_g"), kohya_ss_flags=("sdxl", "sdxl_checkbox"), tiny_builder=_TINY, tiny_variants={"sdxl": {}}),
+               text_encoder_cache=True, ti_keys=("clip_l", "clip_g"), kohya_ss_flags=("sdxl", "sdxl_checkbox"), tiny_builder=_TINY, tiny_variants={"sdxl": {}},
+               # kohya_ss config keys it passes only for SDXL (bmaltais/kohya_ss kohya_gui/class_sdxl_parameters.py)
+               kohya_ss_keys={"sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs",
+                              "sdxl_no_half_vae": "no_half_vae"}),
 )
 
 

@@ -30,6 +30,33 @@ OPTIONS = frozenset({
     "fp8_base_unet", "cpu_offload_checkpointing",
 })
 
+# what the tiny builder writes with layout 'single' (tiny.py): the MMDiT + autoencoder file and the separate text
+# encoders (the file with bundled encoders is written too, but the demo uses the separate files users have)
+_TINY_PARTS = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5xxl": "t5xxl.safetensors"}
+# kohya_ss GUI config keys (bmaltais/kohya_ss kohya_gui/class_sd3.py, lora_gui.py / dreambooth_gui.py) that it
+# passes to sd-scripts only with its 'sd3_checkbox' on -> our option; plain clip_l / t5xxl are the SD3 files in
+# configs of kohya_ss before the sd3_-prefixed fields (a set prefixed field wins)
+_KOHYA_KEYS = {
+    **{name: name for name in ("clip_g", "clip_g_dropout_rate", "logit_mean", "logit_std", "mode_scale",
+                               "pos_emb_random_crop_rate", "weighting_scheme", "clip_l", "t5xxl")},
+    "sd3_cache_text_encoder_outputs": "cache_text_encoder_outputs",
+    "sd3_cache_text_encoder_outputs_to_disk": "cache_text_encoder_outputs_to_disk",
+    "sd3_fused_backward_pass": "fused_backward_pass",
+    "sd3_clip_l": "clip_l",
+    "sd3_clip_l_dropout_rate": "clip_l_dropout_rate",
+    "sd3_t5_dropout_rate": "t5_dropout_rate",
+    "sd3_t5xxl": "t5xxl",
+    "sd3_enable_scaled_pos_embed": "enable_scaled_pos_embed",
+}
+_KOHYA_UNSUPPORTED = {
+    "save_clip": "saving the text encoders into the fine-tuned file is not implemented",
+    "save_t5xxl": "saving T5-XXL into the fine-tuned file is not implemented",
+    "t5xxl_device": "T5-XXL runs on the training device here",
+    "t5xxl_dtype": "T5-XXL runs in the mixed precision here",
+    "sd3_text_encoder_batch_size": "the text-encoder caching batch size is not configurable here",
+    "sd3_disable_mmap_load_safetensors": "not needed: weights are memory-mapped and read lazily here",
+}
+
 SPECS = (
     FamilySpec("sd3", "Stable Diffusion 3 / 3.5", "sd_scripts.families.sd3.model:SD3Family", bucket_step=32,
                default_resolution=1024, vae_scaling_factor=layout.VAE_SCALING_FACTOR,
@@ -44,7 +71,12 @@ SPECS = (
                trainer_scripts={"network": "sd3_train_network", "finetune": "sd3_train"}, strict_options=True,
                text_encoder_cache=True, kohya_ss_flags=("sd3_checkbox",),
                tiny_builder="sd_scripts.families.sd3.tiny:build_tiny_model",
-               tiny_variants={"sd3": {"variant": "sd3_medium"}, "sd35-medium": {"variant": "sd35_medium"}}),
+               tiny_variants={"sd3": {"variant": "sd3_medium"}, "sd35-medium": {"variant": "sd35_medium"}},
+               tiny_files={"sd3": dict(_TINY_PARTS, pretrained_model_name_or_path="tiny-sd3_medium.safetensors"),
+                           "sd35-medium": dict(_TINY_PARTS,
+                                               pretrained_model_name_or_path="tiny-sd35_medium.safetensors")},
+               kohya_ss_keys=_KOHYA_KEYS, kohya_ss_unsupported=_KOHYA_UNSUPPORTED,
+               option_values={"network_module": ("networks.lora_sd3",)}),
 )
 
 
