@@ -440,10 +440,10 @@ def test_dataset_preparation_fills_the_lora_folders(gui, tmp_path):
 
 @pytest.mark.parametrize("family, shown, hidden", [
     ("flux", ("clip_l", "t5xxl", "ae", "guidance_scale", "timestep_sampling", "model_prediction_type",
-              "blocks_to_swap", "fp8_base"), ("clip_g", "v2", "v_parameterization", "no_half_vae", "training_shift",
+              "blocks_to_swap", "fp8_base"), ("clip_g", "v2", "v_parameterization", "training_shift",
                                               "clip_skip", "max_token_length", "noise_offset", "min_snr_gamma", "vae")),
     ("sd3", ("clip_l", "clip_g", "t5xxl", "weighting_scheme", "training_shift", "t5_dropout_rate"),
-     ("ae", "guidance_scale", "timestep_sampling", "v2", "no_half_vae", "blocks_to_swap")),
+     ("ae", "guidance_scale", "timestep_sampling", "v2")),
 ])
 def test_choosing_a_dit_family_shows_its_options_and_defaults(gui, family, shown, hidden, tmp_path):
     from sd_scripts.families import family_spec

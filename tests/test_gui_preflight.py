@@ -169,7 +169,7 @@ def test_family_detection_and_options_that_do_not_apply(tmp_path):
     assert preflight.detect_family(str(diffusers)) == "sdxl"
     checks = _run("lora", _values(tmp_path, pretrained_model_name_or_path=_model(tmp_path, "sdxl"), v2=True,
                                   resolution="1024"))
-    assert _find(checks, "v2", "warning", "applies to sd2 models only")
+    assert _find(checks, "v2", "error", "option 'v2' is for Stable Diffusion 2.x models")  # the trainer refuses it
     assert not _find(checks, "resolution", "warning")
     checks = _run("lora", _values(tmp_path, resolution="1024"), family="sd1")
     assert not _find(checks, "resolution", "warning")
