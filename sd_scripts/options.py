@@ -301,6 +301,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("ema_decay", float, 0.9999, "EMA decay per optimizer step.", "training", trainers=FULL, minimum=0, maximum=1),
     _O("fused_backward_pass", bool, False, "Step the optimizer inside the backward pass, one parameter at a time "
        "(less memory for full fine-tuning).", "precision", trainers=FULL),
+    _O("blockwise_fused_optimizers", bool, False, "sd-scripts' per-block optimizers stepped during backward (FLUX.1 / "
+       "SD3 full fine-tuning): here the same as fused_backward_pass, which steps each parameter as soon as its "
+       "gradient is ready (at least the same memory saving).", "precision", trainers=FULL, advanced=True),
     # ---- textual inversion
     _O("token_string", str, None, "The new token to train, e.g. 'mychar'.", "training", trainers=frozenset({"ti"})),
     _O("init_word", str, None, "Initialise the new vectors from this word's embedding.", "training",

@@ -342,10 +342,10 @@ def test_max_grad_norm_clips_the_global_gradient_norm(tiny_sd1, data, tmp_path, 
     assert_update(before, after, {k: adamw_first_step(g * coefficient) for k, g in grads.items()})
 
 
-def test_fused_backward_pass_steps_each_parameter_with_its_own_clipping(tiny_sd1, data, tmp_path):
+@pytest.mark.parametrize("flag", ["--fused_backward_pass", "--blockwise_fused_optimizers"])
+def test_fused_backward_pass_steps_each_parameter_with_its_own_clipping(tiny_sd1, data, tmp_path, flag):
     max_norm = 0.02
-    before, after, grads = db_step(tiny_sd1.diffusers_dir, data, tmp_path, "--fused_backward_pass",
-                                   "--max_grad_norm", str(max_norm))
+    before, after, grads = db_step(tiny_sd1.diffusers_dir, data, tmp_path, flag, "--max_grad_norm", str(max_norm))
     per_parameter = {k: adamw_first_step(g * clip_coefficient(float(g.double().norm()), max_norm))
                      for k, g in grads.items()}
     global_coefficient = clip_coefficient(global_norm(grads), max_norm)

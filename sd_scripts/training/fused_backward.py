@@ -23,9 +23,14 @@ from ..options import OptionError
 from .distributed import allreduce_gradients, is_distributed
 
 
+def fused_backward_wanted(args: argparse.Namespace) -> bool:
+    """fused_backward_pass, or sd-scripts' blockwise_fused_optimizers (the same mechanism here)."""
+    return bool(getattr(args, "fused_backward_pass", False) or getattr(args, "blockwise_fused_optimizers", False))
+
+
 def check_fused_backward_options(args: argparse.Namespace) -> None:
     """OptionError naming the clash when fused_backward_pass is combined with something it cannot do."""
-    if not getattr(args, "fused_backward_pass", False):
+    if not fused_backward_wanted(args):
         return
     if args.gradient_accumulation_steps > 1:
         raise OptionError("option 'fused_backward_pass' steps the optimizer inside each backward pass, so "

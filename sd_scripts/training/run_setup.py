@@ -226,9 +226,9 @@ class RunSetup:
         a = self.args
         opt_type = "AdamW8bit" if a.use_8bit_adam else a.optimizer_type
         self.optimizer = create_optimizer(opt_type, a.optimizer_args, self.param_groups, a.learning_rate)
-        if getattr(a, "fused_backward_pass", False):  # steps each parameter inside backward; step() is a no-op
-            from .fused_backward import FusedBackwardOptimizer
+        from .fused_backward import FusedBackwardOptimizer, fused_backward_wanted
 
+        if fused_backward_wanted(a):  # steps each parameter inside backward; step() is a no-op
             self.optimizer = FusedBackwardOptimizer(self.optimizer, max_grad_norm=a.max_grad_norm)
 
     def prepare(self) -> None:

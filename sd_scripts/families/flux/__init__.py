@@ -69,7 +69,6 @@ _KOHYA_UNSUPPORTED = {
                   "and network_args train_blocks=single to train only the single blocks",
     "single_blocks_to_swap": "deprecated in sd-scripts and not implemented: use blocks_to_swap",
     "double_blocks_to_swap": "deprecated in sd-scripts and not implemented: use blocks_to_swap",
-    "blockwise_fused_optimizers": "not implemented: use fused_backward_pass",
     "mem_eff_save": "sd-scripts' memory-efficient saving of full models is not implemented; files are saved normally",
     "enable_all_linear": "an option of kohya_ss's 'Flux1 OFT' network, which this trainer does not have",
     "train_double_block_indices": "training only some block indices is not implemented; use network_args "
