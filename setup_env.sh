@@ -15,6 +15,8 @@ hash=$(cat "$here"/requirements*.txt "$here/setup.py" | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$hash" ]; then
   echo "[setup] installing $want into $venv (first run takes a few minutes)"
   "$venv/bin/python" -m pip install -q --disable-pip-version-check -r "$here/$want"
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$here"
+  # setuptools warns that an editable install lets same-named folders in the working directory win imports: that
+  # is the point of it here (the checkout is the package), so the warning is silenced.
+  PYTHONWARNINGS=ignore "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-deps -e "$here"
   echo "$hash" > "$stamp"
 fi
