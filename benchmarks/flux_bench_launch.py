@@ -145,23 +145,23 @@ def patch_peer(rest: list[str]) -> None:
 
     clip_path, t5_path = _arg(rest, "--clip_l"), _arg(rest, "--t5xxl")
     if clip_path:
-        sizes = clip_sizes(safetensors_shapes(clip_path))
+        clip = clip_sizes(safetensors_shapes(clip_path))
         orig_clip_config = fu.CLIPConfig
 
         def CLIPConfig(**kwargs):  # noqa: N802 - stands in for the class name flux_utils calls
-            return orig_clip_config(**dict(kwargs, **sizes))
+            return orig_clip_config(**dict(kwargs, **clip))
 
         fu.CLIPConfig = CLIPConfig
-        print(f"[flux_bench_launch] sd-scripts CLIP-L config sizes from {clip_path}: {sizes}", flush=True)
+        print(f"[flux_bench_launch] sd-scripts CLIP-L config sizes from {clip_path}: {clip}", flush=True)
     if t5_path:
-        sizes = t5_sizes(safetensors_shapes(t5_path))
+        t5 = t5_sizes(safetensors_shapes(t5_path))
         orig_t5_config = fu.T5Config
 
         def T5Config(**kwargs):  # noqa: N802
-            return orig_t5_config(**dict(kwargs, **sizes))
+            return orig_t5_config(**dict(kwargs, **t5))
 
         fu.T5Config = T5Config
-        print(f"[flux_bench_launch] sd-scripts T5 config sizes from {t5_path}: {sizes}", flush=True)
+        print(f"[flux_bench_launch] sd-scripts T5 config sizes from {t5_path}: {t5}", flush=True)
 
     def checked(name: str, pick):
         orig = getattr(fu, name)

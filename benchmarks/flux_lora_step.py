@@ -80,24 +80,26 @@ LAUNCH = os.path.join(REPO, "benchmarks", "flux_bench_launch.py")
 PEER_COMMIT = "48d368fa557731ad0488c07304dfeba8c07910eb"
 WORKLOAD_VERSION = 1
 
-# the narrow text encoders: real OUTPUT widths (what the denoiser reads), 1 layer inside
-BENCH_CLIP = dict(hidden_size=768, intermediate_size=768, num_hidden_layers=1, num_attention_heads=12,
-                  projection_dim=768)
-BENCH_T5 = dict(d_model=4096, d_kv=64, num_heads=2, d_ff=256, num_layers=1, relative_attention_num_buckets=32)
+# the narrow text encoders: real OUTPUT widths (what the denoiser reads: CLIP-L pooled 768, T5-XXL 4096), 1 layer
+BENCH_T5 = dict(d_kv=64, num_heads=2, d_ff=256, num_layers=1, relative_attention_num_buckets=32)
 FULL_BLOCKS = (19, 38)
+REAL = dict(heads=24, context_dim=4096, vec_dim=768, ae="real")  # FLUX.1-dev's widths
+# what tests/test_benchmarks_flux.py builds: 1 head of 128 (RoPE 16/56/56 kept), narrow context / vec, tiny AE
+TEST_SIZES = dict(heads=1, context_dim=64, vec_dim=32, ae="tiny")
 
 
 # ---------------------------------------------------------------- the workload
 
 
-def transformer_config(double: int, single: int) -> dict:
-    """FLUX.1-dev's diffusers transformer config with `double` / `single` blocks (everything else real)."""
+def transformer_config(double: int, single: int, heads: int = 24, context_dim: int = 4096, vec_dim: int = 768) -> dict:
+    """FLUX.1-dev's diffusers transformer config with `double` / `single` blocks; the other arguments default to
+    the real model (24 heads of 128 = width 3072, T5 context 4096, CLIP vec 768) and are only changed by the test."""
     from sd_scripts.families.flux import layout
 
     if double < 1 or single < 1:
         raise ValueError("the model needs at least 1 double and 1 single block")
-    return dict(layout.FLUX_DEV_CONFIG, num_layers=double, num_single_layers=single,
-                _class_name="FluxTransformer2DModel")
+    return dict(layout.FLUX_DEV_CONFIG, num_layers=double, num_single_layers=single, num_attention_heads=heads,
+                joint_attention_dim=context_dim, pooled_projection_dim=vec_dim, _class_name="FluxTransformer2DModel")
 
 
 def _random(seed: int, name: str, shape, dtype):
@@ -129,8 +131,9 @@ def _randomised(module, seed: int, component: str, skip=()):
     return state
 
 
-def build_text_encoders(seed: int):
-    """(CLIPTextModel, T5EncoderModel): narrow inside, real output widths 768 / 4096, seeded."""
+def build_text_encoders(seed: int, vec_dim: int = 768, context_dim: int = 4096):
+    """(CLIPTextModel, T5EncoderModel): 1 layer, narrow inside, output widths vec_dim / context_dim (real: 768 /
+    4096), seeded."""
     import torch
     from accelerate import init_empty_weights
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -138,13 +141,15 @@ def build_text_encoders(seed: int):
     from sd_scripts.families.sd.arch import bundled_config
     from sd_scripts.models.t5 import T5_XXL_CONFIG
 
-    clip_cfg = {k: v for k, v in dict(bundled_config("sd1", False, "text_encoder"), **BENCH_CLIP).items()
+    clip_sizes = dict(hidden_size=vec_dim, intermediate_size=vec_dim, num_hidden_layers=1,
+                      num_attention_heads=max(1, vec_dim // 64), projection_dim=vec_dim)
+    clip_cfg = {k: v for k, v in dict(bundled_config("sd1", False, "text_encoder"), **clip_sizes).items()
                 if not k.startswith("_")}
     with init_empty_weights():
         clip = CLIPTextModel(CLIPTextConfig(**clip_cfg))
     clip.load_state_dict(_randomised(clip, seed, "clip_l"), strict=True, assign=True)
     with init_empty_weights():
-        t5 = T5EncoderModel(T5Config(**dict(T5_XXL_CONFIG, **BENCH_T5)))
+        t5 = T5EncoderModel(T5Config(**dict(T5_XXL_CONFIG, **BENCH_T5, d_model=context_dim)))
     state = _randomised(t5, seed, "t5", skip=("encoder.embed_tokens.weight",))
     state["encoder.embed_tokens.weight"] = state["shared.weight"]
     t5.load_state_dict(state, strict=True, assign=True)
@@ -154,12 +159,14 @@ def build_text_encoders(seed: int):
     return clip, t5
 
 
-def build_ae(seed: int):
-    """The real FLUX.1 autoencoder architecture (diffusers AutoencoderKL), seeded random weights."""
+def build_ae(seed: int, size: str = "real"):
+    """The real FLUX.1 autoencoder architecture (diffusers AutoencoderKL; 'tiny': the repo's tiny FLUX AE widths,
+    for the test), seeded random weights."""
     from sd_scripts.families.flux import layout
+    from sd_scripts.families.flux.tiny import TINY_AE
     from sd_scripts.families.sd.loading import build_vae
 
-    ae = build_vae(layout.AE_CONFIG)
+    ae = build_vae(dict(layout.AE_CONFIG, **(TINY_AE if size == "tiny" else {})))
     ae.load_state_dict(_randomised(ae, seed, "ae"), strict=True, assign=True)
     return ae.eval()
 
@@ -191,9 +198,10 @@ def write_tokenizers(folder: str) -> str:
     return folder
 
 
-def workload_spec(double: int, single: int, resolution: int, images: int, seed: int, dtype: str) -> dict:
+def workload_spec(double: int, single: int, resolution: int, images: int, seed: int, dtype: str,
+                  sizes: dict = REAL) -> dict:
     return dict(version=WORKLOAD_VERSION, double=double, single=single, resolution=resolution, images=images,
-                seed=seed, dtype=dtype)
+                seed=seed, dtype=dtype, **sizes)
 
 
 def build_workload(root: str, spec: dict, log=print) -> dict:
@@ -220,15 +228,16 @@ def build_workload(root: str, spec: dict, log=print) -> dict:
     if os.path.isdir(paths["train_data_dir"]):
         shutil.rmtree(paths["train_data_dir"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
-    state = bfl_transformer_state(transformer_config(spec["double"], spec["single"]), spec["seed"], dtype)
+    config = transformer_config(spec["double"], spec["single"], spec["heads"], spec["context_dim"], spec["vec_dim"])
+    state = bfl_transformer_state(config, spec["seed"], dtype)
     params = sum(t.numel() for t in state.values())
     save_safetensors(state, paths["transformer"], {"format": "pt", "modelspec.title": "flux1-bench",
                                                    "modelspec.architecture": "flux-1-dev"})
     del state
-    clip, t5 = build_text_encoders(spec["seed"])
+    clip, t5 = build_text_encoders(spec["seed"], spec["vec_dim"], spec["context_dim"])
     save_clip_l(clip, paths["clip_l"])
     save_t5xxl(t5, paths["t5xxl"])
-    save_ae(build_ae(spec["seed"]), paths["ae"])
+    save_ae(build_ae(spec["seed"], spec["ae"]), paths["ae"])
     write_tokenizers(paths["tokenizers"])
     make_images(paths["train_data_dir"], spec["images"], spec["resolution"])
     with open(marker, "w") as f:
@@ -457,6 +466,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peer-dir", default="/tmp/peer/sd-scripts")
     p.add_argument("--peer-python", default="/tmp/peer/venv/bin/python")
     p.add_argument("--no-peer", action="store_true", help="run only our trainer")
+    p.add_argument("--peer-only", action="store_true", help="run only sd-scripts (e.g. to check the shim)")
     p.add_argument("--no-peer-alone", action="store_true", help="skip the peer when ours refuses a variant")
     p.add_argument("--extra", default="", help="more trainer arguments for both trainers (one string)")
     p.add_argument("--build-only", action="store_true")
@@ -500,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         order = [a.first] + (["peer" if a.first == "ours" else "ours"] if peer_ok else [])
         if not peer_ok:
             order = ["ours"]
+        elif a.peer_only:
+            order = ["peer"]
         runs: list[dict] = []
         refused: set[str] = set()
         for pair in range(1, a.pairs + 1):
