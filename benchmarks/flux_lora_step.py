@@ -28,7 +28,7 @@ there; the fp8 variant needs bf16 autocast, which sd-scripts requires for --fp8_
 
 Variants (--variants, default base,swap,fp8):
   base   the options above
-  swap   + --blocks_to_swap N (--swap, default 1). sd-scripts only allows N//2 <= double-2 and 2*(N-N//2) <= single-2,
+  swap   + --blocks_to_swap N (--swap, default 1; --full: 18). sd-scripts only allows N//2 <= double-2 and 2*(N-N//2) <= single-2,
          so it needs e.g. --blocks 1 4 for N=1 (the default 1 double + 2 single cannot swap in sd-scripts: its run is
          then reported as refused). On the CPU both sides of a swap are host memory: the figure says whether the
          option works and what it costs, not what it saves (that needs a GPU).
@@ -357,7 +357,9 @@ def run_trainer(trainer: str, *, run_dir: str, paths: dict, peer_dir: str, peer_
     option = VARIANT_OPTION[variant]
     if rc != 0 or not os.path.isfile(lora):
         refused = (not step_time and option is not None and any(option in t for t in tail))
-        reason = next((t.strip() for t in reversed(tail) if option and option in t), None) if refused else None
+        # the reason: the last error line (our trainer names the option in it; sd-scripts' assertions may not)
+        reason = next((t.strip() for t in reversed(tail) if re.search(r"Error\b|error:", t)
+                       and "CalledProcessError" not in t), None) if refused else None
         result.update(status="refused" if refused else "failed",
                       detail=(reason or " | ".join(t.strip() for t in tail[-4:]))[:600])
         return result
@@ -454,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=3, help="interleaved ours/peer pairs per variant")
     p.add_argument("--first", choices=("ours", "peer"), default="ours")
     p.add_argument("--variants", default="base,swap,fp8")
-    p.add_argument("--swap", type=int, default=1, help="--blocks_to_swap N for the swap variant")
+    p.add_argument("--swap", type=int, default=None, help="--blocks_to_swap N for the swap variant (default 1; --full: 18)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     p.add_argument("--precision", choices=("no", "bf16"), default=None,
                    help="--mixed_precision of the base/swap variants (default no on the CPU, bf16 on cuda)")
@@ -480,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     resolution = a.resolution or (1024 if a.full else 256)
     t5_tokens = a.t5_tokens or (512 if a.full else 128)
     precision = a.precision or ("bf16" if a.device == "cuda" else "no")
+    swap = a.swap if a.swap is not None else (18 if a.full else 1)
     extra = a.extra.split() + (["--gradient_checkpointing"] if a.full else [])
     spec = workload_spec(double, single, resolution, a.images, a.seed, "bf16" if a.full else "fp32")
     label = f"{double}+{single} blocks @{resolution}px, T5 {t5_tokens} tokens, {a.device}, {precision}"
@@ -500,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[flux_lora_step] warning: peer commit {commit}, not {PEER_COMMIT}", file=sys.stderr)
     kw = dict(paths=paths, peer_dir=a.peer_dir, peer_python=a.peer_python, device=a.device, threads=a.threads,
               timeout=a.timeout, warmup=a.warmup, resolution=resolution, steps=a.steps, rank=a.rank,
-              t5_tokens=t5_tokens, precision=precision, swap=a.swap, extra=extra)
+              t5_tokens=t5_tokens, precision=precision, swap=swap, extra=extra)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs_root = os.path.join(a.work, f"runs-{stamp}")
     all_lines, summaries, all_runs = [], [], []
