@@ -126,9 +126,8 @@ def bfl_transformer_state(config: dict, seed: int, dtype) -> dict:
 
 
 def _randomised(module, seed: int, component: str, skip=()):
-    state = {n: _random(seed, f"{component}:{n}", p.shape, p.dtype if p.is_floating_point() else p.dtype)
-             for n, p in module.state_dict().items() if n not in skip}
-    return state
+    return {n: _random(seed, f"{component}:{n}", p.shape, p.dtype)
+            for n, p in module.state_dict().items() if n not in skip}
 
 
 def build_text_encoders(seed: int, vec_dim: int = 768, context_dim: int = 4096):
@@ -456,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pairs", type=int, default=3, help="interleaved ours/peer pairs per variant")
     p.add_argument("--first", choices=("ours", "peer"), default="ours")
     p.add_argument("--variants", default="base,swap,fp8")
-    p.add_argument("--swap", type=int, default=None, help="--blocks_to_swap N for the swap variant (default 1; --full: 18)")
+    p.add_argument("--swap", type=int, default=None,
+                   help="--blocks_to_swap N for the swap variant (default 1; --full: 18)")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu")
     p.add_argument("--precision", choices=("no", "bf16"), default=None,
                    help="--mixed_precision of the base/swap variants (default no on the CPU, bf16 on cuda)")
@@ -521,8 +521,7 @@ def main(argv: list[str] | None = None) -> int:
             for trainer in order:
                 if trainer in refused:
                     continue
-                other_refused = bool(refused)
-                if other_refused and (a.no_peer_alone or any(r["trainer"] == trainer for r in runs)):
+                if refused and (a.no_peer_alone or any(r["trainer"] == trainer for r in runs)):
                     continue  # the other side refused: one lone run is enough
                 print(f"[flux_lora_step] {variant} pair {pair}/{a.pairs}: {trainer} ...", file=sys.stderr,
                       flush=True)
@@ -539,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"[flux_lora_step] {trainer} FAILED ({variant}): {r['detail']}", file=sys.stderr)
             if refused and len(refused) == len(order):
                 break
-        lines, summary = summarise(variant, runs, label)
+        lines, summary = summarise(variant, runs, label.replace(f", {precision}", ", bf16 autocast + fp8 base")
+                                   if variant == "fp8" else label)
         all_lines += lines
         summaries.append(summary)
         all_runs += runs
