@@ -353,3 +353,17 @@ def test_fused_backward_pass_steps_each_parameter_with_its_own_clipping(tiny_sd1
     gap = max(float((per_parameter[k] - plain[k]).abs().max()) for k in grads)
     assert gap > 1e-3, "precondition: per-parameter and global clipping give different updates"
     assert_update(before, after, per_parameter)
+
+
+def test_weights_are_read_in_the_compute_dtype_only_when_every_part_ends_up_in_it():
+    """A frozen base under bf16 is read in bf16 (no float32 copy of a 12B FLUX); anything kept in float32 (a trained
+    denoiser, a VAE under fp16 or no_half_vae) makes the whole read float32, so no precision is lost."""
+    from sd_scripts.training.run_setup import load_dtype
+
+    lora = NetworkMethod(parse_args("network", []))
+    full = DreamBoothMethod(parse_args("db", []))
+    assert load_dtype(torch.bfloat16, lora) == torch.bfloat16
+    assert load_dtype(torch.bfloat16, lora, no_half_vae=True) == torch.float32
+    assert load_dtype(torch.float16, lora) == torch.float32
+    assert load_dtype(torch.float32, lora) == torch.float32
+    assert load_dtype(torch.bfloat16, full) == torch.float32

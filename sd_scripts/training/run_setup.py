@@ -23,6 +23,17 @@ from .plan import Plan, plan_steps
 log = logging.getLogger("sd_scripts.train")
 
 
+def load_dtype(weight_dtype: torch.dtype, method, no_half_vae: bool = False) -> torch.dtype:
+    """The dtype the weights are read in: the compute dtype when every part ends up in it (a frozen denoiser and
+    text encoders under mixed precision, a VAE not kept in float32), so no float32 copy of a large model (48 GB for
+    FLUX.1-dev) is ever made; float32 otherwise (trained weights, or a float32 VAE under fp16 / no_half_vae)."""
+    if weight_dtype == torch.float32 or weight_dtype == torch.float16 or no_half_vae:
+        return torch.float32
+    if any(method.module_dtype(part, weight_dtype) != weight_dtype for part in ("denoiser", "text_encoder")):
+        return torch.float32
+    return weight_dtype
+
+
 class RunSetup:
     """Set-up steps of a run (mixed into Trainer)."""
 
@@ -109,7 +120,9 @@ class RunSetup:
 
         a = self.args
         log.info("loading %s", a.pretrained_model_name_or_path)
-        bundle = load_model(a.pretrained_model_name_or_path, **self._load_options())
+        bundle = load_model(a.pretrained_model_name_or_path,
+                            dtype=load_dtype(self.weight_dtype, self.method, bool(getattr(a, "no_half_vae", False))),
+                            **self._load_options())
         device = self.accelerator.device
         family_cls = family_class(bundle.family)
         # Frozen parts in the compute dtype; trained weights stay float32 (mixed precision autocasts).
