@@ -21,7 +21,7 @@ def tiny_flux(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("flux_e2e")
     flux = build_tiny_model(str(root / "flux"), "flux", layout="both", model_type="flux_dev")
-    chroma = build_tiny_model(str(root / "chroma"), "chroma", layout="single")
+    chroma = build_tiny_model(str(root / "chroma"), "chroma", layout="both")
     data = make_demo_dataset(str(root / "data"))
     return root, flux, chroma, data
 
@@ -134,6 +134,44 @@ def test_chroma_lora(tmp_path, tiny_flux):
     assert not any(n.startswith("lora_te") for n in names)
     assert meta["modelspec.architecture"] == "chroma/lora" and meta["ss_base_model_version"] == "chroma"
     assert len(list((tmp_path / "out" / "sample").glob("*.png"))) == 1
+
+
+def test_chroma_lora_loads_in_diffusers(tmp_path, tiny_flux):
+    """A Chroma LoRA (double blocks: diffusers' kohya converter knows single blocks only at real widths) loads in
+    ChromaPipeline, changes the image, and diffusers' transformer with it equals ours with the file applied."""
+    from diffusers import ChromaPipeline
+
+    from sd_scripts.families import family_class
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.networks import lora
+
+    root, _, chroma, data = tiny_flux
+    folder = chroma.diffusers_dir
+    _run("--pretrained_model_name_or_path", folder, *_common(tmp_path, data), "--apply_t5_attn_mask",
+         "--network_train_unet_only", "--network_args", "train_blocks=double")
+    path = tmp_path / "out" / "lora.safetensors"
+    pipe = ChromaPipeline.from_pretrained(folder, local_files_only=True)
+
+    def image():
+        return pipe("a photo of sks dog", width=64, height=64, num_inference_steps=2, max_sequence_length=32,
+                    generator=torch.Generator().manual_seed(3), output_type="pt").images
+
+    before = image()
+    pipe.load_lora_weights(str(path))
+    assert (image() - before).abs().max() > 1e-3
+    bundle = load_model(folder)
+    net = lora.create_network_from_weights(str(path), unet=bundle.denoiser, text_encoders=bundle.text_encoders,
+                                           family="chroma")
+    net.apply_to()
+    family = family_class("chroma")(bundle, None, t5xxl_max_token_length=32, model_prediction_type="raw")
+    noised = family.noised(torch.randn(1, 16, 8, 8), torch.Generator().manual_seed(0))
+    cond = family.encode_captions(["a photo"], train_text_encoder=False)
+    with torch.no_grad():
+        ours = family.predict(noised, cond, {})
+        bundle.denoiser = pipe.transformer
+        net.unapply()
+        theirs = family.predict(noised, cond, {})
+    assert torch.allclose(ours, theirs, atol=1e-4)
 
 
 def test_wrong_script_and_options_are_refused(tmp_path, tiny_flux, tiny_sd1):
