@@ -94,7 +94,7 @@ def test_lora_names_follow_sd_scripts(tiny):
     names = {m.lora_name for m in net.all_loras()}
     assert "lora_unet_joint_blocks_0_x_block_attn_qkv" in names, sorted(names)[-5:]
     assert "lora_unet_joint_blocks_1_context_block_mlp_fc2" in names
-    assert "lora_unet_joint_blocks_2_context_block_adaLN_modulation_1" not in names  # (shift, scale) swapped
+    assert "lora_unet_joint_blocks_2_context_block_adaLN_modulation_1" in names  # saved with its halves swapped
     assert any(n.startswith("lora_te1_text_model_") for n in names)
     assert any(n.startswith("lora_te2_text_model_") for n in names)
     assert not any(n.startswith("lora_te3_") for n in names)
@@ -235,3 +235,42 @@ def test_tiny_model_cli_writes_the_variant(tmp_path):
     assert main(["--family", "sd35-medium", "--out", str(tmp_path), "--layout", "single"]) == 0
     shapes, _ = read_safetensors_header(str(tmp_path / "tiny-sd35_medium-incl-clips-t5.safetensors"))
     assert classify(shapes) == "sd35_medium"
+
+
+def test_lora_file_applied_by_diffusers_equals_ours(tiny, tmp_path):
+    """Every module of our SD3 LoRA file (fused q/k/v, the last context adaLN saved with its halves swapped) lands on
+    the right diffusers layer: diffusers' transformer with the converted file gives our network's output."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    from sd_scripts.families.sd3.lora_files import to_diffusers_lora
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.networks import lora
+
+    b = load_model(tiny.diffusers_dir)
+    net = lora.create_network(unet=b.denoiser, text_encoders=b.text_encoders, family="sd3", network_dim=4,
+                              network_alpha=2, train_text_encoder=False)
+    assert any(m.lora_name.endswith("joint_blocks_2_context_block_adaLN_modulation_1") for m in net.all_loras())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in net.all_loras():
+            m.lora_up.weight.normal_(std=0.05)
+    path = tmp_path / "lora.safetensors"
+    net.save_weights(str(path))
+    cfg = b.denoiser.config
+    inputs = dict(hidden_states=torch.randn(1, cfg.in_channels, 8, 8), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 7, cfg.joint_attention_dim),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim))
+    net.apply_to()
+    with torch.no_grad():
+        ours = b.denoiser(**inputs).sample
+    net.unapply()
+    theirs_model = SD3Transformer2DModel.from_pretrained(tiny.diffusers_dir, subfolder="transformer",
+                                                         local_files_only=True)
+    converted = to_diffusers_lora(load_file(str(path)), transformer_config=cfg)
+    theirs_model.load_lora_adapter(converted, prefix="transformer", adapter_name="ours")
+    with torch.no_grad():
+        theirs = theirs_model(**inputs).sample
+        plain = b.denoiser(**inputs).sample
+    assert (ours - plain).abs().max() > 1e-3, "precondition: the LoRA changes the output"
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)

@@ -120,6 +120,7 @@ class LoRANetwork(nn.Module):
             lora = LoRAModule(target.lora_name, target.module, rank=rank, alpha=alpha, **self._module_options)
             if target.part is not None:
                 lora.part = target.part
+            lora.swap_halves = target.swap_halves
             loras.append(lora)
         return loras
 
@@ -179,14 +180,15 @@ class LoRANetwork(nn.Module):
         [r, in] with the parts' ups stacked [sum out, r] and the common alpha; or, with a down per part (split),
         the downs stacked [sum r, in], the ups block-diagonal [sum out, sum r] and alpha = sum r x alpha/r, so
         alpha / rank (the scale) is unchanged and any kohya LoRA reader computes the same update."""
-        if not self._fused:
+        if not self._fused and not any(getattr(m, "swap_halves", False) for m in self.all_loras()):
             return {k: v.detach() for k, v in self.state_dict().items()}
         out: dict[str, torch.Tensor] = {}
         for lora in self.all_loras():
             part = getattr(lora, "part", None)
             if part is None:
                 for suffix, tensor in (("lora_down.weight", lora.lora_down.weight),
-                                       ("lora_up.weight", lora.lora_up.weight), ("alpha", lora.alpha)):
+                                       ("lora_up.weight", _file_rows(lora, lora.lora_up.weight)),
+                                       ("alpha", lora.alpha)):
                     out[f"{lora.lora_name}.{suffix}"] = tensor.detach()
             elif part[0] == 0:
                 out.update(self._fused_tensors(lora.lora_name, self._fused[lora.lora_name]))
@@ -291,10 +293,20 @@ class LoRANetwork(nn.Module):
                                        ("lora_up.weight", lora.lora_up.weight), ("alpha", lora.alpha)):
                     value = matched.get(f"{lora.lora_name}.{suffix}")
                     if value is not None:
-                        tensor.copy_(value.to(tensor.dtype))
+                        tensor.copy_((_file_rows(lora, value) if suffix == "lora_up.weight" else value)
+                                     .to(tensor.dtype))
                 lora.sync_alpha()
         loaded = len({k.split(".", 1)[0] for k in matched})
         return LoadInfo(str(path), loaded, missing, unexpected, metadata)
+
+
+def _file_rows(lora: LoRAModule, up: torch.Tensor) -> torch.Tensor:
+    """The up weight's output rows in the other layout's order when the file stores the layer's two output halves
+    the other way round (its own inverse); unchanged otherwise."""
+    if not getattr(lora, "swap_halves", False):
+        return up
+    half = up.shape[0] // 2
+    return torch.cat([up[half:], up[:half]], dim=0)
 
 
 # ---- factories (the names sd-scripts' trainers call)

@@ -18,6 +18,9 @@ UNET_SAMPLER_CLASSES = ("Downsample2D", "Upsample2D")
 TEXT_ENCODER_CLASSES = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP")
 
 
+SWAP_HALVES = "swap_halves"  # name_map marker, see find_targets
+
+
 @dataclass(frozen=True)
 class Target:
     """A layer to adapt: its name in the file, its diffusers module path, the layer, and its kind."""
@@ -27,6 +30,7 @@ class Target:
     module: nn.Module
     kind: str  # "linear", "conv1x1" or "conv3x3" (any kernel larger than 1x1)
     part: tuple[int, int] | None = None  # (index, count) of a layer the file fuses with others into one module
+    swap_halves: bool = False  # the file's layout stores this layer's output halves the other way round
 
     @property
     def is_conv_kxk(self) -> bool:
@@ -67,7 +71,9 @@ def find_targets(root: nn.Module, prefix: str, block_classes: tuple[str, ...],
     """Every Linear/Conv2d inside a module whose class name is in `block_classes`, in module order, once each.
 
     `name_map(module path)` gives the path the file names the layer by, or (file path, part index, part count) for
-    a layer the file's layout fuses with others into one module (e.g. FLUX's q/k/v as one qkv Linear)."""
+    a layer the file's layout fuses with others into one module (e.g. FLUX's q/k/v as one qkv Linear), or
+    (file path, SWAP_HALVES) for a layer whose two output halves the file's layout stores the other way round
+    (SD3's last context adaLN: (shift, scale) there, (scale, shift) in diffusers), or None to leave the layer out."""
     targets: dict[object, Target] = {}
     seen: set[int] = set()
     for block_path, block in root.named_modules():
@@ -79,8 +85,12 @@ def find_targets(root: nn.Module, prefix: str, block_classes: tuple[str, ...],
                 continue
             seen.add(id(module))
             file_path = name_map(path) if name_map else path
-            part = None
-            if isinstance(file_path, tuple):
+            if file_path is None:  # the family does not adapt this layer
+                continue
+            part, swap = None, False
+            if isinstance(file_path, tuple) and file_path[1:] == (SWAP_HALVES,):
+                file_path, swap = file_path[0], True
+            elif isinstance(file_path, tuple):
                 file_path, index, count = file_path
                 part = (int(index), int(count))
             name = lora_name(prefix, file_path)
@@ -88,7 +98,7 @@ def find_targets(root: nn.Module, prefix: str, block_classes: tuple[str, ...],
             if key in targets or (part is not None and name in targets) or \
                     (part is None and any(isinstance(k, tuple) and k[0] == name for k in targets)):
                 raise ValueError(f"two layers map to the LoRA name {name!r}: {path} and another one")
-            targets[key] = Target(name, path, module, kind, part)
+            targets[key] = Target(name, path, module, kind, part, swap)
     return list(targets.values())
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ...errors import ModelLoadError
+from ...networks.targets import SWAP_HALVES
 from ...options import OptionError
 from ...training import flow_matching as fm
 from ..base import Family, NoisedLatents, SamplePipeline
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 
 CLIP_LENGTH = 77
 #: the diffusers modules inside SD3's joint blocks whose Linears sd-scripts' SingleDiTBlock targets cover
-UNET_BLOCKS = ("Attention", "FeedForward", "AdaLayerNormZero", "SD35AdaLayerNormZeroX")
+# the joint blocks' layers (the last block's context adaLN is an AdaLayerNormContinuous; the final layer's one,
+# outside the blocks, is not adapted: see lora_naming)
+UNET_BLOCKS = ("Attention", "FeedForward", "AdaLayerNormZero", "SD35AdaLayerNormZeroX", "AdaLayerNormContinuous")
 DEFAULT_T5_LENGTH = 256  # sd-scripts' --t5xxl_max_token_length default for SD3
 TE_CACHE_SUFFIX = "_sd3_te.npz"  # sd-scripts' Sd3TextEncoderOutputsCachingStrategy name
 _PART_OPTIONS = (("clip_l", "--clip_l", "the clip_l.safetensors file"),
@@ -380,18 +383,23 @@ class SD3Family(MemoisedCaptions, Family):
         """sd-scripts' networks/lora_sd3 names: `lora_unet_` + the SAI module path (`joint_blocks_N_x_block_attn_qkv`:
         q/k/v saved as one fused module with a shared down projection), `lora_te1_` CLIP-L, `lora_te2_` CLIP-G,
         `lora_te3_` T5 (not trained, as sd-scripts' default). Targets: the Linears of the joint blocks' attention,
-        feed-forward and adaLN layers; the last block's context adaLN is left out (its SAI rows are (shift, scale),
-        diffusers' (scale, shift): no slice of one up weight maps onto the other)."""
+        feed-forward and adaLN layers; the last block's context adaLN is saved with its up rows' halves exchanged
+        (SAI stores (shift, scale), diffusers (scale, shift))."""
         naming = super().lora_naming(family, denoiser)
         config = dict(denoiser.config) if denoiser is not None else dict(layout.TRANSFORMER_DEFAULTS, num_layers=24)
         table: dict[str, Any] = {}
         for sai, names, kind in layout.transformer_key_table(config):
-            if not sai.endswith(".weight") or kind == layout.SWAP:
+            if not sai.endswith(".weight"):
                 continue
             paths = [n[: -len(".weight")] for n in names]
             for i, path in enumerate(paths):
-                table[path] = sai[: -len(".weight")] if len(paths) == 1 else (sai[: -len(".weight")], i, len(paths))
-        naming.update(unet_name_map=lambda path: table.get(path, path), unet_block_classes=UNET_BLOCKS,
+                if kind == layout.SWAP:
+                    table[path] = (sai[: -len(".weight")], SWAP_HALVES)
+                else:
+                    table[path] = sai[: -len(".weight")] if len(paths) == 1 else (sai[: -len(".weight")], i,
+                                                                                  len(paths))
+        naming.update(unet_name_map=lambda path: table.get(path, path) if path.startswith("transformer_blocks.")
+                      else None, unet_block_classes=UNET_BLOCKS,
                       te_enabled=(True, True, False), shared_down=True)
         return naming
 
