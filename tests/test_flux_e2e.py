@@ -52,6 +52,28 @@ def _tensors(path):
         return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
 
 
+def _assert_diffusers_applies_the_file_as_we_do(pipe, folder: str, path, family_name: str) -> None:
+    """The transformer diffusers built with the LoRA file loaded predicts what ours does with the file applied:
+    every key of the file reached its layer."""
+    from sd_scripts.families import family_class
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.networks import lora
+
+    bundle = load_model(folder)
+    net = lora.create_network_from_weights(str(path), unet=bundle.denoiser, text_encoders=bundle.text_encoders,
+                                           family=family_name)
+    net.apply_to()
+    family = family_class(family_name)(bundle, None, t5xxl_max_token_length=32, model_prediction_type="raw")
+    noised = family.noised(torch.randn(1, 16, 8, 8), torch.Generator().manual_seed(0))
+    cond = family.encode_captions(["a photo"], train_text_encoder=False)
+    with torch.no_grad():
+        ours = family.predict(noised, cond, {})
+        bundle.denoiser = pipe.transformer
+        net.unapply()
+        theirs = family.predict(noised, cond, {})
+    assert torch.allclose(ours, theirs, atol=1e-4)
+
+
 def _image(pipe, seed=3):
     out = pipe("a photo of sks dog", width=64, height=64, num_inference_steps=2, guidance_scale=3.5,
                max_sequence_length=32, generator=torch.Generator().manual_seed(seed), output_type="pt")
@@ -83,10 +105,6 @@ def test_flux_lora_cached_text_encoders_loads_in_diffusers(tmp_path, tiny_flux):
     at FLUX.1's real widths) loads in FluxPipeline with every key used and changes the image."""
     from diffusers import FluxPipeline
 
-    from sd_scripts.families import family_class
-    from sd_scripts.models.loading import load_model
-    from sd_scripts.networks import lora
-
     root, flux, _, data = tiny_flux
     _run("--pretrained_model_name_or_path", flux.diffusers_dir, *_common(tmp_path, data, steps=4),
          "--cache_text_encoder_outputs_to_disk", "--cache_latents", "--network_train_unet_only",
@@ -103,19 +121,7 @@ def test_flux_lora_cached_text_encoders_loads_in_diffusers(tmp_path, tiny_flux):
     after = _image(pipe)
     assert (after - before).abs().max() > 1e-3
     # every key used: the transformer diffusers built equals ours with the file applied
-    bundle = load_model(flux.diffusers_dir)
-    net = lora.create_network_from_weights(str(path), unet=bundle.denoiser, text_encoders=bundle.text_encoders,
-                                           family="flux")
-    net.apply_to()
-    family = family_class("flux")(bundle, None, t5xxl_max_token_length=32, model_prediction_type="raw")
-    noised = family.noised(torch.randn(1, 16, 8, 8), torch.Generator().manual_seed(0))
-    cond = family.encode_captions(["a photo"], train_text_encoder=False)
-    with torch.no_grad():
-        ours = family.predict(noised, cond, {})
-        bundle.denoiser = pipe.transformer
-        net.unapply()
-        theirs = family.predict(noised, cond, {})
-    assert torch.allclose(ours, theirs, atol=1e-4)
+    _assert_diffusers_applies_the_file_as_we_do(pipe, flux.diffusers_dir, path, "flux")
 
 
 def test_chroma_lora(tmp_path, tiny_flux):
@@ -141,10 +147,6 @@ def test_chroma_lora_loads_in_diffusers(tmp_path, tiny_flux):
     ChromaPipeline, changes the image, and diffusers' transformer with it equals ours with the file applied."""
     from diffusers import ChromaPipeline
 
-    from sd_scripts.families import family_class
-    from sd_scripts.models.loading import load_model
-    from sd_scripts.networks import lora
-
     root, _, chroma, data = tiny_flux
     folder = chroma.diffusers_dir
     _run("--pretrained_model_name_or_path", folder, *_common(tmp_path, data), "--apply_t5_attn_mask",
@@ -159,19 +161,7 @@ def test_chroma_lora_loads_in_diffusers(tmp_path, tiny_flux):
     before = image()
     pipe.load_lora_weights(str(path))
     assert (image() - before).abs().max() > 1e-3
-    bundle = load_model(folder)
-    net = lora.create_network_from_weights(str(path), unet=bundle.denoiser, text_encoders=bundle.text_encoders,
-                                           family="chroma")
-    net.apply_to()
-    family = family_class("chroma")(bundle, None, t5xxl_max_token_length=32, model_prediction_type="raw")
-    noised = family.noised(torch.randn(1, 16, 8, 8), torch.Generator().manual_seed(0))
-    cond = family.encode_captions(["a photo"], train_text_encoder=False)
-    with torch.no_grad():
-        ours = family.predict(noised, cond, {})
-        bundle.denoiser = pipe.transformer
-        net.unapply()
-        theirs = family.predict(noised, cond, {})
-    assert torch.allclose(ours, theirs, atol=1e-4)
+    _assert_diffusers_applies_the_file_as_we_do(pipe, folder, path, "chroma")
 
 
 def test_wrong_script_and_options_are_refused(tmp_path, tiny_flux, tiny_sd1):

@@ -276,6 +276,17 @@ def detect_folder(path: str) -> Detected:
                          f"model_index.json and the configs of its parts; pass such a folder or a single file")
 
 
+def json_config(path: str) -> dict | None:
+    """A JSON object read from a model folder's config file, or None when it is missing or not an object (folder
+    detection asks each family and must not raise for someone else's folder)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
 def read_safetensors_header(path: str) -> tuple[dict[str, tuple], dict[str, str]]:
     """(tensor name -> shape, metadata) of a .safetensors file, reading only its header."""
     with open(path, "rb") as f:

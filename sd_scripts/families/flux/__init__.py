@@ -12,10 +12,10 @@ https://huggingface.co/lodestones/Chroma), ss_base_model_version 'flux1' / 'chro
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping
 
+from .. import json_config
 from ..spec import FamilySpec, MemoryFacts
 from . import layout
 
@@ -127,24 +127,15 @@ def detect_single_file(shapes: Mapping[str, tuple], metadata: Mapping[str, str])
     return _detected(CHROMA if kind == "chroma" else FLUX)
 
 
-def _json(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def detect_folder(path: str):
     """A diffusers FluxPipeline / ChromaPipeline folder (model_index.json), or a bare transformer folder of one."""
-    index = _json(os.path.join(path, "model_index.json")) or {}
+    index = json_config(os.path.join(path, "model_index.json")) or {}
     pipeline = index.get("_class_name")
     if pipeline == "FluxPipeline":
         return _detected(FLUX)
     if pipeline == "ChromaPipeline":
         return _detected(CHROMA)
-    config = _json(os.path.join(path, "config.json")) or {}
+    config = json_config(os.path.join(path, "config.json")) or {}
     if config.get("_class_name") == "FluxTransformer2DModel":
         return _detected(FLUX)
     if config.get("_class_name") == "ChromaTransformer2DModel":

@@ -7,10 +7,10 @@ The torch side: `sd.py` (SD 1.x / 2.x), `sdxl.py`; loading/saving in `loading.py
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping
 
+from .. import json_config
 from ..spec import FamilySpec, MemoryFacts
 from .detect import detect_diffusers_family, detect_family, v_prediction_from_metadata
 
@@ -63,22 +63,13 @@ def detect_single_file(shapes: Mapping[str, tuple], metadata: Mapping[str, str])
     return _detected(family, v_prediction_from_metadata(metadata) or "v_pred" in shapes)
 
 
-def _json(path: str) -> dict | None:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
-
-
 def detect_folder(path: str):
     """A diffusers Stable Diffusion pipeline folder (unet/ + text_encoder/ configs); None for other folders."""
-    unet = _json(os.path.join(path, "unet", "config.json"))
-    text = _json(os.path.join(path, "text_encoder", "config.json"))
+    unet = json_config(os.path.join(path, "unet", "config.json"))
+    text = json_config(os.path.join(path, "text_encoder", "config.json"))
     if unet is None or text is None:
         return None
-    sched = _json(os.path.join(path, "scheduler", "scheduler_config.json")) or {}
+    sched = json_config(os.path.join(path, "scheduler", "scheduler_config.json")) or {}
     te2 = os.path.isfile(os.path.join(path, "text_encoder_2", "config.json"))
     return _detected(detect_diffusers_family(unet, text, path, has_text_encoder_2=te2),
                      sched.get("prediction_type") == "v_prediction")
