@@ -274,3 +274,38 @@ def test_lora_file_applied_by_diffusers_equals_ours(tiny, tmp_path):
         plain = b.denoiser(**inputs).sample
     assert (ours - plain).abs().max() > 1e-3, "precondition: the LoRA changes the output"
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_conversion_command_writes_a_file_diffusers_loads(tiny, tmp_path):
+    """`python -m sd_scripts.families.sd3.lora_files` turns our file into diffusers' layout: StableDiffusion3Pipeline
+    loads it with every tensor placed; a T5 LoRA module is refused with a one-line error."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file, save_file
+
+    from sd_scripts.families.sd3.lora_files import main
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.networks import lora
+
+    b = load_model(tiny.diffusers_dir)
+    net = lora.create_network(unet=b.denoiser, text_encoders=b.text_encoders, family="sd3", network_dim=4,
+                              network_alpha=2)
+    with torch.no_grad():
+        for m in net.all_loras():
+            m.lora_up.weight.fill_(0.01)
+    ours = tmp_path / "ours.safetensors"
+    net.save_weights(str(ours))
+    out = tmp_path / "diffusers_lora.safetensors"
+    assert main(["--lora", str(ours), "--model", tiny.diffusers_dir, "--out", str(out)]) == 0
+    converted = load_file(str(out))
+    assert any(k.startswith("text_encoder.") for k in converted) and any(k.startswith("text_encoder_2.")
+                                                                         for k in converted)
+    model = SD3Transformer2DModel.from_pretrained(tiny.diffusers_dir, subfolder="transformer", local_files_only=True)
+    model.load_lora_adapter(converted, prefix="transformer", adapter_name="x")
+    from peft.utils import get_peft_model_state_dict
+
+    assert len(get_peft_model_state_dict(model, adapter_name="x")) == sum(k.startswith("transformer.")
+                                                                           for k in converted)
+    t5_only = tmp_path / "t5.safetensors"
+    save_file({"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(4, 8),
+               "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(8, 4)}, str(t5_only))
+    assert main(["--lora", str(t5_only), "--model", tiny.diffusers_dir, "--out", str(tmp_path / "x.safetensors")]) == 1

@@ -66,3 +66,41 @@ def to_diffusers_lora(tensors: Mapping[str, torch.Tensor], *, transformer_config
             raise NetworkError(f"LoRA module {name!r} has no place in diffusers' SD3 pipeline (T5 LoRAs and "
                                f"unknown modules cannot be converted)")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m sd_scripts.families.sd3.lora_files --lora IN --model MODEL --out OUT: write the diffusers form of
+    a kohya SD3 LoRA (for `StableDiffusion3Pipeline.load_lora_weights`), reading the layer layout from MODEL (an SD3
+    single file or diffusers folder; --clip_l/--clip_g/--t5xxl as for training when the file lacks them)."""
+    import argparse
+    import sys
+
+    from ...errors import UserError
+    from ...models.loading import load_model
+    from ...models.module_io import save_safetensors_atomic
+    from ...networks.weights_file import load_weights_file
+
+    parser = argparse.ArgumentParser(prog="python -m sd_scripts.families.sd3.lora_files", description=main.__doc__)
+    parser.add_argument("--lora", required=True, help="kohya-format SD3 LoRA (.safetensors)")
+    parser.add_argument("--model", required=True, help="the SD3 model it was trained on")
+    parser.add_argument("--clip_l")
+    parser.add_argument("--clip_g")
+    parser.add_argument("--t5xxl")
+    parser.add_argument("--out", required=True, help="output .safetensors in diffusers' LoRA layout")
+    args = parser.parse_args(argv)
+    try:
+        tensors, metadata = load_weights_file(args.lora)
+        bundle = load_model(args.model, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl)
+        clip_l, clip_g = (bundle.text_encoders + [None, None])[:2]
+        converted = to_diffusers_lora(tensors, transformer_config=bundle.denoiser.config, clip_l=clip_l,
+                                      clip_g=clip_g)
+        save_safetensors_atomic(converted, args.out, metadata)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {len(converted)} tensors in diffusers' LoRA layout")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
