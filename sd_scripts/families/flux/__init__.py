@@ -62,8 +62,10 @@ _KOHYA_KEYS = {
     "train_blocks": "network_args:train_blocks",
     "split_qkv": "network_args:split_qkv",
     "train_t5xxl": "network_args:train_t5xxl",
+    **{key: f"network_args:{key}" for key in ("img_attn_dim", "img_mlp_dim", "img_mod_dim", "single_dim",
+                                              "txt_attn_dim", "txt_mlp_dim", "txt_mod_dim", "single_mod_dim",
+                                              "in_dims", "train_double_block_indices", "train_single_block_indices")},
 }
-_PER_LAYER = "per-layer ranks of sd-scripts' lora_flux are not implemented here (every layer has network_dim)"
 _KOHYA_UNSUPPORTED = {
     "split_mode": "sd-scripts' split_mode (deprecated there) is not implemented; use blocks_to_swap to save memory "
                   "and network_args train_blocks=single to train only the single blocks",
@@ -71,12 +73,6 @@ _KOHYA_UNSUPPORTED = {
     "double_blocks_to_swap": "deprecated in sd-scripts and not implemented: use blocks_to_swap",
     "mem_eff_save": "sd-scripts' memory-efficient saving of full models is not implemented; files are saved normally",
     "enable_all_linear": "an option of kohya_ss's 'Flux1 OFT' network, which this trainer does not have",
-    "train_double_block_indices": "training only some block indices is not implemented; use network_args "
-                                  "train_blocks=double|single",
-    "train_single_block_indices": "training only some block indices is not implemented; use network_args "
-                                  "train_blocks=double|single",
-    **{key: _PER_LAYER for key in ("img_attn_dim", "img_mlp_dim", "img_mod_dim", "single_dim", "txt_attn_dim",
-                                   "txt_mlp_dim", "txt_mod_dim", "single_mod_dim", "in_dims")},
     "show_timesteps": "sd-scripts' timestep plot is not implemented",
     "show_timesteps_resolution": "sd-scripts' timestep plot is not implemented",
     "ggpo_beta": "GGPO regularisation is not implemented",
