@@ -284,6 +284,13 @@ OPTIONS: tuple[Option, ...] = (
     # ---- DreamBooth / fine-tuning
     _O("learning_rate_te", float, None, "Learning rate of the text encoder (default: learning_rate).", "optimizer",
        trainers=FULL, minimum=0),
+    *(_O(f"learning_rate_te{i}", float, None, f"Learning rate of text encoder {i} ({name}; default: "
+         "learning_rate_te, else learning_rate); 0 leaves it frozen.", "optimizer", trainers=FULL, minimum=0,
+         family_specific=True) for i, name in ((1, "CLIP-L"), (2, "CLIP-G"), (3, "T5-XXL"))),
+    _O("train_t5xxl", bool, False, "With train_text_encoder, train T5-XXL too (CLIP-L and CLIP-G otherwise).",
+       "training", trainers=frozenset({"finetune"}), family_specific=True),
+    _O("use_t5xxl_cache_only", bool, False, "Cache only T5-XXL's outputs while the CLIP encoders are trained.",
+       "training", trainers=frozenset({"finetune"}), family_specific=True, advanced=True),
     _O("train_text_encoder", bool, False, "Also train the text encoder (fine-tune; DreamBooth trains it unless "
        "stop_text_encoder_training is 0).", "training", trainers=FULL),
     _O("stop_text_encoder_training", int, None, "Stop training the text encoder after this many steps.", "training",

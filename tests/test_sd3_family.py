@@ -157,6 +157,34 @@ def test_lora_network_args_ranks_embedders_blocks_and_t5(tiny, tmp_path):
         torch.testing.assert_close(theirs_model(**inputs).sample, ours, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("extra, want", [
+    ([], {"textencoder": 1e-3}),  # CLIP-L + CLIP-G at learning_rate, T5-XXL frozen
+    (["--learning_rate_te1", "2e-4", "--learning_rate_te3", "5e-5", "--train_t5xxl"],
+     {"textencoder1": 2e-4, "textencoder2": 1e-3, "textencoder3": 5e-5}),
+    (["--learning_rate_te", "3e-4", "--learning_rate_te1", "0"], {"textencoder": 3e-4}),  # CLIP-G only
+])
+def test_fine_tune_text_encoder_rates(tiny, tmp_path, extra, want):
+    """sd3_train's train_text_encoder with learning_rate_te1/2/3 and train_t5xxl: each trained encoder's group and
+    rate; frozen ones (rate 0, or T5-XXL without train_t5xxl) take no gradient and drop to the compute dtype."""
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.training.full_methods import FineTuneMethod
+
+    args = parse_args("finetune", ["--pretrained_model_name_or_path", tiny.single_file_with_text_encoders,
+                                   "--in_json", "m.json", "--output_dir", str(tmp_path), "--train_text_encoder",
+                                   "--learning_rate", "1e-3", "--mixed_precision", "bf16", *extra])
+    bundle = load_model(tiny.single_file_with_text_encoders)
+    groups, names = FineTuneMethod(args).build(bundle, family="sd3")
+    assert dict(zip(names[1:], (g["lr"] for g in groups[1:]))) == want
+    trained = [all(p.requires_grad for p in te.parameters()) for te in bundle.text_encoders]
+    in_groups = {id(p) for g in groups[1:] for p in g["params"]}
+    for te, on in zip(bundle.text_encoders, trained):
+        assert all((id(p) in in_groups) == on for p in te.parameters())
+        assert next(te.parameters()).dtype == (torch.float32 if on else torch.bfloat16)
+    assert trained[2] == ("--train_t5xxl" in extra)
+    why = _why("sd3", "sd3_train", "finetune", use_t5xxl_cache_only=True)
+    assert why and "use_t5xxl_cache_only" in why and "not implemented" in why
+
+
 def test_noised_follows_sd3_flow_matching(family):
     torch.manual_seed(0)
     latents = torch.randn(3, 16, 4, 4)

@@ -119,6 +119,12 @@ class Family:
         spec = family_spec(family)
         return {"unet_prefix": spec.lora_unet_prefix, "te_prefixes": spec.lora_te_prefixes, "unet_name_map": None}
 
+    @classmethod
+    def trainable_text_encoders(cls, args) -> tuple[bool, ...] | None:
+        """Which text encoders a full fine-tune with train_text_encoder may train (each still needs a non-zero
+        learning rate); None: all of them."""
+        return None
+
     # ---- memory features
     @classmethod
     def block_swap_groups(cls, denoiser: torch.nn.Module, blocks_to_swap: int) -> list | None:

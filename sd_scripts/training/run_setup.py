@@ -18,6 +18,7 @@ from ..options import OptionError
 from .distributed import broadcast_parameters
 from .events import EventWriter
 from .memory import MemoryFeatures
+from .methods import compute_dtype
 from .plan import Plan, plan_steps
 
 log = logging.getLogger("sd_scripts.train")
@@ -110,7 +111,7 @@ class RunSetup:
         for old in ("xformers", "mem_eff_attn"):
             if getattr(a, old):
                 self.warn(f"option '{old}' is not needed: PyTorch scaled-dot-product attention is always used")
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.mixed_precision, torch.float32)
+        self.weight_dtype = compute_dtype(a.mixed_precision)
         self.save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(
             a.save_precision or "", None)
 

@@ -444,6 +444,11 @@ class SD3Family(MemoisedCaptions, Family):
                       unet_file_name_map=table.get, verbose=flag(args.get("verbose", False)))
         return naming
 
+    @classmethod
+    def trainable_text_encoders(cls, args) -> tuple[bool, ...]:
+        """CLIP-L and CLIP-G; T5-XXL only with train_t5xxl (sd3_train)."""
+        return True, True, bool(getattr(args, "train_t5xxl", False))
+
     # ---- memory features
     @classmethod
     def block_swap_groups(cls, denoiser: torch.nn.Module, blocks_to_swap: int) -> list:
