@@ -112,6 +112,32 @@ def test_runs_accepted():
             defaults=DEFAULTS)
 
 
+def test_schnell_refuses_a_guidance_value_before_loading(tiny, tmp_path):
+    """FLUX.1-schnell (no guidance embedding) given dev's guidance setting: refused naming the option, torch-free
+    from the file's header (single file and diffusers folder), by the trainer before it loads anything."""
+    from sd_scripts.tools.tiny_model import build_tiny_model
+    from sd_scripts.training.loop import Trainer
+    from sd_scripts.training.methods import NetworkMethod
+
+    schnell = build_tiny_model(str(tmp_path / "schnell"), "flux", layout="both", model_type="flux_schnell")
+    assert probe_model(schnell.single_file).variant == "flux_schnell"
+    assert probe_model(schnell.diffusers_dir).variant == "flux_schnell"
+    assert probe_model(tiny[1].single_file).variant == "flux_dev"
+    values = dict(DEFAULTS, guidance_scale=1.0)
+    why = check_run("flux", trainer="network", script="flux_train_network", values=values, defaults=DEFAULTS,
+                    variant="flux_schnell", source="s.safetensors")
+    assert "option 'guidance_scale'" in why and "schnell has no guidance embedding" in why and "remove it" in why
+    assert check_run("flux", trainer="network", script="flux_train_network", values=values, defaults=DEFAULTS,
+                     variant="flux_dev") is None
+    assert check_run("flux", trainer="network", script="flux_train_network", values=dict(DEFAULTS),
+                     defaults=DEFAULTS, variant="flux_schnell") is None
+    args = parse_args("network", ["--pretrained_model_name_or_path", schnell.single_file, "--output_dir",
+                                  str(tmp_path / "out"), "--train_data_dir", str(tmp_path), "--guidance_scale", "1.0"])
+    args.trainer_kind, args.trainer_script = "network", "flux_train_network"
+    with pytest.raises(OptionError, match="guidance_scale"):
+        Trainer(args, NetworkMethod(args))._check_family()
+
+
 # ---------------------------------------------------------------- the step
 
 

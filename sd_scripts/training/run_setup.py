@@ -72,15 +72,15 @@ class RunSetup:
 
         a = self.args
         try:
-            family = probe_model(a.pretrained_model_name_or_path).family
+            probe = probe_model(a.pretrained_model_name_or_path)
         except ModelLoadError:
             return  # the loader reports it with the whole story
-        if family is None:
+        if probe.family is None:
             return
-        message = check_run(family, trainer=getattr(a, "trainer_kind", None),
+        message = check_run(probe.family, trainer=getattr(a, "trainer_kind", None),
                             script=getattr(a, "trainer_script", None), values=vars(a),
                             defaults={name: o.default for name, o in BY_NAME.items()},
-                            source=a.pretrained_model_name_or_path)
+                            source=a.pretrained_model_name_or_path, variant=probe.variant)
         if message:
             raise OptionError(message)
 

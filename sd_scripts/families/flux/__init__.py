@@ -92,6 +92,9 @@ SPECS = (
                tiny_variants={"flux": {"model_type": "flux_dev"}, "flux-schnell": {"model_type": "flux_schnell"}},
                tiny_files={"flux": _TINY_FLUX, "flux-schnell": _TINY_FLUX},
                kohya_ss_keys=_KOHYA_KEYS, kohya_ss_unsupported=_KOHYA_UNSUPPORTED,
+               variant_refused_options={"flux_schnell": {
+                   "guidance_scale": "FLUX.1-schnell has no guidance embedding (only dev is guidance-distilled), so "
+                                     "the value would be ignored"}},
                option_values={"model_type": MODEL_TYPES, "network_module": ("networks.lora_flux",)}),
     FamilySpec(CHROMA, "Chroma", _CLASS, bucket_step=16, default_resolution=1024,
                vae_scaling_factor=layout.AE_SCALING_FACTOR, vae_shift_factor=layout.AE_SHIFT_FACTOR,
@@ -109,10 +112,10 @@ SPECS = (
 )
 
 
-def _detected(family: str):
+def _detected(family: str, variant: str | None = None):
     from .. import Detected
 
-    return Detected(family, False)
+    return Detected(family, False, variant)
 
 
 def detect_single_file(shapes: Mapping[str, tuple], metadata: Mapping[str, str]):
@@ -120,7 +123,11 @@ def detect_single_file(shapes: Mapping[str, tuple], metadata: Mapping[str, str])
     kind = layout.classify_denoiser(shapes)
     if kind is None:
         return None
-    return _detected(CHROMA if kind == "chroma" else FLUX)
+    return _detected(CHROMA, kind) if kind == "chroma" else _detected(FLUX, kind)
+
+
+def _folder_variant(transformer_config: dict) -> str:
+    return "flux_dev" if transformer_config.get("guidance_embeds", True) else "flux_schnell"
 
 
 def detect_folder(path: str):
@@ -128,12 +135,12 @@ def detect_folder(path: str):
     index = json_config(os.path.join(path, "model_index.json")) or {}
     pipeline = index.get("_class_name")
     if pipeline == "FluxPipeline":
-        return _detected(FLUX)
+        return _detected(FLUX, _folder_variant(json_config(os.path.join(path, "transformer", "config.json")) or {}))
     if pipeline == "ChromaPipeline":
         return _detected(CHROMA)
     config = json_config(os.path.join(path, "config.json")) or {}
     if config.get("_class_name") == "FluxTransformer2DModel":
-        return _detected(FLUX)
+        return _detected(FLUX, _folder_variant(config))
     if config.get("_class_name") == "ChromaTransformer2DModel":
         return _detected(CHROMA)
     return None
