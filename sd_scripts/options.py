@@ -291,6 +291,9 @@ OPTIONS: tuple[Option, ...] = (
        "training", trainers=frozenset({"finetune"}), family_specific=True),
     _O("use_t5xxl_cache_only", bool, False, "Cache only T5-XXL's outputs while the CLIP encoders are trained.",
        "training", trainers=frozenset({"finetune"}), family_specific=True, advanced=True),
+    _O("mem_eff_save", bool, False, "Save full models tensor by tensor (always done here: a save holds about one "
+       "tensor beyond the model; accepted for sd-scripts command lines).", "saving", trainers=frozenset({"finetune"}),
+       family_specific=True, advanced=True),
     _O("train_text_encoder", bool, False, "Also train the text encoder (fine-tune; DreamBooth trains it unless "
        "stop_text_encoder_training is 0).", "training", trainers=FULL),
     _O("stop_text_encoder_training", int, None, "Stop training the text encoder after this many steps.", "training",

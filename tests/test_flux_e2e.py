@@ -198,7 +198,7 @@ def test_flux_full_fine_tune_with_fused_backward_saves_bfl_file(tmp_path, tiny_f
          "--train_data_dir", str(images), "--output_dir", str(out), "--output_name", "ft", "--resolution", "64",
          "--max_train_steps", "2", "--learning_rate", "1e-3", "--seed", "2", "--t5xxl_max_token_length", "32",
          "--save_precision", "float", "--max_data_loader_n_workers", "0",
-         "--fused_backward_pass", module="sd_scripts.flux_train")  # optimizer steps inside backward (24 GB path)
+         "--fused_backward_pass", "--mem_eff_save", module="sd_scripts.flux_train")  # 24 GB path: steps inside backward
     final = out / "ft.safetensors"
     tensors, meta = _tensors(final)
     assert "double_blocks.0.img_attn.qkv.weight" in tensors and "guidance_in.in_layer.weight" in tensors
