@@ -181,7 +181,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("train_data_dir", str, None, "Parent folder of the concept folders '<repeats>_<class tokens>'.", "folders",
        path="dir", trainers=FOLDER_TRAINERS | {"finetune"}, label="Image folder"),
     _O("reg_data_dir", str, None, "Parent folder of regularisation concept folders (same naming rule).", "folders",
-       path="dir", trainers=FOLDER_TRAINERS, label="Regularisation folder"),
+       path="dir", trainers=FOLDER_TRAINERS | {"finetune"}, label="Regularisation folder"),
     _O("dataset_config", str, None, "Dataset TOML ([general], [[datasets]], [[datasets.subsets]]).", "folders",
        path="file"),
     _O("output_dir", str, None, "Where models, samples and state are written.", "folders", path="out_dir"),

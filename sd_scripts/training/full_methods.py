@@ -213,13 +213,29 @@ class FineTuneMethod(FullModelMethod):
     """Fine-tuning: captions from a metadata JSON (in_json), the text encoder only with train_text_encoder."""
 
     name = "finetune"
+    #: the script also reads DreamBooth-style concept folders (train_data_dir / reg_data_dir) when no in_json is
+    #: given, as sd-scripts' sdxl_train, sd3_train and flux_train do; its fine_tune reads metadata only
+    folder_datasets = False
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
-        if not args.in_json and not args.dataset_config:
-            raise OptionError("fine_tune reads captions from a metadata JSON: give in_json (build one with python -m "
+        if self.folder_datasets or args.dataset_config:
+            return
+        script = getattr(args, "trainer_script", None) or "fine_tune"
+        if not args.in_json:
+            raise OptionError(f"{script} reads captions from a metadata JSON: give in_json (build one with python -m "
                               "sd_scripts.tools.build_metadata --train_data_dir DIR --out meta.json) or a "
                               "dataset_config whose subsets set metadata_file")
+        if getattr(args, "reg_data_dir", None):
+            raise OptionError(f"option 'reg_data_dir': {script} trains on the in_json metadata only (regularisation "
+                              "folders are DreamBooth's: use train_db, or a dataset_config with is_reg subsets)")
+
+
+class FolderFineTuneMethod(FineTuneMethod):
+    """Fine-tuning that also takes concept folders (sdxl_train, sd3_train, flux_train): in_json when given, else
+    train_data_dir's '<repeats>_<class tokens>' folders (and reg_data_dir's, weighted by prior_loss_weight)."""
+
+    folder_datasets = True
 
     def _te_wanted(self) -> bool:
         return bool(self.args.train_text_encoder) and super()._te_wanted()
