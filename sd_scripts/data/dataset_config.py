@@ -287,6 +287,9 @@ def load_datasets(args: argparse.Namespace, bucket_step_default: int) -> list[Da
         configs = _from_toml(config_path, args)
         where = [f"{config_path} [[datasets]] #{i}" for i in range(1, len(configs) + 1)]
     elif getattr(args, "in_json", None):
+        if getattr(args, "reg_data_dir", None):
+            logger.warning("in_json %s is used: reg_data_dir is ignored (a metadata JSON dataset has no "
+                           "regularisation images; use a dataset_config for both)", args.in_json)
         configs = _from_metadata(args)
         where = [f"in_json {args.in_json}"]
     else:

@@ -46,6 +46,8 @@ class Trainer(RunSetup, RunOutputs):
         if self.is_main:
             self.control.install()
         try:
+            if self.args.debug_dataset:  # list what the dataset yields; no model, no training
+                return self.debug_dataset()
             self.load_model()
             self.prepare_data()
             self.load_dataset()
