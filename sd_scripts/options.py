@@ -248,7 +248,7 @@ OPTIONS: tuple[Option, ...] = (
        "lanczos to enlarge).", "dataset", choices=(None, *RESIZE_INTERPOLATIONS), advanced=True),
     _O("alpha_mask", bool, False, "Use each image's alpha channel as the loss mask: transparent pixels are not "
        "trained.", "dataset"),
-    _O("masked_loss", bool, False, "Weight the loss by mask images (conditioning_data_dir; white = trained, black = "
+    _O("masked_loss", bool, False, "Weight the loss by mask images (conditioning_data_dir; white: trained, black: "
        "ignored).", "dataset", trainers=NOT_TI),
     _O("conditioning_data_dir", str, None, "Folder of mask images for masked_loss, named like the training images "
        "(a subfolder per concept folder, or all in one).", "folders", path="dir", trainers=NOT_TI),
