@@ -299,14 +299,18 @@ def load_datasets(args: argparse.Namespace, bucket_step_default: int) -> list[Da
         logger.warning("dataset_config %s is used; option conditioning_data_dir is ignored: set conditioning_data_dir "
                        "in each [[datasets.subsets]] whose images have masks", config_path)
     configs = [check_dataset(ds, bucket_step_default, w) for ds, w in zip(configs, where)]
-    _check_masks(configs, bool(getattr(args, "masked_loss", False)), config_path)
+    _check_masks(configs, getattr(args, "masked_loss", None), config_path)
     return configs
 
 
-def _check_masks(configs: list[DatasetConfig], masked_loss: bool, config_path: str | None) -> None:
-    """Mask images are for masked_loss, and masked_loss needs masks (sd-scripts would silently train unmasked)."""
+def _check_masks(configs: list[DatasetConfig], masked_loss: bool | None, config_path: str | None) -> None:
+    """Mask images are for masked_loss, and masked_loss needs masks (sd-scripts would silently train unmasked).
+    `masked_loss` is None for a trainer without the option (textual inversion, as in sd-scripts)."""
     subsets = [s for ds in configs for s in ds.subsets]
     with_dir = [s for s in subsets if s.conditioning_data_dir]
+    if with_dir and masked_loss is None:
+        raise DatasetError(f"conditioning_data_dir {with_dir[0].conditioning_data_dir}: this trainer has no "
+                           f"masked_loss; use alpha_mask (the images' alpha channel) or remove conditioning_data_dir")
     if with_dir and not masked_loss:
         raise DatasetError(f"conditioning_data_dir {with_dir[0].conditioning_data_dir} holds loss masks, which are "
                            f"used with masked_loss: add --masked_loss (or remove conditioning_data_dir)")
