@@ -31,8 +31,11 @@ def sd1_bundle(tiny_sd1):
 def sd_family(bundle, weighted, max_token_length=150):
     from sd_scripts.families.sd.sd import SDFamily
 
-    args = SimpleNamespace(weighted_captions=weighted, clip_skip=None, max_token_length=max_token_length)
-    return SDFamily(bundle, args)
+    from sd_scripts.options import parse_args
+
+    argv = (["--weighted_captions"] if weighted else []) + (["--max_token_length", str(max_token_length)]
+                                                            if max_token_length else [])
+    return SDFamily(bundle, parse_args("network", argv))
 
 
 def token_weights(tokenizer, weighted_text, plain_text, length):
