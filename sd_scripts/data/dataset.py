@@ -404,12 +404,14 @@ class TrainDataset(Dataset):
                         "img_count": len(self._subset_images.get(i, [])), "num_repeats": s.num_repeats,
                         "is_reg": s.is_reg, "class_tokens": s.class_tokens, "flip_aug": s.flip_aug,
                         "color_aug": s.color_aug, "random_crop": s.random_crop,
-                        "shuffle_caption": s.caption.shuffle, "keep_tokens": s.caption.keep_tokens}
+                        "shuffle_caption": s.caption.shuffle, "keep_tokens": s.caption.keep_tokens,
+                        "resize_interpolation": s.resize_interpolation, "alpha_mask": s.alpha_mask}
                        for i, (sd, s) in enumerate(self.subsets) if sd == d]
             out.append({"batch_size_per_device": ds.batch_size, "resolution": list(ds.resolution),
                         "enable_bucket": ds.enable_bucket, "min_bucket_reso": ds.min_bucket_reso,
                         "max_bucket_reso": ds.max_bucket_reso, "bucket_reso_steps": ds.bucket_reso_steps,
                         "bucket_no_upscale": ds.bucket_no_upscale,
                         "bucket_info": {f"{w}x{h}": n for (w, h), n in sorted(counts.items())},
+                        "resize_interpolation": ds.resize_interpolation,
                         "subsets": subsets})
         return out
