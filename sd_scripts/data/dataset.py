@@ -28,8 +28,8 @@ from .captions import process_caption
 from .config_types import DatasetConfig, SubsetConfig
 from .face_crop import face_crop_placement, face_from_name
 from .images import load_image
-from .masks import load_mask
 from .latent_cache import CacheKey, CachedLatents, load_cached, mask_source, save_cached
+from .masks import load_mask
 from .subset_images import SubsetImage, subset_images
 
 logger = logging.getLogger(__name__)
