@@ -90,6 +90,15 @@ def test_face_crop_keeps_the_face_centred_at_the_asked_size(tmp_path):
         assert 64 / 4 - 1 <= size <= 64 / 2 + 1  # face between 1/4 and 1/2 of the crop side
         sizes.append(size)
     assert max(sizes) - min(sizes) >= 3  # the scale is drawn per epoch
+    # the dataset TOML key (a pair of numbers) means the same
+    toml = tmp_path / "ds.toml"
+    toml.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{folder}'\n"
+                    f"face_crop_aug_range = [3.0, 3.0]\n")
+    (subset,) = load_datasets(args_for("--dataset_config", str(toml)), 64)[0].subsets
+    assert subset.face_crop_aug_range == (3.0, 3.0)
+    cx, cy, size = red_box(pixels(TrainDataset(load_datasets(args_for("--dataset_config", str(toml)), 64),
+                                               seed=0)[0]))
+    assert abs(size - 64 / 3) <= 1.5 and abs(cx - 31.5) <= 1.5
     # without face crop, the same image is fitted whole: the face is small and off centre
     plain = TrainDataset(load_datasets(args_for("--train_data_dir", str(tmp_path / "train"), "--resolution", "64"),
                                        64), seed=0)

@@ -99,7 +99,15 @@ class _InfoCache:
                 "class_tokens": self.subset.class_tokens}
 
     def info(self, path: str, read_caption_text) -> tuple[str, tuple[int, int]]:
-        """(caption, (w, h)) of an image: from the cache when it still matches, else read (and remembered)."""
+        """(caption, (w, h)) of an image: from the cache when it still matches, else read (and remembered).
+        `read_caption_text()` gives the caption; a str instead is the caption already known (metadata JSON)."""
+        if isinstance(read_caption_text, str):
+            known = read_caption_text
+            read_caption_text = lambda: known  # noqa: E731
+            caption, size = self.info(path, read_caption_text)
+            if self.enabled:
+                self.written[os.path.dirname(path)][path]["caption"] = known
+            return known, size
         if not self.enabled:
             return read_caption_text(), read_image_size(path)
         folder, name = os.path.split(path)
@@ -166,8 +174,7 @@ def subset_images(subset: SubsetConfig) -> list[SubsetImage]:
     """Every image of the subset, sorted by path, with caption and size. Errors name the file."""
     cache = _InfoCache(subset)
     if subset.metadata_file:
-        images = [SubsetImage(path, caption, cache.info(path, lambda c=caption: c)[1])
-                  for path, caption in sorted(_metadata_entries(subset))]
+        images = [SubsetImage(path, *cache.info(path, caption)) for path, caption in sorted(_metadata_entries(subset))]
     else:
         paths = list_images(subset.image_dir)
         if not paths:
