@@ -45,8 +45,9 @@ class RunSetup:
                               "checkpoint or a diffusers folder")
         if not a.output_dir:
             raise OptionError("option 'output_dir' is required: the folder where the trained model is written")
-        if not (a.train_data_dir or a.dataset_config):
-            raise OptionError("give 'train_data_dir' (parent of '<repeats>_<class>' folders) or 'dataset_config'")
+        if not (a.train_data_dir or a.dataset_config or getattr(a, "in_json", None)):
+            raise OptionError("give 'train_data_dir' (parent of '<repeats>_<class>' folders), 'in_json' (a metadata "
+                              "JSON of captions) or 'dataset_config'")
         from .saving import check_output_dir_writable
 
         check_output_dir_writable(a.output_dir)
@@ -174,6 +175,21 @@ class RunSetup:
         self.summary = self.dataset.summary()
         if self.summary.num_train_images == 0:
             raise UserError(f"no training images found in {a.train_data_dir or a.dataset_config}")
+
+    def debug_dataset(self) -> str:
+        """debug_dataset: one epoch of batches listed (printed, and written under <output_dir>/debug_dataset) with
+        the bucket step of the model's family read from its header; no weights are loaded, nothing is trained."""
+        from ..data.debug import list_batches
+        from ..families import default_family, family_spec, probe_model
+
+        family = probe_model(self.args.pretrained_model_name_or_path).family or default_family()
+        self.spec = family_spec(family)
+        self.load_dataset()
+        out_dir = os.path.join(self.args.output_dir, "debug_dataset")
+        list_batches(self.dataset, out_dir if self.is_main else None, echo=print if self.is_main else (lambda _: None))
+        self.outputs = [os.path.join(out_dir, "debug_dataset.jsonl")] if self.is_main else []
+        self.finish("completed")
+        return "completed"
 
     def cache_latents(self) -> None:
         a = self.args
