@@ -1,0 +1,550 @@
+"""What the LoRA command-line tools share: their declared options, reading a kohya LoRA file into up/down/alpha per
+module, mapping LoRA module names to a loaded model's layers through the model family's naming, low-rank SVD, and
+the metadata sd-scripts' tools write.
+
+The tools (`python -m sd_scripts.networks.<tool>`): merge_lora, svd_merge_lora, extract_lora_from_models,
+resize_lora, check_lora_weights. Each declares its options as a list of `ToolOption`s (the argparse parser, and
+later a GUI form, come from that list) and serves every model family: the family is read from the files through
+the registry (sd_scripts.families), never named here.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from ..errors import NetworkError, UserError
+
+log = logging.getLogger(__name__)
+
+LORA_MODULE = "networks.lora"
+MIN_SINGULAR_VALUE = 1e-6  # below this the update is treated as zero (kept as a rank-1 module of zeros)
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+# ------------------------------------------------------------------ declared options
+@dataclass(frozen=True)
+class ToolOption:
+    """One command-line option of a tool. `type` bool is a flag (off by default); `nargs` '*' a list; `positional`
+    an argument without '--'; `path` 'file' | 'out_file' | 'file_or_dir' tells a form what to offer."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+    nargs: str | None = None
+    required: bool = False
+    positional: bool = False
+    short: str | None = None
+    path: str | None = None
+    aliases: tuple[str, ...] = ()  # other names sd-scripts' family variants use for the same option
+
+    @property
+    def flags(self) -> list[str]:
+        if self.positional:
+            return [self.name]
+        return ([self.short] if self.short else []) + ["--" + self.name] + ["--" + a for a in self.aliases]
+
+
+class _ToolParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, as argparse does, without the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str, description: str, options: Sequence[ToolOption]) -> argparse.ArgumentParser:
+    """An argparse parser from a tool's declared options."""
+    parser = _ToolParser(prog=prog, description=description)
+    for opt in options:
+        kwargs: dict[str, Any] = {"help": opt.help}
+        if opt.type is bool:
+            kwargs.update(action="store_true", default=bool(opt.default))
+        else:
+            kwargs.update(type=opt.type, default=opt.default)
+            if opt.choices:
+                kwargs["choices"] = opt.choices
+            if opt.nargs:
+                kwargs["nargs"] = opt.nargs
+        if not opt.positional:
+            kwargs["dest"] = opt.name
+            if opt.required:
+                kwargs["required"] = True
+        parser.add_argument(*opt.flags, **kwargs)
+    return parser
+
+
+def run_tool(name: str, parse: Callable[[Sequence[str] | None], argparse.Namespace],
+             work: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None) -> int:
+    """Parse, run, and turn a user error into one line on stderr and exit status 1 (no traceback)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = parse(argv)
+    try:
+        work(args)
+    except UserError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+PRECISIONS: dict[str, torch.dtype] = {
+    "float": torch.float32, "float32": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
+    "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn,
+    "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+}
+PRECISION_CHOICES = ("float", "fp16", "bf16")  # what sd-scripts' SD tools take; the others are for FLUX files
+
+
+def dtype_of(name: str | None, option: str) -> torch.dtype | None:
+    """'fp16' -> torch.float16; None stays None. NetworkError naming the option for an unknown name."""
+    if name is None:
+        return None
+    try:
+        return PRECISIONS[str(name).lower()]
+    except KeyError:
+        raise NetworkError(f"option '--{option}': {name!r} is not a precision; use one of "
+                           f"{', '.join(PRECISIONS)}") from None
+
+
+def torch_device(name: str | None, option: str) -> torch.device:
+    """The device of a --device style option (None: the CPU); NetworkError when it is unknown or unavailable."""
+    if not name:
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        raise NetworkError(f"option '--{option}': device {name!r} is not usable here ({str(e).splitlines()[0]}); "
+                           f"use cpu, or cuda on a machine with a GPU") from None
+    return device
+
+
+# ------------------------------------------------------------------ LoRA files
+@dataclass
+class LoRAModuleWeights:
+    """One module of a kohya LoRA file. Update = up @ down * alpha / rank (conv: down [r, in, kh, kw], up
+    [out, r, 1, 1]); alpha 0 or missing means alpha = rank."""
+
+    name: str
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def is_conv(self) -> bool:
+        return self.down.dim() == 4
+
+    @property
+    def is_conv_kxk(self) -> bool:
+        return self.is_conv and tuple(self.down.shape[2:]) != (1, 1)
+
+    def product(self, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+        """up @ down (no alpha/rank scale), shaped like the adapted weight ([out, in] or [out, in, kh, kw])."""
+        down = self.down.to(device=device, dtype=dtype)
+        up = self.up.to(device=device, dtype=dtype)
+        if not self.is_conv:
+            return up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
+        return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
+
+    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
+        """The weight update up @ down * alpha / rank (multiplier 1)."""
+        return self.product(dtype, device) * self.scale
+
+
+@dataclass
+class LoRAFile:
+    """A kohya-format LoRA file: its modules by name, header metadata, and the tensors that are neither."""
+
+    path: str
+    modules: dict[str, LoRAModuleWeights]
+    metadata: dict[str, str]
+    other: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def read_lora(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LoRAFile:
+    """The modules of a kohya LoRA file (.safetensors or torch), tensors cast to `dtype` when given. NetworkError
+    naming the file when it has no LoRA modules or a module lacks its up or down weight."""
+    from .weights_file import load_weights_file
+
+    path = os.fspath(path)
+    tensors, metadata = load_weights_file(path)
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    other: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        name, _, suffix = key.partition(".")
+        if suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+            parts.setdefault(name, {})[suffix] = value
+        else:
+            other[key] = value
+    modules: dict[str, LoRAModuleWeights] = {}
+    for name, found in parts.items():
+        down, up = found.get("lora_down.weight"), found.get("lora_up.weight")
+        if down is None or up is None:
+            if down is None and up is None:  # a lone alpha
+                other[f"{name}.alpha"] = found["alpha"]
+                continue
+            missing = "lora_down.weight" if down is None else "lora_up.weight"
+            raise NetworkError(f"{path}: module {name} has no {missing}: the file is damaged or incomplete")
+        if down.dim() != up.dim() or up.shape[1] != down.shape[0]:
+            raise NetworkError(f"{path}: module {name} has lora_down {list(down.shape)} and lora_up "
+                               f"{list(up.shape)}, which do not fit together: the file is damaged")
+        alpha_t = found.get("alpha")
+        alpha = float(alpha_t.float()) if alpha_t is not None else 0.0
+        if dtype is not None:
+            down, up = down.to(dtype), up.to(dtype)
+        modules[name] = LoRAModuleWeights(name, down, up, alpha if alpha > 0 else float(down.shape[0]))
+    if not modules:
+        raise NetworkError(f"{path}: no '<name>.lora_down.weight' / '.lora_up.weight' pairs: not a kohya-format "
+                           f"LoRA file")
+    return LoRAFile(path, modules, metadata, other)
+
+
+def module_tensors(modules: Mapping[str, LoRAModuleWeights]) -> dict[str, torch.Tensor]:
+    """The file tensors of modules: '<name>.lora_down.weight', '.lora_up.weight', '.alpha'."""
+    out: dict[str, torch.Tensor] = {}
+    for name, m in modules.items():
+        out[f"{name}.lora_down.weight"] = m.down.detach().contiguous()
+        out[f"{name}.lora_up.weight"] = m.up.detach().contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha))
+    return out
+
+
+def write_lora(path: str, modules: Mapping[str, LoRAModuleWeights], metadata: Mapping[str, str],
+               dtype: torch.dtype | None) -> None:
+    """Write a LoRA file atomically, float tensors cast to `dtype` (alpha too, as sd-scripts does), with the given
+    metadata plus sshs_model_hash / sshs_legacy_hash of the bytes written (safetensors)."""
+    from .weights_file import save_weights_file
+
+    tensors = module_tensors(modules)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    check_output_path(path)
+    save_weights_file(tensors, path, dict(metadata))
+
+
+def check_output_path(path: str | None, option: str = "save_to") -> str:
+    """A file path to write: given, with a known extension. NetworkError naming the option otherwise."""
+    if not path:
+        raise NetworkError(f"option '--{option}' is required: the file to write (.safetensors, .ckpt, .pt)")
+    if not str(path).lower().endswith((".safetensors", ".ckpt", ".pt", ".pth")):
+        raise NetworkError(f"option '--{option}': {path!r} must end in .safetensors, .ckpt, .pt or .pth")
+    return str(path)
+
+
+# ------------------------------------------------------------------ SVD to a rank
+@dataclass
+class LowRank:
+    """A weight update factored as up @ down (scale not included), with how much of it the kept rank holds."""
+
+    up: torch.Tensor
+    down: torch.Tensor
+    rank: int
+    sum_retained: float  # sum of the kept singular values / sum of all
+    fro_retained: float  # Frobenius norm of the kept part / of the whole
+    max_ratio: float  # largest kept singular value / smallest kept
+
+
+def choose_rank(singular: torch.Tensor, max_rank: int, method: str | None = None,
+                param: float | None = None) -> int:
+    """How many singular values (descending) to keep: `max_rank`, or with a dynamic method the fewest that reach
+    `param` (at most `max_rank`):
+    - sv_ratio: every value at least the largest / param;
+    - sv_fro: the kept part's Frobenius norm at least param x the whole's;
+    - sv_cumulative: the kept values' sum at least param x the sum of all.
+    A zero update keeps 1."""
+    s = singular.float()
+    limit = max(1, min(int(max_rank), s.numel()))
+    if s.numel() == 0 or float(s[0]) <= MIN_SINGULAR_VALUE:
+        return 1
+    if method is None:
+        return limit
+    if param is None:
+        raise NetworkError(f"dynamic_method {method} needs --dynamic_param")
+    if method == "sv_ratio":
+        wanted = int((s >= s[0] / float(param)).sum())
+    elif method in ("sv_fro", "sv_cumulative"):
+        values = s.pow(2) if method == "sv_fro" else s
+        target = float(param) ** 2 if method == "sv_fro" else float(param)
+        share = torch.cumsum(values, 0) / values.sum()
+        # the fewest values whose share reaches the target (a hair of float slack so 1.0 means everything)
+        wanted = int((share < target - 1e-6).sum()) + 1
+    else:
+        raise NetworkError(f"unknown dynamic_method {method!r}: use one of {', '.join(DYNAMIC_METHODS)}")
+    return max(1, min(wanted, limit))
+
+
+def low_rank(matrix: torch.Tensor, max_rank: int, *, method: str | None = None, param: float | None = None,
+             clamp_quantile: float | None = None, device: torch.device | None = None) -> LowRank:
+    """Factor a weight update ([out, in] or [out, in, kh, kw]) into up [out, r] (conv [out, r, 1, 1]) and down
+    [r, in] (conv [r, in, kh, kw]) by SVD, at a fixed rank or one chosen by `method` (see choose_rank).
+    `clamp_quantile` < 1 clips the factors' entries at that quantile of their magnitudes (as sd-scripts'
+    extraction does to tame outliers; it costs fidelity)."""
+    shape = tuple(matrix.shape)
+    flat = matrix.to(device=device, dtype=torch.float32).reshape(shape[0], -1)
+    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    rank = choose_rank(s, max_rank, method, param)
+    up = u[:, :rank] * s[:rank]
+    down = vh[:rank]
+    if clamp_quantile is not None and clamp_quantile < 1:
+        values = torch.cat([up.flatten(), down.flatten()])
+        if values.numel() > 16_000_000:  # torch.quantile's limit: a strided sample tells the same quantile
+            values = values[:: math.ceil(values.numel() / 16_000_000)]
+        high = torch.quantile(values.abs(), float(clamp_quantile))
+        up, down = up.clamp(-high, high), down.clamp(-high, high)
+    total = float(s.sum())
+    fro_total = float(s.pow(2).sum().sqrt())
+    kept = s[:rank]
+    info = LowRank(up, down, rank,
+                   sum_retained=float(kept.sum()) / total if total > 0 else 1.0,
+                   fro_retained=float(kept.pow(2).sum().sqrt()) / fro_total if fro_total > 0 else 1.0,
+                   max_ratio=float(kept[0] / kept[-1]) if float(kept[-1]) > 0 else float("inf"))
+    if len(shape) == 4:
+        info.up = up.reshape(shape[0], rank, 1, 1)
+        info.down = down.reshape(rank, *shape[1:])
+    info.up, info.down = info.up.cpu().contiguous(), info.down.cpu().contiguous()
+    return info
+
+
+# ------------------------------------------------------------------ LoRA names <-> model layers
+@dataclass
+class ModelLayer:
+    """The layer(s) of a loaded model that one LoRA file module adapts: one Linear/Conv2d, or the parts a file
+    fuses into one module (their output rows stacked in part order); `swap_halves` when the file stores the two
+    output halves the other way round."""
+
+    name: str
+    modules: list[torch.nn.Module]
+    swap_halves: bool = False
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        first = tuple(self.modules[0].weight.shape)
+        return (sum(int(m.weight.shape[0]) for m in self.modules),) + first[1:]
+
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight as the file's module sees it (parts stacked, halves as the file orders them)."""
+        w = torch.cat([m.weight.detach().to(dtype) for m in self.modules], dim=0)
+        return _swap(w) if self.swap_halves else w
+
+    @torch.no_grad()
+    def add(self, delta: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        """weight += delta (in the file's layout); computed in `dtype` (default the weight's), stored back in the
+        weight's dtype."""
+        if self.swap_halves:
+            delta = _swap(delta)
+        rows = [int(m.weight.shape[0]) for m in self.modules]
+        for module, part in zip(self.modules, torch.split(delta, rows, dim=0)):
+            w = module.weight
+            work = dtype or w.dtype
+            w.copy_((w.to(work) + part.to(device=w.device, dtype=work)).to(w.dtype))
+
+
+def _swap(t: torch.Tensor) -> torch.Tensor:
+    half = t.shape[0] // 2
+    return torch.cat([t[half:], t[:half]], dim=0)
+
+
+def model_layers(bundle, *, include_conv: bool = True) -> dict[str, ModelLayer]:
+    """Every layer of a loaded model (ModelBundle) a kohya LoRA file of its family can adapt, by file module name,
+    from the family's own LoRA naming (prefixes, name maps, target blocks). `include_conv`: also the ResNet /
+    sampler layers (LoCon); the family's own target blocks, when it has them, decide instead."""
+    from .lora import family_naming
+    from .targets import text_encoder_targets, unet_targets
+
+    naming = family_naming(bundle.family, bundle.denoiser)
+    targets = []
+    for encoder, prefix in zip(bundle.text_encoders, naming["te_prefixes"]):
+        if encoder is not None:
+            targets += text_encoder_targets(encoder, prefix, naming.get("te_block_classes"))
+    targets += unet_targets(bundle.denoiser, naming["unet_prefix"], include_conv=include_conv,
+                            name_map=naming.get("unet_name_map"), block_classes=naming.get("unet_block_classes"))
+    grouped: dict[str, list] = {}
+    for t in targets:
+        grouped.setdefault(t.lora_name, []).append(t)
+    layers = {}
+    for name, found in grouped.items():
+        found.sort(key=lambda t: t.part[0] if t.part else 0)
+        layers[name] = ModelLayer(name, [t.module for t in found], any(t.swap_halves for t in found))
+    return layers
+
+
+def text_encoder_prefixes(family: str) -> tuple[str, ...]:
+    """The LoRA name prefixes of a family's text encoders (e.g. 'lora_te', 'lora_te1')."""
+    from ..families import family_spec
+
+    return tuple(family_spec(family).lora_te_prefixes)
+
+
+def match_layers(lora: LoRAFile, layers: Mapping[str, ModelLayer], model_path: str,
+                 *, allow_missing: bool = True) -> dict[str, ModelLayer]:
+    """The model layer of each LoRA module. NetworkError naming the first module whose update does not fit its layer
+    (a LoRA for another base model), or when no module has a layer; modules without a layer are warned about."""
+    matched, missing = {}, []
+    for name, module in lora.modules.items():
+        layer = layers.get(name)
+        if layer is None:
+            missing.append(name)
+            continue
+        want, have = tuple(layer.shape), (module.up.shape[0], *module.down.shape[1:])
+        if tuple(have) != want:
+            raise NetworkError(f"{lora.path}: module {name} changes a {list(have)} weight but {model_path} has "
+                               f"{list(want)} there: the LoRA was made for another base model; use a LoRA of this "
+                               f"model's family and size")
+        matched[name] = layer
+    if not matched:
+        raise NetworkError(f"{lora.path}: none of its {len(lora.modules)} modules (e.g. {next(iter(lora.modules))}) "
+                           f"is a layer of {model_path}: the LoRA was made for another model family")
+    if missing:
+        if not allow_missing:
+            raise NetworkError(f"{lora.path}: {len(missing)} modules (e.g. {missing[0]}) have no layer in "
+                               f"{model_path}")
+        log.warning("%s: %d of its modules have no layer in %s and are skipped (e.g. %s)", lora.path, len(missing),
+                    model_path, missing[0])
+    return matched
+
+
+def check_family_flags(family: str, flags: Mapping[str, bool], source: str) -> None:
+    """sd-scripts' model-kind flags (--v2, --sdxl, --v_parameterization ...) must agree with the family detected
+    from the file: a flag set means a family whose spec names it (a family-specific option it accepts, or a
+    kohya_ss checkbox that means it). NetworkError naming the flag and the model otherwise."""
+    from ..families import all_families, family_spec
+
+    spec = family_spec(family)
+    for flag, on in flags.items():
+        if not on:
+            continue
+        meant = [s for s in all_families().values() if s.accepts_option(flag) or flag in s.kohya_ss_flags]
+        if meant and spec not in meant:
+            raise NetworkError(f"--{flag} is for {' / '.join(s.label for s in meant)} models, but {source} is a "
+                               f"{spec.label} model: remove --{flag} (the model kind is read from the file)")
+
+
+def load_base_model(path: str, option: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None,
+                    flags: Mapping[str, bool] | None = None, **options):
+    """A model (single file or diffusers folder) through the registry, with sd-scripts' kind flags checked."""
+    from ..models.loading import load_model
+
+    if not path:
+        raise NetworkError(f"option '--{option}' is required: the model file or folder")
+    if not os.path.exists(path):
+        raise NetworkError(f"option '--{option}': {path} does not exist; check the path")
+    loading = {k: v for k, v in options.items() if v is not None}
+    bundle = load_model(path, dtype=dtype or torch.float32, **loading)
+    check_family_flags(bundle.family, flags or {}, path)
+    if device is not None and device.type != "cpu":
+        for part in (bundle.denoiser, *bundle.text_encoders):
+            if part is not None:
+                part.to(device)
+    return bundle
+
+
+# ------------------------------------------------------------------ metadata
+def dim_text(values) -> str:
+    """ss_network_dim / ss_network_alpha of a set of per-module values: the one value, or 'Dynamic'."""
+    found = sorted({_num(v) for v in values})
+    return str(found[0]) if len(found) == 1 else "Dynamic"
+
+
+def _num(value):
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def title_of(path: str) -> str:
+    """A model's modelspec.title, else its file name without extension (as sd-scripts names merge sources)."""
+    if os.path.isfile(path) and path.lower().endswith(".safetensors"):
+        from ..families import read_safetensors_header
+
+        try:
+            _, meta = read_safetensors_header(path)
+            if meta.get("modelspec.title"):
+                return meta["modelspec.title"]
+        except (OSError, ValueError):
+            pass
+    return os.path.splitext(os.path.basename(os.path.normpath(path)))[0]
+
+
+def lora_family(metadata: Mapping[str, str]) -> tuple[str, bool] | None:
+    """(family, v_prediction) of a LoRA file from its ss_base_model_version or modelspec.architecture; None when
+    neither names a registered family."""
+    from ..families import all_families
+
+    version = metadata.get("ss_base_model_version")
+    arch = str(metadata.get("modelspec.architecture", "")).split("/", 1)[0]
+    for spec in all_families().values():
+        for v in ((False, True) if spec.supports_v_prediction else (False,)):
+            if version and version == spec.base_model_version_for(v):
+                return spec.name, v
+    for spec in all_families().values():
+        for v in ((False, True) if spec.supports_v_prediction else (False,)):
+            if arch and arch == spec.architecture_for(v):
+                return spec.name, v
+    return None
+
+
+def network_metadata(*, v2: str | None, base_model: str | None, dim: str, alpha: str,
+                     network_args: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The ss_* keys every LoRA file of the tools carries (also with --no_metadata)."""
+    import json
+
+    meta = {"ss_network_module": LORA_MODULE, "ss_network_dim": str(dim), "ss_network_alpha": str(alpha)}
+    if v2 is not None:
+        meta["ss_v2"] = str(v2)
+    if base_model is not None:
+        meta["ss_base_model_version"] = str(base_model)
+    if network_args:
+        meta["ss_network_args"] = json.dumps({k: str(v) for k, v in network_args.items()})
+    return meta
+
+
+def family_facts(family: str, v_prediction: bool) -> dict[str, str]:
+    """ss_v2 and ss_base_model_version of a family."""
+    from ..families import family_spec
+    from ..training.metadata import base_model_version
+
+    return {"ss_v2": str(family_spec(family).ss_v2), "ss_base_model_version": base_model_version(family, v_prediction)}
+
+
+def modelspec(family: str | None, v_prediction: bool, *, title: str, merged_from: str | None = None,
+              adapter: str = "lora") -> dict[str, str]:
+    """modelspec.* keys of a tool's output (adapter '' for a full checkpoint); only title, date and merged_from
+    when the family is unknown."""
+    now = time.time()
+    if family is None:
+        from ..training.metadata import SAI_MODEL_SPEC_VERSION, _iso_date
+
+        meta = {"modelspec.sai_model_spec": SAI_MODEL_SPEC_VERSION, "modelspec.title": title,
+                "modelspec.date": _iso_date(now)}
+    else:
+        from ..families import family_spec
+        from ..training.metadata import modelspec_metadata
+
+        size = family_spec(family).default_resolution_for(v_prediction)
+        meta = modelspec_metadata(argparse.Namespace(metadata_title=title), family=family, v_prediction=v_prediction,
+                                  resolution=(size, size), timestamp=now, adapter=adapter)
+        if not adapter:  # full checkpoints: the implementation sd-scripts writes for them
+            from ..training.full_methods import IMPLEMENTATION_STABILITY_AI
+
+            meta["modelspec.implementation"] = IMPLEMENTATION_STABILITY_AI
+    if merged_from:
+        meta["modelspec.merged_from"] = merged_from
+    return meta
+
+
+def output_title(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
