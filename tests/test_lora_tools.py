@@ -190,3 +190,213 @@ def test_merge_lora_command_line(sd1_loras, tmp_path):
     assert result.returncode == 0, result.stderr
     assert metadata_of(out)["ss_network_module"] == "networks.lora"
     assert next(iter(load_file(str(out)).values())).dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------ resize_lora
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).norm() / want.norm())
+
+
+def test_resize_to_a_fixed_rank_keeps_the_reported_fidelity(sd1_loras, tmp_path, capsys):
+    from sd_scripts.networks import resize_lora
+
+    out = tmp_path / "r2.safetensors"
+    modules, infos = resize_lora.resize(resize_lora.parse_args(
+        ["--model", sd1_loras[2], "--save_to", str(out), "--new_rank", "3", "--verbose", "--save_precision", "bf16"]))
+    lines = capsys.readouterr().out
+    original, resized = read_lora(sd1_loras[2]), read_lora(out)
+    assert set(resized.modules) == set(original.modules)
+    for name, m in resized.modules.items():
+        want, info = original.modules[name].delta(), infos[name]
+        assert m.rank == min(3, *want.shape[:2]) and m.down.dtype == torch.bfloat16
+        assert abs(m.scale - original.modules[name].scale) < 1e-6  # alpha follows the rank: same scale
+        # what it reports it kept is what it kept (the rest is the error), up to bf16 rounding
+        kept = float(m.delta().norm() / want.norm())
+        assert abs(kept - info.fro_retained) < 2e-2
+        assert abs(_relative_error(m.delta(), want) - (1 - info.fro_retained ** 2) ** 0.5) < 2e-2
+        assert name in lines and f"fro retained: {info.fro_retained:.1%}" in lines
+    assert "Average Frobenius norm retention" in lines
+    meta = metadata_of(out)
+    assert meta["ss_network_dim"] == "3" and meta["ss_network_alpha"] == "0.375"  # alpha 1 of rank 8 -> 3/8
+    assert meta["ss_training_comment"].startswith("dimension is resized from 8 to 3")
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["sshs_model_hash"] != metadata_of(sd1_loras[2]).get(
+        "sshs_model_hash")
+
+
+@pytest.fixture(scope="module")
+def decaying_lora(sd1_loras, tmp_path_factory):
+    """The rank-8 LoRA with its rank components damped faster in some modules than in others, so their updates'
+    spectra (and the ranks a dynamic method keeps) differ."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(sd1_loras[2])
+    ups = sorted(k for k in tensors if k.endswith("lora_up.weight"))
+    for i, key in enumerate(ups):
+        rate = 0.1 + 0.6 * (i % 4)
+        tensors[key] = tensors[key] * torch.exp(-rate * torch.arange(tensors[key].shape[1])).view(1, -1, *(
+            [1] * (tensors[key].dim() - 2)))
+    path = tmp_path_factory.mktemp("decay") / "decay.safetensors"
+    save_file(tensors, str(path), metadata=metadata_of(sd1_loras[2]))
+    return str(path)
+
+
+@pytest.mark.parametrize("method,param", [("sv_fro", 0.9), ("sv_cumulative", 0.7), ("sv_ratio", 3.0)])
+def test_resize_dynamic_methods_keep_the_stated_share_with_the_fewest_ranks(decaying_lora, tmp_path, method, param):
+    from sd_scripts.networks import resize_lora
+
+    out = tmp_path / f"{method}.safetensors"
+    modules, infos = resize_lora.resize(resize_lora.parse_args(
+        ["--model", decaying_lora, "--save_to", str(out), "--new_rank", "6", "--new_conv_rank", "2",
+         "--dynamic_method", method, "--dynamic_param", str(param)]))
+    original = read_lora(decaying_lora)
+
+    def fewest(values: torch.Tensor) -> int:  # the smallest rank meeting the threshold, computed independently
+        if method == "sv_ratio":
+            return int((values >= values[0] / param).sum())
+        share = [float(((values[:r] ** 2).sum() / (values ** 2).sum()).sqrt()) if method == "sv_fro"
+                 else float(values[:r].sum() / values.sum()) for r in range(1, len(values) + 1)]
+        return next(r for r, x in enumerate(share, 1) if x >= param - 1e-6)
+
+    ranks = set()
+    for name, m in modules.items():
+        s = torch.linalg.svdvals(original.modules[name].product().flatten(1))
+        cap = 2 if m.is_conv_kxk else 6
+        assert m.rank == max(1, min(cap, fewest(s)))
+        ranks.add(m.rank)
+        if method == "sv_fro":  # the share it reports is the share kept
+            kept = float(((s[:m.rank] ** 2).sum() / (s ** 2).sum()).sqrt())
+            assert abs(kept - infos[name].fro_retained) < 1e-5
+            assert kept >= param - 1e-6 or m.rank == cap
+    assert len(ranks) > 1, "ranks differ per module"
+    assert metadata_of(out)["ss_network_dim"] == "Dynamic"
+    with pytest.raises(NetworkError, match="needs --dynamic_param"):
+        resize_lora.resize(resize_lora.parse_args(["--model", decaying_lora, "--save_to", str(out),
+                                                   "--dynamic_method", method]))
+
+
+# ------------------------------------------------------------------ svd_merge_lora
+def test_svd_merge_to_new_ranks(sd1_loras, tmp_path):
+    from sd_scripts.networks import svd_merge_lora
+
+    a, b = deltas(sd1_loras[0]), deltas(sd1_loras[1])
+    exact = tmp_path / "exact.safetensors"
+    modules, infos = svd_merge_lora.merge(svd_merge_lora.parse_args(
+        ["--models", sd1_loras[0], sd1_loras[1], "--ratios", "0.6", "-1.5", "--new_rank", "8", "--new_conv_rank", "3",
+         "--clamp_quantile", "1", "--save_to", str(exact)]))
+    got = deltas(exact)
+    for name, delta in got.items():
+        want = 0.6 * a.get(name, 0) + -1.5 * b.get(name, 0)
+        m = modules[name]
+        if m.is_conv_kxk:  # only LoRA a has conv modules (rank 2 < 3): still exact
+            assert m.rank == min(3, *want.shape[:2])
+        else:
+            assert m.rank == min(8, *want.shape[:2])
+        torch.testing.assert_close(delta, want, atol=1e-4, rtol=1e-3)  # rank 4 + 4 <= 8: nothing lost
+    meta = metadata_of(exact)
+    assert meta["ss_network_dim"] == "8" and '"conv_dim": "3"' in meta["ss_network_args"]
+    assert meta["modelspec.merged_from"] == "a, b"
+
+    low = tmp_path / "low.safetensors"
+    modules, infos = svd_merge_lora.merge(svd_merge_lora.parse_args(
+        ["--models", sd1_loras[0], sd1_loras[1], "--new_rank", "2", "--save_to", str(low), "--no_metadata"]))
+    got = deltas(low)
+    name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2"
+    assert modules[name].rank == 2 and infos[name].fro_retained < 0.99
+    err = _relative_error(got[name], a[name] + b[name])
+    assert err >= (1 - infos[name].fro_retained ** 2) ** 0.5 - 1e-4  # at least the SVD error (plus clamping)
+    assert "modelspec.title" not in metadata_of(low)
+
+
+# ------------------------------------------------------------------ extract_lora_from_models
+@pytest.fixture(scope="module")
+def tuned_sd1(tiny_sd1, sd1, tmp_path_factory):
+    """A 'fine-tune' of the tiny SD1 model: its base plus a known rank-2 LoCon update (U-Net and text encoder)."""
+    folder = tmp_path_factory.mktemp("tuned")
+    lora = make_lora(sd1, folder / "known.safetensors", dim=2, alpha=2, conv_dim=2, seed=7, scale=0.5)
+    tuned = folder / "tuned.safetensors"
+    assert merge_lora.main(["--sd_model", tiny_sd1.single_file, "--models", lora, "--save_to", str(tuned)]) == 0
+    return str(tuned), lora
+
+
+def test_extract_reproduces_the_difference(tiny_sd1, tuned_sd1, tmp_path, capsys):
+    from sd_scripts.networks import extract_lora_from_models as extract
+
+    tuned, known = tuned_sd1
+    out = tmp_path / "extracted.safetensors"
+    modules, infos = extract.extract(extract.parse_args(
+        ["--model_org", tiny_sd1.single_file, "--model_tuned", tuned, "--save_to", str(out), "--dim", "4",
+         "--conv_dim", "3", "--clamp_quantile", "1", "--min_diff", "0.001"]))
+    want, got = deltas(known), deltas(out)
+    assert set(got) == set(want)  # the same modules, text encoder included
+    for name in want:  # rank 2 <= 4: reproduced up to float rounding
+        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=1e-3)
+        assert infos[name].fro_retained > 0.9999
+    assert {m.rank for n, m in modules.items() if not m.is_conv_kxk} == {4}
+    assert {m.rank for m in modules.values() if m.is_conv_kxk} == {3}
+    meta = metadata_of(out)
+    assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4.0"
+    assert '"conv_dim": "3"' in meta["ss_network_args"] and meta["ss_base_model_version"] == "sd_v1"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+
+    # rank 1, clipped, half precision, a high min_diff: the text encoders are left out and the stated error holds
+    out1 = tmp_path / "r1.safetensors"
+    modules, infos = extract.extract(extract.parse_args(
+        ["--model_org", tiny_sd1.single_file, "--model_tuned", tuned, "--save_to", str(out1), "--dim", "1",
+         "--min_diff", "100", "--save_precision", "fp16", "--load_precision", "bf16", "--verbose"]))
+    printed = capsys.readouterr().out
+    got = read_lora(out1)
+    assert got.modules and all(n.startswith("lora_unet_") for n in got.modules)
+    assert not any(m.is_conv_kxk for m in got.modules.values())  # no --conv_dim: no ResNet 3x3 layers
+    assert next(iter(got.modules.values())).down.dtype == torch.float16
+    for name, m in got.modules.items():
+        assert m.rank == 1
+        # bf16 loading, fp16 saving and 0.99 clipping add to the SVD error the report states
+        assert _relative_error(m.delta(), want[name]) <= (1 - infos[name].fro_retained ** 2) ** 0.5 + 0.05
+        assert name in printed
+    assert "Average Frobenius norm retention" in printed
+
+
+def test_extract_refuses_models_of_different_sizes_and_wrong_flags(tiny_sd1, tmp_path):
+    from sd_scripts.networks import extract_lora_from_models as extract
+    from sd_scripts.tools.tiny_model import build_tiny_model
+
+    other = build_tiny_model(str(tmp_path / "sd2"), family="sd2", layout="single", seed=0).single_file
+    with pytest.raises(NetworkError, match="different"):
+        extract.extract(extract.parse_args(["--model_org", tiny_sd1.single_file, "--model_tuned", other,
+                                            "--save_to", str(tmp_path / "x.safetensors")]))
+    with pytest.raises(NetworkError, match="--sdxl is for"):
+        extract.extract(extract.parse_args(["--model_org", tiny_sd1.single_file, "--model_tuned",
+                                            tiny_sd1.single_file, "--sdxl", "--save_to",
+                                            str(tmp_path / "x.safetensors")]))
+    with pytest.raises(NetworkError, match="device 'nonsense'"):
+        extract.extract(extract.parse_args(["--model_org", tiny_sd1.single_file, "--model_tuned",
+                                            tiny_sd1.single_file, "--device", "nonsense", "--save_to",
+                                            str(tmp_path / "x.safetensors")]))
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+# ------------------------------------------------------------------ check_lora_weights
+def test_check_lora_weights_prints_per_key_statistics(sd1_loras, tmp_path, capsys):
+    from sd_scripts.networks import check_lora_weights
+
+    assert check_lora_weights.main([sd1_loras[1]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    tensors = load_file(sd1_loras[1])
+    lora_keys = [k for k in tensors if "lora_" in k and not k.endswith("alpha")]
+    assert lines[0] == f"number of LoRA modules: {len(lora_keys)}"
+    rows = {line.split(",")[0]: line.split(",") for line in lines[1:-1]}
+    assert set(rows) == set(lora_keys)
+    key = lora_keys[0]
+    assert rows[key][1] == str(tuple(tensors[key].shape)).replace(", ", "-")
+    assert abs(float(rows[key][2]) - tensors[key].abs().mean().item()) < 1e-6
+    assert abs(float(rows[key][3]) - tensors[key].abs().min().item()) < 1e-6
+    assert lines[-1].startswith("tensors with NaN/Inf: 0")
+
+    tensors[key][0] = float("nan")
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(tmp_path / "bad.safetensors"))
+    assert check_lora_weights.main(["-s", str(tmp_path / "bad.safetensors")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == f"number of all modules: {len(tensors)}" and any(".alpha," in ln for ln in lines)
+    assert lines[-1].startswith("tensors with NaN/Inf: 1")

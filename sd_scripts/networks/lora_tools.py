@@ -225,14 +225,18 @@ def module_tensors(modules: Mapping[str, LoRAModuleWeights]) -> dict[str, torch.
 
 
 def write_lora(path: str, modules: Mapping[str, LoRAModuleWeights], metadata: Mapping[str, str],
-               dtype: torch.dtype | None) -> None:
-    """Write a LoRA file atomically, float tensors cast to `dtype` (alpha too, as sd-scripts does), with the given
-    metadata plus sshs_model_hash / sshs_legacy_hash of the bytes written (safetensors)."""
+               dtype: torch.dtype | None, extra: Mapping[str, torch.Tensor] | None = None) -> None:
+    """Write a LoRA file atomically, float tensors but alpha cast to `dtype`, with the given
+    metadata plus sshs_model_hash / sshs_legacy_hash of the bytes written (safetensors). `extra`: other tensors
+    of the input kept as they are (cast too)."""
     from .weights_file import save_weights_file
 
-    tensors = module_tensors(modules)
+    tensors = dict(extra or {})
+    tensors.update(module_tensors(modules))
     if dtype is not None:
-        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+        # alpha stays float32: it sets the update's scale, which a half-precision alpha would shift
+        tensors = {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v
+                   for k, v in tensors.items()}
     check_output_path(path)
     save_weights_file(tensors, path, dict(metadata))
 
@@ -266,13 +270,13 @@ def choose_rank(singular: torch.Tensor, max_rank: int, method: str | None = None
     - sv_ratio: every value at least the largest / param;
     - sv_fro: the kept part's Frobenius norm at least param x the whole's;
     - sv_cumulative: the kept values' sum at least param x the sum of all.
-    A zero update keeps 1."""
+    A zero update keeps 1 with a dynamic method (`low_rank(..., zero_rank_one=True)` also at a fixed rank)."""
     s = singular.float()
     limit = max(1, min(int(max_rank), s.numel()))
-    if s.numel() == 0 or float(s[0]) <= MIN_SINGULAR_VALUE:
-        return 1
     if method is None:
         return limit
+    if s.numel() == 0 or float(s[0]) <= MIN_SINGULAR_VALUE:
+        return 1
     if param is None:
         raise NetworkError(f"dynamic_method {method} needs --dynamic_param")
     if method == "sv_ratio":
@@ -289,15 +293,19 @@ def choose_rank(singular: torch.Tensor, max_rank: int, method: str | None = None
 
 
 def low_rank(matrix: torch.Tensor, max_rank: int, *, method: str | None = None, param: float | None = None,
-             clamp_quantile: float | None = None, device: torch.device | None = None) -> LowRank:
+             clamp_quantile: float | None = None, device: torch.device | None = None,
+             zero_rank_one: bool = False) -> LowRank:
     """Factor a weight update ([out, in] or [out, in, kh, kw]) into up [out, r] (conv [out, r, 1, 1]) and down
     [r, in] (conv [r, in, kh, kw]) by SVD, at a fixed rank or one chosen by `method` (see choose_rank).
     `clamp_quantile` < 1 clips the factors' entries at that quantile of their magnitudes (as sd-scripts'
-    extraction does to tame outliers; it costs fidelity)."""
+    extraction does to tame outliers; it costs fidelity). `zero_rank_one`: a zero update becomes rank 1 (as
+    sd-scripts' resize does)."""
     shape = tuple(matrix.shape)
     flat = matrix.to(device=device, dtype=torch.float32).reshape(shape[0], -1)
     u, s, vh = torch.linalg.svd(flat, full_matrices=False)
     rank = choose_rank(s, max_rank, method, param)
+    if zero_rank_one and (s.numel() == 0 or float(s[0]) <= MIN_SINGULAR_VALUE):
+        rank = 1
     up = u[:, :rank] * s[:rank]
     down = vh[:rank]
     if clamp_quantile is not None and clamp_quantile < 1:
@@ -548,3 +556,19 @@ def modelspec(family: str | None, v_prediction: bool, *, title: str, merged_from
 
 def output_title(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
+
+
+# ------------------------------------------------------------------ fidelity reports
+def fidelity_line(name: str, info: LowRank, *, alpha: float | None = None) -> str:
+    """One module's line of a --verbose report (sd-scripts' resize_lora layout), with rank and alpha when given."""
+    line = (f"{name:75} | sum(S) retained: {info.sum_retained:.1%}, fro retained: {info.fro_retained:.1%}, "
+            f"max(S) ratio: {info.max_ratio:0.1f}")
+    return line + (f", dim: {info.rank}, alpha: {alpha:g}" if alpha is not None else "")
+
+
+def fidelity_summary(infos: Sequence[LowRank]) -> str:
+    """The share of the updates' Frobenius norm kept, over all modules: mean, standard deviation and minimum."""
+    values = torch.tensor([i.fro_retained for i in infos if not math.isnan(i.fro_retained)] or [1.0])
+    std = float(values.std(unbiased=False)) if values.numel() > 1 else 0.0
+    return (f"Average Frobenius norm retention: {float(values.mean()):.2%} | std: {std:0.3f} | "
+            f"min: {float(values.min()):.2%} over {len(infos)} modules")
