@@ -302,7 +302,7 @@ def low_rank(matrix: torch.Tensor, max_rank: int, *, method: str | None = None, 
     sd-scripts' resize does)."""
     shape = tuple(matrix.shape)
     flat = matrix.to(device=device, dtype=torch.float32).reshape(shape[0], -1)
-    u, s, vh = torch.linalg.svd(flat, full_matrices=False)
+    u, s, vh = _svd(flat)
     rank = choose_rank(s, max_rank, method, param)
     if zero_rank_one and (s.numel() == 0 or float(s[0]) <= MIN_SINGULAR_VALUE):
         rank = 1
@@ -326,6 +326,22 @@ def low_rank(matrix: torch.Tensor, max_rank: int, *, method: str | None = None, 
         info.down = down.reshape(rank, *shape[1:])
     info.up, info.down = info.up.cpu().contiguous(), info.down.cpu().contiguous()
     return info
+
+
+SMALL_SVD = 1 << 20  # elements: below this a CPU SVD runs on one thread
+
+
+def _svd(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.linalg.svd (thin). Small CPU matrices run on one thread: LAPACK's threading gains nothing there and,
+    on a busy machine, made each tiny SVD a hundred times slower."""
+    if flat.device.type != "cpu" or flat.numel() >= SMALL_SVD:
+        return torch.linalg.svd(flat, full_matrices=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.linalg.svd(flat, full_matrices=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------ LoRA names <-> model layers
