@@ -30,7 +30,8 @@ import torch
 from ..errors import NetworkError
 from .lora_tools import (PRECISION_CHOICES, PRECISIONS, LoRAModuleWeights, ToolOption, build_parser, check_output_path,
                          dim_text, dtype_of, load_base_model, lora_family, match_layers, model_layers, modelspec,
-                         network_metadata, output_title, read_lora, run_tool, title_of, torch_device, write_lora)
+                         network_metadata, output_title, read_lora, run_tool, text_encoder_prefixes, title_of,
+                         torch_device, write_lora)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,8 @@ OPTIONS: tuple[ToolOption, ...] = (
     ToolOption("no_metadata", bool, False, "write no modelspec metadata (a LoRA keeps the minimal ss_* keys)"),
     ToolOption("v2", bool, False, "the model is SD 2.x (checked against the file; the kind is read from it)"),
     ToolOption("clip_l", str, None, "CLIP-L text encoder file, for models whose single file holds only the denoiser",
+               path="file"),
+    ToolOption("clip_g", str, None, "CLIP-G text encoder file, for models whose single file holds only the denoiser",
                path="file"),
     ToolOption("t5xxl", str, None, "T5-XXL text encoder file, for models whose single file holds only the denoiser",
                path="file"),
@@ -79,15 +82,23 @@ def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
     worker = torch_device(args.working_device, "working_device")
     save_to = check_output_path(args.save_to)
     bundle = load_base_model(args.sd_model, "sd_model", dtype=merge_dtype, device=holder, flags={"v2": args.v2},
-                             clip_l=args.clip_l, t5xxl=args.t5xxl, ae=args.ae)
+                             clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, ae=args.ae)
     layers = model_layers(bundle)
+    te_prefixes = tuple(p + "_" for p in text_encoder_prefixes(bundle.family))
+    text_encoder_merged = False
     with torch.no_grad():
         for path, ratio in zip(args.models, ratios):
             lora = read_lora(path, merge_dtype)
             matched = match_layers(lora, layers, args.sd_model)
             for name, layer in matched.items():
                 layer.add(lora.modules[name].delta(merge_dtype, worker) * ratio, dtype=merge_dtype)
+            text_encoder_merged |= any(n.startswith(te_prefixes) for n in matched)
             log.info("merged %s (ratio %s): %d modules", path, ratio, len(matched))
+    part_files = [f"--{o}" for o in ("clip_l", "clip_g", "t5xxl") if getattr(args, o)]
+    if text_encoder_merged and part_files:
+        log.warning("the LoRAs change the text encoders read from %s, but this tool saves only the checkpoint "
+                    "--save_to: those changes are not saved (separate text-encoder outputs are not supported yet)",
+                    " / ".join(part_files))
 
     metadata = None
     if not args.no_metadata:
