@@ -1,5 +1,5 @@
 """The LoRA tools (sd_scripts.networks.merge_lora, svd_merge_lora, extract_lora_from_models, resize_lora,
-check_lora_weights) on the tiny models: their outputs are checked by diffusers' loaders and by the numbers they state."""
+check_lora_weights) on the tiny models: outputs checked by diffusers' loaders and by the numbers the tools state."""
 from __future__ import annotations
 
 import subprocess

@@ -25,9 +25,9 @@ import torch
 
 from ..errors import NetworkError
 from .lora_tools import (PRECISION_CHOICES, LoRAModuleWeights, LowRank, ToolOption, build_parser, check_output_path,
-                         dtype_of, family_facts, fidelity_line, fidelity_summary, load_base_model, low_rank, modelspec,
-                         model_layers, network_metadata, output_title, run_tool, text_encoder_prefixes, torch_device,
-                         write_lora)
+                         dtype_of, family_facts, family_flag_options, family_flags, fidelity_line, fidelity_summary,
+                         load_base_model, low_rank, model_layers, modelspec, network_metadata, output_title,
+                         run_tool, text_encoder_prefixes, torch_device, write_lora)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ OPTIONS: tuple[ToolOption, ...] = (
     ToolOption("no_metadata", bool, False, "write no modelspec metadata (the minimal ss_* keys are kept)"),
     ToolOption("verbose", bool, False, "print the share of each module's difference kept"),
     ToolOption("v2", bool, False, "the models are SD 2.x (checked against the files)"),
-    ToolOption("sdxl", bool, False, "the models are SDXL (checked against the files)"),
+    *family_flag_options(),
     ToolOption("v_parameterization", bool, False, "write v-prediction metadata (default: what the base model says)"),
     ToolOption("clip_l", str, None, "CLIP-L file, for models whose single file holds only the denoiser",
                path="file"),
@@ -73,7 +73,7 @@ def _load(args: argparse.Namespace, option: str, device_option: str):
     dtype = dtype_of(args.load_precision, "load_precision") or torch.float32
     return load_base_model(getattr(args, option), option, dtype=dtype,
                            device=torch_device(getattr(args, device_option), device_option),
-                           flags={"v2": args.v2, "sdxl": args.sdxl, "v_parameterization": args.v_parameterization},
+                           flags=family_flags(args, "v2", "v_parameterization"),
                            clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, ae=args.ae)
 
 
@@ -118,8 +118,6 @@ def extract(args: argparse.Namespace) -> tuple[dict[str, LoRAModuleWeights], dic
         raise NetworkError("--dim and --conv_dim must be 1 or more")
     if not 0 < args.clamp_quantile <= 1:
         raise NetworkError("--clamp_quantile must be in (0, 1]")
-    if args.v2 and args.sdxl:
-        raise NetworkError("--v2 and --sdxl cannot be given together; the model kind is read from the files")
     save_dtype = dtype_of(args.save_precision, "save_precision") or torch.float32
     device = torch_device(args.device, "device")
     org = _load(args, "model_org", "load_original_model_to")

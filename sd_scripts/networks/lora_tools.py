@@ -442,17 +442,35 @@ def match_layers(lora: LoRAFile, layers: Mapping[str, ModelLayer], model_path: s
     return matched
 
 
+def family_flag_options() -> tuple[ToolOption, ...]:
+    """One flag per registered family, named after it (sd-scripts' tools take the SDXL one): it says the models are
+    of that family, which is checked against the files (the family is always read from them)."""
+    from ..families import all_families
+
+    return tuple(ToolOption(name, bool, False, f"the models are {spec.label} models (checked against the files)")
+                 for name, spec in all_families().items())
+
+
+def family_flags(args: argparse.Namespace, *others: str) -> dict[str, bool]:
+    """The kind flags of parsed tool options: the family flags and the named others (e.g. v2)."""
+    from ..families import family_names
+
+    return {name: bool(getattr(args, name, False)) for name in (*family_names(), *others)}
+
+
 def check_family_flags(family: str, flags: Mapping[str, bool], source: str) -> None:
-    """sd-scripts' model-kind flags (--v2, --sdxl, --v_parameterization ...) must agree with the family detected
-    from the file: a flag set means a family whose spec names it (a family-specific option it accepts, or a
-    kohya_ss checkbox that means it). NetworkError naming the flag and the model otherwise."""
+    """sd-scripts' model-kind flags (--v2, --v_parameterization, a family's own flag such as SDXL's) must agree
+    with the family detected from the file: a flag set means the family it names, or the families whose spec names
+    it (a family-specific option they accept, a kohya_ss checkbox that means them). NetworkError naming the flag
+    and the model otherwise."""
     from ..families import all_families, family_spec
 
     spec = family_spec(family)
     for flag, on in flags.items():
         if not on:
             continue
-        meant = [s for s in all_families().values() if s.accepts_option(flag) or flag in s.kohya_ss_flags]
+        meant = [s for s in all_families().values()
+                 if s.name == flag or s.accepts_option(flag) or flag in s.kohya_ss_flags]
         if meant and spec not in meant:
             raise NetworkError(f"--{flag} is for {' / '.join(s.label for s in meant)} models, but {source} is a "
                                f"{spec.label} model: remove --{flag} (the model kind is read from the file)")
