@@ -411,3 +411,47 @@ def test_check_lora_weights_prints_per_key_statistics(sd1_loras, tmp_path, capsy
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == f"number of all modules: {len(tensors)}" and any(".alpha," in ln for ln in lines)
     assert lines[-1].startswith("tensors with NaN/Inf: 1")
+
+
+# ------------------------------------------------------------------ block weights (--lbws)
+def test_lbw_slots_of_both_unet_namings():
+    from sd_scripts.networks.lora_tools import LBW_PRESETS, LBW_SLOTS, lbw_slot
+
+    assert len(LBW_SLOTS) == 26 and all(len(v) == k for k, v in LBW_PRESETS.items())
+    expect = {"lora_te_text_model_encoder_layers_0_mlp_fc1": "BASE",
+              "lora_te2_text_model_encoder_layers_0_mlp_fc1": "BASE",
+              "lora_unet_down_blocks_0_attentions_0_proj_in": "IN01",
+              "lora_unet_down_blocks_1_attentions_1_proj_in": "IN05",
+              "lora_unet_down_blocks_1_downsamplers_0_conv": "IN06",
+              "lora_unet_mid_block_attentions_0_proj_in": "MID",
+              "lora_unet_up_blocks_0_upsamplers_0_conv": "OUT02",
+              "lora_unet_up_blocks_3_attentions_2_proj_out": "OUT11",
+              "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k": "IN04",
+              "lora_unet_middle_block_1_proj_in": "MID",
+              "lora_unet_output_blocks_0_1_proj_out": "OUT00",
+              "lora_unet_double_blocks_0_img_attn_qkv": None}
+    assert {name: lbw_slot(name) for name in expect} == expect
+
+
+def test_merge_and_svd_merge_apply_block_weights(sd1_loras, tmp_path):
+    from sd_scripts.networks import svd_merge_lora
+    from sd_scripts.networks.lora_tools import LBW_SLOTS, lbw_slot
+
+    weights = [round(0.1 * i - 0.5, 2) for i in range(26)]
+    lbw = "[" + ",".join(map(str, weights)) + "]"
+    out, svd_out = tmp_path / "lbw.safetensors", tmp_path / "lbw_svd.safetensors"
+    assert merge_lora.main(["--models", sd1_loras[1], "--ratios", "0.5", "--lbws", lbw, "--save_to", str(out)]) == 0
+    svd_merge_lora.merge(svd_merge_lora.parse_args(["--models", sd1_loras[1], "--ratios", "0.5", "--lbws", lbw,
+                                                    "--new_rank", "4", "--clamp_quantile", "1", "--save_to",
+                                                    str(svd_out)]))
+    want = deltas(sd1_loras[1])
+    slots = set()
+    for got in (deltas(out), deltas(svd_out)):
+        for name, delta in want.items():
+            slot = lbw_slot(name)
+            slots.add(slot)
+            factor = 0.5 * weights[LBW_SLOTS.index(slot)]
+            torch.testing.assert_close(got[name], factor * delta, atol=1e-5, rtol=1e-4)
+    assert {"BASE", "MID"} <= slots and len(slots) >= 5
+    with pytest.raises(NetworkError, match="12, 17, 20, 26"):
+        merge_lora.merge(merge_lora.parse_args(["--models", sd1_loras[1], "--lbws", "[1,1]", "--save_to", str(out)]))

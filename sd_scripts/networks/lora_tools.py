@@ -13,6 +13,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -606,3 +607,81 @@ def fidelity_summary(infos: Sequence[LowRank]) -> str:
     std = float(values.std(unbiased=False)) if values.numel() > 1 else 0.0
     return (f"Average Frobenius norm retention: {float(values.mean()):.2%} | std: {std:0.3f} | "
             f"min: {float(values.min()):.2%} over {len(infos)} modules")
+
+
+# ------------------------------------------------------------------ block weights (--lbws)
+# The 26 block slots of the U-Net "LoRA block weight" convention (A1111's LoRA Block Weight extension, which
+# sd-scripts' --lbws follows): BASE (the text encoders), IN00-IN11 (the LDM input_blocks), MID, OUT00-OUT11.
+LBW_SLOTS = ("BASE", *(f"IN{i:02d}" for i in range(12)), "MID", *(f"OUT{i:02d}" for i in range(12)))
+# the slots a block-weight list of each length sets, in order (the others keep weight 1)
+LBW_PRESETS = {
+    12: ("BASE", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i in range(6))),
+    17: ("BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", *(f"OUT{i:02d}" for i in range(3, 12))),
+    20: ("BASE", *(f"IN{i:02d}" for i in range(9)), "MID", *(f"OUT{i:02d}" for i in range(9))),
+    26: LBW_SLOTS,
+}
+_DIFFUSERS_BLOCK = re.compile(r"_(down|up)_blocks_(\d+)_(resnets|attentions|downsamplers|upsamplers)_(\d+)_")
+_LDM_BLOCK = re.compile(r"^lora_unet_(input_blocks|output_blocks)_(\d+)_")
+
+
+def lbw_slot(lora_name: str) -> str | None:
+    """The block slot of a U-Net LoRA module name, in either U-Net naming (diffusers paths as SD 1.x/2.x files use,
+    or LDM input/middle/output blocks as SDXL files use); 'BASE' for text-encoder modules; None when the name is in
+    no block (e.g. a DiT's)."""
+    if "text_model_encoder_" in lora_name or lora_name.startswith("lora_te"):
+        return "BASE"
+    found = _DIFFUSERS_BLOCK.search(lora_name)
+    if found:
+        kind, block, part, layer = found.group(1), int(found.group(2)), found.group(3), int(found.group(4))
+        if kind == "down":  # input_blocks: 0 is conv_in; each level has two layers and a downsampler
+            index = 3 * (block + 1) if part == "downsamplers" else 3 * block + layer + 1
+            return f"IN{index:02d}"
+        index = 3 * block + 2 if part == "upsamplers" else 3 * block + layer
+        return f"OUT{index:02d}"
+    if "_mid_block_" in lora_name or lora_name.startswith("lora_unet_middle_block_"):
+        return "MID"
+    found = _LDM_BLOCK.search(lora_name)
+    if found:
+        return f"{'IN' if found.group(1) == 'input_blocks' else 'OUT'}{int(found.group(2)):02d}"
+    return None
+
+
+def parse_lbws(texts: Sequence[str] | None, count: int) -> list[dict[str, float]] | None:
+    """--lbws: one JSON list per LoRA ("[1,0.5,...]") of 12, 17, 20 or 26 weights (all the same length) -> per LoRA
+    {slot: weight}. NetworkError naming the bad entry."""
+    import json
+
+    if not texts:
+        return None
+    if len(texts) != count:
+        raise NetworkError(f"--lbws has {len(texts)} entries for {count} --models: give one block-weight list per "
+                           f"LoRA")
+    out = []
+    for i, text in enumerate(texts, 1):
+        try:
+            values = json.loads(text)
+        except ValueError:
+            values = None
+        if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+            raise NetworkError(f"--lbws entry {i} ({text!r}) is not a JSON list of numbers, e.g. \"[1,1,0.5,...]\"")
+        if len(values) not in LBW_PRESETS:
+            raise NetworkError(f"--lbws entry {i} has {len(values)} weights; use {', '.join(map(str, LBW_PRESETS))}")
+        out.append(dict(zip(LBW_PRESETS[len(values)], map(float, values))))
+    if len({len(w) for w in out}) > 1:
+        raise NetworkError("--lbws lists must all have the same length")
+    return out
+
+
+def lbw_factor(weights: Mapping[str, float] | None, lora_name: str) -> float:
+    """The block weight of a module (1 when no list is given or its slot is not set)."""
+    if not weights:
+        return 1.0
+    slot = lbw_slot(lora_name)
+    return weights.get(slot, 1.0) if slot else 1.0
+
+
+def check_lbws_apply(weights: Sequence[Mapping[str, float]] | None, names: Sequence[str], source: str) -> None:
+    """Block weights need modules in blocks: NetworkError when none of a LoRA's modules has a block slot."""
+    if weights and not any(lbw_slot(n) not in (None, "BASE") for n in names):
+        raise NetworkError(f"{source}: --lbws weights U-Net blocks, but none of its modules is in a U-Net block "
+                           f"(block weights are for U-Net LoRAs); remove --lbws")

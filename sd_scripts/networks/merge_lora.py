@@ -17,6 +17,10 @@ exactly the ratio-weighted sum of theirs). Without it the factors are added modu
 same rank per module), each scaled so that a single file merged at ratio r gives exactly r x its update; the sum of
 several files' factors is an approximation, as in sd-scripts (use --concat or svd_merge_lora for an exact merge).
 Note: sd-scripts scales both factors by the ratio, so its ratio r acts as r x |r|; ours acts as r.
+
+`--lbws` (sdxl_merge_lora's U-Net block weights, both modes): per LoRA a JSON list of 12, 17, 20 or 26 weights for
+the block slots (BASE = text encoders, IN00-IN11, MID, OUT00-OUT11; lora_tools.LBW_PRESETS says which slots a length
+sets) that multiply the ratio of the modules in those blocks.
 """
 from __future__ import annotations
 
@@ -28,10 +32,10 @@ from typing import Sequence
 import torch
 
 from ..errors import NetworkError
-from .lora_tools import (PRECISION_CHOICES, PRECISIONS, LoRAModuleWeights, ToolOption, build_parser, check_output_path,
-                         dim_text, dtype_of, load_base_model, lora_family, match_layers, model_layers, modelspec,
-                         network_metadata, output_title, read_lora, run_tool, text_encoder_prefixes, title_of,
-                         torch_device, write_lora)
+from .lora_tools import (PRECISION_CHOICES, PRECISIONS, LoRAModuleWeights, ToolOption, build_parser,
+                         check_lbws_apply, check_output_path, dim_text, dtype_of, lbw_factor, load_base_model,
+                         lora_family, match_layers, model_layers, modelspec, network_metadata, output_title,
+                         parse_lbws, read_lora, run_tool, text_encoder_prefixes, title_of, torch_device, write_lora)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +65,8 @@ OPTIONS: tuple[ToolOption, ...] = (
     ToolOption("working_device", str, "cpu", "device to compute the LoRA updates on"),
     ToolOption("mem_eff_load_save", bool, False, "accepted for sd-scripts command lines: our loader always "
                "memory-maps and our writer streams tensor by tensor"),
-    ToolOption("lbws", str, None, "block weights per LoRA (not supported yet: refused)", nargs="*"),
+    ToolOption("lbws", str, None, "U-Net block weights per LoRA: JSON lists of 12, 17, 20 or 26 numbers (BASE, "
+               "IN.., MID, OUT.. slots), multiplying each module's ratio", nargs="*"),
     ToolOption("clip_l_save_to", str, None, "where to save the merged CLIP-L (not supported yet: refused)",
                path="out_file"),
     ToolOption("t5xxl_save_to", str, None, "where to save the merged T5-XXL (not supported yet: refused)",
@@ -75,7 +80,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 # ------------------------------------------------------------------ into a model
-def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
+def merge_into_model(args: argparse.Namespace, ratios: list[float], lbws: list | None) -> None:
     merge_dtype = dtype_of(args.precision, "precision")
     save_dtype = dtype_of(args.save_precision, "save_precision") or merge_dtype
     holder = torch_device(args.loading_device, "loading_device")
@@ -87,11 +92,14 @@ def merge_into_model(args: argparse.Namespace, ratios: list[float]) -> None:
     te_prefixes = tuple(p + "_" for p in text_encoder_prefixes(bundle.family))
     text_encoder_merged = False
     with torch.no_grad():
-        for path, ratio in zip(args.models, ratios):
+        for i, (path, ratio) in enumerate(zip(args.models, ratios)):
             lora = read_lora(path, merge_dtype)
             matched = match_layers(lora, layers, args.sd_model)
+            weights = lbws[i] if lbws else None
+            check_lbws_apply(lbws, list(lora.modules), path)
             for name, layer in matched.items():
-                layer.add(lora.modules[name].delta(merge_dtype, worker) * ratio, dtype=merge_dtype)
+                factor = ratio * lbw_factor(weights, name)
+                layer.add(lora.modules[name].delta(merge_dtype, worker) * factor, dtype=merge_dtype)
             text_encoder_merged |= any(n.startswith(te_prefixes) for n in matched)
             log.info("merged %s (ratio %s): %d modules", path, ratio, len(matched))
     part_files = [f"--{o}" for o in ("clip_l", "clip_g", "t5xxl") if getattr(args, o)]
@@ -125,16 +133,19 @@ def _split(k: float) -> tuple[float, float]:
 
 
 def merge_loras(paths: Sequence[str], ratios: Sequence[float], *, dtype: torch.dtype, concat: bool,
-                shuffle: bool) -> tuple[dict[str, LoRAModuleWeights], dict[str, str]]:
-    """The merged modules and the first file's metadata (for its family facts)."""
+                shuffle: bool, lbws: list | None = None) -> tuple[dict[str, LoRAModuleWeights], dict[str, str]]:
+    """The merged modules and the first file's metadata (for its family facts). `lbws`: per file, block weights
+    that multiply its ratio per module (parse_lbws)."""
     files = [read_lora(p, dtype) for p in paths]
     families = {lora_family(f.metadata) for f in files} - {None}
     if len(families) > 1:
         raise NetworkError(f"the LoRAs were made for different models ({', '.join(sorted(str(f[0]) for f in families))}"
                            f" by their metadata): merge LoRAs of one model family")
     merged: dict[str, LoRAModuleWeights] = {}
-    for lora, ratio in zip(files, ratios):
+    for i, (lora, file_ratio) in enumerate(zip(files, ratios)):
+        check_lbws_apply(lbws, list(lora.modules), lora.path)
         for name, m in lora.modules.items():
+            ratio = file_ratio * lbw_factor(lbws[i] if lbws else None, name)
             first = merged.get(name)
             if concat:
                 down_k, up_k = _split(ratio * m.scale)
@@ -169,12 +180,12 @@ def _check_fits(name: str, merged: LoRAModuleWeights, m: LoRAModuleWeights, path
                            f"--concat (ranks are stacked) or use svd_merge_lora (a new rank)")
 
 
-def merge_into_lora(args: argparse.Namespace, ratios: list[float]) -> None:
+def merge_into_lora(args: argparse.Namespace, ratios: list[float], lbws: list | None) -> None:
     merge_dtype = dtype_of(args.precision, "precision")
     save_dtype = dtype_of(args.save_precision, "save_precision") or merge_dtype
     save_to = check_output_path(args.save_to)
     modules, first_meta = merge_loras(args.models, ratios, dtype=merge_dtype, concat=args.concat,
-                                      shuffle=args.shuffle)
+                                      shuffle=args.shuffle, lbws=lbws)
     metadata = network_metadata(v2=first_meta.get("ss_v2"), base_model=first_meta.get("ss_base_model_version"),
                                 dim=dim_text(m.rank for m in modules.values()),
                                 alpha=dim_text(m.alpha for m in modules.values()))
@@ -193,7 +204,8 @@ def merge(args: argparse.Namespace) -> None:
     if len(ratios) != len(args.models):
         raise NetworkError(f"--ratios has {len(ratios)} values for {len(args.models)} --models: give one ratio per "
                            f"LoRA")
-    for option in ("lbws", "clip_l_save_to", "t5xxl_save_to", "diffusers"):
+    lbws = parse_lbws(args.lbws, len(args.models))
+    for option in ("clip_l_save_to", "t5xxl_save_to", "diffusers"):
         if getattr(args, option):
             raise NetworkError(f"option '--{option}' is not supported by this merge_lora yet; remove it")
     if args.sd_model:
@@ -201,9 +213,9 @@ def merge(args: argparse.Namespace) -> None:
             if getattr(args, option):
                 raise NetworkError(f"option '--{option}' applies when LoRAs are merged into one LoRA; remove it or "
                                    f"--sd_model")
-        merge_into_model(args, ratios)
+        merge_into_model(args, ratios, lbws)
     else:
-        merge_into_lora(args, ratios)
+        merge_into_lora(args, ratios, lbws)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,7 +7,8 @@ Per module, the updates (up @ down x alpha/rank x ratio) of every file that has 
 factored by SVD at `new_rank` (3x3 conv modules: `new_conv_rank`, default new_rank; at most the layer's size), with
 alpha = rank. Like sd-scripts, the factors' entries are clipped at their 0.99 quantile of magnitude
 (`--clamp_quantile`, our addition; 1 keeps them as they are). The share of each merged update that the new rank
-keeps is reported (summary line; per module with --verbose). Modules of different shapes under one name are an
+keeps is reported (summary line; per module with --verbose). `--lbws`: U-Net block weights per LoRA, as in
+merge_lora. Modules of different shapes under one name are an
 error naming the module (LoRAs of different base models). Metadata: minimal ss_* keys (dim/alpha = new_rank,
 conv_dim/conv_alpha in ss_network_args when conv modules are present), modelspec with merged_from unless
 --no_metadata, sshs_* hashes.
@@ -21,9 +22,10 @@ from typing import Sequence
 import torch
 
 from ..errors import NetworkError
-from .lora_tools import (PRECISION_CHOICES, LoRAModuleWeights, LowRank, ToolOption, build_parser, check_output_path,
-                         dim_text, dtype_of, fidelity_line, fidelity_summary, lora_family, low_rank, modelspec,
-                         network_metadata, output_title, read_lora, run_tool, title_of, torch_device, write_lora)
+from .lora_tools import (PRECISION_CHOICES, LoRAModuleWeights, LowRank, ToolOption, build_parser, check_lbws_apply,
+                         check_output_path, dim_text, dtype_of, fidelity_line, fidelity_summary, lbw_factor,
+                         lora_family, low_rank, modelspec, network_metadata, output_title, parse_lbws, read_lora,
+                         run_tool, title_of, torch_device, write_lora)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ OPTIONS: tuple[ToolOption, ...] = (
                "magnitudes (sd-scripts: always 0.99); 1 keeps them"),
     ToolOption("no_metadata", bool, False, "write no modelspec metadata (the minimal ss_* keys are kept)"),
     ToolOption("verbose", bool, False, "print the share of each module's merged update kept"),
-    ToolOption("lbws", str, None, "block weights per LoRA (not supported yet: refused)", nargs="*"),
+    ToolOption("lbws", str, None, "U-Net block weights per LoRA: JSON lists of 12, 17, 20 or 26 numbers (BASE, "
+               "IN.., MID, OUT.. slots), multiplying each module's ratio", nargs="*"),
 )
 
 
@@ -52,18 +55,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return build_parser("svd_merge_lora", __doc__.splitlines()[0], OPTIONS).parse_args(argv)
 
 
-def summed_updates(paths: Sequence[str], ratios: Sequence[float], *, dtype: torch.dtype,
-                   device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Per module, the ratio-weighted sum of the files' updates; and the first file's metadata."""
+def summed_updates(paths: Sequence[str], ratios: Sequence[float], *, dtype: torch.dtype, device: torch.device,
+                   lbws: list | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Per module, the ratio-weighted (and block-weighted) sum of the files' updates; and the first file's
+    metadata."""
     sums: dict[str, torch.Tensor] = {}
     first_meta: dict[str, str] | None = None
     families = set()
-    for path, ratio in zip(paths, ratios):
+    for i, (path, ratio) in enumerate(zip(paths, ratios)):
         lora = read_lora(path, dtype)
+        check_lbws_apply(lbws, list(lora.modules), path)
         first_meta = lora.metadata if first_meta is None else first_meta
         families.add(lora_family(lora.metadata))
         for name, m in lora.modules.items():
-            delta = m.delta(dtype, device) * ratio
+            delta = m.delta(dtype, device) * (ratio * lbw_factor(lbws[i] if lbws else None, name))
             if name not in sums:
                 sums[name] = delta
             elif sums[name].shape != delta.shape:
@@ -85,8 +90,7 @@ def merge(args: argparse.Namespace) -> tuple[dict[str, LoRAModuleWeights], dict[
     if len(ratios) != len(args.models):
         raise NetworkError(f"--ratios has {len(ratios)} values for {len(args.models)} --models: give one ratio per "
                            f"LoRA")
-    if args.lbws:
-        raise NetworkError("option '--lbws' is not supported by this svd_merge_lora yet; remove it")
+    lbws = parse_lbws(args.lbws, len(args.models))
     if args.new_rank < 1 or (args.new_conv_rank is not None and args.new_conv_rank < 1):
         raise NetworkError("--new_rank and --new_conv_rank must be 1 or more")
     if not 0 < args.clamp_quantile <= 1:
@@ -98,7 +102,7 @@ def merge(args: argparse.Namespace) -> tuple[dict[str, LoRAModuleWeights], dict[
     conv_rank = args.new_conv_rank if args.new_conv_rank is not None else args.new_rank
     log.info("new rank: %d, new conv rank: %d", args.new_rank, conv_rank)
 
-    sums, first_meta = summed_updates(args.models, ratios, dtype=merge_dtype, device=device)
+    sums, first_meta = summed_updates(args.models, ratios, dtype=merge_dtype, device=device, lbws=lbws)
     modules: dict[str, LoRAModuleWeights] = {}
     infos: dict[str, LowRank] = {}
     with torch.no_grad():
