@@ -455,3 +455,35 @@ def test_merge_and_svd_merge_apply_block_weights(sd1_loras, tmp_path):
     assert {"BASE", "MID"} <= slots and len(slots) >= 5
     with pytest.raises(NetworkError, match="12, 17, 20, 26"):
         merge_lora.merge(merge_lora.parse_args(["--models", sd1_loras[1], "--lbws", "[1,1]", "--save_to", str(out)]))
+
+
+# ------------------------------------------------------------------ sd-scripts command lines
+# every option of sd-scripts' tools (commit 48d368f), by tool; the sdxl_ / flux_ variants' options are served by the
+# one tool of ours
+SD_SCRIPTS_OPTIONS = {
+    "merge_lora": {  # merge_lora.py + sdxl_merge_lora.py + flux_merge_lora.py
+        "v2", "save_precision", "precision", "sd_model", "save_to", "models", "ratios", "no_metadata", "concat",
+        "shuffle", "lbws", "flux_model", "clip_l", "t5xxl", "mem_eff_load_save", "loading_device", "working_device",
+        "clip_l_save_to", "t5xxl_save_to", "diffusers"},
+    "svd_merge_lora": {"save_precision", "precision", "save_to", "models", "ratios", "lbws", "new_rank",
+                       "new_conv_rank", "device", "no_metadata"},
+    "extract_lora_from_models": {  # + flux_extract_lora.py
+        "v2", "v_parameterization", "sdxl", "load_precision", "save_precision", "model_org", "model_tuned", "save_to",
+        "dim", "conv_dim", "device", "clamp_quantile", "min_diff", "no_metadata", "load_original_model_to",
+        "load_tuned_model_to", "mem_eff_safe_open"},
+    "resize_lora": {"save_precision", "new_rank", "new_conv_rank", "save_to", "model", "device", "verbose",
+                    "dynamic_method", "dynamic_param"},
+    "check_lora_weights": {"file", "show_all_keys"},
+}
+
+
+@pytest.mark.parametrize("tool", sorted(SD_SCRIPTS_OPTIONS))
+def test_every_sd_scripts_option_is_declared(tool):
+    import importlib
+
+    module = importlib.import_module(f"sd_scripts.networks.{tool}")
+    declared = {name for opt in module.OPTIONS for name in (opt.name, *opt.aliases)}
+    assert SD_SCRIPTS_OPTIONS[tool] <= declared, SD_SCRIPTS_OPTIONS[tool] - declared
+    parser_flags = {a for action in module.parse_args.__globals__["build_parser"]("x", "", module.OPTIONS)._actions
+                    for a in action.option_strings}
+    assert {"--" + n for n in declared if n != "file"} <= parser_flags  # the parser comes from the declared list
