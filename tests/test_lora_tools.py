@@ -177,7 +177,9 @@ def test_merge_loras_sum_ratio_shuffle_and_rank_mismatch(sd1_loras, tmp_path):
     assert meta["ss_network_dim"] == "4" and meta["ss_network_alpha"] == "4"
 
     shuffled = tmp_path / "shuffled.safetensors"
-    assert merge_lora.main(["--models", sd1_loras[1], "--save_to", str(shuffled), "--shuffle"]) == 0
+    assert merge_lora.main(["--models", sd1_loras[1], "--save_to", str(shuffled), "--shuffle", "--no_metadata"]) == 0
+    meta = metadata_of(shuffled)
+    assert meta["ss_network_dim"] == "4" and not any(k.startswith("modelspec.") for k in meta)
     plain, mixed = read_lora(sd1_loras[1]), read_lora(shuffled)
     assert any(not torch.equal(plain.modules[n].down, mixed.modules[n].down) for n in plain.modules)
     for n in plain.modules:
@@ -286,7 +288,7 @@ def test_resize_dynamic_methods_keep_the_stated_share_with_the_fewest_ranks(deca
 
 
 # ------------------------------------------------------------------ svd_merge_lora
-def test_svd_merge_to_new_ranks(sd1_loras, tmp_path):
+def test_svd_merge_to_new_ranks(sd1_loras, tmp_path, capsys):
     from sd_scripts.networks import svd_merge_lora
 
     a, b = deltas(sd1_loras[0]), deltas(sd1_loras[1])
@@ -309,13 +311,26 @@ def test_svd_merge_to_new_ranks(sd1_loras, tmp_path):
 
     low = tmp_path / "low.safetensors"
     modules, infos = svd_merge_lora.merge(svd_merge_lora.parse_args(
-        ["--models", sd1_loras[0], sd1_loras[1], "--new_rank", "2", "--save_to", str(low), "--no_metadata"]))
+        ["--models", sd1_loras[0], sd1_loras[1], "--new_rank", "2", "--save_to", str(low), "--no_metadata",
+         "--save_precision", "fp16", "--verbose"]))
+    assert "fro retained" in capsys.readouterr().out
+    assert load_file(str(low))["lora_unet_mid_block_attentions_0_proj_in.lora_up.weight"].dtype == torch.float16
     got = deltas(low)
     name = "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2"
     assert modules[name].rank == 2 and infos[name].fro_retained < 0.99
     err = _relative_error(got[name], a[name] + b[name])
     assert err >= (1 - infos[name].fro_retained ** 2) ** 0.5 - 1e-4  # at least the SVD error (plus clamping)
     assert "modelspec.title" not in metadata_of(low)
+
+    # --precision: the sum is computed in bf16 (and saved so), not in float
+    half = tmp_path / "bf16.safetensors"
+    svd_merge_lora.merge(svd_merge_lora.parse_args(
+        ["--models", sd1_loras[0], sd1_loras[1], "--new_rank", "8", "--clamp_quantile", "1", "--precision", "bf16",
+         "--save_to", str(half)]))
+    rough, exact_sum = deltas(half), deltas(exact)
+    name = "lora_unet_mid_block_attentions_0_proj_in"
+    assert read_lora(half).modules[name].down.dtype == torch.bfloat16
+    assert 0 < _relative_error(rough[name], a[name] + b[name]) < 5e-2
 
 
 # ------------------------------------------------------------------ extract_lora_from_models
@@ -375,6 +390,12 @@ def test_extract_refuses_models_of_different_sizes_and_wrong_flags(tiny_sd1, tmp
     with pytest.raises(NetworkError, match="different"):
         extract.extract(extract.parse_args(["--model_org", tiny_sd1.single_file, "--model_tuned", other,
                                             "--save_to", str(tmp_path / "x.safetensors")]))
+    out = tmp_path / "v.safetensors"
+    extract.extract(extract.parse_args(["--model_org", other, "--model_tuned", other, "--v2", "--v_parameterization",
+                                        "--save_to", str(out), "--no_metadata"]))
+    meta = metadata_of(out)
+    assert meta["ss_base_model_version"] == "sd_v2_v" and meta["ss_v2"] == "True"
+    assert not any(k.startswith("modelspec.") for k in meta)
     with pytest.raises(NetworkError, match="--sdxl is for"):
         extract.extract(extract.parse_args(["--model_org", tiny_sd1.single_file, "--model_tuned",
                                             tiny_sd1.single_file, "--sdxl", "--save_to",
@@ -487,3 +508,29 @@ def test_every_sd_scripts_option_is_declared(tool):
     parser_flags = {a for action in module.parse_args.__globals__["build_parser"]("x", "", module.OPTIONS)._actions
                     for a in action.option_strings}
     assert {"--" + n for n in declared if n != "file"} <= parser_flags  # the parser comes from the declared list
+
+
+@pytest.mark.parametrize("tool,args,named", [
+    ("merge_lora", ["--working_device", "nonsense"], "working_device"),
+    ("merge_lora", ["--loading_device", "nonsense"], "loading_device"),
+    ("merge_lora", ["--clip_l_save_to", "x.safetensors"], "clip_l_save_to"),
+    ("merge_lora", ["--t5xxl_save_to", "x.safetensors"], "t5xxl_save_to"),
+    ("merge_lora", ["--diffusers"], "diffusers"),
+    ("svd_merge_lora", ["--device", "nonsense"], "device"),
+    ("resize_lora", ["--device", "nonsense"], "device"),
+    ("extract_lora_from_models", ["--load_original_model_to", "nonsense"], "load_original_model_to"),
+    ("extract_lora_from_models", ["--load_tuned_model_to", "nonsense"], "load_tuned_model_to"),
+])
+def test_bad_or_unsupported_options_are_one_line_errors_naming_them(tool, args, named, sd1_loras, tiny_sd1, tmp_path, capsys):
+    import importlib
+
+    module = importlib.import_module(f"sd_scripts.networks.{tool}")
+    common = {"merge_lora": ["--sd_model", tiny_sd1.single_file, "--models", sd1_loras[1]],
+              "svd_merge_lora": ["--models", sd1_loras[1]], "resize_lora": ["--model", sd1_loras[1]],
+              "extract_lora_from_models": ["--model_org", tiny_sd1.single_file, "--model_tuned",
+                                           tiny_sd1.single_file]}[tool]
+    out = tmp_path / "out.safetensors"
+    assert module.main([*common, "--save_to", str(out), *args]) == 1
+    err = capsys.readouterr().err
+    assert f"'--{named}'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
