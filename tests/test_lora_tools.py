@@ -534,3 +534,15 @@ def test_bad_or_unsupported_options_are_one_line_errors_naming_them(tool, args, 
     err = capsys.readouterr().err
     assert f"'--{named}'" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_option_lists_are_torch_free():
+    """A GUI form can be built from the tools' declared options without importing torch."""
+    code = ("import sys\n"
+            "from sd_scripts.networks import merge_lora, svd_merge_lora, resize_lora, extract_lora_from_models, "
+            "check_lora_weights\n"
+            "assert all(m.OPTIONS for m in (merge_lora, svd_merge_lora, resize_lora, extract_lora_from_models, "
+            "check_lora_weights))\n"
+            "merge_lora.parse_args(['--models', 'a.safetensors', '--save_to', 'b.safetensors'])\n"
+            "assert 'torch' not in sys.modules")
+    subprocess.run([PYTHON, "-c", code], check=True, cwd=REPO, env=subprocess_env(), timeout=60)

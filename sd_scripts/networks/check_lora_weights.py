@@ -13,8 +13,6 @@ import argparse
 import logging
 from typing import Sequence, TextIO
 
-import torch
-
 from .lora_tools import ToolOption, build_parser, run_tool
 
 log = logging.getLogger(__name__)
@@ -42,6 +40,8 @@ def key_stats(tensor: torch.Tensor) -> tuple[tuple[int, ...], float, float]:
 
 def check(args: argparse.Namespace, out: TextIO | None = None) -> list[tuple[str, tuple, float, float]]:
     """Print the statistics; returns the rows printed."""
+    import torch
+
     import sys
 
     from .weights_file import load_weights_file

@@ -21,8 +21,6 @@ import argparse
 import logging
 from typing import Sequence
 
-import torch
-
 from ..errors import NetworkError
 from .lora_tools import (PRECISION_CHOICES, LoRAModuleWeights, LowRank, ToolOption, build_parser, check_output_path,
                          dtype_of, family_facts, family_flag_options, family_flags, fidelity_line, fidelity_summary,
@@ -70,6 +68,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _load(args: argparse.Namespace, option: str, device_option: str):
+    import torch
+
     dtype = dtype_of(args.load_precision, "load_precision") or torch.float32
     return load_base_model(getattr(args, option), option, dtype=dtype,
                            device=torch_device(getattr(args, device_option), device_option),
@@ -81,6 +81,8 @@ def weight_differences(org, tuned, *, include_conv: bool, min_diff: float, sourc
                        ) -> dict[str, torch.Tensor]:
     """Per LoRA module name, tuned - base (float32, CPU); text-encoder modules only when one differs by more than
     min_diff."""
+    import torch
+
     if org.family != tuned.family:
         raise NetworkError(f"{source}: the models are of different families ({org.family} and {tuned.family}): "
                            f"extract from a fine-tune of the same model")
@@ -109,6 +111,8 @@ def weight_differences(org, tuned, *, include_conv: bool, min_diff: float, sourc
 
 
 def extract(args: argparse.Namespace) -> tuple[dict[str, LoRAModuleWeights], dict[str, LowRank]]:
+    import torch
+
     for option in ("model_org", "model_tuned"):
         if not getattr(args, option):
             raise NetworkError(f"option '--{option}' is required: the {'base' if option == 'model_org' else 'tuned'} "

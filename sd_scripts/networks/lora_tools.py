@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
-import torch
-
 from ..errors import NetworkError, UserError
 
 log = logging.getLogger(__name__)
@@ -95,20 +93,23 @@ def run_tool(name: str, parse: Callable[[Sequence[str] | None], argparse.Namespa
     return 0
 
 
-PRECISIONS: dict[str, torch.dtype] = {
-    "float": torch.float32, "float32": torch.float32, "fp32": torch.float32, "fp16": torch.float16,
-    "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp8": torch.float8_e4m3fn,
-    "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2,
+# precision name -> torch dtype name (names only, so the option lists stay torch-free for a GUI)
+PRECISIONS: dict[str, str] = {
+    "float": "float32", "float32": "float32", "fp32": "float32", "fp16": "float16", "float16": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16", "fp8": "float8_e4m3fn", "fp8_e4m3fn": "float8_e4m3fn",
+    "fp8_e5m2": "float8_e5m2",
 }
 PRECISION_CHOICES = ("float", "fp16", "bf16")  # what sd-scripts' SD tools take; the others are for FLUX files
 
 
 def dtype_of(name: str | None, option: str) -> torch.dtype | None:
     """'fp16' -> torch.float16; None stays None. NetworkError naming the option for an unknown name."""
+    import torch
+
     if name is None:
         return None
     try:
-        return PRECISIONS[str(name).lower()]
+        return getattr(torch, PRECISIONS[str(name).lower()])
     except KeyError:
         raise NetworkError(f"option '--{option}': {name!r} is not a precision; use one of "
                            f"{', '.join(PRECISIONS)}") from None
@@ -116,6 +117,8 @@ def dtype_of(name: str | None, option: str) -> torch.dtype | None:
 
 def torch_device(name: str | None, option: str) -> torch.device:
     """The device of a --device style option (None: the CPU); NetworkError when it is unknown or unavailable."""
+    import torch
+
     if not name:
         return torch.device("cpu")
     try:
@@ -154,16 +157,20 @@ class LoRAModuleWeights:
     def is_conv_kxk(self) -> bool:
         return self.is_conv and tuple(self.down.shape[2:]) != (1, 1)
 
-    def product(self, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
-        """up @ down (no alpha/rank scale), shaped like the adapted weight ([out, in] or [out, in, kh, kw])."""
+    def product(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+        """up @ down (no alpha/rank scale), shaped like the adapted weight ([out, in] or [out, in, kh, kw]), in
+        `dtype` (default float32)."""
+        import torch
+
+        dtype = dtype or torch.float32
         down = self.down.to(device=device, dtype=dtype)
         up = self.up.to(device=device, dtype=dtype)
         if not self.is_conv:
             return up.reshape(up.shape[0], -1) @ down.reshape(down.shape[0], -1)
         return (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
 
-    def delta(self, dtype: torch.dtype = torch.float32, device: torch.device | None = None) -> torch.Tensor:
-        """The weight update up @ down * alpha / rank (multiplier 1)."""
+    def delta(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+        """The weight update up @ down * alpha / rank (multiplier 1), in `dtype` (default float32)."""
         return self.product(dtype, device) * self.scale
 
 
@@ -180,6 +187,8 @@ class LoRAFile:
 def read_lora(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LoRAFile:
     """The modules of a kohya LoRA file (.safetensors or torch), tensors cast to `dtype` when given. NetworkError
     naming the file when it has no LoRA modules or a module lacks its up or down weight."""
+    import torch
+
     from .weights_file import load_weights_file
 
     path = os.fspath(path)
@@ -217,6 +226,8 @@ def read_lora(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LoRA
 
 def module_tensors(modules: Mapping[str, LoRAModuleWeights]) -> dict[str, torch.Tensor]:
     """The file tensors of modules: '<name>.lora_down.weight', '.lora_up.weight', '.alpha'."""
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     for name, m in modules.items():
         out[f"{name}.lora_down.weight"] = m.down.detach().contiguous()
@@ -272,6 +283,8 @@ def choose_rank(singular: torch.Tensor, max_rank: int, method: str | None = None
     - sv_fro: the kept part's Frobenius norm at least param x the whole's;
     - sv_cumulative: the kept values' sum at least param x the sum of all.
     A zero update keeps 1 with a dynamic method (`low_rank(..., zero_rank_one=True)` also at a fixed rank)."""
+    import torch
+
     s = singular.float()
     limit = max(1, min(int(max_rank), s.numel()))
     if method is None:
@@ -301,6 +314,8 @@ def low_rank(matrix: torch.Tensor, max_rank: int, *, method: str | None = None, 
     `clamp_quantile` < 1 clips the factors' entries at that quantile of their magnitudes (as sd-scripts'
     extraction does to tame outliers; it costs fidelity). `zero_rank_one`: a zero update becomes rank 1 (as
     sd-scripts' resize does)."""
+    import torch
+
     shape = tuple(matrix.shape)
     flat = matrix.to(device=device, dtype=torch.float32).reshape(shape[0], -1)
     u, s, vh = _svd(flat)
@@ -335,6 +350,8 @@ SMALL_SVD = 1 << 20  # elements: below this a CPU SVD runs on one thread
 def _svd(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """torch.linalg.svd (thin). Small CPU matrices run on one thread: LAPACK's threading gains nothing there and,
     on a busy machine, made each tiny SVD a hundred times slower."""
+    import torch
+
     if flat.device.type != "cpu" or flat.numel() >= SMALL_SVD:
         return torch.linalg.svd(flat, full_matrices=False)
     threads = torch.get_num_threads()
@@ -353,7 +370,7 @@ class ModelLayer:
     output halves the other way round."""
 
     name: str
-    modules: list[torch.nn.Module]
+    modules: list  # of torch.nn.Module
     swap_halves: bool = False
 
     @property
@@ -361,25 +378,32 @@ class ModelLayer:
         first = tuple(self.modules[0].weight.shape)
         return (sum(int(m.weight.shape[0]) for m in self.modules),) + first[1:]
 
-    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The weight as the file's module sees it (parts stacked, halves as the file orders them)."""
-        w = torch.cat([m.weight.detach().to(dtype) for m in self.modules], dim=0)
+    def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as the file's module sees it (parts stacked, halves as the file orders them), in `dtype`
+        (default float32)."""
+        import torch
+
+        w = torch.cat([m.weight.detach().to(dtype or torch.float32) for m in self.modules], dim=0)
         return _swap(w) if self.swap_halves else w
 
-    @torch.no_grad()
     def add(self, delta: torch.Tensor, dtype: torch.dtype | None = None) -> None:
         """weight += delta (in the file's layout); computed in `dtype` (default the weight's), stored back in the
         weight's dtype."""
+        import torch
+
         if self.swap_halves:
             delta = _swap(delta)
         rows = [int(m.weight.shape[0]) for m in self.modules]
-        for module, part in zip(self.modules, torch.split(delta, rows, dim=0)):
-            w = module.weight
-            work = dtype or w.dtype
-            w.copy_((w.to(work) + part.to(device=w.device, dtype=work)).to(w.dtype))
+        with torch.no_grad():
+            for module, part in zip(self.modules, torch.split(delta, rows, dim=0)):
+                w = module.weight
+                work = dtype or w.dtype
+                w.copy_((w.to(work) + part.to(device=w.device, dtype=work)).to(w.dtype))
 
 
 def _swap(t: torch.Tensor) -> torch.Tensor:
+    import torch
+
     half = t.shape[0] // 2
     return torch.cat([t[half:], t[:half]], dim=0)
 
@@ -480,6 +504,8 @@ def check_family_flags(family: str, flags: Mapping[str, bool], source: str) -> N
 def load_base_model(path: str, option: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None,
                     flags: Mapping[str, bool] | None = None, **options):
     """A model (single file or diffusers folder) through the registry, with sd-scripts' kind flags checked."""
+    import torch
+
     from ..models.loading import load_model
 
     if not path:
@@ -603,6 +629,8 @@ def fidelity_line(name: str, info: LowRank, *, alpha: float | None = None) -> st
 
 def fidelity_summary(infos: Sequence[LowRank]) -> str:
     """The share of the updates' Frobenius norm kept, over all modules: mean, standard deviation and minimum."""
+    import torch
+
     values = torch.tensor([i.fro_retained for i in infos if not math.isnan(i.fro_retained)] or [1.0])
     std = float(values.std(unbiased=False)) if values.numel() > 1 else 0.0
     return (f"Average Frobenius norm retention: {float(values.mean()):.2%} | std: {std:0.3f} | "

@@ -29,8 +29,6 @@ import logging
 import math
 from typing import Sequence
 
-import torch
-
 from ..errors import NetworkError
 from .lora_tools import (PRECISION_CHOICES, PRECISIONS, LoRAModuleWeights, ToolOption, build_parser,
                          check_lbws_apply, check_output_path, dim_text, dtype_of, lbw_factor, load_base_model,
@@ -81,6 +79,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------ into a model
 def merge_into_model(args: argparse.Namespace, ratios: list[float], lbws: list | None) -> None:
+    import torch
+
     merge_dtype = dtype_of(args.precision, "precision")
     save_dtype = dtype_of(args.save_precision, "save_precision") or merge_dtype
     holder = torch_device(args.loading_device, "loading_device")
@@ -136,6 +136,8 @@ def merge_loras(paths: Sequence[str], ratios: Sequence[float], *, dtype: torch.d
                 shuffle: bool, lbws: list | None = None) -> tuple[dict[str, LoRAModuleWeights], dict[str, str]]:
     """The merged modules and the first file's metadata (for its family facts). `lbws`: per file, block weights
     that multiply its ratio per module (parse_lbws)."""
+    import torch
+
     files = [read_lora(p, dtype) for p in paths]
     families = {lora_family(f.metadata) for f in files} - {None}
     if len(families) > 1:

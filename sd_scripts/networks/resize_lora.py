@@ -19,8 +19,6 @@ import argparse
 import logging
 from typing import Sequence
 
-import torch
-
 from ..errors import NetworkError
 from .lora_tools import (DYNAMIC_METHODS, PRECISION_CHOICES, LoRAFile, LoRAModuleWeights, LowRank, ToolOption,
                          build_parser, check_output_path, dim_text, dtype_of, fidelity_line, fidelity_summary,
@@ -50,6 +48,8 @@ def resize_modules(lora: LoRAFile, new_rank: int, new_conv_rank: int, *, method:
                    param: float | None = None, device: torch.device | None = None,
                    ) -> tuple[dict[str, LoRAModuleWeights], dict[str, LowRank]]:
     """Every module factored again (scale alpha / rank kept), and what each kept."""
+    import torch
+
     modules, infos = {}, {}
     with torch.no_grad():
         for name, m in lora.modules.items():
@@ -62,6 +62,8 @@ def resize_modules(lora: LoRAFile, new_rank: int, new_conv_rank: int, *, method:
 
 
 def resize(args: argparse.Namespace) -> tuple[dict[str, LoRAModuleWeights], dict[str, LowRank]]:
+    import torch
+
     if not args.model:
         raise NetworkError("option '--model' is required: the LoRA file to resize")
     save_to = check_output_path(args.save_to)

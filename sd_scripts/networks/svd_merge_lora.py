@@ -19,8 +19,6 @@ import argparse
 import logging
 from typing import Sequence
 
-import torch
-
 from ..errors import NetworkError
 from .lora_tools import (PRECISION_CHOICES, LoRAModuleWeights, LowRank, ToolOption, build_parser, check_lbws_apply,
                          check_output_path, dim_text, dtype_of, fidelity_line, fidelity_summary, lbw_factor,
@@ -59,6 +57,8 @@ def summed_updates(paths: Sequence[str], ratios: Sequence[float], *, dtype: torc
                    lbws: list | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Per module, the ratio-weighted (and block-weighted) sum of the files' updates; and the first file's
     metadata."""
+    import torch
+
     sums: dict[str, torch.Tensor] = {}
     first_meta: dict[str, str] | None = None
     families = set()
@@ -84,6 +84,8 @@ def summed_updates(paths: Sequence[str], ratios: Sequence[float], *, dtype: torc
 
 
 def merge(args: argparse.Namespace) -> tuple[dict[str, LoRAModuleWeights], dict[str, LowRank]]:
+    import torch
+
     if not args.models:
         raise NetworkError("option '--models' is required: the LoRA files to merge")
     ratios = list(args.ratios) if args.ratios else [1.0] * len(args.models)
