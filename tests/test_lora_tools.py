@@ -235,6 +235,15 @@ def test_resize_to_a_fixed_rank_keeps_the_reported_fidelity(sd1_loras, tmp_path,
     assert meta["ss_base_model_version"] == "sd_v1" and meta["sshs_model_hash"] != metadata_of(sd1_loras[2]).get(
         "sshs_model_hash")
 
+    # a LoRA of rank 4 "resized" to 6 keeps rank 4 (no zero directions), and its update exactly
+    grown = tmp_path / "grown.safetensors"
+    modules, _ = resize_lora.resize(resize_lora.parse_args(["--model", sd1_loras[1], "--save_to", str(grown),
+                                                            "--new_rank", "6"]))
+    assert {m.rank for m in modules.values()} == {4} and metadata_of(grown)["ss_network_dim"] == "4"
+    before = deltas(sd1_loras[1])
+    for name, delta in deltas(grown).items():
+        torch.testing.assert_close(delta, before[name], atol=1e-5, rtol=1e-4)
+
 
 @pytest.fixture(scope="module")
 def decaying_lora(sd1_loras, tmp_path_factory):
@@ -432,6 +441,13 @@ def test_check_lora_weights_prints_per_key_statistics(sd1_loras, tmp_path, capsy
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == f"number of all modules: {len(tensors)}" and any(".alpha," in ln for ln in lines)
     assert lines[-1].startswith("tensors with NaN/Inf: 1")
+
+    from sd_scripts.networks import resize_lora  # a LyCORIS file is named as such, not just "not a LoRA"
+
+    save_file({"lora_unet_x.hada_w1_a": torch.zeros(2, 2)}, str(tmp_path / "loha.safetensors"))
+    assert resize_lora.main(["--model", str(tmp_path / "loha.safetensors"), "--save_to",
+                             str(tmp_path / "o.safetensors")]) == 1
+    assert "'hada_' tensors" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ block weights (--lbws)

@@ -7,7 +7,8 @@ Each module's update up @ down is factored again at `new_rank` (3x3 conv modules
 new_rank) and alpha is set so alpha / rank (the update's scale) is unchanged. With a dynamic method the rank is the
 smallest that keeps the stated share of the update (at most new_rank; lora_tools.choose_rank): sv_ratio (keep singular
 values within a factor dynamic_param of the largest), sv_fro (keep dynamic_param of the Frobenius norm),
-sv_cumulative (keep dynamic_param of the sum of singular values). A zero update becomes rank 1. sd-scripts keeps one
+sv_cumulative (keep dynamic_param of the sum of singular values). A zero update becomes rank 1; no module grows
+beyond its own rank (the extra directions would be zeros). sd-scripts keeps one
 rank more than the threshold needs; here the kept rank is the smallest that meets it, so the stated share is what
 is kept. The share kept is reported per module with --verbose (sum(S), Frobenius norm, max(S) ratio, as sd-scripts
 prints it) and in a summary line always. Metadata: the input's, with ss_network_dim / ss_network_alpha
@@ -53,7 +54,8 @@ def resize_modules(lora: LoRAFile, new_rank: int, new_conv_rank: int, *, method:
     modules, infos = {}, {}
     with torch.no_grad():
         for name, m in lora.modules.items():
-            rank = new_conv_rank if m.is_conv_kxk else new_rank
+            # never above the module's own rank: the directions beyond it would be zeros
+            rank = min(new_conv_rank if m.is_conv_kxk else new_rank, m.rank)
             info = low_rank(m.product(torch.float32, device), rank, method=method, param=param, device=device,
                             zero_rank_one=True)
             modules[name] = LoRAModuleWeights(name, info.down, info.up, m.scale * info.rank)
@@ -80,6 +82,10 @@ def resize(args: argparse.Namespace) -> tuple[dict[str, LoRAModuleWeights], dict
     device = torch_device(args.device, "device")
     lora = read_lora(args.model, torch.float32)
     old_rank = max(m.rank for m in lora.modules.values())
+    below = sum(1 for m in lora.modules.values() if m.rank < (conv_rank if m.is_conv_kxk else args.new_rank))
+    if below:
+        log.warning("%d modules have a rank below the new one; they keep their rank (resize_lora lowers ranks)",
+                    below)
     if args.dynamic_method:
         log.info("choosing ranks with %s %s, at most %d", args.dynamic_method, args.dynamic_param, args.new_rank)
     modules, infos = resize_modules(lora, args.new_rank, conv_rank, method=args.dynamic_method,
