@@ -537,7 +537,8 @@ def test_every_sd_scripts_option_is_declared(tool):
     ("extract_lora_from_models", ["--load_original_model_to", "nonsense"], "load_original_model_to"),
     ("extract_lora_from_models", ["--load_tuned_model_to", "nonsense"], "load_tuned_model_to"),
 ])
-def test_bad_or_unsupported_options_are_one_line_errors_naming_them(tool, args, named, sd1_loras, tiny_sd1, tmp_path, capsys):
+def test_bad_or_unsupported_options_are_one_line_errors_naming_them(tool, args, named, sd1_loras, tiny_sd1, tmp_path,
+                                                                   capsys):
     import importlib
 
     module = importlib.import_module(f"sd_scripts.networks.{tool}")

@@ -4,8 +4,8 @@
 
 Prints the number of LoRA tensors (kohya lora_up/lora_down, PEFT lora_A/lora_B, OFT), then one CSV line per tensor:
 `key,shape (dims joined by '-'),mean |value|,min |value|` as sd-scripts does (plain numbers where it prints tensor
-reprs); `-s` / `--show_all_keys` adds every other tensor (alpha, ...). Our addition: a last line counting tensors with NaN or Inf values (a training that diverged),
-and, for kohya modules, how many have an all-zero up weight (never trained).
+reprs); `-s` / `--show_all_keys` adds every other tensor (alpha, ...). Our addition: a last line counting tensors
+with NaN or Inf values (a training that diverged) and kohya modules with an all-zero up weight (never trained).
 """
 from __future__ import annotations
 

@@ -219,7 +219,8 @@ def read_lora(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LoRA
             down, up = down.to(dtype), up.to(dtype)
         modules[name] = LoRAModuleWeights(name, down, up, alpha if alpha > 0 else float(down.shape[0]))
     if not modules:
-        lycoris = next((m for m in ("hada_", "lokr_", "oft_", "lora_A", "glora_") if any(m in k for k in tensors)), None)
+        markers = ("hada_", "lokr_", "oft_", "lora_A", "glora_")
+        lycoris = next((m for m in markers if any(m in k for k in tensors)), None)
         kind = f" (its '{lycoris}' tensors are another adapter's, e.g. LyCORIS)" if lycoris else ""
         raise NetworkError(f"{path}: no '<name>.lora_down.weight' / '.lora_up.weight' pairs{kind}: these tools take "
                            f"kohya-format LoRA / LoCon files")
