@@ -192,6 +192,8 @@ def read_lora(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LoRA
     from .weights_file import load_weights_file
 
     path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise NetworkError(f"{path}: no such LoRA file; check the path")
     tensors, metadata = load_weights_file(path)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
