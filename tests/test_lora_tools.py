@@ -26,10 +26,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def make_lora(bundle, path, *, dim=4, alpha=2.0, conv_dim=None, seed=1, scale=0.3, text_encoder=True):
+def make_lora(bundle, path, *, dim=4, alpha=2.0, conv_dim=None, seed=1, scale=0.3, text_encoder=True,
+              network_args=()):
     """A LoRA of the bundle's family with random up weights (so its update is not zero), saved with the family's
     ss_* facts."""
-    args = [f"conv_dim={conv_dim}", f"conv_alpha={conv_dim}"] if conv_dim else None
+    args = ([f"conv_dim={conv_dim}", f"conv_alpha={conv_dim}"] if conv_dim else []) + list(network_args) or None
     net = create_network(unet=bundle.denoiser, text_encoders=bundle.text_encoders, family=bundle.family,
                          network_dim=dim, network_alpha=alpha, network_args=args, train_text_encoder=text_encoder)
     gen = torch.Generator().manual_seed(seed)

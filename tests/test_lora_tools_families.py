@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from sd_scripts.networks import extract_lora_from_models, merge_lora
 from sd_scripts.networks.lora_tools import read_lora
@@ -68,9 +69,12 @@ def test_flux_merge_then_extract_gives_the_lora_back(tmp_path):
     model = files.pop("pretrained_model_name_or_path")
     parts = [x for k, v in files.items() for x in (f"--{k}", v)]
     bundle = load_model(model, **files)
-    lora = make_lora(bundle, tmp_path / "flux_lora.safetensors", dim=4, alpha=2, text_encoder=False)
+    lora = make_lora(bundle, tmp_path / "flux_lora.safetensors", dim=4, alpha=2, text_encoder=False,
+                     network_args=["in_dims=[4,0,0,0,4]"])
     fused = [n for n in read_lora(lora).modules if n.endswith("img_attn_qkv")]
     assert fused, "the file has fused q/k/v modules"
+    outside = {"lora_unet_img_in", "lora_unet_txt_in"}
+    assert outside <= set(read_lora(lora).modules), "in_dims adapts layers outside the blocks"
     merged = tmp_path / "flux_merged.safetensors"
     assert merge_lora.main(["--flux_model", model, "--models", lora, "--save_to", str(merged), *parts]) == 0
     out = tmp_path / "extracted.safetensors"
@@ -78,9 +82,14 @@ def test_flux_merge_then_extract_gives_the_lora_back(tmp_path):
         ["--model_org", model, "--model_tuned", str(merged), "--save_to", str(out), "--dim", "4",
          "--clamp_quantile", "1", *parts]))
     want, got = read_lora(lora), read_lora(out)
-    assert set(got.modules) == set(want.modules)
-    for name, m in want.modules.items():
-        torch.testing.assert_close(got.modules[name].delta(), m.delta(), atol=1e-4, rtol=1e-3)
+    assert set(got.modules) == set(want.modules) - outside  # extraction adapts the default targets
+    for name, m in got.modules.items():
+        torch.testing.assert_close(m.delta(), want.modules[name].delta(), atol=1e-4, rtol=1e-3)
+    base_sd, merged_sd = load_file(model), load_file(str(merged))  # the embedders outside the blocks were merged
+    for name in outside:
+        key = name[len("lora_unet_"):] + ".weight"
+        torch.testing.assert_close(merged_sd[key].float(), base_sd[key].float() + want.modules[name].delta(),
+                                   atol=1e-5, rtol=1e-4)
     meta = metadata_of(out)
     assert meta["ss_base_model_version"] == metadata_of(lora)["ss_base_model_version"]
     with pytest.raises(SystemExit):  # the flux_merge_lora spelling of the model option is the same option

@@ -86,8 +86,8 @@ def weight_differences(org, tuned, *, include_conv: bool, min_diff: float, sourc
     if org.family != tuned.family:
         raise NetworkError(f"{source}: the models are of different families ({org.family} and {tuned.family}): "
                            f"extract from a fine-tune of the same model")
-    base_layers = model_layers(org, include_conv=include_conv)
-    tuned_layers = model_layers(tuned, include_conv=include_conv)
+    base_layers = model_layers(org, include_conv=include_conv, outside_blocks=False)
+    tuned_layers = model_layers(tuned, include_conv=include_conv, outside_blocks=False)
     te_prefixes = tuple(p + "_" for p in text_encoder_prefixes(org.family))
     diffs: dict[str, torch.Tensor] = {}
     te_max = 0.0

@@ -413,10 +413,12 @@ def _swap(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[half:], t[:half]], dim=0)
 
 
-def model_layers(bundle, *, include_conv: bool = True) -> dict[str, ModelLayer]:
+def model_layers(bundle, *, include_conv: bool = True, outside_blocks: bool = True) -> dict[str, ModelLayer]:
     """Every layer of a loaded model (ModelBundle) a kohya LoRA file of its family can adapt, by file module name,
     from the family's own LoRA naming (prefixes, name maps, target blocks). `include_conv`: also the ResNet /
-    sampler layers (LoCon); the family's own target blocks, when it has them, decide instead."""
+    sampler layers (LoCon); the family's own target blocks, when it has them, decide instead. `outside_blocks`:
+    also the layers outside the target blocks that the family's files may name (e.g. FLUX.1's in_dims
+    embedders); without it, only the default targets (what an extraction adapts)."""
     from .lora import family_naming
     from .targets import text_encoder_targets, unet_targets
 
@@ -425,8 +427,10 @@ def model_layers(bundle, *, include_conv: bool = True) -> dict[str, ModelLayer]:
     for encoder, prefix in zip(bundle.text_encoders, naming["te_prefixes"]):
         if encoder is not None:
             targets += text_encoder_targets(encoder, prefix, naming.get("te_block_classes"))
+    extra = (naming.get("unet_file_name_map") or naming.get("unet_extra_name_map")) if outside_blocks else None
     targets += unet_targets(bundle.denoiser, naming["unet_prefix"], include_conv=include_conv,
-                            name_map=naming.get("unet_name_map"), block_classes=naming.get("unet_block_classes"))
+                            name_map=naming.get("unet_name_map"), block_classes=naming.get("unet_block_classes"),
+                            extra_name_map=extra)
     grouped: dict[str, list] = {}
     for t in targets:
         grouped.setdefault(t.lora_name, []).append(t)
