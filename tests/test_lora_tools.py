@@ -515,6 +515,19 @@ SD_SCRIPTS_OPTIONS = {
 }
 
 
+@pytest.mark.parametrize("alias,tool", [("sdxl_merge_lora", "merge_lora"), ("flux_merge_lora", "merge_lora"),
+                                        ("flux_extract_lora", "extract_lora_from_models")])
+def test_sd_scripts_family_variants_are_the_same_tool(alias, tool, capsys):
+    import importlib
+
+    module, same = importlib.import_module(f"sd_scripts.networks.{alias}"), importlib.import_module(
+        f"sd_scripts.networks.{tool}")
+    assert module.OPTIONS is same.OPTIONS
+    with pytest.raises(SystemExit) as done:
+        module.main(["--help"])
+    assert done.value.code == 0 and f"usage: {alias}" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("tool", sorted(SD_SCRIPTS_OPTIONS))
 def test_every_sd_scripts_option_is_declared(tool):
     import importlib

@@ -63,8 +63,8 @@ OPTIONS: tuple[ToolOption, ...] = (
 )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return build_parser("extract_lora_from_models", __doc__.splitlines()[0], OPTIONS).parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None, prog: str = "extract_lora_from_models") -> argparse.Namespace:
+    return build_parser(prog, __doc__.splitlines()[0], OPTIONS).parse_args(argv)
 
 
 def _load(args: argparse.Namespace, option: str, device_option: str):
@@ -163,8 +163,9 @@ def extract(args: argparse.Namespace) -> tuple[dict[str, LoRAModuleWeights], dic
     return modules, infos
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_tool("extract_lora_from_models", parse_args, extract, argv)
+def main(argv: Sequence[str] | None = None, prog: str = "extract_lora_from_models") -> int:
+    """`prog`: the sd-scripts name the command line used (its sdxl_ / flux_ variants run this same tool)."""
+    return run_tool(prog, lambda a: parse_args(a, prog), extract, argv)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,8 @@ OPTIONS: tuple[ToolOption, ...] = (
 )
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    return build_parser("merge_lora", __doc__.splitlines()[0], OPTIONS).parse_args(argv)
+def parse_args(argv: Sequence[str] | None = None, prog: str = "merge_lora") -> argparse.Namespace:
+    return build_parser(prog, __doc__.splitlines()[0], OPTIONS).parse_args(argv)
 
 
 # ------------------------------------------------------------------ into a model
@@ -220,8 +220,9 @@ def merge(args: argparse.Namespace) -> None:
         merge_into_lora(args, ratios, lbws)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run_tool("merge_lora", parse_args, merge, argv)
+def main(argv: Sequence[str] | None = None, prog: str = "merge_lora") -> int:
+    """`prog`: the sd-scripts name the command line used (its sdxl_ / flux_ variants run this same tool)."""
+    return run_tool(prog, lambda a: parse_args(a, prog), merge, argv)
 
 
 if __name__ == "__main__":
