@@ -1,5 +1,5 @@
-"""sd-scripts' `flux_extract_lora` command line, served by `extract_lora_from_models` (one tool for every model family; the
-family is read from the files): `python networks/flux_extract_lora.py ...` runs as
+"""sd-scripts' `flux_extract_lora` command line, served by `extract_lora_from_models` (one tool for every model
+family; the family is read from the files): `python networks/flux_extract_lora.py ...` runs as
 `python -m sd_scripts.networks.flux_extract_lora ...`.
 """
 from __future__ import annotations
