@@ -250,9 +250,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("alpha_mask", bool, False, "Use each image's alpha channel as the loss mask: transparent pixels are not "
        "trained.", "dataset"),
     _O("masked_loss", bool, False, "Weight the loss by mask images (conditioning_data_dir; white: trained, black: "
-       "ignored).", "dataset", trainers=NOT_TI),
+       "ignored).", "dataset"),
     _O("conditioning_data_dir", str, None, "Folder of mask images for masked_loss, named like the training images "
-       "(a subfolder per concept folder, or all in one).", "folders", path="dir", trainers=NOT_TI),
+       "(a subfolder per concept folder, or all in one).", "folders", path="dir"),
     _O("cache_info", bool, False, "Keep image sizes and captions in metadata_cache.json in each image folder "
        "(faster start with many images).", "dataset", advanced=True),
     _O("debug_dataset", bool, False, "List what the dataset yields (image, bucket, caption, crop) for one epoch "
@@ -499,7 +499,7 @@ OPTIONS: tuple[Option, ...] = (
          refused="deprecated in sd-scripts and not implemented: use blocks_to_swap")
       for name in ("single_blocks_to_swap", "double_blocks_to_swap")),
     *(_O(name, bool, False, f"sd-scripts (marked as not working there): save {what} into the checkpoint.",
-         "saving", trainers=frozenset({"finetune"}), advanced=True,
+         "saving", trainers=NET_FT, advanced=True,
          refused=f"unified checkpoints are not written (as in sd-scripts); a trained {what} is saved beside the "
                  f"checkpoint as <name>_{file}.safetensors")
       for name, what, file in (("save_clip", "CLIP-L / CLIP-G", "clip_l"), ("save_t5xxl", "T5-XXL", "t5xxl"))),
