@@ -81,7 +81,8 @@ def test_sample_timesteps_range_determinism_and_errors():
     a = sample_timesteps(8, generator=torch.Generator().manual_seed(1), device="cpu")
     b = sample_timesteps(8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
-    for low, high in ((5, 5), (-1, 10), (0, 1001)):
+    assert sample_timesteps(3, 1000, min_timestep=5, max_timestep=5).tolist() == [5] * 3  # sd-scripts: that one
+    for low, high in ((6, 5), (-1, 10), (0, 1001), (1000, 1000)):
         with pytest.raises(ValueError, match="min_timestep"):
             sample_timesteps(2, 1000, min_timestep=low, max_timestep=high)
 

@@ -133,7 +133,8 @@ class Trainer(RunSetup, RunOutputs):
         noised.noisy = noised.noisy.to(self.weight_dtype)
         with acc.autocast():
             pred = self.family.predict(noised, cond.to(self.weight_dtype), batch)
-        loss = training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights)
+        loss = training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights,
+                             loss_type=noised.loss_type, huber_c=noised.huber_c)
         acc.backward(loss)
         if acc.sync_gradients:
             allreduce_gradients(self.trained_params)
