@@ -1,4 +1,5 @@
-"""Noise, timestep and loss math of diffusion training (DDPM forward process, targets, min-SNR weighting).
+"""Noise, timestep and loss math of diffusion training (DDPM forward process, targets, SNR loss weights), and the
+noise options sd-scripts offers (offset noise with random / adaptive strength, multires noise, input perturbation).
 
 Pure functions on tensors: no module state, no host syncs (no `.item()`, no Python branching on tensor values), so
 the loop stays asynchronous on a GPU. `alphas_cumprod` is the noise scheduler's cumulative product of (1 - beta_t)
@@ -8,7 +9,8 @@ tensor works but costs a host-to-device copy (and with it a synchronisation) in 
 Notation: a_t = alphas_cumprod[t], x0 = clean latents, n = noise.
 - Forward process (Ho et al. 2020, https://arxiv.org/abs/2006.11239): x_t = sqrt(a_t) x0 + sqrt(1 - a_t) n.
 - v-prediction target (Salimans & Ho 2022, https://arxiv.org/abs/2202.00512): v = sqrt(a_t) n - sqrt(1 - a_t) x0.
-- SNR(t) = a_t / (1 - a_t); min-SNR-gamma weighting (Hang et al. 2023, https://arxiv.org/abs/2303.09556).
+- SNR(t) = a_t / (1 - a_t); min-SNR-gamma weighting (Hang et al. 2023, https://arxiv.org/abs/2303.09556), and
+  sd-scripts' other SNR weights (v loss scaled like epsilon, v-like loss, debiased estimation).
 """
 from __future__ import annotations
 
