@@ -1,5 +1,5 @@
-"""The training loss from a family's prediction and target: an element-wise loss (`--loss_type`), its mean per sample,
-then the per-sample weights.
+"""The training loss from a family's prediction and target: an element-wise loss (`--loss_type`), times the loss mask
+(masked_loss / alpha_mask), its mean per sample, then the per-sample weights.
 
 Weights multiply in a fixed order (the batch's own, e.g. prior_loss_weight of regularisation images, then the
 objective's, e.g. min-SNR), then the batch mean: a float32 scalar.
@@ -71,12 +71,25 @@ def elementwise_loss(pred: torch.Tensor, target: torch.Tensor, loss_type: str = 
     raise ValueError(f"loss_type must be one of {', '.join(LOSS_TYPES)}; got {loss_type!r}")
 
 
+def apply_loss_mask(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-element loss [B, C, h, w] x the loss mask [B, H, W] (0..1, pixel size) area-averaged to h x w, as
+    sd-scripts' apply_masked_loss: a pixel with mask 0 adds nothing (and gets no gradient); the mean over the
+    elements is then taken as usual (not renormalised by the masked area)."""
+    mask = mask.to(device=loss.device, dtype=loss.dtype).unsqueeze(1)
+    if mask.shape[-2:] != loss.shape[-2:]:
+        mask = torch.nn.functional.interpolate(mask, size=loss.shape[-2:], mode="area")
+    return loss * mask
+
+
 def training_loss(pred: torch.Tensor, target: torch.Tensor, sample_weights: torch.Tensor | None = None,
-                  objective_weights: torch.Tensor | None = None, *, loss_type: str = "l2",
-                  huber_c: torch.Tensor | None = None) -> torch.Tensor:
+                  objective_weights: torch.Tensor | None = None, mask: torch.Tensor | None = None, *,
+                  loss_type: str = "l2", huber_c: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over the batch of mean(elementwise_loss(pred, target)) per sample x `sample_weights` x
-    `objective_weights` (each [B])."""
+    `objective_weights` (each [B]); with a loss `mask` ([B, H, W], the batch's `loss_masks`) each element's loss is
+    weighted by it first (as sd-scripts: the loss type, then the mask, then the means)."""
     loss = elementwise_loss(pred, target, loss_type, huber_c)
+    if mask is not None:
+        loss = apply_loss_mask(loss, mask)
     loss = loss.reshape(loss.shape[0], -1).mean(dim=1)
     if sample_weights is not None:
         loss = loss * sample_weights.to(device=loss.device, dtype=loss.dtype)
