@@ -361,6 +361,12 @@ SUPPORTED_LORA_TYPES = {"Standard", "Kohya LoCon", "LoCon", "Flux1"}
 #: family that refuses the option (e.g. clip_skip for FLUX.1) is not given it.
 KOHYA_SAME_AS_UNSET = {"clip_skip": 1, "max_token_length": 75, "min_timestep": 0, "max_timestep": 1000}
 NETWORK_ARGS_PREFIX = "network_args:"
+#: kohya_ss's 'noise_offset_type' -> the noise keys it passes to sd-scripts with it; it saves the other type's keys
+#: too but does not pass them, so they are not imported (bmaltais/kohya_ss kohya_gui/common_gui.py run_cmd)
+KOHYA_NOISE_OFFSET_TYPES = {
+    "Original": frozenset({"noise_offset", "noise_offset_random_strength", "adaptive_noise_scale"}),
+    "Multires": frozenset({"multires_noise_iterations", "multires_noise_discount"}),
+}
 
 
 def _meaningful(value: Any) -> bool:
@@ -422,8 +428,13 @@ def import_kohya_json(path: str, kind: str | None = None,
     # a family's own field wins over a plain one naming the same option (sd3_clip_l over an old-style clip_l)
     preferred = {target: key for key, target in spec.kohya_ss_keys.items() if key != target and _meaningful(data.get(key))}
     net_args: list[str] = []
+    noise_type = data.get("noise_offset_type") or "Original"
+    unused_noise = {k for t, keys in KOHYA_NOISE_OFFSET_TYPES.items() if t != noise_type for k in keys}
     for key, raw in data.items():
         report.setdefault(key, "unset")
+        if key in unused_noise:
+            report[key] = "gui"  # the other noise_offset_type's field: kohya_ss does not pass it
+            continue
         if is_secret(key):
             if _meaningful(raw):
                 reported(key, f"{key} (secret, not imported)")

@@ -104,6 +104,15 @@ def _non_negative(value, _values):
     return None if value is None or value >= 0 else "must be 0 or more"
 
 
+def _needs_noise_offset(value, values):
+    return "needs noise_offset: set noise_offset too, or remove it" if values.get("noise_offset") is None else None
+
+
+def _timestep_range(value, values):
+    low = values.get("min_timestep") or 0
+    return None if value is None or value >= low else f"must not be below min_timestep ({low})"
+
+
 def _save_format(value, values):
     if value in ("diffusers", "diffusers_safetensors") and values.get("network_module") is not None:
         return "a LoRA is saved as safetensors, ckpt or pt; diffusers folders are for full models"
@@ -406,10 +415,39 @@ OPTIONS: tuple[Option, ...] = (
     # ---- noise and loss
     _O("noise_offset", float, None, "Add this much per-channel offset noise (brighter/darker images).", "noise",
        minimum=0),
+    _O("noise_offset_random_strength", bool, False, "Draw the offset noise's strength from 0 to noise_offset for "
+       "each step.", "noise", advanced=True),
+    _O("adaptive_noise_scale", float, None, "Add this times the absolute mean of each latent channel to "
+       "noise_offset.", "noise", advanced=True, check=_needs_noise_offset),
+    _O("multires_noise_iterations", int, None, "Multi-resolution (pyramid) noise with this many levels (6-10 is "
+       "typical).", "noise", minimum=0),
+    _O("multires_noise_discount", float, 0.3, "Weight of each further multires noise level (discount^level).",
+       "noise", minimum=0, advanced=True),
+    _O("ip_noise_gamma", float, None, "Input perturbation: add this much extra noise to the denoiser's input only "
+       "(0.1 is typical).", "noise", minimum=0),
+    _O("ip_noise_gamma_random_strength", bool, False, "Draw the input perturbation's strength from 0 to "
+       "ip_noise_gamma for each step.", "noise", advanced=True),
+    _O("zero_terminal_snr", bool, False, "Rescale the noise schedule so its last timestep is pure noise (for "
+       "v-prediction models).", "noise", advanced=True),
     _O("min_snr_gamma", float, None, "Min-SNR loss weighting gamma (5 is typical).", "noise", minimum=0),
+    _O("scale_v_pred_loss_like_noise_pred", bool, False, "Scale a v-prediction model's loss like an epsilon loss "
+       "(SNR / (SNR + 1)).", "noise", advanced=True),
+    _O("v_pred_like_loss", float, None, "Add this times a v-prediction-like loss (epsilon models).", "noise",
+       minimum=0, advanced=True),
+    _O("debiased_estimation_loss", bool, False, "Weight the loss by 1 / sqrt(SNR) (v models: 1 / (SNR + 1)).",
+       "noise", advanced=True),
+    _O("loss_type", str, "l2", "Loss function: l2 (MSE), l1, huber or smooth_l1 (pseudo-Huber with threshold "
+       "huber_c).", "noise", choices=("l1", "l2", "huber", "smooth_l1")),
+    _O("huber_schedule", str, "snr", "Huber threshold per timestep: constant (huber_c x huber_scale), exponential "
+       "(huber_scale down to huber_c x huber_scale) or snr.", "noise", choices=("constant", "exponential", "snr"),
+       advanced=True),
+    _O("huber_c", float, 0.1, "Huber threshold (decay parameter) of the huber and smooth_l1 losses.", "noise",
+       minimum=0, advanced=True),
+    _O("huber_scale", float, 1.0, "Scale of the Huber threshold (constant and exponential schedules).", "noise",
+       minimum=0, advanced=True),
     _O("min_timestep", int, None, "Lowest timestep sampled.", "noise", minimum=0, maximum=999, advanced=True),
     _O("max_timestep", int, None, "Highest timestep sampled (exclusive).", "noise", minimum=1, maximum=1000,
-       advanced=True),
+       advanced=True, check=_timestep_range),
     # ---- flow matching (DiT families)
     _O("guidance_scale", float, 3.5, "Guidance embedding value while training (guidance-distilled models).",
        "noise", trainers=NET_FT, family_specific=True),

@@ -411,3 +411,35 @@ def test_lora_conversion_command_writes_a_file_diffusers_loads(tiny, tmp_path):
     save_file({"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(4, 8),
                "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(8, 4)}, str(t5_only))
     assert main(["--lora", str(t5_only), "--model", tiny.diffusers_dir, "--out", str(tmp_path / "x.safetensors")]) == 1
+
+
+def test_input_perturbation_and_huber_loss(family):
+    """ip_noise_gamma perturbs only the noisy input (as sd-scripts' FLUX.1 trainer defines it for flow matching);
+    loss_type huber with a constant threshold huber_c * huber_scale; the DDPM 'snr' schedule is refused."""
+    from argparse import Namespace
+
+    from sd_scripts.families.sd3.model import SD3Family
+    from sd_scripts.training.loss import training_loss
+
+    args = Namespace(t5xxl_max_token_length=8, weighting_scheme="uniform", training_shift=1.0, ip_noise_gamma=0.4,
+                     loss_type="huber", huber_schedule="constant", huber_c=0.2, huber_scale=1.5)
+    perturbed = SD3Family(family.bundle, args)
+    latents = torch.randn(3, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    noised = perturbed.noised(latents, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=gen)
+    t = (torch.rand(3, generator=gen) * 1000).long().float()
+    xi = torch.randn(latents.shape, generator=gen)
+    sigma = (t / 1000).reshape(3, 1, 1, 1)
+    assert torch.equal(noised.timesteps, t)
+    torch.testing.assert_close(noised.noisy, (1 - sigma) * latents + sigma * (noise + 0.4 * xi))
+    assert torch.equal(noised.target, latents)
+    assert noised.loss_type == "huber" and torch.allclose(noised.huber_c, torch.full((3,), 0.3))
+    pred = torch.randn(latents.shape, generator=gen)
+    d = pred - latents
+    expected = (2 * 0.3 * (torch.sqrt(d ** 2 + 0.09) - 0.3)).mean()
+    loss = training_loss(pred, noised.target, None, noised.weights, loss_type=noised.loss_type,
+                         huber_c=noised.huber_c)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(OptionError, match="'huber_schedule'.*constant or exponential"):
+        SD3Family(family.bundle, Namespace(t5xxl_max_token_length=8, loss_type="smooth_l1"))

@@ -24,6 +24,8 @@ class NoisedLatents:
     timesteps: torch.Tensor  # what the denoiser is conditioned on (DDPM: integer steps; flow matching: sigma x 1000)
     target: torch.Tensor  # what the prediction is compared with
     weights: torch.Tensor | None = None  # per-sample loss weights of the objective (e.g. min-SNR), [B]
+    loss_type: str = "l2"  # how prediction and target are compared (training/loss.py: l2, l1, huber, smooth_l1)
+    huber_c: torch.Tensor | None = None  # per-sample threshold of the huber / smooth_l1 loss types, [B]
 
 
 @dataclass

@@ -31,6 +31,8 @@ MINIMAL_SS_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_ne
 _OPTIONS_NOT_AS_SS = {"pretrained_model_name_or_path", "vae", "network_args", "no_metadata", "metadata_title",
                       "metadata_author", "metadata_description", "metadata_license", "metadata_tags"}
 _GROUPS_NOT_AS_SS = {"logging"}
+# Options whose ss_ key sd-scripts names differently
+_SS_KEY_NAMES = {"debiased_estimation_loss": "ss_debiased_estimation"}
 
 
 def base_model_version(family: str, v_prediction: bool) -> str:
@@ -68,7 +70,7 @@ def option_metadata(args: argparse.Namespace) -> dict[str, str]:
         if opt.secret or opt.name in _OPTIONS_NOT_AS_SS or opt.group in _GROUPS_NOT_AS_SS:
             continue
         if hasattr(args, opt.name):
-            out[f"ss_{opt.name}"] = _option_value(opt, getattr(args, opt.name))
+            out[_SS_KEY_NAMES.get(opt.name, f"ss_{opt.name}")] = _option_value(opt, getattr(args, opt.name))
     return out
 
 

@@ -15,7 +15,7 @@ import json
 import os
 from typing import Mapping
 
-from ..spec import FamilySpec, MemoryFacts
+from ..spec import DDPM_ONLY_OPTIONS, FamilySpec, MemoryFacts
 from . import layout
 
 #: sd-scripts' MMDiT model type per variant: `ss_base_model_version`, and `modelspec.architecture` after
@@ -75,7 +75,7 @@ SPECS = (
                lora_te_prefixes=("lora_te1", "lora_te2", "lora_te3"), trainers=frozenset({"network", "finetune"}),
                options=OPTIONS, scripts=("sd3_train_network", "sd3_train"),
                trainer_scripts={"network": "sd3_train_network", "finetune": "sd3_train"}, strict_options=True,
-               refused_options=_REFUSED,
+               refused_options={**DDPM_ONLY_OPTIONS, **_REFUSED},
                text_encoder_cache=True, kohya_ss_flags=("sd3_checkbox",),
                tiny_builder="sd_scripts.families.sd3.tiny:build_tiny_model",
                tiny_variants={"sd3": {"variant": "sd3_medium"}, "sd35-medium": {"variant": "sd35_medium"}},

@@ -34,6 +34,7 @@ from ...networks.network_args import flag
 from ...networks.targets import SWAP_HALVES, T5_CLASSES, TEXT_ENCODER_CLASSES
 from ...options import OptionError
 from ...training import flow_matching as fm
+from ...training.loss import LossSettings
 from ..base import Family, NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
 from . import MODEL_TYPES, layout
@@ -225,9 +226,9 @@ class SD3Family(MemoisedCaptions, Family):
                             mode_scale=_or(option("mode_scale"), fm.DEFAULT_MODE_SCALE),
                             training_shift=_or(option("training_shift"), fm.DEFAULT_TRAINING_SHIFT),
                             min_timestep=option("min_timestep"), max_timestep=option("max_timestep"))
-        for name in ("noise_offset", "min_snr_gamma", "v_parameterization"):
-            if option(name):
-                log.warning("option '%s' does not apply to SD3 flow matching and is ignored", name)
+        self.ip_noise_gamma = option("ip_noise_gamma")
+        self.ip_noise_gamma_random_strength = bool(option("ip_noise_gamma_random_strength", False))
+        self.loss_settings = LossSettings.from_args(args, has_ddpm_schedule=False, label=f"a {self.spec.label} model")
         clip_l, clip_g, t5 = (list(bundle.text_encoders) + [None] * 3)[:3]
         if clip_l is None or clip_g is None:
             raise ValueError("an SD3 bundle needs CLIP-L and CLIP-G")
@@ -332,14 +333,19 @@ class SD3Family(MemoisedCaptions, Family):
 
     # ---- the training step
     def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
-        from ...training.noise import make_noise
+        from ...training.noise import make_noise, perturbed_noise
 
         noise = make_noise(latents, None, generator=generator)
         sigmas, timesteps = fm.sample_sd3_sigmas(latents.shape[0], weighting_scheme=self.weighting_scheme,
                                                  generator=generator, device=latents.device, **self.density)
+        # input perturbation as sd-scripts' FLUX.1 trainer defines it for flow matching (its SD3 trainer skips it)
+        model_input_noise = perturbed_noise(noise, self.ip_noise_gamma, self.ip_noise_gamma_random_strength,
+                                            generator=generator)
         weights = fm.loss_weighting(self.weighting_scheme, sigmas) \
             if self.weighting_scheme in ("sigma_sqrt", "cosmap") else None
-        return NoisedLatents(fm.add_flow_noise(latents, noise, sigmas), timesteps, fm.sd3_target(latents), weights)
+        return NoisedLatents(fm.add_flow_noise(latents, model_input_noise, sigmas), timesteps, fm.sd3_target(latents),
+                             weights, self.loss_settings.loss_type,
+                             self.loss_settings.thresholds(timesteps, fm.NUM_TRAIN_TIMESTEPS))
 
     def dropped(self, cond: SD3Conditioning) -> SD3Conditioning:
         """Per sample, zero each encoder's part with its dropout rate (CLIP-L, CLIP-G, T5; sd-scripts' order)."""
