@@ -35,11 +35,6 @@ SAME_MEANING = {
                               "/ 512 dev (flux_* scripts' None)",
 }
 NOT_YET = {
-    # loss / noise (in progress)
-    "adaptive_noise_scale", "debiased_estimation_loss", "huber_c", "huber_scale", "huber_schedule",
-    "ip_noise_gamma", "ip_noise_gamma_random_strength", "loss_type", "multires_noise_discount",
-    "multires_noise_iterations", "noise_offset_random_strength", "scale_v_pred_loss_like_noise_pred",
-    "v_pred_like_loss", "zero_terminal_snr",
     # optimizers and schedules (in progress)
     "lr_decay_steps", "lr_scheduler_args", "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale",
     "lr_scheduler_type", "use_lion_optimizer",
