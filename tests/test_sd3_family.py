@@ -202,6 +202,35 @@ def test_num_last_block_to_freeze_keeps_the_last_blocks(tiny, tmp_path):
         FolderFineTuneMethod(args).build(load_model(tiny.single_file_with_text_encoders), family="sd3")
 
 
+def test_scaled_positional_tables(tiny):
+    """enable_scaled_pos_embed: sd-scripts' scaled sine-cosine tables, one per training resolution, chosen by the
+    latent's area and centre-cropped; without scaling (grid = sample) the table is diffusers' own 2D sincos table."""
+    from argparse import Namespace
+
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from sd_scripts.families.sd3.model import SD3Family, scaled_sincos_table
+    from sd_scripts.models.loading import load_model
+
+    theirs = get_2d_sincos_pos_embed(32, 6, base_size=16, interpolation_scale=1.0, output_type="pt")
+    torch.testing.assert_close(scaled_sincos_table(32, 6, 6), theirs.float(), atol=1e-6, rtol=1e-5)
+    bundle = load_model(tiny.single_file_with_text_encoders)
+    pe = bundle.denoiser.pos_embed
+    native = pe.cropped_pos_embed(8, 8).clone()
+    family = SD3Family(bundle, Namespace(enable_scaled_pos_embed=True, t5xxl_max_token_length=8))
+    family.use_resolutions([(64, 64), (128, 128), (64, 64)])
+    width = pe.pos_embed.shape[-1]
+    for latent, patched in ((8, 4), (16, 8)):
+        grid = int(patched * 1.5)
+        top = (grid - patched) // 2
+        table = scaled_sincos_table(width, grid, patched).reshape(grid, grid, width)
+        want = table[top:top + patched, top:top + patched].reshape(1, -1, width)
+        torch.testing.assert_close(pe.cropped_pos_embed(latent, latent), want)
+    assert not torch.allclose(pe.cropped_pos_embed(8, 8), native)
+    tall = pe.cropped_pos_embed(40, 8)  # a bucket longer than any table: one is made for its long side
+    assert tall.shape == (1, 20 * 4, width)
+
+
 def test_noised_follows_sd3_flow_matching(family):
     torch.manual_seed(0)
     latents = torch.randn(3, 16, 4, 4)

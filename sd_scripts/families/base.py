@@ -101,6 +101,10 @@ class Family:
         """The denoiser's prediction for a noised batch, comparable with `noised.target`."""
         raise NotImplementedError
 
+    def use_resolutions(self, resolutions) -> None:
+        """The datasets' training resolutions [(width, height), ...], once known (before caching and training).
+        The default ignores them."""
+
     # ---- adapters
     #: network_args keys the family's LoRA takes besides the shared ones (key -> parser); when non-empty,
     #: lora_naming is called with `network_args=` (those keys, parsed)

@@ -178,6 +178,8 @@ class RunSetup:
         self.summary = self.dataset.summary()
         if self.summary.num_train_images == 0:
             raise UserError(f"no training images found in {a.train_data_dir or a.dataset_config}")
+        if getattr(self, "family", None) is not None:  # (debug_dataset lists the data without a model)
+            self.family.use_resolutions([tuple(ds.resolution) for ds in configs])
 
     def debug_dataset(self) -> str:
         """debug_dataset: one epoch of batches listed (printed, and written under <output_dir>/debug_dataset) with
