@@ -224,16 +224,13 @@ def data(tmp_path_factory):
     return str(root / "train")
 
 
+# (GLoRA, Diag-OFT, BOFT and full train through the same code; their files are checked in the loader test above)
 TRAINED = [
     ("lycoris.kohya", []),  # kohya_ss' default: preset full
     ("lycoris.kohya", ["algo=loha", "conv_dim=2"]),
     ("lycoris.kohya", ["algo=lokr", "factor=4"]),
     ("lycoris.kohya", ["algo=ia3", "train_on_input=True"]),
-    ("lycoris.kohya", ["algo=glora"]),
-    ("lycoris.kohya", ["algo=diag-oft"]),
-    ("lycoris.kohya", ["algo=boft"]),
     ("lycoris.kohya", ["algo=dylora", "block_size=2"]),
-    ("lycoris.kohya", ["algo=full"]),
     ("networks.loha", ["conv_dim=2", "use_tucker=True"]),
     ("networks.lokr", ["factor=4", "conv_dim=2", "use_tucker=True"]),
 ]
@@ -272,3 +269,84 @@ def test_trainer_step_trains_each_adapter(tiny_sd1, data, tmp_path, module, args
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "2.0"
     if args:
         assert json.loads(metadata["ss_network_args"]) == dict(a.split("=", 1) for a in args)
+
+
+# ---------------------------------------------------------------- each network_arg reaches the modules
+def _unet_modules(net):
+    return net.unet_loras
+
+
+def _kxk(net):
+    return [m for m in net.unet_loras if len(getattr(m, "shape", ())) == 4 and m.shape[2:] != (1, 1)]
+
+
+ARG_EFFECTS = [
+    # (module, network_args, check on the built network)
+    ("lycoris.kohya", ["algo=loha"], lambda n: all(type(m).__name__ == "LohaModule" for m in n.all_loras())),
+    ("lycoris.kohya", ["preset=attn-mlp"], lambda n: not _kxk(n) and len(n.unet_loras) < 83),
+    ("lycoris.kohya", ["conv_dim=2", "conv_alpha=0.5"],
+     lambda n: _kxk(n) and all(m.lora_dim == 2 and float(m.alpha) == 0.5 for m in _kxk(n))),
+    ("lycoris.kohya", ["algo=lokr", "factor=2"], lambda n: tuple(n.unet_loras[5].lokr_w1.shape) == (2, 2)),
+    ("lycoris.kohya", ["algo=lokr", "decompose_both=True", "factor=16"],
+     lambda n: any(hasattr(m, "lokr_w1_a") for m in n.all_loras())),
+    ("lycoris.kohya", ["algo=lokr", "decompose_both=False", "factor=16"],
+     lambda n: not any(hasattr(m, "lokr_w1_a") for m in n.all_loras())),  # the text 'False' is false
+    ("lycoris.kohya", ["algo=loha", "use_tucker=True", "conv_dim=2"], lambda n: all(m.tucker for m in _kxk(n))),
+    ("lycoris.kohya", ["algo=loha", "use_scalar=True"], lambda n: all(m.scalar.requires_grad for m in n.all_loras())),
+    ("lycoris.kohya", ["dora_wd=True"], lambda n: all(hasattr(m, "dora_scale") for m in n.all_loras())),
+    ("lycoris.kohya", ["bypass_mode=True"], lambda n: all(m.bypass_mode for m in n.all_loras())),
+    ("lycoris.kohya", ["train_norm=True"], lambda n: any(type(m).__name__ == "NormModule" for m in n.all_loras())),
+    ("lycoris.kohya", ["rank_dropout_scale=True"], lambda n: all(m.rank_dropout_scale for m in n.all_loras())),
+    ("lycoris.kohya", ["algo=ia3", "train_on_input=True"], lambda n: all(int(m.on_input) for m in n.all_loras())),
+    ("lycoris.kohya", ["dropout=0.25", "rank_dropout=0.5", "module_dropout=0.125"],
+     lambda n: all((m.drop.p, m.rank_dropout, m.module_dropout) == (0.25, 0.5, 0.125) for m in n.all_loras())),
+    ("lycoris.kohya", ["algo=diag-oft", "constraint=0.01", "rescaled=True"],  # lycoris keeps constraint x dim
+     lambda n: all(m.constraint == pytest.approx(0.01 * m.dim) and m.rescaled for m in n.all_loras())),
+    ("lycoris.kohya", ["algo=dylora", "block_size=2"], lambda n: all(m.block_size == 2 for m in n.all_loras())),
+    ("networks.loha", ["conv_dim=2", "conv_alpha=0.5", "use_tucker=True"],
+     lambda n: _kxk(n) and all(m.tucker and m.lora_dim == 2 and float(m.alpha) == 0.5 for m in _kxk(n))),
+    ("networks.lokr", ["factor=2"], lambda n: tuple(n.unet_loras[5].lokr_w1.shape) == (2, 2)),
+    ("networks.lokr", ["rank_dropout=0.5", "module_dropout=0.125"],
+     lambda n: all((m.rank_dropout, m.module_dropout) == (0.5, 0.125) for m in n.all_loras())),
+    ("networks.loha", [r"exclude_patterns=['.*attn1.*']"],
+     lambda n: n.unet_loras and not any("attn1" in m.lora_name for m in n.unet_loras)),
+    ("networks.loha", [r"exclude_patterns=['.*attn.*']", r"include_patterns=['.*attn2_to_q|.*attn2\.to_q']"],
+     lambda n: {m.lora_name.rsplit("_", 3)[-3:][-1] for m in n.unet_loras if "attn" in m.lora_name} == {"q"}),
+]
+
+
+@pytest.mark.parametrize("module,args,check", ARG_EFFECTS, ids=[f"{m}:{','.join(a)}" for m, a, _ in ARG_EFFECTS])
+def test_network_arg_reaches_the_modules(base, module, args, check):
+    unet, te = fresh(base)
+    assert check(build(module, unet, te, args, network_dropout=None))
+
+
+def test_network_dropout_is_lycoris_neuron_dropout(base):
+    unet, te = fresh(base)
+    net = build("lycoris.kohya", unet, te, network_dropout=0.3)
+    assert all(m.drop.p == 0.3 for m in net.all_loras())
+
+
+@pytest.mark.parametrize("module,args,message", [
+    ("lycoris.kohya", ["algo=lokra"], "algo='lokra' is not a LyCORIS algo"),
+    ("lycoris.kohya", ["use_tucker=maybe"], "use_tucker='maybe' for lycoris.kohya is not True or False"),
+    ("lycoris.kohya", ["preset=/nowhere/p.toml"], "preset='/nowhere/p.toml' is neither"),
+    ("lycoris.kohya", ["loraplus_typo=2"], "'loraplus_typo' is not a setting of lycoris.kohya"),
+    ("networks.lokr", ["factor=x"], "factor='x' for networks.lokr is not int"),
+    ("networks.loha", ["algo=loha"], "'algo' is not a setting of networks.loha"),
+])
+def test_bad_network_args_are_errors_naming_them(base, module, args, message):
+    unet, te = fresh(base)
+    with pytest.raises(NetworkError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        build(module, unet, te, args)
+
+
+def test_default_preset_leaves_lycoris_class_state_as_it_was(base):
+    """lycoris keeps presets in class attributes: building a network with our preset puts them back."""
+    import lycoris.kohya as lk
+
+    before = list(lk.LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE)
+    unet, te = fresh(base)
+    net = build("lycoris.kohya", unet, te, ["preset=attn-only"])
+    assert net.all_loras()
+    assert lk.LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE == before
