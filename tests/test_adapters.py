@@ -350,3 +350,81 @@ def test_default_preset_leaves_lycoris_class_state_as_it_was(base):
     net = build("lycoris.kohya", unet, te, ["preset=attn-only"])
     assert net.all_loras()
     assert lk.LycorisNetworkKohya.UNET_TARGET_REPLACE_MODULE == before
+
+
+# ---------------------------------------------------------------- SDXL: SAI (LDM) names
+def sai_view(unet):
+    """The U-Net's layers under their single-file (SAI/LDM) paths, from the checkpoint key map (models/keymaps.py,
+    checked against real checkpoints elsewhere): what lycoris' loader sees in sd-scripts' SDXL U-Net."""
+    from sd_scripts.models.keymaps import unet_keymap
+    from sd_scripts.models.ldm_layout import UNET_PREFIX
+
+    keymap = unet_keymap(list(unet.state_dict()), unet.config.layers_per_block)
+    modules = dict(unet.named_modules())
+    root = nn.Module()
+    for rule in keymap.rules:
+        layer = modules.get(rule.diffusers[0][:-len(".weight")]) if rule.diffusers[0].endswith(".weight") else None
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            continue
+        *parents, leaf = rule.ldm[len(UNET_PREFIX):-len(".weight")].split(".")
+        node = root
+        for part in parents:
+            if part not in node._modules:
+                node.add_module(part, nn.Module())
+            node = node._modules[part]
+        node.add_module(leaf, layer)
+    return root
+
+
+@pytest.mark.parametrize("module,args", [("lycoris.kohya", ["algo=lokr", "factor=4"]),
+                                         ("networks.loha", ["conv_dim=2", "conv_alpha=2"])])
+def test_sdxl_files_use_sai_names_and_load_in_lycoris(tmp_path, module, args):
+    import lycoris.kohya as lk
+
+    from tests.sdxl_parts import PROJ, TE1, TE2, TIME_DIM, tiny_sdxl_parts
+
+    parts = tiny_sdxl_parts()
+    clean = tiny_sdxl_parts()
+    network = resolve_network_module(module).create_network(
+        unet=parts.unet, text_encoders=[parts.text_encoder, parts.text_encoder_2], family="sdxl", network_dim=4,
+        network_alpha=4, network_args=args)
+    perturb(network)
+    network.eval()
+    network.apply_to()
+    context = torch.randn(1, 77, TE1 + TE2, generator=torch.Generator().manual_seed(3))
+    added = {"text_embeds": torch.randn(1, PROJ), "time_ids": torch.randn(1, 6) * TIME_DIM}
+    ids = INPUT_IDS
+
+    @torch.no_grad()
+    def run(p):
+        return (p.text_encoder(ids)[0], p.text_encoder_2(ids)[0],
+                p.unet(LATENT, torch.tensor([10]), encoder_hidden_states=context, added_cond_kwargs=added).sample)
+
+    ours = run(parts)
+    path = tmp_path / "sdxl.safetensors"
+    network.save_weights(path)
+    keys, _ = file_keys(path)
+    unet_names = {k.split(".")[0] for k in keys if k.startswith("lora_unet_")}
+    assert unet_names and all(n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                            "lora_unet_output_blocks_", "lora_unet_time_embed_", "lora_unet_out_"))
+                              for n in unet_names)
+    assert {k.split("_")[1] for k in keys} == {"te1", "te2", "unet"}
+
+    cls = lk.LycorisNetworkKohya
+    saved = {k: getattr(cls, k) for k in ("UNET_TARGET_REPLACE_MODULE", "UNET_TARGET_REPLACE_NAME",
+                                         "TEXT_ENCODER_TARGET_REPLACE_MODULE", "TEXT_ENCODER_TARGET_REPLACE_NAME")}
+    cls.apply_preset({k: [] for k in ("unet_target_module", "unet_target_name", "text_encoder_target_module",
+                                      "text_encoder_target_name")})
+    try:
+        holder = nn.Module()
+        holder.text_model = clean.text_encoder
+        loaded, _ = lk.create_network_from_weights(1.0, str(path), None, [holder, clean.text_encoder_2],
+                                                   sai_view(clean.unet))
+    finally:
+        for k, v in saved.items():
+            setattr(cls, k, v)
+    assert len(loaded.unet_loras) + len(loaded.text_encoder_loras) == len(network.all_loras())
+    for m in loaded.unet_loras + loaded.text_encoder_loras:
+        m.merge_to(1.0)
+    for a, b in zip(run(clean), ours):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
