@@ -428,3 +428,74 @@ def test_sdxl_files_use_sai_names_and_load_in_lycoris(tmp_path, module, args):
         m.merge_to(1.0)
     for a, b in zip(run(clean), ours):
         torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- DiT families: lycoris' own names
+def _tiny_flux():
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=2, num_single_layers=2,
+                                   attention_head_dim=16, num_attention_heads=2, joint_attention_dim=48,
+                                   pooled_projection_dim=64, guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+
+    def run(m):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return m(hidden_states=torch.randn(1, 16, 64, generator=g),
+                     encoder_hidden_states=torch.randn(1, 5, 48, generator=g),
+                     pooled_projections=torch.randn(1, 64, generator=g), timestep=torch.tensor([0.5]),
+                     img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.0]),
+                     return_dict=False)[0]
+    return model.requires_grad_(False), run
+
+
+def _tiny_sd3():
+    from diffusers import SD3Transformer2DModel
+
+    from sd_scripts.families.sd3.tiny import TINY_TRANSFORMER
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**TINY_TRANSFORMER)
+
+    def run(m):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            return m(hidden_states=torch.randn(1, 16, 8, 8, generator=g),
+                     encoder_hidden_states=torch.randn(1, 5, 128, generator=g),
+                     pooled_projections=torch.randn(1, 96, generator=g), timestep=torch.tensor([500]),
+                     return_dict=False)[0]
+    return model.requires_grad_(False), run
+
+
+@pytest.mark.parametrize("family,make,blocks", [
+    ("flux", _tiny_flux, ("lycoris_transformer_blocks_", "lycoris_single_transformer_blocks_")),
+    ("sd3", _tiny_sd3, ("lycoris_transformer_blocks_", "lycoris_norm_out_"))])
+def test_dit_lycoris_files_use_lycoris_names_and_load_in_its_generic_loader(tmp_path, family, make, blocks):
+    """FLUX.1 / SD3 LoRA layouts fuse q/k/v, which one-module-per-layer LyCORIS files cannot hold: lycoris.kohya names
+    the denoiser's layers as lycoris itself (and SimpleTuner, read by ComfyUI) does, `lycoris_<diffusers path>`, on
+    the family's LoRA target blocks; lycoris' generic loader rebuilds our forward. networks.loha / lokr refuse."""
+    from lycoris.wrapper import create_lycoris_from_weights
+
+    model, run = make()
+    clean = copy.deepcopy(model)
+    base_out = run(model)
+    network = resolve_network_module("lycoris.kohya").create_network(
+        unet=model, text_encoders=[], family=family, network_dim=4, network_alpha=4,
+        network_args=["algo=lokr", "factor=4"], train_text_encoder=False)
+    assert network.unet_loras and all(m.lora_name.startswith(blocks) for m in network.unet_loras)
+    perturb(network)
+    network.eval()
+    network.apply_to()
+    ours = run(model)
+    assert (ours - base_out).abs().max() > 1e-3
+    path = tmp_path / "dit.safetensors"
+    network.save_weights(path)
+    loaded, _ = create_lycoris_from_weights(1.0, str(path), clean)
+    assert len(loaded.loras) == len(network.unet_loras)
+    for m in loaded.loras:
+        m.merge_to(1.0)
+    torch.testing.assert_close(run(clean), ours, atol=2e-4, rtol=1e-4)
+    with pytest.raises(NetworkError, match="networks.lokr: this model family's LoRA file layout fuses"):
+        resolve_network_module("networks.lokr").create_network(unet=model, text_encoders=[], family=family,
+                                                               network_dim=4, network_alpha=1)

@@ -357,11 +357,14 @@ def network_on_targets(*, unet: nn.Module | None, text_encoders: Sequence[nn.Mod
 
 def network_from_file(path: str | os.PathLike, *, unet: nn.Module | None, text_encoders: Sequence[nn.Module],
                       family: str, multiplier: float, module: str, train_unet: bool = True,
-                      train_text_encoder: bool = True) -> AdapterNetwork:
-    """A network shaped like a LyCORIS-format file (each module's algo and shapes from its tensors), loaded."""
+                      train_text_encoder: bool = True,
+                      naming: Callable[[dict], dict] | None = None) -> AdapterNetwork:
+    """A network shaped like a LyCORIS-format file (each module's algo and shapes from its tensors), loaded.
+    `naming`: adjusts the family's LoRA naming (lycoris.kohya's names for DiT families)."""
     from .lora import family_naming
 
-    naming = family_naming(family, unet)
+    naming_dict = family_naming(family, unet)
+    naming = naming(naming_dict) if naming else naming_dict
     names = LayerNames(unet, text_encoders, naming)
     parts = (["unet"] if train_unet else []) + (["te"] if train_text_encoder else [])
     modules = modules_from_file(path, names, [unet, *text_encoders], multiplier=multiplier, module=module,

@@ -11,7 +11,11 @@ lycoris' own `lycoris.kohya.create_network` chooses the layers (its presets) and
 - type the network_args (lycoris reads the text 'False' as true);
 - name the modules as the family's files do (SDXL's SAI paths, CLIP's `text_model.`), and keep them in an
   AdapterNetwork (saving atomically with our metadata).
-Families whose file layout fuses layers (FLUX.1's qkv, SD3's) cannot hold one LyCORIS module per layer: refused.
+DiT families (FLUX.1 / Chroma, SD3: their LoRA layout fuses q/k/v into one layer, which one-module-per-layer LyCORIS
+files cannot express) get LyCORIS' own naming: `lycoris_` + the diffusers module path of every layer in the family's
+LoRA target blocks (lycoris' presets name BFL / SAI block classes, not diffusers'), as SimpleTuner writes and
+ComfyUI reads for FLUX.1, and as lycoris' generic loader (`lycoris.wrapper.create_lycoris_from_weights`) loads;
+text encoders keep the family's `lora_te*_` names.
 """
 from __future__ import annotations
 
@@ -82,6 +86,12 @@ def load_preset(name: str | None) -> dict[str, Any]:
     return {key: preset.get(key, defaults[key]) for key in _PRESET_KEYS}
 
 
+def _is_file(preset: str | None) -> bool:
+    from lycoris.config import PRESET
+
+    return bool(preset) and preset not in PRESET
+
+
 def _matches(pattern: str, name: str, use_fnmatch: bool) -> bool:
     return fnmatch(name, pattern) if use_fnmatch else re.match(pattern, name) is not None
 
@@ -120,11 +130,15 @@ def effective_preset(preset: dict[str, Any], unet: nn.Module | None, text_encode
     return out
 
 
-def _check_layout(naming: dict[str, Any]) -> None:
-    if naming.get("unet_block_classes") is not None:
-        raise NetworkError(f"{MODULE}: this model family names its LoRA layers in a layout that fuses several layers "
-                           f"into one file module (e.g. FLUX.1 / SD3 qkv), which LyCORIS files cannot express; use "
-                           f"the family's own network_module")
+LYCORIS_PREFIX = "lycoris"  # lycoris' own (non-kohya) module-name prefix
+
+
+def lycoris_naming(naming: dict[str, Any]) -> dict[str, Any]:
+    """The family's LoRA naming, or for a family with its own target blocks (a DiT whose LoRA layout fuses layers)
+    lycoris' native names for the denoiser: `lycoris_<diffusers path>`."""
+    if naming.get("unet_block_classes") is None:
+        return naming
+    return dict(naming, unet_prefix=LYCORIS_PREFIX, unet_name_map=None)
 
 
 def _create_with_lycoris(unet, text_encoders, network_dim, network_alpha, multiplier, args, preset) -> list[nn.Module]:
@@ -170,11 +184,16 @@ def create_network(*, unet: nn.Module | None, text_encoders: Sequence[nn.Module]
     if network_dropout is not None and args.get("dropout") is None:
         args["dropout"] = network_dropout  # sd-scripts hands --network_dropout to lycoris as neuron dropout
     naming = family_naming(family, unet)
-    _check_layout(naming)
     enabled = list(naming.get("te_enabled") or [True] * len(text_encoders))
     tes = [te for te, on in zip(text_encoders, enabled) if te is not None and on] if train_text_encoder else []
     unet_arg = unet if train_unet else None
-    preset = effective_preset(load_preset(args.get("preset")), unet_arg, tes,
+    preset = load_preset(args.get("preset"))
+    own_blocks = naming.get("unet_block_classes")
+    if own_blocks is not None and not _is_file(args.get("preset")):
+        # a built-in preset names BFL / SAI / other models' classes: the family's own LoRA target blocks instead
+        preset["unet_target_module"], preset["unet_target_name"] = list(own_blocks), []
+    naming = lycoris_naming(naming)
+    preset = effective_preset(preset, unet_arg, tes,
                               {k: args[k] for k in _MODULE_ONLY_OPTIONS if args.get(k) is not None})
     if unet_arg is None:
         preset["unet_target_module"], preset["unet_target_name"] = [], []
@@ -190,8 +209,6 @@ def create_network_from_weights(path: str | os.PathLike, *, unet: nn.Module | No
                                 text_encoders: Sequence[nn.Module], family: str, multiplier: float = 1.0,
                                 train_unet: bool = True, train_text_encoder: bool = True) -> AdapterNetwork:
     """A network shaped like a LyCORIS-format file (algo, ranks and layers from its tensors), weights loaded."""
-    from .lora import family_naming
-
-    _check_layout(family_naming(family, unet))
     return network_from_file(path, unet=unet, text_encoders=text_encoders, family=family, multiplier=multiplier,
-                             module=MODULE, train_unet=train_unet, train_text_encoder=train_text_encoder)
+                             module=MODULE, train_unet=train_unet, train_text_encoder=train_text_encoder,
+                             naming=lycoris_naming)
