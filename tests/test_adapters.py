@@ -499,3 +499,35 @@ def test_dit_lycoris_files_use_lycoris_names_and_load_in_its_generic_loader(tmp_
     with pytest.raises(NetworkError, match="networks.lokr: this model family's LoRA file layout fuses"):
         resolve_network_module("networks.lokr").create_network(unet=model, text_encoders=[], family=family,
                                                                network_dim=4, network_alpha=1)
+
+
+# ---------------------------------------------------------------- resuming and preset files
+def test_network_weights_resume_loads_the_file_and_checks_shapes(base, tmp_path):
+    unet, te = fresh(base)
+    first = build("lycoris.kohya", unet, te, ["algo=loha"])
+    perturb(first)
+    path = tmp_path / "loha.safetensors"
+    first.save_weights(path)
+    unet2, te2 = fresh(base)
+    second = build("lycoris.kohya", unet2, te2, ["algo=loha"])
+    second.load_weights(path)
+    for key, value in first.state_dict().items():
+        torch.testing.assert_close(second.state_dict()[key], value)
+    unet3, te3 = fresh(base)
+    with pytest.raises(NetworkError, match="hada_w1_a has shape .* use the same network_dim"):
+        build("lycoris.kohya", unet3, te3, ["algo=loha"], dim=8).load_weights(path)
+    with pytest.raises(NetworkError, match="none of its .* tensors belongs to this lycoris.kohya network"):
+        build("lycoris.kohya", unet3, te3, ["algo=lokr"]).load_weights(path)
+
+
+def test_preset_toml_file_chooses_the_layers(base, tmp_path):
+    """kohya_ss: 'Use path_to_config_file.toml to choose config file (for LyCORIS module settings)'."""
+    preset = tmp_path / "preset.toml"
+    preset.write_text('unet_target_module = ["Transformer2DModel"]\nunet_target_name = []\n'
+                      'text_encoder_target_module = []\ntext_encoder_target_name = []\nenable_conv = false\n'
+                      '[module_algo_map.Transformer2DModel]\nalgo = "loha"\n')
+    unet, te = fresh(base)
+    network = build("lycoris.kohya", unet, te, [f"preset={preset}"])
+    assert not network.text_encoder_loras
+    assert network.unet_loras and all("attentions" in m.lora_name for m in network.unet_loras)
+    assert {type(m).__name__ for m in network.unet_loras} == {"LohaModule"}

@@ -219,7 +219,7 @@ class AdapterNetwork(nn.Module):
         tensors, _ = load_weights_file(path)
         own = self.state_dict()
         matched = {k: v for k, v in tensors.items() if k in own}
-        if not matched:
+        if not any(not k.endswith(".alpha") for k in matched):  # alphas alone: another algo's file
             raise NetworkError(f"{path}: none of its {len(tensors)} tensors belongs to this {self.module_name} "
                                f"network: the file was made with another algo, model family or targets")
         for key, value in matched.items():
