@@ -224,11 +224,10 @@ def data(tmp_path_factory):
     return str(root / "train")
 
 
-# (GLoRA, Diag-OFT, BOFT and full train through the same code; their files are checked in the loader test above)
+# (LoKr, GLoRA, Diag-OFT, BOFT and full train through the same code; their files are checked in the loader test)
 TRAINED = [
     ("lycoris.kohya", []),  # kohya_ss' default: preset full
     ("lycoris.kohya", ["algo=loha", "conv_dim=2"]),
-    ("lycoris.kohya", ["algo=lokr", "factor=4"]),
     ("lycoris.kohya", ["algo=ia3", "train_on_input=True"]),
     ("lycoris.kohya", ["algo=dylora", "block_size=2"]),
     ("networks.loha", ["conv_dim=2", "use_tucker=True"]),
