@@ -530,3 +530,28 @@ def test_preset_toml_file_chooses_the_layers(base, tmp_path):
     assert not network.text_encoder_loras
     assert network.unet_loras and all("attentions" in m.lora_name for m in network.unet_loras)
     assert {type(m).__name__ for m in network.unet_loras} == {"LohaModule"}
+
+
+# ---------------------------------------------------------------- diffusers reads LyCORIS LoCon files
+def test_diffusers_loads_a_lycoris_locon_file_and_matches_our_forward(tmp_path):
+    """diffusers' load_lora_weights reads LyCORIS LoRA/LoCon files (the kohya lora_down / lora_up keys), also the
+    full preset's conv_in / time embedding / conv_out / ResNet layers (LoHa / LoKr keys it does not read)."""
+    pytest.importorskip("peft", reason="diffusers' load_lora_weights needs the peft package")
+    from tests.test_lora_diffusers import run, tiny_pipeline, tiny_text_encoder, tiny_unet
+
+    unet, te = tiny_unet(), tiny_text_encoder()
+    pipe = tiny_pipeline(copy.deepcopy(unet), copy.deepcopy(te))
+    before = run(unet, te)
+    network = build("lycoris.kohya", unet, te, ["algo=locon", "conv_dim=2", "conv_alpha=2"], alpha=2.0)
+    assert any("conv_in" in m.lora_name for m in network.unet_loras)
+    perturb(network)
+    network.eval()
+    network.apply_to()
+    ours = run(unet, te)
+    path = tmp_path / "locon.safetensors"
+    network.save_weights(path, None, {"ss_network_module": "lycoris.kohya"})
+    pipe.load_lora_weights(str(path))
+    theirs = run(pipe.unet, pipe.text_encoder)
+    assert (ours[0] - before[0]).abs().max() > 1e-3
+    torch.testing.assert_close(theirs[1], ours[1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(theirs[0], ours[0], atol=1e-4, rtol=1e-4)
