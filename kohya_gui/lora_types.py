@@ -5,7 +5,7 @@ and which config fields become which network_args. Types we do not train are ref
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 LYCORIS = "lycoris.kohya"

@@ -15,7 +15,8 @@ FIELDS = {
     "LyCORIS_preset": "full", "conv_dim": 8, "conv_alpha": 4, "use_tucker": True, "use_cp": False, "use_scalar": False,
     "rank_dropout": 0.1, "module_dropout": 0, "rank_dropout_scale": False, "train_norm": False, "bypass_mode": False,
     "dora_wd": True, "factor": 8, "decompose_both": False, "constrain": 0.0, "rescaled": False, "unit": 4,
-    "train_on_input": True, "network_dim": 16, "network_alpha": 8, "pretrained_model_name_or_path": "/m/sd15.safetensors",
+    "train_on_input": True, "network_dim": 16, "network_alpha": 8,
+    "pretrained_model_name_or_path": "/m/sd15.safetensors",
 }
 
 EXPECTED = {
