@@ -175,6 +175,12 @@ NET_FT = frozenset({"network", "finetune"})
 CAPTION_JSON = frozenset({"network", "finetune", "ti"})  # sd-scripts' trainers with in_json / dataset_repeats
 
 
+def _network_module_names() -> tuple:
+    from .networks.registry import network_module_names
+
+    return network_module_names()
+
+
 def _family_option_choices(option: str) -> tuple:
     from .families import option_choices
 
@@ -287,8 +293,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("persistent_data_loader_workers", bool, False, "Keep data loader workers between epochs.", "dataset",
        advanced=True),
     # ---- network
-    _O("network_module", str, "networks.lora", "Adapter type (networks.lora: kohya LoRA / LoCon).", "network",
-       trainers=NET, choices=("networks.lora", "sd_scripts.networks.lora", *_family_option_choices("network_module"))),
+    _O("network_module", str, "networks.lora", "Adapter type: networks.lora (kohya LoRA / LoCon), networks.loha, "
+       "networks.lokr (LoHa / LoKr), lycoris.kohya (LyCORIS: algo= in network_args).", "network",
+       trainers=NET, choices=(*_network_module_names(), *_family_option_choices("network_module"))),
     _O("network_dim", int, 4, "LoRA rank.", "network", trainers=NET, minimum=1, check=_positive,
        label="Network rank (dim)"),
     _O("network_alpha", float, 1.0, "LoRA alpha: the update is scaled by alpha / rank.", "network", trainers=NET,
@@ -296,7 +303,8 @@ OPTIONS: tuple[Option, ...] = (
     _O("network_dropout", float, None, "Dropout on the LoRA down projection's output (neuron dropout).", "network",
        trainers=NET, minimum=0, maximum=1),
     _O("network_args", str, None, "Extra network options key=value: conv_dim, conv_alpha, rank_dropout, "
-       "module_dropout.", "network", trainers=NET, nargs="*"),
+       "module_dropout; networks.lokr: factor, use_tucker; lycoris.kohya: algo, preset, factor, use_tucker, ...",
+       "network", trainers=NET, nargs="*"),
     _O("network_weights", str, None, "Continue training from this LoRA file.", "network", trainers=NET, path="file"),
     _O("dim_from_weights", bool, False, "Take rank and alpha from network_weights.", "network", trainers=NET),
     _O("network_train_unet_only", bool, False, "Train only the U-Net part of the LoRA.", "network", trainers=NET),

@@ -74,6 +74,13 @@ def option_metadata(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
+def _network_module(args: argparse.Namespace) -> str:
+    """ss_network_module: the network trained, as sd-scripts names it (e.g. 'networks.lora', 'lycoris.kohya')."""
+    from ..networks.registry import canonical_network_module
+
+    return canonical_network_module(getattr(args, "network_module", None) or "networks.lora")
+
+
 def _iso_date(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, tz=datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -120,7 +127,7 @@ def build_training_metadata(args: argparse.Namespace, *, family: str, v_predicti
     tag_frequency = _summary_value(dataset_summary, "tag_frequency", {}) or {}
     tag_frequency = {d: {str(t).lower(): int(n) for t, n in tags.items()} for d, tags in tag_frequency.items()}
     meta.update({
-        "ss_network_module": "networks.lora",
+        "ss_network_module": _network_module(args),
         "ss_network_dim": str(getattr(args, "network_dim", None)),
         "ss_network_alpha": str(getattr(args, "network_alpha", None)),
         "ss_v2": str(family_spec(family).ss_v2),

@@ -458,7 +458,7 @@ class FluxFamily(MemoisedCaptions, Family):
             out["modelspec.architecture"] = arch + (slash + adapter if slash else "")
             out["modelspec.implementation"] = IMPL_CHROMA if self.is_chroma else IMPL_FLUX
         out.pop("modelspec.prediction_type", None)
-        if "ss_network_module" in out:
+        if out.get("ss_network_module") == "networks.lora":  # our LoRA is sd-scripts' lora_flux here (not LyCORIS)
             out["ss_network_module"] = "networks.lora_flux"
         if out.get("ss_model_type") in (None, "None"):
             out["ss_model_type"] = CHROMA if self.is_chroma else FLUX
