@@ -145,6 +145,43 @@ def test_swapped_block_with_trainable_weights_is_refused():
         BlockSwapper(model, _flux_groups(model, 2), "cpu")
 
 
+def _fused_full_steps(model, steps=2):
+    """`steps` full fine-tuning steps (every weight trained) with the fused backward pass: AdamW steps each weight
+    inside backward. Returns the weights afterwards."""
+    from sd_scripts.training.fused_backward import FusedBackwardOptimizer
+
+    model.requires_grad_(True).train()
+    model.enable_gradient_checkpointing()
+    opt = FusedBackwardOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), max_grad_norm=1.0)
+    for i in range(steps):
+        out = model(**_inputs(model, seed=10 + i))[0]
+        (out.float() ** 2).mean().backward()
+    return opt
+
+
+def test_full_fine_tune_with_swapped_blocks_trains_exactly():
+    """flux_train / sd3_train --blocks_to_swap: trained blocks live on the CPU between their turns; each stays on the
+    device through its backward pass until the fused optimizer stepped it, then its new weights go back to the CPU
+    masters. The weights after two steps equal those of the unswapped run bit for bit."""
+    reference = _flux()
+    swapped_model = copy.deepcopy(reference)
+    swapper = BlockSwapper(swapped_model, _flux_groups(swapped_model, 2), "cpu", trainable=True).install()
+    _fused_full_steps(reference)
+    _fused_full_steps(swapped_model)
+    assert swapper.stats.writebacks == 2 * len(swapper.swapped)  # each swapped block, once per step
+    swapper.release_all()
+    for block in swapper.swapped.values():
+        assert block.loaded is None
+        assert all(p.data_ptr() == m.data_ptr() for p, m in zip(block.params, block.masters))
+    trained, initial = dict(reference.named_parameters()), _flux().state_dict()
+    for name, param in swapped_model.named_parameters():
+        assert torch.equal(param, trained[name]), name
+    swapped_ids = {id(p) for block in swapper.swapped.values() for p in block.params}
+    swapped_names = [n for n, p in swapped_model.named_parameters() if id(p) in swapped_ids]
+    assert swapped_names and all(not torch.equal(trained[n], initial[n]) for n in swapped_names
+                                 if n.endswith("weight")), "precondition: the swapped blocks' weights trained"
+
+
 def test_sd3_swaps_its_joint_blocks():
     from sd_scripts.families.sd3.model import SD3Family
     from sd_scripts.families.sd3.tiny import TINY_TRANSFORMER
@@ -278,7 +315,7 @@ def _args(**values):
      ["'blocks_to_swap'", "'cpu_offload_checkpointing'"]),
     (dict(fp8_base=True, mixed_precision="no"), "network", ["'fp8_base'", "bf16"]),
     (dict(fp8_base_unet=True, mixed_precision="no"), "network", ["fp8_base_unet", "bf16"]),
-    (dict(blocks_to_swap=4), "finetune", ["'blocks_to_swap'", "_train_network"]),
+    (dict(blocks_to_swap=4), "finetune", ["'blocks_to_swap'", "fused_backward_pass", "gradient_checkpointing"]),
     (dict(fp8_base=True), "finetune", ["'fp8_base'", "frozen"]),
 ])
 def test_option_combinations_refused(values, trainer, words):
@@ -291,6 +328,9 @@ def test_option_combinations_accepted():
     for values in (dict(blocks_to_swap=4, gradient_checkpointing=True), dict(fp8_base=True),
                    dict(cpu_offload_checkpointing=True, gradient_checkpointing=True), dict(blocks_to_swap=0)):
         memory.check_options(_args(**values), trainer="network")
+    memory.check_options(_args(blocks_to_swap=4, gradient_checkpointing=True, fused_backward_pass=True),
+                         trainer="finetune")
+    assert memory._swap(_args(double_blocks_to_swap=3, single_blocks_to_swap=5)) == 5  # sd-scripts' conversion
     assert memory.fp8_text_encoders(_args(fp8_base=True)) and not memory.fp8_text_encoders(_args(fp8_base_unet=True))
     assert memory.fp8_denoiser(_args(fp8_base_unet=True))
 

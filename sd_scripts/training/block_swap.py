@@ -19,8 +19,12 @@ checkpointing's recomputation. Here only the chosen blocks move, and training st
   synchronous. Swapped blocks are spread evenly over each block list, so a copy also overlaps the resident blocks
   between two swapped ones.
 
-Only frozen weights move: a block holding a trainable parameter is refused (LoRA modules live outside the blocks).
-Buffers stay on the device. The family says which module lists are its swappable blocks and how N is shared between
+Frozen weights (a LoRA run: the adapters live outside the blocks) are never copied back. A full fine-tune
+(`trainable=True`) needs gradient checkpointing and the fused backward pass (training/fused_backward.py): during the
+backward pass a swapped block stays on the device from its recomputation until its gradients have been used by the
+optimizer step inside backward, and its updated weights are copied back to the CPU masters when it is released
+(the next block's turn); so only brought-in blocks hold device weights, and training is exact. The optimizer's
+state of those weights lives where they are stepped (the device), as in sd-scripts. Buffers stay on the device. The family says which module lists are its swappable blocks and how N is shared between
 them (`Family.block_swap_groups`).
 """
 from __future__ import annotations
@@ -73,6 +77,10 @@ class _Block:
     masters: list[torch.Tensor]
     loaded: list[torch.Tensor] | None = None
     event: object | None = None  # torch.cuda.Event of the copy, on CUDA
+    trainable: bool = False  # its weights are trained: copied back to the masters when released
+    dirty: bool = False  # brought in for a backward pass (the optimizer may have stepped the device copies)
+    pending: int = 0  # trained weights whose gradient this backward pass has not delivered yet
+    hooked: bool = False
 
 
 @dataclass
@@ -82,6 +90,7 @@ class SwapStats:
     onloads: int = 0
     offloads: int = 0
     prefetches: int = 0
+    writebacks: int = 0  # trained blocks copied back to their CPU masters
     swapped_bytes: int = 0
     resident_bytes: int = 0
     per_block: dict[int, int] = field(default_factory=dict)  # position -> onloads
@@ -92,7 +101,7 @@ class BlockSwapper:
     gradient checkpointing, its recomputation). `install()` places the rest of the model on the device."""
 
     def __init__(self, model: nn.Module, groups: Sequence[SwapGroup], device: torch.device | str, *,
-                 prefetch: bool = True):
+                 prefetch: bool = True, trainable: bool = False):
         self.model = model
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -107,11 +116,11 @@ class BlockSwapper:
                 self.order.append(block)
                 if index in chosen:
                     params = list(block.parameters())
-                    trained = [p for p in params if p.requires_grad]
-                    if trained:
+                    trained = any(p.requires_grad for p in params)
+                    if trained and not trainable:
                         raise ValueError(f"{group.name}.{index} holds trainable weights: block swap moves frozen "
-                                         f"weights only")
-                    self.swapped[position] = _Block(position, block, params, [])
+                                         f"weights only (a full fine-tune swaps with trainable=True)")
+                    self.swapped[position] = _Block(position, block, params, [], trainable=trainable)
         self._direction = 1
         self._last = -1
         self._handles: list = []
@@ -151,9 +160,9 @@ class BlockSwapper:
             handle.remove()
         self._handles.clear()
         for block in self.swapped.values():
+            self._offload(block)
             for param, master in zip(block.params, block.masters):
                 param.data = master.to(self.device)
-            block.loaded = block.event = None
 
     def _master(self, tensor: torch.Tensor) -> torch.Tensor:
         master = tensor.detach().to("cpu", copy=True) if tensor.device.type != "cpu" else tensor.detach()
@@ -192,13 +201,42 @@ class BlockSwapper:
             param.data = tensor
 
     def _offload(self, block: _Block) -> None:
-        """Drop the device copies: the parameters point at their CPU masters again (frozen: nothing to copy)."""
+        """Drop the device copies: the parameters point at their CPU masters again (frozen: nothing to copy; a
+        trained block brought in for a backward pass first copies its stepped weights back)."""
         if block.loaded is None:
             return
         self.stats.offloads += 1
+        block.pending = 0
+        if block.dirty:
+            with torch.no_grad():
+                for master, tensor in zip(block.masters, block.loaded):
+                    master.copy_(tensor)
+            self.stats.writebacks += 1
+            block.dirty = False
         for param, master in zip(block.params, block.masters):
             param.data = master
         block.loaded = block.event = None
+
+    def release_all(self) -> None:
+        """Send every brought-in block back (trained weights copied to their masters), e.g. before reading the
+        masters directly."""
+        self._keep_only(force=True)
+
+    def _await_gradients(self, block: _Block) -> None:
+        """A trained block enters its backward turn: it stays on the device until each of its trained weights'
+        gradient has been delivered, i.e. after the fused optimizer stepped it (that hook was registered first, so
+        it runs before ours), then goes back with its new weights."""
+        trained = [p for p in block.params if p.requires_grad]
+        if not block.hooked:
+            for param in trained:
+                param.register_post_accumulate_grad_hook(lambda _p, b=block: self._gradient_done(b))
+            block.hooked = True
+        block.dirty, block.pending = True, len(trained)
+
+    def _gradient_done(self, block: _Block) -> None:
+        block.pending -= 1
+        if block.pending == 0:
+            self._offload(block)
 
     def _next_swapped(self, position: int, direction: int) -> _Block | None:
         candidates = [p for p in self.swapped if (p - position) * direction > 0]
@@ -215,16 +253,19 @@ class BlockSwapper:
             self._onload(upcoming)
 
     # ------------------------------------------------------------------ hooks
-    def _keep_only(self, *keep: _Block | None) -> None:
-        """Release every brought-in block but `keep`. Checkpointing's recomputation may stop before a block's
-        forward ends (early stop), so a block's post-hook is not always reached: the next pre-hook tidies up."""
+    def _keep_only(self, *keep: _Block | None, force: bool = False) -> None:
+        """Release every brought-in block but `keep` (and trained ones still waiting for gradients, unless
+        `force`). Checkpointing's recomputation may stop before a block's forward ends (early stop), so a block's
+        post-hook is not always reached: the next pre-hook tidies up."""
         for block in self.swapped.values():
-            if block.loaded is not None and block not in keep:
+            if block.loaded is not None and block not in keep and (force or not block.pending):
                 self._offload(block)
 
     def _start(self, module: nn.Module, args) -> None:
         """A forward pass of the whole model begins: blocks run in forward order from here."""
-        self._keep_only()
+        for block in self.swapped.values():
+            block.pending = 0  # (a weight that got no gradient last time)
+        self._keep_only(force=True)
         self._direction, self._last = 1, -1
         self._prefetch_after(-1)
 
@@ -238,6 +279,8 @@ class BlockSwapper:
             self._keep_only(block, upcoming)
             if block is not None:
                 self._use(block)
+                if block.trainable and self._direction == -1 and torch.is_grad_enabled():
+                    self._await_gradients(block)  # its backward runs next: the fused optimizer steps these
             if upcoming is not None and upcoming.loaded is None:
                 self.stats.prefetches += 1
                 self._onload(upcoming)
@@ -247,7 +290,7 @@ class BlockSwapper:
     def _make_post_hook(self, position: int):
         def post_hook(module: nn.Module, args, output) -> None:
             block = self.swapped.get(position)
-            if block is not None:
+            if block is not None and not block.dirty:  # a block in its backward turn stays until it is done
                 self._offload(block)
             if position == len(self.order) - 1 and self._direction == 1 and torch.is_grad_enabled() \
                     and getattr(self.model, "gradient_checkpointing", False):

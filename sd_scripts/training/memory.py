@@ -31,7 +31,16 @@ GB = 2**30
 
 
 def _swap(args: argparse.Namespace) -> int:
-    return int(getattr(args, "blocks_to_swap", None) or 0)
+    """blocks_to_swap; sd-scripts' deprecated double_blocks_to_swap / single_blocks_to_swap (flux_train) convert
+    to double + single // 2 when it is not given, as there."""
+    given = getattr(args, "blocks_to_swap", None)
+    if given is None and (getattr(args, "double_blocks_to_swap", None) or getattr(args, "single_blocks_to_swap", None)):
+        converted = int(getattr(args, "double_blocks_to_swap", None) or 0) + \
+            int(getattr(args, "single_blocks_to_swap", None) or 0) // 2
+        log.warning("double_blocks_to_swap / single_blocks_to_swap are deprecated (as in sd-scripts): using "
+                    "blocks_to_swap %d", converted)
+        return converted
+    return int(given or 0)
 
 
 def fp8_denoiser(args: argparse.Namespace) -> bool:
@@ -56,11 +65,18 @@ def check_options(args: argparse.Namespace, *, trainer: str | None) -> None:
         raise OptionError("options 'blocks_to_swap' and 'cpu_offload_checkpointing' cannot be used together (as in "
                           "sd-scripts): keep blocks_to_swap and remove cpu_offload_checkpointing")
     if trainer not in (None, "network"):
-        for name, on in (("blocks_to_swap", swap), ("fp8_base", getattr(args, "fp8_base", False)),
+        for name, on in (("fp8_base", getattr(args, "fp8_base", False)),
                          ("fp8_base_unet", getattr(args, "fp8_base_unet", False))):
             if on:
                 raise OptionError(f"option '{name}' works on frozen base weights, but this trainer trains them; use "
                                   f"it with the LoRA trainer (*_train_network) or remove it")
+        if swap:
+            from .fused_backward import fused_backward_wanted
+
+            if not fused_backward_wanted(args) or not getattr(args, "gradient_checkpointing", False):
+                raise OptionError("option 'blocks_to_swap' in a full fine-tune moves trained blocks in and out "
+                                  "around their backward pass: add fused_backward_pass and gradient_checkpointing "
+                                  "(as sd-scripts' flux_train), or remove blocks_to_swap")
     if fp8:
         from .fp8 import fp8_dtype
 
@@ -144,6 +160,7 @@ class MemoryFeatures:
     fp8_text_encoders: bool = False
     cpu_offload_checkpointing: bool = False
     gradient_checkpointing: bool = False
+    trains_denoiser: bool = False  # a full fine-tune: swapped blocks' weights are trained
     swapper: BlockSwapper | None = None
     offloaded_checkpoint: OffloadedCheckpoint | None = None
 
@@ -152,7 +169,8 @@ class MemoryFeatures:
         return cls(blocks_to_swap=_swap(args), fp8_denoiser=fp8_denoiser(args),
                    fp8_text_encoders=fp8_text_encoders(args),
                    cpu_offload_checkpointing=bool(getattr(args, "cpu_offload_checkpointing", False)),
-                   gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)))
+                   gradient_checkpointing=bool(getattr(args, "gradient_checkpointing", False)),
+                   trains_denoiser=getattr(args, "trainer_kind", None) in ("db", "finetune"))
 
     @property
     def any(self) -> bool:
@@ -180,8 +198,8 @@ class MemoryFeatures:
         self._check_free_memory(bundle, groups, lambda n: family_cls.block_swap_groups(denoiser, n), device,
                                 free_memory or device_free_memory)
         if groups:
-            denoiser.requires_grad_(False)  # the LoRA trainer freezes it anyway (check_options: LoRA only)
-            self.swapper = BlockSwapper(denoiser, groups, device).install()
+            denoiser.requires_grad_(False)  # the method makes what it trains trainable afterwards
+            self.swapper = BlockSwapper(denoiser, groups, device, trainable=self.trains_denoiser).install()
         else:
             denoiser.to(device)
         for text_encoder in bundle.text_encoders:

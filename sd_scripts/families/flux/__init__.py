@@ -33,7 +33,7 @@ OPTIONS = frozenset({
     "timestep_sampling", "sigmoid_scale", "model_prediction_type", "discrete_flow_shift", "weighting_scheme",
     "logit_mean", "logit_std", "mode_scale", "blocks_to_swap", "fp8_base", "fp8_base_unet",
     "cpu_offload_checkpointing", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "mem_eff_save",
-    "text_encoder_batch_size",
+    "text_encoder_batch_size", "single_blocks_to_swap", "double_blocks_to_swap",
 })
 # options every family has that a FLUX.1 / Chroma run cannot use, with the reason
 _REFUSED = {
@@ -55,7 +55,8 @@ _TINY_CHROMA = {"pretrained_model_name_or_path": "chroma-tiny.safetensors", "t5x
 _KOHYA_KEYS = {
     **{name: name for name in ("model_type", "ae", "clip_l", "t5xxl", "discrete_flow_shift", "model_prediction_type",
                                "timestep_sampling", "t5xxl_max_token_length", "guidance_scale", "apply_t5_attn_mask",
-                               "cpu_offload_checkpointing", "fp8_base_unet", "blocks_to_swap", "mem_eff_save")},
+                               "cpu_offload_checkpointing", "fp8_base_unet", "blocks_to_swap", "mem_eff_save",
+                               "single_blocks_to_swap", "double_blocks_to_swap")},
     "flux1_cache_text_encoder_outputs": "cache_text_encoder_outputs",
     "flux1_cache_text_encoder_outputs_to_disk": "cache_text_encoder_outputs_to_disk",
     "flux_fused_backward_pass": "fused_backward_pass",
@@ -69,8 +70,6 @@ _KOHYA_KEYS = {
 _KOHYA_UNSUPPORTED = {
     "split_mode": "sd-scripts' split_mode (deprecated there) is not implemented; use blocks_to_swap to save memory "
                   "and network_args train_blocks=single to train only the single blocks",
-    "single_blocks_to_swap": "deprecated in sd-scripts and not implemented: use blocks_to_swap",
-    "double_blocks_to_swap": "deprecated in sd-scripts and not implemented: use blocks_to_swap",
     "enable_all_linear": "an option of kohya_ss's 'Flux1 OFT' network, which this trainer does not have",
     "show_timesteps": "sd-scripts' timestep plot is not implemented",
     "show_timesteps_resolution": "sd-scripts' timestep plot is not implemented",
