@@ -247,12 +247,12 @@ class FineTuneMethod(FullModelMethod):
             raise OptionError(f"option 'reg_data_dir': {script} trains on the in_json metadata only (regularisation "
                               "folders are DreamBooth's: use train_db, or a dataset_config with is_reg subsets)")
 
+    def _te_wanted(self) -> bool:
+        return bool(self.args.train_text_encoder) and super()._te_wanted()
+
 
 class FolderFineTuneMethod(FineTuneMethod):
     """Fine-tuning that also takes concept folders (sdxl_train, sd3_train, flux_train): in_json when given, else
     train_data_dir's '<repeats>_<class tokens>' folders (and reg_data_dir's, weighted by prior_loss_weight)."""
 
     folder_datasets = True
-
-    def _te_wanted(self) -> bool:
-        return bool(self.args.train_text_encoder) and super()._te_wanted()
