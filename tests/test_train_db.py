@@ -121,8 +121,10 @@ def test_sdxl_trains_both_text_encoders_and_saves_a_diffusers_folder(tmp_path):
 def test_option_clashes_are_refused():
     with pytest.raises(OptionError, match="reg_data_dir"):
         DreamBoothMethod(db_args("--num_class_images", "4"))
+    from sd_scripts.training.fused_backward import check_fused_backward_options  # (every trainer checks it at start)
+
     with pytest.raises(OptionError, match="gradient_accumulation_steps"):
-        DreamBoothMethod(db_args("--fused_backward_pass", "--gradient_accumulation_steps", "2"))
+        check_fused_backward_options(db_args("--fused_backward_pass", "--gradient_accumulation_steps", "2"))
     with pytest.raises(OptionError, match="full_bf16"):
         DreamBoothMethod(db_args("--full_bf16"))
     with pytest.raises(OptionError, match="full_fp16"):
