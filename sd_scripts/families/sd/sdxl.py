@@ -106,6 +106,14 @@ class SDXLFamily(MemoisedCaptions, UNetFamily):
         naming["unet_name_map"] = sai_name_map(denoiser) if denoiser is not None else diffusers_to_sai_module_path
         return naming
 
+    @classmethod
+    def lora_blocks(cls, family: str):
+        """sd-scripts' 23 SDXL blocks (families/sd/blocks.py)."""
+        from ...networks.block_weights import UNetBlocks
+        from .blocks import SDXL_BLOCKS, sdxl_block_index
+
+        return UNetBlocks(index=sdxl_block_index, **SDXL_BLOCKS)
+
     def __init__(self, bundle, args=None, *, max_token_length: int | None = None, memo_size: int = 4096):
         super().__init__(bundle, args)
         if bundle.text_encoder_2 is None or bundle.tokenizer_2 is None:
