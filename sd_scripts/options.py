@@ -89,6 +89,14 @@ class Option:
         return (trainer is None or trainer in self.trainers) and (family is None or family in self.families)
 
 
+def _number_list(value, _values):
+    try:
+        [float(v) for v in str(value).split(",")]
+    except ValueError:
+        return "must be comma-separated numbers, e.g. 1e-6,1e-6,..."
+    return None
+
+
 def _float_or_int(text: str) -> float:
     """lr_warmup_steps: an int number of steps, or a float < 1 meaning a fraction of the total steps."""
     value = float(text)
@@ -336,6 +344,9 @@ OPTIONS: tuple[Option, ...] = (
     # ---- DreamBooth / fine-tuning
     _O("learning_rate_te", float, None, "Learning rate of the text encoder (default: learning_rate).", "optimizer",
        trainers=FULL, minimum=0),
+    _O("block_lr", str, None, "Learning rate of each U-Net block, comma-separated, 23 values for SDXL (0: the block "
+       "is not trained); replaces learning_rate for the U-Net.", "optimizer", trainers=frozenset({"finetune"}),
+       family_specific=True, check=_number_list, advanced=True),
     *(_O(f"learning_rate_te{i}", float, None, f"Learning rate of text encoder {i} ({name}; default: "
          "learning_rate_te, else learning_rate); 0 leaves it frozen.", "optimizer", trainers=FULL, minimum=0,
          family_specific=True) for i, name in ((1, "CLIP-L"), (2, "CLIP-G"), (3, "T5-XXL"))),

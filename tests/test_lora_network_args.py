@@ -351,3 +351,39 @@ def test_trainer_merges_base_weights_then_trains_with_loraplus_and_capped_norms(
     assert progress[-1]["max_key_norm"] == pytest.approx(max(norms.values()), rel=1e-4)
     assert 0 < progress[-1]["avg_key_norm"] <= 1e-6 * (1 + 1e-4)
     trainer.events.close()
+
+
+# ---------------------------------------------------------------- sdxl_train's block_lr (full fine-tuning)
+def test_block_lr_gives_each_sdxl_unet_block_its_rate(tmp_path):
+    from types import SimpleNamespace
+
+    from sdxl_parts import tiny_sdxl_parts
+
+    from sd_scripts.options import OptionError, parse_args
+    from sd_scripts.training.full_methods import FolderFineTuneMethod
+
+    parts = tiny_sdxl_parts()
+    bundle = SimpleNamespace(family="sdxl", denoiser=parts.unet, vae=parts.vae,
+                             text_encoders=[parts.text_encoder, parts.text_encoder_2])
+    rates = [(i + 1) * 1e-6 for i in range(23)]
+    rates[11] = 0  # the middle block's attention: frozen
+    base = ["--pretrained_model_name_or_path", "model.safetensors", "--output_dir", str(tmp_path),
+            "--train_data_dir", str(tmp_path), "--learning_rate", "1"]
+    args = parse_args("finetune", base + ["--block_lr", ",".join(map(str, rates))])
+    groups, names = FolderFineTuneMethod(args).build(bundle, family="sdxl")
+    where = _group_of(groups, names)
+    expected = {  # diffusers parameter -> sd-scripts block (tiny U-Net: 1 ResNet per down block)
+        "time_embedding.linear_1.weight": 0, "add_embedding.linear_2.bias": 0, "conv_in.weight": 1,
+        "down_blocks.0.resnets.0.conv1.weight": 2, "down_blocks.0.downsamplers.0.conv.weight": 3,
+        "down_blocks.1.attentions.0.proj_in.weight": 4, "mid_block.resnets.0.conv2.weight": 10,
+        "mid_block.resnets.1.time_emb_proj.weight": 12, "up_blocks.0.attentions.1.proj_out.weight": 14,
+        "up_blocks.1.resnets.0.conv1.weight": 15, "conv_norm_out.weight": 22, "conv_out.bias": 22,
+    }
+    params = dict(parts.unet.named_parameters())
+    for name, block in expected.items():
+        assert where[id(params[name])] == (f"block{block}", rates[block]), name
+    frozen = [n for n, p in params.items() if n.startswith("mid_block.attentions.")]
+    assert frozen and all(id(params[n]) not in where and not params[n].requires_grad for n in frozen)
+    assert all(id(p) in where for n, p in params.items() if not n.startswith("mid_block.attentions."))
+    with pytest.raises(OptionError, match="block_lr' has 2 values but the U-Net has 23 blocks"):
+        FolderFineTuneMethod(parse_args("finetune", base + ["--block_lr", "1e-6,0"])).build(bundle, family="sdxl")

@@ -107,6 +107,16 @@ class SDXLFamily(MemoisedCaptions, UNetFamily):
         return naming
 
     @classmethod
+    def denoiser_blocks(cls, denoiser):
+        """sdxl_train's block_lr: 23 blocks (families/sd/blocks.py) of the U-Net's parameters."""
+        from functools import partial
+
+        from .blocks import SDXL_BLOCK_COUNT, sdxl_parameter_block
+        from .sdxl_names import sai_name_map
+
+        return SDXL_BLOCK_COUNT, partial(sdxl_parameter_block, to_sai=sai_name_map(denoiser))
+
+    @classmethod
     def lora_blocks(cls, family: str):
         """sd-scripts' 23 SDXL blocks (families/sd/blocks.py)."""
         from ...networks.block_weights import UNetBlocks
