@@ -226,13 +226,17 @@ def test_block_args_are_refused_where_the_family_has_no_unet_blocks(tiny_flux_tr
     ("sd1", ["down_lr_weight=sawtooth"], "down_lr_weight='sawtooth'.*cosine, sine, linear, reverse_linear, zeros"),
     ("sd1", ["conv_block_dims=" + ",".join(["4"] * 24 + ["x"])], "conv_block_dims.*'x' is not an integer"),
     ("sd1", ["conv_block_alphas=" + ",".join(["1"] * 25)], "conv_block_alphas needs conv_block_dims"),
-    ("sd1", ["block_lr_zero_threshold=0.1"], "block_lr_zero_threshold needs"),
     ("sd1", ["loraplus_lr_ratio=0"], "loraplus_lr_ratio=0.0 must be greater than 0"),
 ])
 def test_bad_values_name_the_network_arg(family, args, words):
     with pytest.raises(NetworkError, match=words):
         create_network(unet=None, text_encoders=[], family=family, network_dim=4, network_alpha=1,
                        network_args=args)
+
+
+def test_a_threshold_without_weights_is_a_warning(models, caplog):
+    net = _sd_network(models, "block_lr_zero_threshold=0.1")
+    assert net.block_lr_weight is None and "block_lr_zero_threshold does nothing" in caplog.text
 
 
 def test_dim_from_weights_takes_lr_args_and_refuses_shape_args(models, tmp_path):

@@ -147,9 +147,9 @@ def block_lr_weights(args: dict[str, Any], blocks: UNetBlocks) -> list[float] | 
     mid = _lr_weights(args.get("mid_lr_weight"), blocks.mid, "mid_lr_weight", presets=False)
     up = _lr_weights(args.get("up_lr_weight"), blocks.down, "up_lr_weight", presets=True)
     if down is None and mid is None and up is None:
-        if args.get("block_lr_zero_threshold") is not None:
-            raise NetworkError("option 'network_args': block_lr_zero_threshold needs down_lr_weight, mid_lr_weight "
-                               "or up_lr_weight")
+        if args.get("block_lr_zero_threshold") is not None:  # sd-scripts ignores it too; runs must not fail
+            log.warning("network_args block_lr_zero_threshold does nothing without down_lr_weight, mid_lr_weight or "
+                        "up_lr_weight")
         return None
     threshold = float(args.get("block_lr_zero_threshold") or 0.0)
 

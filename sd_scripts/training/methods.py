@@ -169,6 +169,9 @@ class NetworkMethod(TrainingMethod):
             net.load_weights(a.network_weights)
         net.apply_to()
         self.network = net
+        if a.scale_weight_norms and not hasattr(net, "apply_max_norm_regularization"):
+            self.warn(f"option 'scale_weight_norms' is ignored: {type(net).__name__} has no max-norm regularisation")
+            a.scale_weight_norms = None
         unet_lr = a.unet_lr if a.unet_lr is not None else a.learning_rate
         te_lr = self._te_lr() if train_te else None
         groups, names = net.prepare_optimizer_params(unet_lr if train_unet else None, te_lr, a.learning_rate)
