@@ -391,3 +391,16 @@ def test_block_lr_gives_each_sdxl_unet_block_its_rate(tmp_path):
     assert all(id(p) in where for n, p in params.items() if not n.startswith("mid_block.attentions."))
     with pytest.raises(OptionError, match="block_lr' has 2 values but the U-Net has 23 blocks"):
         FolderFineTuneMethod(parse_args("finetune", base + ["--block_lr", "1e-6,0"])).build(bundle, family="sdxl")
+
+
+def test_kohya_ss_configs_bring_their_loraplus_and_block_fields_as_network_args(tmp_path):
+    from kohya_gui import presets
+
+    path = tmp_path / "kohya.json"
+    path.write_text(json.dumps({"LoRA_type": "Standard", "pretrained_model_name_or_path": "model.safetensors",
+                                "loraplus_lr_ratio": 16, "loraplus_unet_lr_ratio": 0, "down_lr_weight": "sine+0.1",
+                                "up_lr_weight": "", "block_dims": ",".join(["4"] * 25)}), encoding="utf-8")
+    values, unknown = presets.import_kohya_json(str(path), "lora")
+    assert values["network_args"] == ["loraplus_lr_ratio=16", "block_dims=" + ",".join(["4"] * 25),
+                                      "down_lr_weight=sine+0.1"]
+    assert not unknown
