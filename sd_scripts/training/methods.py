@@ -112,7 +112,8 @@ class NetworkMethod(TrainingMethod):
         super().__init__(args)
         self.network = None
         self._norm_metrics: dict[str, float] = {}
-        weights, multipliers = args.base_weights or [], args.base_weights_multiplier or []
+        weights = getattr(args, "base_weights", None) or []
+        multipliers = getattr(args, "base_weights_multiplier", None) or []
         if len(multipliers) > len(weights):
             raise OptionError(f"option 'base_weights_multiplier': {len(multipliers)} values for {len(weights)} "
                               f"base_weights files: give one multiplier per file (missing ones are 1.0)")
@@ -134,9 +135,8 @@ class NetworkMethod(TrainingMethod):
         base_weights_multiplier, 1.0 when not given), as sd-scripts' train_network does before training."""
         from ..networks import lora
 
-        a = self.args
-        multipliers = list(a.base_weights_multiplier or [])
-        for i, path in enumerate(a.base_weights or []):
+        multipliers = list(getattr(self.args, "base_weights_multiplier", None) or [])
+        for i, path in enumerate(getattr(self.args, "base_weights", None) or []):
             multiplier = multipliers[i] if i < len(multipliers) else 1.0
             merged = lora.create_network_from_weights(path, unet=bundle.denoiser, text_encoders=bundle.text_encoders,
                                                       family=family, multiplier=multiplier)
@@ -169,7 +169,7 @@ class NetworkMethod(TrainingMethod):
             net.load_weights(a.network_weights)
         net.apply_to()
         self.network = net
-        if a.scale_weight_norms and not hasattr(net, "apply_max_norm_regularization"):
+        if getattr(a, "scale_weight_norms", None) and not hasattr(net, "apply_max_norm_regularization"):
             self.warn(f"option 'scale_weight_norms' is ignored: {type(net).__name__} has no max-norm regularisation")
             a.scale_weight_norms = None
         unet_lr = a.unet_lr if a.unet_lr is not None else a.learning_rate
@@ -183,8 +183,9 @@ class NetworkMethod(TrainingMethod):
 
     def after_optimizer_step(self, step: int) -> None:
         """scale_weight_norms: every module's update norm capped after the step (max-norm regularisation)."""
-        if self.args.scale_weight_norms:
-            scaled, mean, top = self.network.apply_max_norm_regularization(self.args.scale_weight_norms)
+        max_norm = getattr(self.args, "scale_weight_norms", None)
+        if max_norm:
+            scaled, mean, top = self.network.apply_max_norm_regularization(max_norm)
             self._norm_metrics = {"max_norm/keys_scaled": scaled, "norm/avg_key_norm": mean,
                                   "max_norm/max_key_norm": top}
 
