@@ -196,6 +196,11 @@ def _coerce(opt: schema.Option, value: Any) -> Any:
             raise CommandError(opt.name, f"expected a list of text items, got {value!r}")
         for item in items:
             _check_text(opt.name, item, multiline=False)
+        if opt.type is not str:  # a list of numbers (base_weights_multiplier)
+            try:
+                return [opt.type(item) for item in items] or None
+            except ValueError:
+                raise CommandError(opt.name, f"expected numbers separated by spaces, got {value!r}") from None
         return items or None
     if opt.type is bool:
         if isinstance(value, bool):

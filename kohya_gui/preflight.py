@@ -217,6 +217,10 @@ def _check_paths(trainer: str, values: dict[str, Any], checks: list[Check]) -> N
             problem = _writable_dir(value)
             if problem:
                 checks.append(Check("error", opt.name, problem))
+        elif opt.path == "file" and opt.nargs:  # a list of files (base_weights)
+            items = value.split() if isinstance(value, str) else value
+            checks.extend(Check("error", opt.name, f"file {item} does not exist") for item in items
+                          if not os.path.isfile(item))
         elif opt.path == "file" and not os.path.isfile(value):
             checks.append(Check("error", opt.name, f"file {value} does not exist"))
         elif opt.path == "dir" and not os.path.isdir(value):

@@ -349,12 +349,17 @@ KOHYA_RENAMES = {
     "dynamo_backend": "accelerate.dynamo_backend",
     "extra_accelerate_launch_args": "accelerate.extra_args",
 }
+#: kohya_ss fields it passes to the trainer as network_args of the same name (sd-scripts' networks.lora: LoRA+ and
+#: the U-Net block-wise ranks / learning-rate weights)
+KOHYA_NETWORK_ARGS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio",
+                      "block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+                      "mid_lr_weight", "up_lr_weight", "block_lr_zero_threshold")
 #: kohya_ss keys that only drive its own widgets (no training setting of their own); its model-family checkboxes
 #: choose the GUI's family selector (FamilySpec.kohya_ss_flags), not a training option.
 KOHYA_GUI_ONLY = frozenset({"model_list", "save_as_bool", "sd3_checkbox", "flux1_checkbox",
                             *(flag for spec in all_families().values() for flag in spec.kohya_ss_flags),
                             "LoRA_type", "lr_warmup", "xformers", "noise_offset_type", "lr_warmup_steps",
-                            *NETWORK_ARG_FIELDS})
+                            *NETWORK_ARG_FIELDS, *KOHYA_NETWORK_ARGS})
 #: kohya LoRA types we train (kohya_gui/lora_types.py: network_module and network_args of each; kohya_ss's 'Flux1' is
 #: its name for sd-scripts' networks.lora_flux, the family's own network_module).
 SUPPORTED_LORA_TYPES = frozenset(KOHYA_LORA_TYPES)
@@ -552,6 +557,10 @@ def _kohya_specials(data: dict[str, Any], values: dict[str, Any], lora_type: str
         for key in used:
             report[key] = "imported"
         net_args = list(values.get("network_args") or []) + type_args + family_args
+        for key in KOHYA_NETWORK_ARGS:  # LoRA+ and block-wise fields: network_args of networks.lora
+            if _meaningful(data.get(key)):
+                net_args.append(f"{key}={data[key]}")
+                report[key] = "imported"
         if net_args:
             values["network_args"] = net_args
         own = family_spec(values[FAMILY_KEY]).option_values.get("network_module", ())

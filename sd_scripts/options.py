@@ -90,6 +90,14 @@ class Option:
         return (trainer is None or trainer in self.trainers) and (family is None or family in self.families)
 
 
+def _number_list(value, _values):
+    try:
+        [float(v) for v in str(value).split(",")]
+    except ValueError:
+        return "must be comma-separated numbers, e.g. 1e-6,1e-6,..."
+    return None
+
+
 def _float_or_int(text: str) -> float:
     """lr_warmup_steps: an int number of steps, or a float < 1 meaning a fraction of the total steps."""
     value = float(text)
@@ -303,7 +311,10 @@ OPTIONS: tuple[Option, ...] = (
     _O("network_dropout", float, None, "Dropout on the LoRA down projection's output (neuron dropout).", "network",
        trainers=NET, minimum=0, maximum=1),
     _O("network_args", str, None, "Extra network options key=value: conv_dim, conv_alpha, rank_dropout, "
-       "module_dropout; networks.lokr: factor, use_tucker; lycoris.kohya: algo, preset, factor, use_tucker, ...",
+       "module_dropout; per U-Net block (SD families): block_dims, block_alphas, conv_block_dims, conv_block_alphas, "
+       "down_lr_weight, mid_lr_weight, up_lr_weight (values or sine, cosine, linear, reverse_linear, zeros), "
+       "block_lr_zero_threshold; LoRA+: loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio; "
+       "networks.lokr: factor, use_tucker; lycoris.kohya: algo, preset, factor, use_tucker, ...",
        "network", trainers=NET, nargs="*"),
     _O("network_weights", str, None, "Continue training from this LoRA file.", "network", trainers=NET, path="file"),
     _O("dim_from_weights", bool, False, "Take rank and alpha from network_weights.", "network", trainers=NET),
@@ -312,6 +323,13 @@ OPTIONS: tuple[Option, ...] = (
        trainers=NET),
     _O("network_multiplier", float, 1.0, "Strength of the LoRA while training.", "network", trainers=NET,
        advanced=True),
+    _O("base_weights", str, None, "LoRA files merged into the base model before training (the new LoRA learns on "
+       "top of them).", "network", trainers=NET, nargs="*", path="file", advanced=True),
+    _O("base_weights_multiplier", float, None, "Strength of each base_weights file, in order (default 1.0).",
+       "network", trainers=NET, nargs="*", advanced=True),
+    _O("scale_weight_norms", float, None, "Max-norm regularisation: after each step, scale every LoRA module whose "
+       "update (up x down x alpha/rank) has a larger norm down to this norm (1 is a good start).", "network",
+       trainers=NET, minimum=0, check=_positive, advanced=True),
     _O("unet_lr", float, None, "Learning rate of the U-Net LoRA (default: learning_rate).", "optimizer",
        trainers=NET, minimum=0),
     _O("text_encoder_lr", float, None, "Learning rate of the text-encoder LoRA (default: learning_rate).",
@@ -345,6 +363,9 @@ OPTIONS: tuple[Option, ...] = (
     # ---- DreamBooth / fine-tuning
     _O("learning_rate_te", float, None, "Learning rate of the text encoder (default: learning_rate).", "optimizer",
        trainers=FULL, minimum=0),
+    _O("block_lr", str, None, "Learning rate of each U-Net block, comma-separated, 23 values for SDXL (0: the block "
+       "is not trained); replaces learning_rate for the U-Net.", "optimizer", trainers=frozenset({"finetune"}),
+       family_specific=True, check=_number_list, advanced=True),
     *(_O(f"learning_rate_te{i}", float, None, f"Learning rate of text encoder {i} ({name}; default: "
          "learning_rate_te, else learning_rate); 0 leaves it frozen.", "optimizer", trainers=FULL, minimum=0,
          family_specific=True) for i, name in ((1, "CLIP-L"), (2, "CLIP-G"), (3, "T5-XXL"))),
@@ -651,7 +672,7 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
         if opt.nargs:
             if isinstance(value, str):
                 value = value.split()
-            return [str(v) for v in value]
+            return [opt.type(v) if opt.type is not str else str(v) for v in value]
         if opt.type is bool:
             return value if isinstance(value, bool) else _bool_from_text(value)
         if opt.name == "resolution" and isinstance(value, (list, tuple)):

@@ -42,12 +42,16 @@ def sample_value(opt: schema.Option, trainer: str):
         return "768,512"
     if opt.name == "face_crop_aug_range":
         return "2.0,4.0"
+    if opt.name == "block_lr":  # comma-separated numbers (one per U-Net block)
+        return ",".join(["1e-6"] * 23)
     if opt.type is bool:
         return True
     if opt.choices:
         candidates = [c for c in opt.choices if c is not None and c != opt.default]
         base = schema.defaults(trainer)
         return next(c for c in reversed(candidates) if not schema.validate({**base, opt.name: c}, trainer))
+    if opt.nargs and opt.type is not str:
+        return [0.5, 2.0]
     if opt.nargs:
         return ["a=1", "b=two words"]
     if opt.type is str:

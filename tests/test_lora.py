@@ -261,8 +261,8 @@ def test_network_args_parsing():
     assert parse_network_args(["conv_dim=4", "conv_alpha=1", "rank_dropout=0.1", "module_dropout=0.2"]) == {
         "conv_dim": 4, "conv_alpha": 1.0, "rank_dropout": 0.1, "module_dropout": 0.2}
     assert parse_network_args(None) == {}
-    with pytest.raises(NetworkError, match="'loraplus_lr_ratio'"):
-        parse_network_args(["loraplus_lr_ratio=4"])
+    with pytest.raises(NetworkError, match="'loraplus_ratio'"):  # a misspelt key (loraplus_lr_ratio is one)
+        parse_network_args(["loraplus_ratio=4"])
     with pytest.raises(NetworkError, match="key=value"):
         parse_network_args(["conv_dim"])
     with pytest.raises(NetworkError, match="conv_dim"):

@@ -13,6 +13,9 @@ def test_every_option_round_trips_through_argparse_and_toml(tmp_path):
         if opt.type is bool:
             argv.append(opt.flag)
             parser_values[opt.name] = True
+        elif opt.nargs and opt.type is not str:  # a list of numbers (base_weights_multiplier)
+            argv += [opt.flag, "0.5", "2"]
+            parser_values[opt.name] = [opt.type("0.5"), opt.type("2")]
         elif opt.nargs:
             argv += [opt.flag, "a=1", "b=2"]
             parser_values[opt.name] = ["a=1", "b=2"]

@@ -126,6 +126,18 @@ class Family:
         return {"unet_prefix": spec.lora_unet_prefix, "te_prefixes": spec.lora_te_prefixes, "unet_name_map": None}
 
     @classmethod
+    def lora_blocks(cls, family: str):
+        """sd-scripts' numbering of the U-Net blocks for networks.lora's block-wise network_args (block_dims,
+        *_lr_weight): a networks.block_weights.UNetBlocks, or None when the family has none (the keys are refused)."""
+        return None
+
+    @classmethod
+    def denoiser_blocks(cls, denoiser: torch.nn.Module) -> tuple[int, Callable[[str], int]] | None:
+        """Full fine-tuning's per-block learning rates (sdxl_train's block_lr): the number of blocks and the block
+        of each denoiser parameter name; None when the family has no such numbering."""
+        return None
+
+    @classmethod
     def trainable_text_encoders(cls, args) -> tuple[bool, ...] | None:
         """Which text encoders a full fine-tune with train_text_encoder may train (each still needs a non-zero
         learning rate); None: all of them."""

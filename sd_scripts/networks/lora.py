@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 from ..errors import NetworkError
+from . import block_weights
+from .block_weights import BlockRanks, UNetBlocks
 from .lora_module import LoRAModule
 from .targets import Target, text_encoder_targets, unet_targets
 from .weights_file import load_weights_file, save_weights_file
@@ -52,7 +54,8 @@ class LoRANetwork(nn.Module):
                  unet_block_classes: Sequence[str] | None = None, te_block_classes: Sequence[str] | None = None,
                  te_enabled: Sequence[bool] | None = None, shared_down: bool = True,
                  unet_extra_name_map: Callable[[str], Any] | None = None,
-                 module_rank: Callable[[str], int | None] | None = None, verbose: bool = False):
+                 module_rank: Callable[[str], int | None] | None = None, verbose: bool = False,
+                 unet_blocks: UNetBlocks | None = None, block_ranks: BlockRanks | None = None):
         super().__init__()
         self.shared_down = bool(shared_down) or modules_dim is not None  # a file's fused modules load as shared
         if len(te_prefixes) < len(text_encoders):
@@ -65,6 +68,12 @@ class LoRANetwork(nn.Module):
                                     module_dropout=module_dropout)
         self._modules_dim, self._modules_alpha = modules_dim, modules_alpha or {}
         self._module_rank = module_rank  # file name -> rank (0: leave the layer out) or None (the default rule)
+        # sd-scripts' block-wise network_args: the family's U-Net block numbering, ranks per block, lr weights
+        self.unet_blocks, self._block_ranks = unet_blocks, block_ranks
+        if block_ranks is not None and unet_blocks is None:
+            raise ValueError("block_ranks need unet_blocks (the family's block numbering)")
+        self.block_lr_weight: list[float] | None = None
+        self.loraplus_lr_ratio = self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
         self.skipped: list[str] = []  # layers a rank of 0 left out
         from_file = modules_dim is not None
 
@@ -76,10 +85,11 @@ class LoRANetwork(nn.Module):
                     te_loras += self._create(text_encoder_targets(te, prefix, te_block_classes))
         unet_loras: list[LoRAModule] = []
         if unet is not None and (train_unet or from_file):
-            include_conv = from_file or self.conv_dim is not None
+            include_conv = from_file or self.conv_dim is not None or \
+                (block_ranks is not None and block_ranks.conv_dims is not None)
             unet_loras = self._create(unet_targets(unet, unet_prefix, include_conv=include_conv,
                                                    name_map=unet_name_map, block_classes=unet_block_classes,
-                                                   extra_name_map=unet_extra_name_map))
+                                                   extra_name_map=unet_extra_name_map), unet=True)
         # Registered under their file names, so state_dict() keys are exactly the file's keys (a part of a fused
         # file module under '<name>_part<i>'; lora_state_dict() gives the file's form).
         self.text_encoder_loras: list[LoRAModule] = te_loras
@@ -115,9 +125,18 @@ class LoRANetwork(nn.Module):
                 raise NetworkError(f"LoRA weights: {len(unknown)} modules (e.g. {unknown[0]!r}) have no matching layer "
                                    f"in this model: the file was made for another model family or layout")
 
-    def _create(self, targets: list[Target]) -> list[LoRAModule]:
+    def _create(self, targets: list[Target], unet: bool = False) -> list[LoRAModule]:
         loras = []
         for target in targets:
+            per_block = None
+            if unet and self._block_ranks is not None and self._modules_dim is None:
+                block = self.unet_blocks.index(target.lora_name)
+                if not 0 <= block < self.unet_blocks.count:
+                    raise NetworkError(f"network_args block_dims: {target.lora_name} is in none of the model's "
+                                       f"{self.unet_blocks.count} U-Net blocks")
+                per_block = self._block_ranks.rank_and_alpha(block, target.is_conv_kxk)
+                if per_block is None:  # a 3x3 conv without conv ranks: not adapted
+                    continue
             override = None if self._modules_dim is not None or self._module_rank is None else \
                 self._module_rank(target.lora_name)
             if self._modules_dim is not None:
@@ -125,6 +144,8 @@ class LoRANetwork(nn.Module):
                     continue
                 rank = self._modules_dim[target.lora_name]
                 alpha = self._modules_alpha.get(target.lora_name)
+            elif per_block is not None:  # block_dims / block_alphas / conv_block_dims / conv_block_alphas
+                rank, alpha = per_block
             elif override is not None:  # the family's per-layer rank (sd-scripts' *_dim / in_dims network_args)
                 rank, alpha = int(override), self.alpha
             elif target.is_conv_kxk:
@@ -174,18 +195,95 @@ class LoRANetwork(nn.Module):
             lora.multiplier = value
 
     # ---- optimizer
+    def set_block_lr_weight(self, weights: Sequence[float] | None) -> None:
+        """Learning-rate weight per U-Net block (sd-scripts' down/mid/up_lr_weight, see block_weights.py)."""
+        if weights is not None and (self.unet_blocks is None or len(weights) != self.unet_blocks.count):
+            raise ValueError("block lr weights need the family's U-Net block numbering and one weight per block")
+        self.block_lr_weight = None if weights is None else [float(w) for w in weights]
+
+    def set_loraplus_lr_ratio(self, ratio: float | None, unet_ratio: float | None = None,
+                              text_encoder_ratio: float | None = None) -> None:
+        """LoRA+: the up weights learn `ratio` times faster (a part's own ratio wins over the shared one)."""
+        self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio = ratio, unet_ratio
+        self.loraplus_text_encoder_lr_ratio = text_encoder_ratio
+
     def prepare_optimizer_params(self, unet_lr: float | None, text_encoder_lr: float | None,
                                  default_lr: float) -> tuple[list[dict[str, Any]], list[str]]:
-        """Parameter groups with their learning rates and names ('unet', 'textencoder'); empty parts are left out."""
+        """Parameter groups with their learning rates and names, as sd-scripts makes them: 'unet', 'textencoder';
+        with block lr weights one U-Net group per block ('unet_block<N>', lr x the block's weight); with LoRA+ the
+        up weights in their own group ('<name> plus', lr x ratio). Empty groups and groups whose rate is 0 are left
+        out (their parameters are not trained)."""
         groups: list[dict[str, Any]] = []
         names: list[str] = []
-        for loras, lr, name in ((self.unet_loras, unet_lr, "unet"),
-                                (self.text_encoder_loras, text_encoder_lr, "textencoder")):
-            params = list({id(p): p for lora in loras for p in lora.parameters()}.values())  # shared downs once
-            if params:
-                groups.append({"params": params, "lr": default_lr if lr is None else lr})
-                names.append(name)
+
+        def add(loras: list[LoRAModule], lr: float, name: str, ratio: float | None) -> None:
+            plain: dict[int, torch.nn.Parameter] = {}
+            plus: dict[int, torch.nn.Parameter] = {}
+            for lora in loras:  # a shared down (fused module) once
+                plain[id(lora.lora_down.weight)] = lora.lora_down.weight
+                (plus if ratio is not None else plain)[id(lora.lora_up.weight)] = lora.lora_up.weight
+            for params, group_lr, group_name in ((plain, lr, name),
+                                                 (plus, lr * (ratio or 1.0), name + " plus")):
+                if not params:
+                    continue
+                if group_lr == 0:
+                    for p in params.values():
+                        p.requires_grad_(False)
+                    continue
+                groups.append({"params": list(params.values()), "lr": group_lr})
+                names.append(group_name)
+
+        if self.unet_loras:
+            lr = default_lr if unet_lr is None else unet_lr
+            ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+            if self.block_lr_weight is None:
+                add(self.unet_loras, lr, "unet", ratio)
+            else:
+                by_block: dict[int, list[LoRAModule]] = {}
+                for lora in self.unet_loras:
+                    by_block.setdefault(self.unet_blocks.index(lora.lora_name), []).append(lora)
+                for block in sorted(by_block):
+                    inside = 0 <= block < len(self.block_lr_weight)
+                    add(by_block[block], lr * (self.block_lr_weight[block] if inside else 1.0),
+                        f"unet_block{block}" if inside else "unet", ratio)
+        if self.text_encoder_loras:
+            add(self.text_encoder_loras, default_lr if text_encoder_lr is None else text_encoder_lr, "textencoder",
+                self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio)
         return groups, names
+
+    # ---- max-norm regularisation (scale_weight_norms)
+    def file_modules(self) -> list[list[LoRAModule]]:
+        """The network's modules as the file has them: one list per file module (the parts of a fused one)."""
+        out: list[list[LoRAModule]] = []
+        for lora in self.all_loras():
+            part = getattr(lora, "part", None)
+            if part is None:
+                out.append([lora])
+            elif part[0] == 0:
+                out.append(self._fused[lora.lora_name])
+        return out
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm: float) -> tuple[int, float, float]:
+        """Caps the Frobenius norm of each file module's update (up @ down x alpha / rank) at `max_norm` by scaling
+        its up and down weights by sqrt(max_norm / norm) each (sd-scripts' scale_weight_norms; norms below half of
+        max_norm count as max_norm / 2, so small updates are never scaled). Returns (modules scaled, mean and max
+        norm after scaling); reads the device once."""
+        modules = self.file_modules()
+        if not modules:
+            return 0, 0.0, 0.0
+        device = modules[0][0].lora_down.weight.device
+        norms = torch.stack([torch.sqrt(sum(_update_norm_sq(m) for m in parts).clamp(min=0)).to(device)
+                             for parts in modules])
+        floor = norms.clamp(min=max_norm / 2)
+        ratios = floor.clamp(max=max_norm) / floor
+        factors = ratios.sqrt()
+        for parts, factor in zip(modules, factors):
+            for weight in {id(w): w for m in parts for w in (m.lora_down.weight, m.lora_up.weight)}.values():
+                weight.mul_(factor.to(weight.device, weight.dtype))
+        after = norms * ratios
+        scaled, mean, top = torch.stack([(ratios != 1).sum().float(), after.mean(), after.max()]).tolist()
+        return int(scaled), mean, top
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
@@ -319,6 +417,14 @@ class LoRANetwork(nn.Module):
         return LoadInfo(str(path), loaded, missing, unexpected, metadata)
 
 
+def _update_norm_sq(lora: LoRAModule) -> torch.Tensor:
+    """||up @ down x alpha / rank||_F squared, from the two small [rank, rank] Gram matrices (never the full update):
+    ||U D||^2 = sum((U^T U) * (D D^T)); a conv's down is flattened to [rank, in x kh x kw]."""
+    down = lora.lora_down.weight.detach().float().flatten(1)
+    up = lora.lora_up.weight.detach().float().flatten(1)
+    return ((up.T @ up) * (down @ down.T)).sum() * lora.scale ** 2
+
+
 def _file_rows(lora: LoRAModule, up: torch.Tensor) -> torch.Tensor:
     """The up weight's output rows in the other layout's order when the file stores the layer's two output halves
     the other way round (its own inverse); unchanged otherwise."""
@@ -329,8 +435,10 @@ def _file_rows(lora: LoRAModule, up: torch.Tensor) -> torch.Tensor:
 
 
 # ---- factories (the names sd-scripts' trainers call)
+LORAPLUS_KEYS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 NETWORK_ARG_TYPES: dict[str, Callable[[str], Any]] = {
     "conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float,
+    **{key: float for key in LORAPLUS_KEYS}, **block_weights.NETWORK_ARG_TYPES,
 }
 
 
@@ -389,15 +497,41 @@ def create_network(*, unet: nn.Module | None, text_encoders: Sequence[nn.Module]
                    network_args: Sequence[str] | dict[str, Any] | None = None, multiplier: float = 1.0,
                    train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
     """A new network from training options (defaults: rank 4, alpha 1; conv_alpha 1 when conv_dim is set)."""
-    own_keys = _family_class(family).LORA_NETWORK_ARGS
+    cls = _family_class(family)
+    own_keys = cls.LORA_NETWORK_ARGS
     extra = parse_network_args(network_args, own_keys)
     family_args = {k: extra.pop(k) for k in list(extra) if k in own_keys}
+    ratios = _pop_loraplus(extra)
+    blockwise = {k: extra.pop(k) for k in list(extra) if k in block_weights.NETWORK_ARG_TYPES}
+    blocks = cls.lora_blocks(family)
+    block_weights.check_supported(blockwise, blocks)
+    dim = 4 if network_dim is None else network_dim
+    alpha = 1.0 if network_alpha is None else network_alpha
+    lr_weights = block_ranks = None
+    if blocks is not None:
+        lr_weights = block_weights.block_lr_weights(blockwise, blocks)
+        block_ranks = block_weights.block_ranks(blockwise, blocks, dim=dim, alpha=alpha,
+                                                conv_dim=extra.get("conv_dim"), conv_alpha=extra.get("conv_alpha"),
+                                                lr_weights=lr_weights)
     naming = family_naming(family, unet, family_args)
     naming.pop("unet_file_name_map", None)  # for loading files only
-    return LoRANetwork(unet, list(text_encoders), dim=4 if network_dim is None else network_dim,
-                       alpha=1.0 if network_alpha is None else network_alpha, dropout=network_dropout,
-                       multiplier=multiplier, train_unet=train_unet, train_text_encoder=train_text_encoder,
-                       **extra, **naming)
+    network = LoRANetwork(unet, list(text_encoders), dim=dim, alpha=alpha, dropout=network_dropout,
+                          multiplier=multiplier, train_unet=train_unet, train_text_encoder=train_text_encoder,
+                          unet_blocks=blocks if block_ranks is not None else None, block_ranks=block_ranks,
+                          **extra, **naming)
+    network.set_block_lr_weight(lr_weights)
+    network.set_loraplus_lr_ratio(*ratios)
+    return network
+
+
+def _pop_loraplus(args: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+    """(loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio), taken out of `args`."""
+    ratios = tuple(args.pop(key, None) for key in LORAPLUS_KEYS)
+    for key, value in zip(LORAPLUS_KEYS, ratios):
+        if value is not None and value <= 0:
+            raise NetworkError(f"option 'network_args': {key}={value} must be greater than 0 (16 is the LoRA+ "
+                               f"paper's suggestion)")
+    return ratios  # type: ignore[return-value]
 
 
 def _dims_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
@@ -416,10 +550,24 @@ def _dims_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int]
 
 def create_network_from_weights(path: str | os.PathLike, *, unet: nn.Module | None,
                                 text_encoders: Sequence[nn.Module], family: str, multiplier: float = 1.0,
-                                train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
+                                train_unet: bool = True, train_text_encoder: bool = True,
+                                network_args: Sequence[str] | dict[str, Any] | None = None) -> LoRANetwork:
     """A network shaped like the file (rank and alpha per module), with the file's weights loaded.
 
-    train_unet / train_text_encoder False leave that part's modules out (as network_train_*_only do)."""
+    train_unet / train_text_encoder False leave that part's modules out (as network_train_*_only do).
+    `network_args` (dim_from_weights): the learning-rate ones apply (*_lr_weight, loraplus_*); those that shape
+    the network (block_dims, conv_dim, ...) cannot, the file does, and are an error."""
+    cls = _family_class(family)
+    extra = parse_network_args(network_args, cls.LORA_NETWORK_ARGS)
+    ratios = _pop_loraplus(extra)
+    lr_args = {k: extra.pop(k) for k in block_weights.LR_WEIGHT_KEYS if k in extra}
+    shaping = sorted(k for k, v in extra.items() if v is not None and k not in cls.LORA_NETWORK_ARGS)
+    if shaping:
+        raise NetworkError(f"option 'network_args': {', '.join(shaping)} cannot be used with dim_from_weights (the "
+                           f"file gives every module's rank and alpha): remove them or dim_from_weights")
+    blocks = cls.lora_blocks(family)
+    block_weights.check_supported(lr_args, blocks)
+    lr_weights = block_weights.block_lr_weights(lr_args, blocks) if blocks is not None else None
     tensors, _ = load_weights_file(path)
     dims, alphas = _dims_from_tensors(tensors)
     if not dims:
@@ -436,10 +584,12 @@ def create_network_from_weights(path: str | os.PathLike, *, unet: nn.Module | No
                            f"network_train_text_encoder_only)")
     try:
         network = LoRANetwork(unet, list(text_encoders), multiplier=multiplier, modules_dim=dims,
-                              modules_alpha=alphas, **naming)
+                              modules_alpha=alphas, unet_blocks=blocks if lr_weights is not None else None, **naming)
     except NetworkError as e:
         raise NetworkError(f"{path}: {e}") from None
     network.load_weights(path)
+    network.set_block_lr_weight(lr_weights)
+    network.set_loraplus_lr_ratio(*ratios)
     return network
 
 

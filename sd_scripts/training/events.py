@@ -3,7 +3,8 @@
 Every line has `type` and `time` (unix seconds, float) plus the fields of its type:
 
 - `start`: a run summary (images, steps, model family, ...), whatever the trainer passes.
-- `progress`: step, total_steps, epoch, total_epochs, loss, avg_loss, lr, it_per_s, eta_s.
+- `progress`: step, total_steps, epoch, total_epochs, loss, avg_loss, lr, it_per_s, eta_s (plus the method's
+  step metrics, e.g. keys_scaled, avg_key_norm, max_key_norm with scale_weight_norms).
 - `sample`: step, epoch, paths, prompts.
 - `save`: path, kind (e.g. "final", "epoch", "step", "state"), plus free fields (step, epoch).
 - `validation`: free fields (e.g. step, loss).
@@ -87,10 +88,12 @@ class EventWriter:
         self.emit("start", **summary)
 
     def progress(self, step: int, total_steps: int, epoch: int, total_epochs: int, loss: float | None,
-                 avg_loss: float | None, lr: float | None, it_per_s: float | None, eta_s: float | None) -> None:
-        """Progress after an optimizer step."""
+                 avg_loss: float | None, lr: float | None, it_per_s: float | None, eta_s: float | None,
+                 **metrics: Any) -> None:
+        """Progress after an optimizer step; `metrics`: the method's extra scalars (e.g. keys_scaled,
+        avg_key_norm, max_key_norm with scale_weight_norms)."""
         self.emit("progress", step=step, total_steps=total_steps, epoch=epoch, total_epochs=total_epochs, loss=loss,
-                  avg_loss=avg_loss, lr=lr, it_per_s=it_per_s, eta_s=eta_s)
+                  avg_loss=avg_loss, lr=lr, it_per_s=it_per_s, eta_s=eta_s, **metrics)
 
     def sample(self, step: int, epoch: int | None, paths: Iterable[str], prompts: Iterable[str]) -> None:
         """Sample images were written."""

@@ -98,8 +98,7 @@ class FullModelMethod(TrainingMethod):
             text_encoder.requires_grad_(on)
             if not on and self._te_wanted():  # loaded for training (float32), but this one stays frozen
                 text_encoder.to(dtype=compute_dtype(a.mixed_precision))
-        groups = [{"params": [p for p in bundle.denoiser.parameters() if p.requires_grad], "lr": a.learning_rate}]
-        names = ["unet"]
+        groups, names = self._denoiser_groups(bundle.denoiser, family)
         if frozen:
             log.info("the denoiser's last %d blocks stay frozen (num_last_block_to_freeze)", frozen)
         modules = {"unet": bundle.denoiser}
@@ -135,6 +134,39 @@ class FullModelMethod(TrainingMethod):
         for block in list(lists[-1].blocks)[-count:]:
             block.requires_grad_(False)
         return count
+
+    def _denoiser_groups(self, denoiser: torch.nn.Module, family: str) -> tuple[list[dict], list[str]]:
+        """The U-Net's parameter group at learning_rate; with block_lr (sdxl_train) one group per block at its own
+        rate ('block<N>', as sd-scripts logs them), and the blocks at 0 frozen."""
+        a = self.args
+        if not getattr(a, "block_lr", None):
+            trained = [p for p in denoiser.parameters() if p.requires_grad]  # (num_last_block_to_freeze)
+            return [{"params": trained, "lr": a.learning_rate}], ["unet"]
+        from ..families import family_class
+
+        numbering = family_class(family).denoiser_blocks(denoiser)
+        if numbering is None:
+            raise OptionError("option 'block_lr' needs a U-Net with sd-scripts' block numbering (SDXL): remove it")
+        count, block_of = numbering
+        rates = [float(v) for v in str(a.block_lr).split(",")]
+        if len(rates) != count:
+            raise OptionError(f"option 'block_lr' has {len(rates)} values but the U-Net has {count} blocks: give "
+                              f"{count} comma-separated learning rates (0 leaves a block untrained)")
+        by_block: dict[int, list] = {}
+        for name, param in denoiser.named_parameters():
+            if param.requires_grad:
+                by_block.setdefault(block_of(name), []).append(param)
+        groups, names = [], []
+        for block in sorted(by_block):
+            if rates[block] == 0:
+                for param in by_block[block]:
+                    param.requires_grad_(False)
+                continue
+            groups.append({"params": by_block[block], "lr": rates[block]})
+            names.append(f"block{block}")
+        log.info("block_lr: %d U-Net blocks trained at their own rates, %d frozen", len(groups),
+                 len(by_block) - len(groups))
+        return groups, names
 
     def trainable_module(self) -> torch.nn.Module:
         return self._module

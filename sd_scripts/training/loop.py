@@ -181,11 +181,12 @@ class Trainer(RunSetup, RunOutputs):
         rate = done / elapsed if elapsed > 0 and done > 0 else None
         eta = (self.plan.total_steps - self.global_step) / rate if rate else None
         self.bar.set_postfix(avr_loss=f"{avg:.4g}", refresh=False)
+        metrics = self.method.step_metrics()  # e.g. scale_weight_norms' max_norm/keys_scaled
         self.events.progress(step=self.global_step, total_steps=self.plan.total_steps, epoch=self.epoch,
                              total_epochs=self.plan.total_epochs, loss=loss, avg_loss=avg, lr=lrs[0],
-                             it_per_s=rate, eta_s=eta)
+                             it_per_s=rate, eta_s=eta, **{k.rsplit("/", 1)[-1]: v for k, v in metrics.items()})
         if self.args.logging_dir:
-            scalars = {"loss/current": loss, "loss/average": avg}
+            scalars = {"loss/current": loss, "loss/average": avg, **metrics}
             for name, lr in zip(self.lr_names, lrs):
                 scalars[f"lr/{name}"] = lr
             self.accelerator.log(scalars, step=self.global_step)

@@ -60,6 +60,8 @@ def _json(value: Any) -> str:
 def _option_value(opt: option_schema.Option, value: Any) -> str:
     if opt.path and isinstance(value, str) and value:
         value = os.path.basename(os.path.normpath(value))  # never leak the user's folder layout
+    elif opt.path and isinstance(value, (list, tuple)):
+        value = [os.path.basename(os.path.normpath(str(v))) for v in value]
     return str(value)
 
 

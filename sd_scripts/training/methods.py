@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from contextlib import nullcontext
 from typing import Any, ContextManager
 
 import torch
 
-from ..options import parse_kv_args
+from ..options import OptionError, parse_kv_args
+
+log = logging.getLogger("sd_scripts.train")
 
 
 def compute_dtype(mixed_precision: str | None) -> torch.dtype:
@@ -33,6 +36,10 @@ class TrainingMethod:
         """The dtype the loop loads `part` ('denoiser' or 'text_encoder') in: frozen parts use the compute dtype;
         methods that train a part's own weights keep it in float32 (mixed precision autocasts)."""
         return compute_dtype
+
+    def prepare_model(self, bundle, *, family: str) -> None:
+        """Called on every process right after the weights are read (before they are cast, placed or cached from):
+        changes the base model itself (LoRA training merges base_weights here)."""
 
     def prepare_data(self, bundle, *, device: torch.device, dtype: torch.dtype) -> None:
         """Called on the main process after the model is loaded and before the dataset is read (DreamBooth makes
@@ -62,6 +69,11 @@ class TrainingMethod:
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after each optimizer step (EMA updates, restoring frozen embeddings, ...)."""
+
+    def step_metrics(self) -> dict[str, float]:
+        """Scalars of the last optimizer step to log besides the loss, named as sd-scripts logs them (e.g.
+        'max_norm/keys_scaled'); the progress event carries them under the part after the '/'."""
+        return {}
 
     def sample_prompts(self, prompts: list) -> list:
         """The sample prompts actually generated (textual inversion expands its token to all its vectors)."""
@@ -100,6 +112,16 @@ class NetworkMethod(TrainingMethod):
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
         self.network = None
+        self._norm_metrics: dict[str, float] = {}
+        weights = getattr(args, "base_weights", None) or []
+        multipliers = getattr(args, "base_weights_multiplier", None) or []
+        if len(multipliers) > len(weights):
+            raise OptionError(f"option 'base_weights_multiplier': {len(multipliers)} values for {len(weights)} "
+                              f"base_weights files: give one multiplier per file (missing ones are 1.0)")
+        for path in weights:
+            if not os.path.isfile(path):
+                raise OptionError(f"option 'base_weights': {path!r} does not exist: give LoRA files to merge into "
+                                  f"the base model")
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -109,8 +131,23 @@ class NetworkMethod(TrainingMethod):
         a = self.args
         return a.text_encoder_lr if a.text_encoder_lr is not None else a.learning_rate
 
+    def prepare_model(self, bundle, *, family: str) -> None:
+        """base_weights: each LoRA file merged into the base weights (W += up @ down x alpha / rank x its
+        base_weights_multiplier, 1.0 when not given), as sd-scripts' train_network does before training."""
+        from ..networks import lora
+
+        multipliers = list(getattr(self.args, "base_weights_multiplier", None) or [])
+        for i, path in enumerate(getattr(self.args, "base_weights", None) or []):
+            multiplier = multipliers[i] if i < len(multipliers) else 1.0
+            merged = lora.create_network_from_weights(path, unet=bundle.denoiser, text_encoders=bundle.text_encoders,
+                                                      family=family, multiplier=multiplier)
+            merged.merge_into_base()
+            log.info("base_weights: merged %s (%d modules) with multiplier %g", path, len(merged.all_loras()),
+                     multiplier)
+
     def build(self, bundle, *, family: str) -> tuple[list[dict], list[str]]:
         """Creates the network on the bundle's models and returns (optimizer param groups, their lr names)."""
+        from ..networks import lora
         from ..networks.registry import resolve_network_module
 
         a = self.args
@@ -120,9 +157,10 @@ class NetworkMethod(TrainingMethod):
         train_unet = not a.network_train_text_encoder_only
         train_te = self.trains_text_encoder
         if a.network_weights and a.dim_from_weights:
-            net = network_module.create_network_from_weights(a.network_weights, unet=bundle.denoiser,
-                                                             text_encoders=bundle.text_encoders, family=family,
-                                                             multiplier=a.network_multiplier)
+            net = network_module.create_network_from_weights(
+                a.network_weights, unet=bundle.denoiser, text_encoders=bundle.text_encoders, family=family,
+                multiplier=a.network_multiplier,
+                **({"network_args": a.network_args} if a.network_args and network_module is lora else {}))
         else:
             net = network_module.create_network(unet=bundle.denoiser, text_encoders=bundle.text_encoders,
                                                 family=family, network_dim=a.network_dim,
@@ -133,6 +171,9 @@ class NetworkMethod(TrainingMethod):
             net.load_weights(a.network_weights)
         net.apply_to()
         self.network = net
+        if getattr(a, "scale_weight_norms", None) and not hasattr(net, "apply_max_norm_regularization"):
+            self.warn(f"option 'scale_weight_norms' is ignored: {type(net).__name__} has no max-norm regularisation")
+            a.scale_weight_norms = None
         unet_lr = a.unet_lr if a.unet_lr is not None else a.learning_rate
         te_lr = self._te_lr() if train_te else None
         groups, names = net.prepare_optimizer_params(unet_lr if train_unet else None, te_lr, a.learning_rate)
@@ -141,6 +182,17 @@ class NetworkMethod(TrainingMethod):
     def trainable_module(self) -> torch.nn.Module:
         """The module accelerate wraps for data-parallel gradient sync."""
         return self.network
+
+    def after_optimizer_step(self, step: int) -> None:
+        """scale_weight_norms: every module's update norm capped after the step (max-norm regularisation)."""
+        max_norm = getattr(self.args, "scale_weight_norms", None)
+        if max_norm:
+            scaled, mean, top = self.network.apply_max_norm_regularization(max_norm)
+            self._norm_metrics = {"max_norm/keys_scaled": scaled, "norm/avg_key_norm": mean,
+                                  "max_norm/max_key_norm": top}
+
+    def step_metrics(self) -> dict[str, float]:
+        return dict(self._norm_metrics)
 
     def network_args_dict(self) -> dict[str, Any] | None:
         args = parse_kv_args(self.args.network_args, "network_args")

@@ -128,6 +128,7 @@ class RunSetup:
         bundle = load_model(a.pretrained_model_name_or_path,
                             dtype=load_dtype(self.weight_dtype, self.method, bool(getattr(a, "no_half_vae", False))),
                             **self._load_options())
+        self.method.prepare_model(bundle, family=bundle.family)  # e.g. base_weights merged, before any cast
         device = self.accelerator.device
         family_cls = family_class(bundle.family)
         # Frozen parts in the compute dtype; trained weights stay float32 (mixed precision autocasts).

@@ -39,7 +39,7 @@ SPECS = (
                memory=MemoryFacts(6.9, 3.5, 4.5), learning_rates=dict(_SD_LR, db=1e-5, finetune=1e-5),
                latent_cache_suffix="_sdxl", lora_te_prefixes=("lora_te1", "lora_te2"),
                options=frozenset({"cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
-                                  "learning_rate_te1", "learning_rate_te2", "weighted_captions"}),
+                                  "learning_rate_te1", "learning_rate_te2", "weighted_captions", "block_lr"}),
                scripts=("sdxl_train_network", "sdxl_train", "sdxl_train_textual_inversion"),
                text_encoder_cache=True, ti_keys=("clip_l", "clip_g"), kohya_ss_flags=("sdxl", "sdxl_checkbox"), tiny_builder=_TINY, tiny_variants={"sdxl": {}},
                # kohya_ss config keys it passes only for SDXL (bmaltais/kohya_ss kohya_gui/class_sdxl_parameters.py)

@@ -29,6 +29,14 @@ class SDFamily(MemoisedCaptions, UNetFamily):
         self.eos_id = bundle.tokenizer.eos_token_id
         self.init_memo(memo_size)
 
+    @classmethod
+    def lora_blocks(cls, family: str):
+        """sd-scripts' 25 SD 1.x / 2.x blocks (families/sd/blocks.py)."""
+        from ...networks.block_weights import UNetBlocks
+        from .blocks import SD_BLOCKS, sd_block_index
+
+        return UNetBlocks(index=sd_block_index, **SD_BLOCKS)
+
     # ---- text
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         ids = self.bundle.tokenizer(captions, padding="max_length", max_length=self.max_length, truncation=True,

@@ -106,6 +106,24 @@ class SDXLFamily(MemoisedCaptions, UNetFamily):
         naming["unet_name_map"] = sai_name_map(denoiser) if denoiser is not None else diffusers_to_sai_module_path
         return naming
 
+    @classmethod
+    def denoiser_blocks(cls, denoiser):
+        """sdxl_train's block_lr: 23 blocks (families/sd/blocks.py) of the U-Net's parameters."""
+        from functools import partial
+
+        from .blocks import SDXL_BLOCK_COUNT, sdxl_parameter_block
+        from .sdxl_names import sai_name_map
+
+        return SDXL_BLOCK_COUNT, partial(sdxl_parameter_block, to_sai=sai_name_map(denoiser))
+
+    @classmethod
+    def lora_blocks(cls, family: str):
+        """sd-scripts' 23 SDXL blocks (families/sd/blocks.py)."""
+        from ...networks.block_weights import UNetBlocks
+        from .blocks import SDXL_BLOCKS, sdxl_block_index
+
+        return UNetBlocks(index=sdxl_block_index, **SDXL_BLOCKS)
+
     def __init__(self, bundle, args=None, *, max_token_length: int | None = None, memo_size: int = 4096):
         super().__init__(bundle, args)
         if bundle.text_encoder_2 is None or bundle.tokenizer_2 is None:
