@@ -561,8 +561,8 @@ OPTIONS: tuple[Option, ...] = (
     _O("split_mode", bool, False, "sd-scripts (deprecated there): split the FLUX.1 model in two.", "precision",
        trainers=frozenset({"network"}), advanced=True,
        refused="deprecated in sd-scripts and not implemented: use blocks_to_swap to save memory"),
-    *(_O(name, int, None, "Deprecated (as in sd-scripts): without blocks_to_swap, blocks_to_swap = "
-         "double_blocks_to_swap + single_blocks_to_swap // 2.", "precision", trainers=frozenset({"finetune"}),
+    *(_O(name, int, None, "Deprecated (as in sd-scripts): without blocks_to_swap, blocks_to_swap becomes "
+         "double_blocks_to_swap plus half of single_blocks_to_swap.", "precision", trainers=frozenset({"finetune"}),
          minimum=0, family_specific=True, advanced=True)
       for name in ("single_blocks_to_swap", "double_blocks_to_swap")),
     *(_O(name, bool, False, f"sd-scripts (marked as not working there): save {what} into the checkpoint.",

@@ -42,8 +42,6 @@ NOT_YET = {
     "initial_epoch", "initial_step", "max_validation_steps", "save_last_n_epochs_state",
     "save_last_n_steps_state", "save_n_epoch_ratio", "skip_until_initial_step", "validate_every_n_epochs",
     "validate_every_n_steps", "validation_seed", "validation_split",
-    # network options (in progress)
-    "base_weights", "base_weights_multiplier", "block_lr", "scale_weight_norms",
     # logging, metadata, Hugging Face Hub (in progress)
     "async_upload", "console_log_file", "console_log_simple", "huggingface_path_in_repo", "huggingface_repo_id",
     "huggingface_repo_type", "huggingface_repo_visibility", "huggingface_token", "log_config", "log_tracker_config",
