@@ -82,7 +82,7 @@ class HubStandIn:
                 if repo is None or repo.repo_type + "s" != m.group(1):
                     return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
                 if standin.fail_uploads:
-                    return self._send(500, {"error": "the stand-in refuses uploads"})
+                    return self._send(403, {"error": "You don't have the rights to write to this repository"})
                 if m.group(3) == "preupload":
                     files = json.loads(body)["files"]
                     return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular",
