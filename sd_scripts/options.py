@@ -713,6 +713,7 @@ def parse_args(trainer: str, argv: Sequence[str] | None = None, prog: str | None
     for name, value in vars(cli).items():
         if name != "config_file" and value is not None:
             values[name] = value
+    values["output_config"] = bool(cli.output_config)  # as in sd-scripts, only the command line's counts
     errors = validate(values, trainer)
     if errors:
         raise OptionError("; ".join(errors))

@@ -56,6 +56,17 @@ def entry_env(monkeypatch):
     remove_console_logging()
 
 
+@pytest.fixture
+def two_images(tmp_path):
+    """Two 64 px images in one concept folder: the runs here check files, not learning (and cache 2 latents)."""
+    folder = tmp_path / "data" / "1_sks dog"
+    folder.mkdir(parents=True)
+    for i, colour in enumerate(((200, 30, 30), (30, 200, 30))):
+        Image.new("RGB", (64, 64), colour).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("sks dog\n")
+    return str(folder.parent)
+
+
 def _train(argv: list[str]) -> int:
     from sd_scripts.train_network import main
 
@@ -63,8 +74,8 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
-def _base_args(tiny_sd1, demo_data, out, *extra) -> list[str]:
-    return ["--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir", demo_data,
+def _base_args(tiny_sd1, data, out, *extra) -> list[str]:
+    return ["--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir", data,
             "--output_dir", str(out), "--output_name", "lg", "--resolution", "64", "--caption_extension", ".txt",
             "--cache_latents", "--max_data_loader_n_workers", "0", "--seed", "1", "--learning_rate", "1e-3",
             "--network_dim", "2", *extra]
@@ -79,7 +90,7 @@ def _files_text(root) -> bytes:
     return data
 
 
-def test_one_run_with_every_logging_metadata_and_hub_option(tmp_path, tiny_sd1, demo_data, hub, entry_env):
+def test_one_run_with_every_logging_metadata_and_hub_option(tmp_path, tiny_sd1, two_images, hub, entry_env):
     out, logs = tmp_path / "out", tmp_path / "logs"
     tracker_cfg = tmp_path / "trackers.toml"
     tracker_cfg.write_text('[wandb]\ntags = ["tiny-run"]\nnotes = "from log_tracker_config"\n'
@@ -89,7 +100,7 @@ def test_one_run_with_every_logging_metadata_and_hub_option(tmp_path, tiny_sd1, 
     console = tmp_path / "console" / "train.log"
     events = tmp_path / "events.jsonl"
     rc = _train(_base_args(
-        tiny_sd1, demo_data, out, "--max_train_steps", "2",
+        tiny_sd1, two_images, out, "--max_train_steps", "2",
         "--logging_dir", str(logs), "--log_prefix", "pre_", "--log_with", "all", "--log_tracker_name", "myproject",
         "--log_tracker_config", str(tracker_cfg), "--wandb_run_name", "my-run", "--wandb_api_key", WANDB_KEY,
         "--log_config", "--console_log_file", str(console), "--console_log_simple", "--console_log_level", "DEBUG",
@@ -164,7 +175,7 @@ def test_one_run_with_every_logging_metadata_and_hub_option(tmp_path, tiny_sd1, 
 
     # --- resume_from_huggingface: the state folder comes back from the Hub and training goes on from step 2
     events2 = tmp_path / "events2.jsonl"
-    rc = _train(_base_args(tiny_sd1, demo_data, tmp_path / "out2", "--max_train_steps", "3",
+    rc = _train(_base_args(tiny_sd1, two_images, tmp_path / "out2", "--max_train_steps", "3",
                            "--resume", "me/tiny-lora/runs/one/lg-state:main", "--resume_from_huggingface",
                            "--events_file", str(events2)))
     assert rc == 0
@@ -265,6 +276,10 @@ def test_gui_passes_secrets_only_through_the_childs_environment(tmp_path, monkey
     values = {"pretrained_model_name_or_path": "m.safetensors", "output_dir": str(tmp_path / "o"),
               "train_data_dir": str(tmp_path), "wandb_api_key": WANDB_KEY, "huggingface_token": HF_TOKEN,
               "log_with": "wandb"}
+    from kohya_gui.components.widgets import make_widget
+
+    for name in ("wandb_api_key", "huggingface_token"):  # masked in the form
+        assert make_widget(options.BY_NAME[name], None, "t").type == "password"
     cmd = build_command("lora", values, AccelerateSettings(), str(tmp_path / "job"))
     assert cmd.env == {"WANDB_API_KEY": WANDB_KEY, "HF_TOKEN": HF_TOKEN}
     assert WANDB_KEY not in cmd.toml_text + " ".join(cmd.argv) and HF_TOKEN not in cmd.toml_text
