@@ -32,6 +32,8 @@ class HubStandIn:
         self.repos: dict[str, Repo] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, authorization)
         self.fail_uploads = fail_uploads
+        self.commits_open = threading.Event()  # clear it to hold commits back (background uploads)
+        self.commits_open.set()
         self.lock = threading.Lock()
         standin = self
 
@@ -87,6 +89,7 @@ class HubStandIn:
                     files = json.loads(body)["files"]
                     return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular",
                                                        "shouldIgnore": False} for f in files]})
+                standin.commits_open.wait(30)
                 summary = ""
                 added = {}
                 for line in body.decode().splitlines():

@@ -141,6 +141,7 @@ def test_one_run_with_every_logging_metadata_and_hub_option(tmp_path, tiny_sd1, 
     # --- the console log went to the file, messages only
     text = console.read_text()
     assert "saved " + str(out / "lg.safetensors") in text
+    assert "Stored initial configuration hyperparameters" in text  # accelerate's DEBUG line: console_log_level
     assert not any(line.startswith(("INFO", "DEBUG")) or line[:2].isdigit() and line[2:3] == ":"
                    for line in text.splitlines())
 
@@ -204,6 +205,29 @@ def test_a_failed_upload_is_a_warning_naming_the_repo_and_the_file_stays(tmp_pat
     assert "me/broken" in message and str(model) in message and str(model) in hint
     assert model.read_bytes() == b"weights" and hub.repos["me/broken"].files == {}
     assert not hub.repos["me/broken"].private  # huggingface_repo_visibility public
+
+
+def test_upload_to_a_dataset_repo_with_its_own_token_in_the_background(tmp_path, hub):
+    import argparse
+    import time
+
+    from sd_scripts.training.hub import HubUploader
+
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(b"weights")
+    args = argparse.Namespace(huggingface_repo_id="me/data", huggingface_repo_type="dataset",
+                              huggingface_path_in_repo=None, huggingface_token="hf_from_option",
+                              huggingface_repo_visibility=None, async_upload=True)
+    uploader = HubUploader(args, warn=lambda message, hint="": pytest.fail(message))
+    hub.commits_open.clear()  # the Hub is slow: async_upload returns at once
+    started = time.time()
+    uploader.upload(str(model))
+    assert time.time() - started < 5 and ("me/data" not in hub.repos or hub.repos["me/data"].files == {})
+    hub.commits_open.set()
+    uploader.close()
+    assert hub.repos["me/data"].repo_type == "dataset" and hub.files("me/data") == {"m.safetensors": b"weights"}
+    assert {auth for _, path, auth in hub.requests if "me/data" in path or "create" in path} == \
+        {"Bearer hf_from_option"}
 
 
 def test_output_config_writes_the_options_without_secrets_or_defaults_and_exits(tmp_path, entry_env):
