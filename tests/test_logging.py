@@ -99,6 +99,8 @@ def test_one_run_with_every_logging_metadata_and_hub_option(tmp_path, tiny_sd1, 
     Image.new("RGB", (8, 8), (200, 10, 10)).save(thumb)
     console = tmp_path / "console" / "train.log"
     events = tmp_path / "events.jsonl"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("sks dog --w 64 --h 64 --s 1 --d 3\n")
     rc = _train(_base_args(
         tiny_sd1, two_images, out, "--max_train_steps", "2",
         "--logging_dir", str(logs), "--log_prefix", "pre_", "--log_with", "all", "--log_tracker_name", "myproject",
@@ -108,7 +110,8 @@ def test_one_run_with_every_logging_metadata_and_hub_option(tmp_path, tiny_sd1, 
         "--metadata_thumbnail", str(thumb), "--metadata_merged_from", "a, b", "--metadata_preprocessor", "canny",
         "--metadata_is_negative_embedding", "False", "--metadata_license", "MIT",
         "--huggingface_repo_id", "me/tiny-lora", "--huggingface_path_in_repo", "runs/one", "--async_upload",
-        "--save_state", "--save_state_to_huggingface", "--events_file", str(events)))
+        "--save_state", "--save_state_to_huggingface", "--events_file", str(events),
+        "--sample_prompts", str(prompts), "--sample_every_n_steps", "2"))
     assert rc == 0
     assert os.environ["WANDB_API_KEY"] == WANDB_KEY and WANDB_KEY not in " ".join(sys.argv)  # env, not argv
 
@@ -135,8 +138,9 @@ def test_one_run_with_every_logging_metadata_and_hub_option(tmp_path, tiny_sd1, 
     (wandb_run,) = glob.glob(os.path.join(run_dir, "wandb", "offline-run-*", "run-*.wandb"))
     record = open(wandb_run, "rb").read()
     for expected in (b"my-run", b"tiny-run", b"from log_tracker_config", b"myproject", b"loss/current",
-                     b"network_dim", b"global_step"):
+                     b"network_dim", b"global_step", b"sample_0", b"sks dog"):
         assert expected in record, expected
+    assert glob.glob(os.path.join(os.path.dirname(wandb_run), "files", "media", "images", "sample_0_*.png"))
 
     # --- the console log went to the file, messages only
     text = console.read_text()
