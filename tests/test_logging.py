@@ -340,3 +340,14 @@ def test_gui_passes_secrets_only_through_the_childs_environment(tmp_path, monkey
             data = open(os.path.join(job.folder, name), "rb").read()
             assert WANDB_KEY.encode() not in data and HF_TOKEN.encode() not in data, name
     assert json.load(open(os.path.join(job.folder, "job.json")))["values"].get("wandb_api_key") is None
+
+
+def test_config_toml_never_holds_secrets(tmp_path):
+    from kohya_gui import gui_config
+
+    path = tmp_path / "config.toml"
+    path.write_text(f'[hub]\nhuggingface_token = "{HF_TOKEN}"\nhuggingface_repo_id = "me/x"\n')
+    cfg = gui_config.load_gui_config(str(path))
+    assert cfg.values["hub"] == {"huggingface_repo_id": "me/x"}
+    assert any("huggingface_token" in p and "HF_TOKEN" in p for p in cfg.problems)
+    assert "wandb_api_key =" not in gui_config.default_config_text()
