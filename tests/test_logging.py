@@ -351,3 +351,13 @@ def test_config_toml_never_holds_secrets(tmp_path):
     assert cfg.values["hub"] == {"huggingface_repo_id": "me/x"}
     assert any("huggingface_token" in p and "HF_TOKEN" in p for p in cfg.problems)
     assert "wandb_api_key =" not in gui_config.default_config_text()
+
+
+def test_preflight_takes_a_hub_resume_for_what_it_is(tmp_path):
+    from kohya_gui.preflight import _check_paths
+
+    checks = []
+    _check_paths("network", {"resume": "me/repo/run-state", "resume_from_huggingface": True}, checks)
+    assert not [c for c in checks if c.field == "resume"]
+    _check_paths("network", {"resume": str(tmp_path / "missing-state")}, checks)
+    assert [c for c in checks if c.field == "resume"]
