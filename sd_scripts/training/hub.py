@@ -121,6 +121,7 @@ class HubUploader:
         if self._executor is not None and not wait:
             self._pending.append(self._executor.submit(self._upload, local_path))
         else:
+            self.wait()  # earlier background uploads first: the repository gets the files in the order saved
             self._upload(local_path)
 
     def wait(self) -> None:
