@@ -361,3 +361,22 @@ def test_preflight_takes_a_hub_resume_for_what_it_is(tmp_path):
     assert not [c for c in checks if c.field == "resume"]
     _check_paths("network", {"resume": str(tmp_path / "missing-state")}, checks)
     assert [c for c in checks if c.field == "resume"]
+
+
+def test_wandb_without_an_api_key_is_an_error_saying_what_to_do(tmp_path, monkeypatch):
+    import argparse
+
+    from accelerate import Accelerator
+
+    from sd_scripts.training.trackers import Trackers
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc login either
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    base = {o.name: o.default for o in options.OPTIONS}
+    args = argparse.Namespace(**{**base, "log_with": "wandb", "logging_dir": str(tmp_path / "logs")})
+    trackers = Trackers(args)
+    accelerator = Accelerator(log_with=trackers.log_with, project_config=trackers.project_config(), cpu=True)
+    with pytest.raises(options.OptionError, match="log_with.*WANDB_API_KEY.*WANDB_MODE=offline"):
+        trackers.start(accelerator)

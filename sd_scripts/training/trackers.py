@@ -151,8 +151,15 @@ class Trackers:
             return
         a = self.args
         project = a.log_tracker_name or DEFAULT_PROJECT.get(getattr(a, "trainer_kind", None), "network_train")
-        accelerator.init_trackers(project, config=loggable_config(a) if a.log_config else None,
-                                  init_kwargs=self.init_kwargs())
+        try:
+            accelerator.init_trackers(project, config=loggable_config(a) if a.log_config else None,
+                                      init_kwargs=self.init_kwargs())
+        except Exception as e:  # noqa: BLE001 - wandb's own errors (no API key, bad entity) are the user's to fix
+            if not type(e).__module__.startswith("wandb"):
+                raise
+            raise OptionError(f"option 'log_with': Weights & Biases could not start the run ({e}). Set "
+                              "WANDB_API_KEY (or wandb_api_key), run `wandb login`, or set WANDB_MODE=offline; "
+                              "check log_tracker_config's [wandb] settings") from None
         if "wandb" in self.names:
             run = accelerator.get_tracker("wandb", unwrap=True)
             for metric in ("global_step", "epoch"):
