@@ -377,6 +377,6 @@ def test_wandb_without_an_api_key_is_an_error_saying_what_to_do(tmp_path, monkey
     base = {o.name: o.default for o in options.OPTIONS}
     args = argparse.Namespace(**{**base, "log_with": "wandb", "logging_dir": str(tmp_path / "logs")})
     trackers = Trackers(args)
-    accelerator = Accelerator(log_with=trackers.log_with, project_config=trackers.project_config(), cpu=True)
+    accelerator = Accelerator(log_with=trackers.log_with, project_config=trackers.project_config())
     with pytest.raises(options.OptionError, match="log_with.*WANDB_API_KEY.*WANDB_MODE=offline"):
         trackers.start(accelerator)
