@@ -143,6 +143,7 @@ class RunCommand:
     prompts_path: str | None
     trainer: str = ""
     values: dict[str, Any] = field(default_factory=dict)  # the normalised option values (secrets included)
+    env: dict[str, str] = field(default_factory=dict)  # secrets for the trainer's environment (Option.env), never files
 
 
 def trainer_for(kind: str) -> str:
@@ -375,7 +376,14 @@ def build_command(kind: str, values: dict[str, Any], accel: AccelerateSettings, 
             "--events_file", os.path.join(job_dir, EVENTS_FILE),
             "--control_dir", job_dir]
     return RunCommand(argv=argv, toml_text=toml_text, toml_path=toml_path, prompts_text=prompts_text,
-                      prompts_path=prompts_path, trainer=trainer, values=normalized)
+                      prompts_path=prompts_path, trainer=trainer, values=normalized, env=secret_env(normalized))
+
+
+def secret_env(values: dict[str, Any]) -> dict[str, str]:
+    """The secret options' values by environment variable (WANDB_API_KEY, HF_TOKEN): how they reach the trainer.
+    dump_toml leaves them out of the run TOML and nothing puts them on the argv."""
+    return {opt.env: str(values[opt.name]) for opt in schema.OPTIONS
+            if opt.secret and opt.env and values.get(opt.name)}
 
 
 def format_command(cmd: RunCommand | list[str]) -> str:

@@ -133,6 +133,12 @@ def load_gui_config(path: str | None = None) -> GuiConfig:
                 cfg.unknown_keys.append(f"{section}.{key}")
                 cfg.problems.append(f"{path}: unknown key '{key}' in [{section}]; check its spelling")
                 continue
+            if section not in (GUI_SECTION, ACCEL_SECTION) and schema.BY_NAME[name].secret:
+                env = schema.BY_NAME[name].env
+                cfg.problems.append(f"{path}: '{key}' in [{section}] is a secret and is not read from config.toml; "
+                                    f"set {env} in the environment the GUI runs in" if env else
+                                    f"{path}: '{key}' in [{section}] is a secret and is not read from config.toml")
+                continue
             kept[name if section not in (GUI_SECTION, ACCEL_SECTION) else key] = value
         else:
             cfg.values[section] = kept
@@ -184,7 +190,9 @@ def default_config_text() -> str:
         shown = "(unset)" if default is None else _literal(default)
         out.append(f"# {f.name} = {shown}")
     for group, title in schema.GROUPS.items():
-        opts = [o for o in schema.OPTIONS if o.group == group and o.name not in ("events_file", "control_dir")]
+        opts = [o for o in schema.OPTIONS if o.group == group and o.name not in ("events_file", "control_dir")
+                and not o.secret]
+        secrets = [o for o in schema.OPTIONS if o.group == group and o.secret]
         if not opts:
             continue
         out += ["", f"# ---- {title}", f"[{group}]"]
@@ -195,6 +203,9 @@ def default_config_text() -> str:
             out += _comment_lines(f"{opt.help}{choices}{trainers}{families}")
             shown = "(unset)" if opt.default is None else _literal(opt.default)
             out.append(f"# {opt.name} = {shown}")
+        for opt in secrets:
+            out += _comment_lines(f"{opt.name}: a secret, never read from this file (nor written to presets or job "
+                                  f"files): set {opt.env} in the environment the GUI runs in, or type it in the form.")
     for kind, defaults in KIND_DEFAULTS.items():
         out += ["", f"[{kind}]", f"# Built-in defaults of the {kind} tab (uncomment to change)."]
         out += [f"# {k} = {_literal(v)}" for k, v in defaults.items()]

@@ -188,6 +188,7 @@ class JobManager:
         self._lock = threading.RLock()
         self._procs: dict[str, subprocess.Popen] = {}
         self._secrets: dict[str, list[str]] = {}
+        self._secret_env: dict[str, dict[str, str]] = {}  # job id -> secrets for its environment (memory only)
         self._cache: dict[str, tuple[int, Job | str]] = {}  # job id -> (mtime, Job or why it is unreadable)
         self._live: dict[str, tuple[int, float | None]] = {}  # job id -> (pid, create time) of runs seen running
         self._tails: dict[str, tuple[monitor.EventTail, monitor.RunView]] = {}
@@ -335,6 +336,7 @@ class JobManager:
                       created=time.time(), queue_index=index, values=strip_secrets(dict(values)),
                       accel=strip_secrets(accel.to_dict()), folder=folder)
             self._secrets[job_id] = secret_values(dict(values)) + secret_values(accel.to_dict())
+            self._secret_env[job_id] = dict(cmd.env)
             self._save(job)
             return job
 
@@ -348,9 +350,10 @@ class JobManager:
                 return job
             return None
 
-    def _env(self) -> dict[str, str]:
+    def _env(self, job_id: str | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.extra_env)
+        env.update(self._secret_env.get(job_id, {}))  # the form's secrets (a GUI restart forgets them)
         env["PYTHONUNBUFFERED"] = "1"
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
         return env
@@ -391,7 +394,7 @@ class JobManager:
                 logf.write(f"$ {job.command_line}\n".encode("utf-8", "replace"))
                 logf.flush()
                 proc = subprocess.Popen(cmd.argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        cwd=self.cwd, env=self._env(), start_new_session=True, close_fds=True)
+                                        cwd=self.cwd, env=self._env(job.id), start_new_session=True, close_fds=True)
         except OSError as e:
             job.status, job.ended = "failed", time.time()
             job.error_message = f"could not start {job.argv[0]!r}: {e}"

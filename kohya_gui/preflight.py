@@ -213,6 +213,8 @@ def _check_paths(trainer: str, values: dict[str, Any], checks: list[Check]) -> N
         value = values.get(opt.name)
         if not opt.path or value in (None, "") or opt.name in ("events_file", "control_dir", "sample_prompts"):
             continue
+        if opt.name == "resume" and values.get("resume_from_huggingface"):
+            continue  # a state folder on the Hub ('user/repo/path'), downloaded at run time
         if opt.path in ("out_dir",):
             problem = _writable_dir(value)
             if problem:

@@ -43,6 +43,7 @@ GROUPS = {
     "saving": "Saving",
     "metadata": "Metadata",
     "logging": "Logging and control",
+    "hub": "Hugging Face Hub",
 }
 
 
@@ -63,7 +64,8 @@ class Option:
     maximum: float | None = None
     path: str | None = None  # "file", "dir", "file_or_dir", "out_dir" or "out_file": the GUI and pre-flight check it
     label: str | None = None
-    secret: bool = False  # never written to presets or logs
+    secret: bool = False  # never written to presets, run TOMLs, config.toml or logs
+    env: str | None = None  # a secret's environment variable: how the GUI hands it to the trainer
     refused: str | None = None  # accepted for sd-scripts command lines, but an error (with this reason) when set
     advanced: bool = False  # hidden behind "advanced" in the GUI
     check: Callable[[Any, dict], str | None] | None = None  # (value, all values) -> error message or None
@@ -135,6 +137,36 @@ def _resolution(value, _values):
     except ValueError as e:
         return str(e)
     return None
+
+
+def _log_with(value, values):
+    if value in ("tensorboard", "all") and not values.get("logging_dir"):
+        return f"{value} writes its logs under logging_dir: set logging_dir (or use log_with wandb)"
+    return None
+
+
+HUB_REPO_TYPES = ("model", "dataset", "space")
+
+
+def _hub_repo_id(value, _values):
+    parts = str(value).split("/")
+    if len(parts) != 2 or not all(parts) or any(c.isspace() for c in str(value)):
+        return f"{value!r} is not a Hub repository id: write it as 'user/name' (or 'organization/name')"
+    return None
+
+
+def _hub_repo_type(value, _values):
+    return None if value in HUB_REPO_TYPES else f"{value!r} is not a Hub repository type: use one of {HUB_REPO_TYPES}"
+
+
+def _hub_visibility(value, _values):
+    return None if value in ("public", "private") else f"{value!r}: use 'public' or 'private'"
+
+
+def _thumbnail(value, _values):
+    if str(value).startswith("data:") or os.path.isfile(value):
+        return None
+    return f"{value!r} is neither an image file nor a data: URL: give the path of an existing image"
 
 
 RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")
@@ -236,9 +268,23 @@ OPTIONS: tuple[Option, ...] = (
     _O("output_name", str, None, "File name of the trained model, without extension.", "folders"),
     _O("logging_dir", str, None, "TensorBoard logs go here.", "folders", path="out_dir"),
     _O("log_prefix", str, None, "Prefix of the run folder name inside logging_dir.", "logging", advanced=True),
-    _O("log_with", str, None, "Tracker for scalars (tensorboard when logging_dir is set).", "logging",
-       choices=(None, "tensorboard"), advanced=True),
-    _O("log_tracker_name", str, None, "Name of the run in the tracker.", "logging", advanced=True),
+    _O("log_with", str, None, "Trackers for scalars: tensorboard (the default when logging_dir is set; needs it), "
+       "wandb (Weights & Biases), or all (both).", "logging", choices=(None, "tensorboard", "wandb", "all"),
+       check=_log_with, advanced=True),
+    _O("log_tracker_name", str, None, "Project name in the trackers (default: network_train, dreambooth, finetuning "
+       "or textual_inversion, after the trainer).", "logging", advanced=True),
+    _O("log_tracker_config", str, None, "TOML file of the trackers' own settings, one table per tracker: [wandb] "
+       "entity, tags, notes, ...; [tensorboard] flush_secs, ...", "logging", path="file", advanced=True),
+    _O("wandb_run_name", str, None, "Name of the run in Weights & Biases.", "logging", advanced=True),
+    _O("wandb_api_key", str, None, "Weights & Biases API key. Reaches the trainer as WANDB_API_KEY; never written "
+       "to run files, presets or logs.", "logging", secret=True, env="WANDB_API_KEY", advanced=True),
+    _O("log_config", bool, False, "Send the run's options to the trackers (secrets left out, paths as file names).",
+       "logging", advanced=True),
+    _O("console_log_file", str, None, "Write the log to this file instead of the console.", "logging",
+       path="out_file", advanced=True),
+    _O("console_log_simple", bool, False, "Plain log lines: the message only.", "logging", advanced=True),
+    _O("output_config", bool, False, "Write the options given (without secrets and defaults) to the --config_file "
+       "path, which must not exist yet, and exit without training.", "logging", advanced=True),
     # ---- dataset
     _O("resolution", str, "512", "Training resolution: SIZE or WIDTH,HEIGHT.", "dataset", check=_resolution),
     _O("train_batch_size", int, 1, "Images per step (per process).", "dataset", minimum=1, check=_positive),
@@ -533,6 +579,35 @@ OPTIONS: tuple[Option, ...] = (
     _O("metadata_description", str, None, "modelspec description.", "metadata"),
     _O("metadata_license", str, None, "modelspec license.", "metadata"),
     _O("metadata_tags", str, None, "modelspec tags (comma separated).", "metadata"),
+    _O("metadata_trigger_phrase", str, None, "modelspec trigger_phrase: the words that call up what was trained.",
+       "metadata"),
+    _O("metadata_usage_hint", str, None, "modelspec usage_hint: a very short hint on how to use the model.",
+       "metadata"),
+    _O("metadata_thumbnail", str, None, "modelspec thumbnail: an image file (embedded as a data: URL) or a data: "
+       "URL.", "metadata", check=_thumbnail, advanced=True),
+    _O("metadata_merged_from", str, None, "modelspec merged_from: the models this one was merged from.", "metadata",
+       advanced=True),
+    _O("metadata_preprocessor", str, None, "modelspec preprocessor: the preprocessing the model expects.",
+       "metadata", advanced=True),
+    _O("metadata_is_negative_embedding", str, None, "modelspec is_negative_embedding (e.g. True for an embedding "
+       "meant for negative prompts).", "metadata", advanced=True),
+    # ---- Hugging Face Hub (uploads of saved files; resume from a state folder on the Hub)
+    _O("huggingface_repo_id", str, None, "Upload every saved model to this Hub repository, 'user/name' (created "
+       "when missing). The local file is always written first.", "hub", check=_hub_repo_id),
+    _O("huggingface_repo_type", str, None, "Type of that repository: model (default), dataset or space.", "hub",
+       check=_hub_repo_type),
+    _O("huggingface_path_in_repo", str, None, "Folder in the repository the files go to (default: its root).",
+       "hub"),
+    _O("huggingface_token", str, None, "Hub access token with write access. Reaches the trainer as HF_TOKEN; never "
+       "written to run files, presets or logs.", "hub", secret=True, env="HF_TOKEN"),
+    _O("huggingface_repo_visibility", str, None, "'public' creates the repository public; 'private' (or unset) "
+       "private. An existing repository keeps its visibility.", "hub", check=_hub_visibility),
+    _O("save_state_to_huggingface", bool, False, "Upload the state folders too (save_state / "
+       "save_state_on_train_end).", "hub"),
+    _O("resume_from_huggingface", bool, False, "resume names a state folder on the Hub: "
+       "'user/repo/path/in/repo[:revision[:repo_type]]'.", "hub"),
+    _O("async_upload", bool, False, "Upload in the background while training goes on (the final save is always "
+       "waited for).", "hub"),
     # ---- sd-scripts options kept for its command lines: their intent is always met here, or they are refused
     # with the reason when set (`refused`)
     _O("highvram", bool, False, "Accepted for compatibility: device caches are not cleared between steps here.",
@@ -579,8 +654,8 @@ OPTIONS: tuple[Option, ...] = (
        path="out_file", advanced=True),
     _O("control_dir", str, None, "Folder polled for stop/save/sample requests (default: the events file's "
        "folder).", "logging", path="out_dir", advanced=True),
-    _O("console_log_level", str, "INFO", "Console log level.", "logging",
-       choices=("DEBUG", "INFO", "WARNING", "ERROR"), advanced=True),
+    _O("console_log_level", str, None, "Log level (default INFO).", "logging",
+       choices=(None, "DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), advanced=True),
 )
 
 BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
@@ -738,10 +813,19 @@ def parse_args(trainer: str, argv: Sequence[str] | None = None, prog: str | None
     cli = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     values = defaults(trainer)
     if cli.config_file:
-        values.update(config_values(cli.config_file, trainer))
+        cli.config_file = config_file_path(cli.config_file)
+        if cli.output_config:  # the file is written (training/entry.py), not read
+            if os.path.exists(cli.config_file):
+                raise OptionError(f"option 'output_config': {cli.config_file!r} already exists; output_config "
+                                  "writes a new file: give a --config_file path that does not exist yet")
+        else:
+            values.update(config_values(cli.config_file, trainer))
+    elif cli.output_config:
+        raise OptionError("option 'output_config' needs --config_file: the path of the TOML file to write")
     for name, value in vars(cli).items():
         if name != "config_file" and value is not None:
             values[name] = value
+    values["output_config"] = bool(cli.output_config)  # as in sd-scripts, only the command line's counts
     errors = validate(values, trainer)
     if errors:
         raise OptionError("; ".join(errors))
@@ -750,12 +834,18 @@ def parse_args(trainer: str, argv: Sequence[str] | None = None, prog: str | None
     return ns
 
 
+def config_file_path(path: str) -> str:
+    """--config_file as sd-scripts reads it: '.toml' is added when the name lacks it."""
+    return path if path.endswith(".toml") else path + ".toml"
+
+
 def to_toml_values(values: dict[str, Any], trainer: str) -> dict[str, dict[str, Any]]:
-    """Values -> {group: {name: value}} for a run TOML, leaving out None and schema defaults."""
+    """Values -> {group: {name: value}} for a run TOML, leaving out None, schema defaults and secrets (they reach the
+    trainer through the environment, see Option.env)."""
     out: dict[str, dict[str, Any]] = {}
     for opt in options_for(trainer):
         value = values.get(opt.name)
-        if value is None or value == opt.default:
+        if value is None or value == opt.default or opt.secret:
             continue
         out.setdefault(opt.group, {})[opt.name] = value
     return out

@@ -41,6 +41,9 @@ def make_widget(opt: Option, value: Any, elem_prefix: str, visible: bool = True)
         return gr.Checkbox(**common)
     if opt.nargs:
         return gr.Textbox(placeholder="key=value key=value ...", **common)
+    if opt.secret:  # masked; never saved to presets or job files (kohya_gui/secrets.py)
+        return gr.Textbox(type="password", placeholder=f"or set {opt.env} in the environment" if opt.env else "",
+                          **common)
     if opt.type is str:
         return gr.Textbox(placeholder=PATH_HINTS.get(opt.path or "", ""), **common)
     if is_optional_number(opt):

@@ -6,12 +6,16 @@ written when an events file was given).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 from typing import Callable, Sequence
 
 from ..errors import UserError
 from ..options import OptionError, parse_args
+from .console_log import setup_console_logging
+
+REDACTED = "***"
 
 
 def _events_file_from_argv(argv: Sequence[str]) -> str | None:
@@ -37,6 +41,52 @@ def _fail(events_path: str | None, message: str, hint: str = "") -> int:
     return 1
 
 
+def write_output_config(args, trainer: str) -> int:
+    """output_config: the options given (no defaults, no secrets) written to --config_file, then exit 0."""
+    from ..options import dump_toml
+
+    values = {k: v for k, v in vars(args).items() if k != "output_config"}
+    with open(args.config_file, "x", encoding="utf-8") as f:
+        f.write(dump_toml(values, trainer))
+    logging.getLogger("sd_scripts.train").info("wrote the options to %s", args.config_file)
+    return 0
+
+
+def export_secrets(args, argv: Sequence[str]) -> None:
+    """Secret options (wandb_api_key, huggingface_token) go to their environment variables, where wandb and
+    huggingface_hub read them (and child processes inherit them); a secret given on the command line is taken out of
+    sys.argv, which wandb records, with a warning: the process list still shows it to other users."""
+    from ..options import OPTIONS
+
+    for opt in OPTIONS:
+        value = getattr(args, opt.name, None)
+        if not (opt.secret and opt.env and value):
+            continue
+        os.environ[opt.env] = value
+        flags = (opt.flag, *("--" + a for a in opt.aliases))
+        if any(item in flags or item.startswith(tuple(f + "=" for f in flags)) for item in argv):
+            logging.getLogger("sd_scripts.train").warning(
+                "option '%s' on the command line is visible to other users of this machine: set %s in the "
+                "environment (or put it in the --config_file TOML) instead", opt.name, opt.env)
+        sys.argv[:] = _scrub(sys.argv, flags)
+
+
+def _scrub(argv: Sequence[str], flags: tuple[str, ...]) -> list[str]:
+    out, hide = [], False
+    for item in argv:
+        if hide:
+            out.append(REDACTED)
+            hide = False
+        elif item in flags:
+            out.append(item)
+            hide = True
+        elif item.startswith(tuple(f + "=" for f in flags)):
+            out.append(item.split("=", 1)[0] + "=" + REDACTED)
+        else:
+            out.append(item)
+    return out
+
+
 def run_entry(trainer: str, argv: Sequence[str] | None, make_method: Callable, prog: str) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -44,8 +94,14 @@ def run_entry(trainer: str, argv: Sequence[str] | None, make_method: Callable, p
     except OptionError as e:
         return _fail(_events_file_from_argv(argv), str(e), e.hint)
     args.trainer_kind, args.trainer_script = trainer, prog  # which script runs: the family check names it
-    logging.basicConfig(level=getattr(logging, args.console_log_level, logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        setup_console_logging(args)
+    except OSError as e:
+        return _fail(args.events_file, f"option 'console_log_file': cannot write {args.console_log_file!r} "
+                                       f"({e.strerror or e})", "choose a file in a folder you can write to")
+    if args.output_config:
+        return write_output_config(args, trainer)
+    export_secrets(args, argv)
     from .loop import Trainer
 
     try:

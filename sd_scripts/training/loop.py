@@ -185,18 +185,18 @@ class Trainer(RunSetup, RunOutputs):
         self.events.progress(step=self.global_step, total_steps=self.plan.total_steps, epoch=self.epoch,
                              total_epochs=self.plan.total_epochs, loss=loss, avg_loss=avg, lr=lrs[0],
                              it_per_s=rate, eta_s=eta, **{k.rsplit("/", 1)[-1]: v for k, v in metrics.items()})
-        if self.args.logging_dir:
+        if self.trackers.active:
             scalars = {"loss/current": loss, "loss/average": avg, **metrics}
             for name, lr in zip(self.lr_names, lrs):
                 scalars[f"lr/{name}"] = lr
-            self.accelerator.log(scalars, step=self.global_step)
+            self.trackers.log(scalars, step=self.global_step, global_step=self.global_step, epoch=self.epoch)
 
     def end_of_epoch(self, last: bool) -> None:
         """Epoch scalars, per-epoch saves (the last epoch's is the final file) and samples."""
         a = self.args
-        if self.args.logging_dir and self.recent_losses:
-            self.accelerator.log({"loss/epoch_average": sum(self.recent_losses) / len(self.recent_losses)},
-                                 step=self.epoch)
+        if self.trackers.active and self.recent_losses:
+            self.trackers.log({"loss/epoch_average": sum(self.recent_losses) / len(self.recent_losses)},
+                              step=self.epoch, global_step=self.global_step, epoch=self.epoch)
         if a.save_every_n_epochs and self.epoch % a.save_every_n_epochs == 0 and not last:
             self.save_model(epoch=self.epoch)
         if a.sample_every_n_epochs and self.epoch % a.sample_every_n_epochs == 0:

@@ -12,25 +12,31 @@ with any metadata equals the hash of the final file. `sshs_legacy_hash` is the f
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
+import functools
 import hashlib
 import json
+import mimetypes
 import os
 import struct
 from typing import Any, Mapping
 
 from .. import options as option_schema
 from ..families import family_spec
+from ..options import OptionError
 
 SAI_MODEL_SPEC_VERSION = "1.0.1"
 MINIMAL_SS_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha",
                    "ss_network_args")
 
+# metadata_<field> options become modelspec.<field> keys (metadata_title is modelspec.title, see modelspec_metadata).
+MODELSPEC_OPTIONS = {o.name: o.name[len("metadata_"):] for o in option_schema.OPTIONS
+                     if o.name.startswith("metadata_")}
 # Options whose ss_ key is written in another form (or not at all): the model and VAE become *_name (file name
-# only), metadata_* become modelspec.*, logging and GUI plumbing do not describe the training.
-_OPTIONS_NOT_AS_SS = {"pretrained_model_name_or_path", "vae", "network_args", "no_metadata", "metadata_title",
-                      "metadata_author", "metadata_description", "metadata_license", "metadata_tags"}
-_GROUPS_NOT_AS_SS = {"logging"}
+# only), metadata_* become modelspec.*, logging, Hub uploads and GUI plumbing do not describe the training.
+_OPTIONS_NOT_AS_SS = {"pretrained_model_name_or_path", "vae", "network_args", "no_metadata", *MODELSPEC_OPTIONS}
+_GROUPS_NOT_AS_SS = {"logging", "hub"}
 # Options whose ss_ key sd-scripts names differently
 _SS_KEY_NAMES = {"debiased_estimation_loss": "ss_debiased_estimation"}
 
@@ -100,16 +106,40 @@ def modelspec_metadata(args: argparse.Namespace, *, family: str, v_prediction: b
         "modelspec.date": _iso_date(timestamp),
         "modelspec.prediction_type": "v" if v_prediction else "epsilon",
     }
-    for name in ("author", "description", "license", "tags"):
-        value = getattr(args, f"metadata_{name}", None)
-        if value:
-            meta[f"modelspec.{name}"] = str(value)
+    for option, name in MODELSPEC_OPTIONS.items():
+        value = getattr(args, option, None)
+        if value and name != "title":
+            meta[f"modelspec.{name}"] = thumbnail_data_url(value) if name == "thumbnail" else str(value)
     if getattr(args, "clip_skip", None):
         meta["modelspec.encoder_layer"] = str(args.clip_skip)
     min_t, max_t = getattr(args, "min_timestep", None), getattr(args, "max_timestep", None)
     if min_t is not None or max_t is not None:
         meta["modelspec.timestep_range"] = f"{0 if min_t is None else min_t},{1000 if max_t is None else max_t}"
     return meta
+
+
+@functools.lru_cache(maxsize=4)
+def thumbnail_data_url(value: str) -> str:
+    """metadata_thumbnail: a data: URL as given, or the image file embedded as one (read once per run)."""
+    if value.startswith("data:"):
+        return value
+    mime = mimetypes.guess_type(value)[0] or "application/octet-stream"
+    try:
+        with open(value, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise OptionError(f"option 'metadata_thumbnail': cannot read {value!r} ({e.strerror or e}): give an image "
+                          "file or a data: URL") from None
+    if not mime.startswith("image/"):
+        raise OptionError(f"option 'metadata_thumbnail': {value!r} is not an image file (png, jpg, webp, ...)")
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def check_metadata_options(args: argparse.Namespace) -> list[str]:
+    """Before training: the thumbnail is read now (errors name the option), so a save never fails on it."""
+    if getattr(args, "metadata_thumbnail", None):
+        thumbnail_data_url(args.metadata_thumbnail)
+    return []
 
 
 def build_training_metadata(args: argparse.Namespace, *, family: str, v_prediction: bool,

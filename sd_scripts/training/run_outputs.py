@@ -35,6 +35,7 @@ class RunOutputs:
                                          dtype=self.weight_dtype, clip_skip=a.clip_skip, eval_modules=[self.module])
             self.events.sample(step=self.global_step, epoch=self.epoch, paths=paths,
                                prompts=[p.prompt for p in prompts])
+            self.trackers.log_samples(paths, [p.prompt for p in prompts])
         self.accelerator.wait_for_everyone()
 
     def save_model(self, *, epoch: int | None = None, step: int | None = None, final: bool = False) -> None:
@@ -51,6 +52,7 @@ class RunOutputs:
             kind = "final" if final else ("epoch" if epoch else "step")
             self.events.emit("save", path=path, kind=kind, step=self.global_step, epoch=self.epoch)
             log.info("saved %s", path)
+            self.hub.upload(path, wait=final)  # after the local file is complete; the final one is waited for
             prune_old_saves(a.output_dir, a.output_name, ext, keep_last_n_epochs=a.save_last_n_epochs,
                             current_epoch=epoch, keep_last_n_steps=a.save_last_n_steps, current_step=step)
         if a.save_state or (final and a.save_state_on_train_end):
@@ -61,6 +63,8 @@ class RunOutputs:
                 with open(os.path.join(state_dir, "train_state.json"), "w", encoding="utf-8") as f:
                     json.dump({"current_epoch": self.epoch, "current_step": self.global_step}, f)
                 self.events.emit("save", path=state_dir, kind="state", step=self.global_step, epoch=self.epoch)
+                if a.save_state_to_huggingface:
+                    self.hub.upload(state_dir, wait=final)
         self.accelerator.wait_for_everyone()
 
     def metadata(self) -> dict[str, str]:
@@ -83,6 +87,8 @@ class RunOutputs:
         self.save_model(epoch=self.epoch, step=self.global_step, final=True)
 
     def finish(self, status: str) -> None:
+        if getattr(self, "hub", None) is not None:
+            self.hub.close()  # background uploads end before `done` (their failures are warnings before it)
         self.events.done(status, outputs=self.outputs, step=self.global_step, epoch=self.epoch)
         self.events.close()
         log.info("%s after %d steps", status, self.global_step)

@@ -61,6 +61,10 @@ class RunSetup:
         check_fused_backward_options(a)
 
         check_te_cache_options(a, trains_text_encoder=self.method.trains_text_encoder, trainer=self.method.name)
+        from . import hub, trackers
+        from .metadata import check_metadata_options
+
+        self.option_warnings = trackers.check_options(a) + hub.check_options(a) + check_metadata_options(a)
         if a.output_name is None:
             a.output_name = "last"
         if (a.color_aug or a.random_crop) and a.cache_latents:
@@ -93,23 +97,24 @@ class RunSetup:
 
     def setup_accelerator(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import set_seed
+
+        from .hub import HubUploader
+        from .trackers import Trackers
 
         a = self.args
-        log_with = None
-        project = None
-        if a.logging_dir:
-            log_with = a.log_with or "tensorboard"
-            run_name = (a.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")
-            project = ProjectConfiguration(project_dir=a.logging_dir, logging_dir=os.path.join(a.logging_dir, run_name))
+        self.trackers = Trackers(a)
         # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: data parallel on the CPU
         # over gloo (accelerate only picks that up when told to use the CPU).
         cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         self.accelerator = Accelerator(gradient_accumulation_steps=a.gradient_accumulation_steps,
-                                       mixed_precision=a.mixed_precision, log_with=log_with,
-                                       project_config=project, cpu=cpu_ddp)
+                                       mixed_precision=a.mixed_precision, log_with=self.trackers.log_with,
+                                       project_config=self.trackers.project_config(), cpu=cpu_ddp)
         self.is_main = self.accelerator.is_main_process
         self.events = EventWriter(a.events_file, enabled=self.is_main)
+        self.hub = HubUploader(a, warn=self.warn)
+        for message in getattr(self, "option_warnings", []):
+            self.warn(message)
         if a.seed is not None:
             set_seed(a.seed, device_specific=True)
         for old in ("xformers", "mem_eff_attn"):
@@ -293,8 +298,7 @@ class RunSetup:
         seed = a.seed if a.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
         self.noise_rng = NoiseRNG(self.accelerator.device, seed + self.accelerator.process_index)
         self.accelerator.register_for_checkpointing(self.noise_rng)
-        if self.accelerator.trackers is not None and a.logging_dir:
-            self.accelerator.init_trackers(a.log_tracker_name or "network_train")
+        self.trackers.start(self.accelerator)
 
     def _plan(self, batches_per_epoch: int) -> Plan:
         a = self.args
@@ -306,11 +310,17 @@ class RunSetup:
         self.resume_skip_batches = 0
         if not a.resume:
             return
-        state_file = os.path.join(a.resume, "train_state.json")
+        resume_dir = a.resume
+        if a.resume_from_huggingface:  # every process downloads (to its own folder: no race on the files)
+            from .hub import download_state
+
+            resume_dir = download_state(a, os.path.join(a.output_dir, "hub_resume",
+                                                        f"process{self.accelerator.process_index}"))
+        state_file = os.path.join(resume_dir, "train_state.json")
         if not os.path.isfile(state_file):
             raise UserError(f"resume folder {a.resume!r} has no train_state.json: give a '<name>-state' folder "
                             "written with save_state")
-        self.accelerator.load_state(a.resume)
+        self.accelerator.load_state(resume_dir)
         with open(state_file, encoding="utf-8") as f:
             state = json.load(f)
         self.global_step = int(state["current_step"])
