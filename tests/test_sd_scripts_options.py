@@ -42,12 +42,6 @@ NOT_YET = {
     "initial_epoch", "initial_step", "max_validation_steps", "save_last_n_epochs_state",
     "save_last_n_steps_state", "save_n_epoch_ratio", "skip_until_initial_step", "validate_every_n_epochs",
     "validate_every_n_steps", "validation_seed", "validation_split",
-    # logging, metadata, Hugging Face Hub (in progress)
-    "async_upload", "console_log_file", "console_log_simple", "huggingface_path_in_repo", "huggingface_repo_id",
-    "huggingface_repo_type", "huggingface_repo_visibility", "huggingface_token", "log_config", "log_tracker_config",
-    "metadata_is_negative_embedding", "metadata_merged_from", "metadata_preprocessor", "metadata_thumbnail",
-    "metadata_trigger_phrase", "metadata_usage_hint", "output_config", "resume_from_huggingface",
-    "save_state_to_huggingface", "wandb_api_key", "wandb_run_name",
     # scale-out (in progress)
     "ddp_gradient_as_bucket_view", "ddp_static_graph", "ddp_timeout", "deepspeed", "dynamo_backend",
     "fp16_master_weights_and_gradients", "offload_optimizer_device", "offload_optimizer_nvme_path",
