@@ -66,9 +66,12 @@ class LoRANetwork(nn.Module):
         te_loras: list[LoRAModule] = []
         if train_text_encoder or from_file:
             enabled = list(te_enabled) if te_enabled is not None else [True] * len(text_encoders)
-            for te, prefix, on in zip(text_encoders, te_prefixes, enabled):
+            for index, (te, prefix, on) in enumerate(zip(text_encoders, te_prefixes, enabled)):
                 if te is not None and (on or from_file):  # a missing encoder keeps the others' prefixes
-                    te_loras += self._create(text_encoder_targets(te, prefix, te_block_classes))
+                    created = self._create(text_encoder_targets(te, prefix, te_block_classes))
+                    for lora in created:
+                        lora.te_index = index  # which text_encoder_lr applies (one per encoder)
+                    te_loras += created
         unet_loras: list[LoRAModule] = []
         if unet is not None and (train_unet or from_file):
             include_conv = from_file or self.conv_dim is not None
@@ -155,16 +158,30 @@ class LoRANetwork(nn.Module):
             lora.multiplier = value
 
     # ---- optimizer
-    def prepare_optimizer_params(self, unet_lr: float | None, text_encoder_lr: float | None,
+    def prepare_optimizer_params(self, unet_lr: float | None, text_encoder_lr: float | Sequence[float] | None,
                                  default_lr: float) -> tuple[list[dict[str, Any]], list[str]]:
-        """Parameter groups with their learning rates and names ('unet', 'textencoder'); empty parts are left out."""
+        """Parameter groups with their learning rates and names ('unet', 'textencoder'); empty parts are left out.
+
+        `text_encoder_lr` may list one rate per text encoder (the last repeating, as sd-scripts' multi-encoder
+        networks): encoders with different rates get groups 'textencoder1', 'textencoder2', ...; a rate of 0 leaves
+        that encoder's LoRA out of the optimizer (sd-scripts skips groups without a learning rate)."""
+        rates = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+        rates = [default_lr if r is None else r for r in rates] or [default_lr]
+        te_lrs = {lora: rates[min(getattr(lora, "te_index", 0), len(rates) - 1)] for lora in self.text_encoder_loras}
+        parts: list[tuple[list, float, str]] = [(self.unet_loras, default_lr if unet_lr is None else unet_lr, "unet")]
+        if len(set(te_lrs.values())) <= 1:
+            parts.append((self.text_encoder_loras, rates[0] if not te_lrs else next(iter(te_lrs.values())),
+                          "textencoder"))
+        else:
+            for index in sorted({getattr(lora, "te_index", 0) for lora in self.text_encoder_loras}):
+                loras = [m for m in self.text_encoder_loras if getattr(m, "te_index", 0) == index]
+                parts.append((loras, te_lrs[loras[0]], f"textencoder{index + 1}"))
         groups: list[dict[str, Any]] = []
         names: list[str] = []
-        for loras, lr, name in ((self.unet_loras, unet_lr, "unet"),
-                                (self.text_encoder_loras, text_encoder_lr, "textencoder")):
+        for loras, lr, name in parts:
             params = list({id(p): p for lora in loras for p in lora.parameters()}.values())  # shared downs once
-            if params:
-                groups.append({"params": params, "lr": default_lr if lr is None else lr})
+            if params and not (name.startswith("textencoder") and lr == 0):
+                groups.append({"params": params, "lr": lr})
                 names.append(name)
         return groups, names
 
