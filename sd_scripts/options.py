@@ -105,7 +105,10 @@ def _optimizer_name(value, _values):
 
 def _non_negative_list(value, _values):
     items = value if isinstance(value, (list, tuple)) else [value]
-    return None if all(v is None or v >= 0 for v in items) else "learning rates must be 0 or more"
+    try:
+        return None if all(v is None or float(v) >= 0 for v in items) else "learning rates must be 0 or more"
+    except (TypeError, ValueError):
+        return f"{value!r} is not a list of numbers"
 
 
 def _positive(value, _values):
