@@ -299,6 +299,9 @@ def _trainer_args(model, out, *options):
     (["--lr_scheduler", "cosine_with_min_lr"], ["lr_scheduler_min_lr_ratio"]),
     (["--lr_scheduler_type", "NoSuchLR"], ["lr_scheduler_type", "NoSuchLR"]),
     (["--use_8bit_adam", "--use_lion_optimizer"], ["use_8bit_adam", "use_lion_optimizer"]),
+    (["--optimizer_type", "Adafactor", "--lr_warmup_steps", "10"], ["lr_warmup_steps", "adafactor", "warmup_init"]),
+    (["--lr_scheduler", "adafactor"], ["lr_scheduler", "Adafactor"]),
+    (["--lr_scheduler", "constant", "--lr_warmup_steps", "10"], ["lr_warmup_steps", "constant_with_warmup"]),
 ])
 def test_an_optimizer_that_cannot_work_stops_the_run_before_the_model_loads(tiny_sd1, tmp_path, monkeypatch,
                                                                           options, words):
@@ -315,6 +318,13 @@ def test_an_optimizer_that_cannot_work_stops_the_run_before_the_model_loads(tiny
     with pytest.raises(OptionError) as err:
         Trainer(args, NetworkMethod(args)).run()
     assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_schedule_free_optimizers_ignore_the_schedule_options_as_sd_scripts():
+    from sd_scripts.training.optim import check_optimizer_options
+
+    check_optimizer_options(parse_args("network", ["--optimizer_type", "AdamWScheduleFree", "--lr_scheduler",
+                                                   "reduce_lr_on_plateau", "--lr_warmup_steps", "10"]))
 
 
 def test_fused_backward_pass_refuses_optimizers_that_do_not_step_parameters_alone():

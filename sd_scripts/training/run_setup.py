@@ -66,13 +66,9 @@ class RunSetup:
     def _check_optimizer(self) -> None:
         """Before any weights are read: the optimizer and schedule exist, their libraries run on this machine and
         their arguments are accepted (training/optim)."""
-        from .optim import check_optimizer_options, check_scheduler_options
+        from .optim import check_optimizer_options
 
-        a = self.args
-        check_optimizer_options(a)
-        check_scheduler_options(a.lr_scheduler, scheduler_type=a.lr_scheduler_type or None,
-                                scheduler_args=a.lr_scheduler_args, num_warmup_steps=a.lr_warmup_steps,
-                                min_lr_ratio=a.lr_scheduler_min_lr_ratio)
+        check_optimizer_options(self.args)
 
     def _check_family(self) -> None:
         """Before any heavy work: the model's family (read torch-free from the file's header or the folder's

@@ -199,6 +199,17 @@ def check_optimizer_options(args: argparse.Namespace, device_type: str | None = 
         cls([probe], lr=None if _relative(cls, kwargs) else (lr or 1e-3), **kwargs)
     except (ValueError, TypeError, AssertionError) as e:
         raise OptionError(f"option 'optimizer_args' for {name}: {e}") from None
+    if is_schedule_free_class(cls):
+        return  # no schedule: lr_scheduler and its options are not used (a warning says so when set)
+    from .schedules import check_scheduler_options
+
+    check_scheduler_options(args.lr_scheduler, scheduler_type=args.lr_scheduler_type or None,
+                            scheduler_args=args.lr_scheduler_args, num_warmup_steps=args.lr_warmup_steps,
+                            min_lr_ratio=args.lr_scheduler_min_lr_ratio, relative_step_adafactor=_relative(cls, kwargs))
+
+
+def is_schedule_free_class(cls: type) -> bool:
+    return callable(getattr(cls, "train", None)) and callable(getattr(cls, "eval", None))
 
 
 def _relative(cls: type, kwargs: dict) -> bool:
@@ -221,6 +232,9 @@ def create_optimizer(optimizer_type: str, optimizer_args: list[str] | None, para
         if entry.paged and _device_type(params) != "cuda":
             warn(f"{entry.name}: paged optimizer state pages to CPU memory only on CUDA; here it works like the "
                  f"plain optimizer")
+        if _device_type(params) == "cpu":
+            warn(f"{entry.name} runs on the CPU, but bitsandbytes' CPU kernels are 20 to 60 times slower than "
+                 f"torch's AdamW (benchmarks/optimizer_step.py); on a CPU, AdamW is the faster choice")
     if cls is torch.optim.AdamW and "fused" not in kwargs and "foreach" not in kwargs and _fused_ok(params):
         kwargs["fused"] = True
     lr: float | None = learning_rate
@@ -290,8 +304,7 @@ def _innermost(optimizer):
 
 def is_schedule_free(optimizer) -> bool:
     """An optimizer whose parameters hold different weights while training and for use (train() / eval())."""
-    inner = _innermost(optimizer)
-    return callable(getattr(inner, "train", None)) and callable(getattr(inner, "eval", None))
+    return is_schedule_free_class(type(_innermost(optimizer)))
 
 
 def in_train_mode(optimizer) -> bool:

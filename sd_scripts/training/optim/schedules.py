@@ -60,8 +60,10 @@ class ConstantScheduler:
 
 
 def check_scheduler_options(name: str, *, scheduler_type: str | None = None, scheduler_args: Iterable[str] | None = None,
-                            num_warmup_steps: int | float | None = 0, min_lr_ratio: float | None = None) -> None:
-    """Torch-side checks that need no optimizer (before the model loads): the name, a custom class, its arguments."""
+                            num_warmup_steps: int | float | None = 0, min_lr_ratio: float | None = None,
+                            relative_step_adafactor: bool = False) -> None:
+    """Checks that need no optimizer (before the model loads): the name, a custom class, its arguments, and a warmup
+    given as steps to a schedule without one (a fraction is checked once the run's steps are known)."""
     if name not in LR_SCHEDULERS and not scheduler_type:
         raise OptionError(f"option 'lr_scheduler': {name!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if name in REFUSED_SCHEDULERS and not scheduler_type:
@@ -71,10 +73,32 @@ def check_scheduler_options(name: str, *, scheduler_type: str | None = None, sch
         import_class(scheduler_type, "lr_scheduler_type", "torch.optim.lr_scheduler")
     if num_warmup_steps is not None and num_warmup_steps < 0:
         raise OptionError(f"option 'lr_warmup_steps': {num_warmup_steps} is negative; use 0 or more")
+    if name == "adafactor" and not relative_step_adafactor and not scheduler_type:
+        raise OptionError("option 'lr_scheduler': the adafactor schedule works only with optimizer_type Adafactor "
+                          "(with relative_step); pick another lr_scheduler")
+    if isinstance(num_warmup_steps, int) and num_warmup_steps > 0:
+        _refuse_warmup(num_warmup_steps, name, scheduler_type, relative_step_adafactor)
     if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr") and min_lr_ratio is None and not scheduler_type \
             and "min_lr" not in parse_optimizer_args(scheduler_args, "lr_scheduler_args"):
         raise OptionError(f"option 'lr_scheduler_min_lr_ratio': the {name} schedule needs it (the lowest learning "
                           f"rate as a fraction of the peak, e.g. 0.1)")
+
+
+def _refuse_warmup(warmup: int | float, name: str, scheduler_type: str | None, relative_step_adafactor: bool) -> None:
+    """sd-scripts refuses a warmup for the schedules that have none (constant, adafactor, lr_scheduler_type)."""
+    if not warmup:
+        return
+    if scheduler_type:
+        what, fix = f"lr_scheduler_type {scheduler_type}", ""
+    elif relative_step_adafactor:
+        what, fix = ("adafactor schedule (Adafactor with relative_step sets its own step size)",
+                     ", or warm Adafactor up with optimizer_args warmup_init=True")
+    elif name == "constant":
+        what, fix = "'constant' lr_scheduler", ", or use lr_scheduler=constant_with_warmup"
+    else:
+        return
+    raise OptionError(f"option 'lr_warmup_steps': the {what} has no warmup (warmup is {warmup} steps); set "
+                      f"lr_warmup_steps to 0{fix}")
 
 
 def create_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, num_training_steps: int,
@@ -84,30 +108,24 @@ def create_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, num_trai
                         scheduler_args: Iterable[str] | None = None, initial_lr: float | None = None):
     """The schedule for `optimizer` (see the module docstring). `initial_lr` is the lr the adafactor schedule
     reports before Adafactor's first step (learning_rate)."""
-    check_scheduler_options(name, scheduler_type=scheduler_type, scheduler_args=scheduler_args,
-                            num_warmup_steps=num_warmup_steps, min_lr_ratio=min_lr_ratio)
     if is_schedule_free(optimizer):
         return ConstantScheduler(optimizer)
+    check_scheduler_options(name, scheduler_type=scheduler_type, scheduler_args=scheduler_args,
+                            num_warmup_steps=num_warmup_steps, min_lr_ratio=min_lr_ratio,
+                            relative_step_adafactor=uses_relative_step(optimizer))
     kwargs = parse_optimizer_args(scheduler_args, "lr_scheduler_args")
     warmup = warmup_steps(num_warmup_steps, num_training_steps)
     decay = warmup_steps(num_decay_steps, num_training_steps)
-
-    def no_warmup(what: str) -> None:
-        if warmup:
-            raise OptionError(f"option 'lr_warmup_steps': the {what} has no warmup (warmup is {warmup} steps); "
-                              f"set lr_warmup_steps to 0" + (", or use lr_scheduler=constant_with_warmup"
-                                                               if what == "'constant' lr_scheduler" else ""))
-
+    relative = uses_relative_step(optimizer)
+    _refuse_warmup(warmup, name, scheduler_type, relative)
     try:
         if scheduler_type:
-            no_warmup(f"lr_scheduler_type {scheduler_type}")
             cls = import_class(scheduler_type, "lr_scheduler_type", "torch.optim.lr_scheduler")
             return cls(optimizer, **kwargs)
-        if uses_relative_step(optimizer) or name == "adafactor":
-            if not uses_relative_step(optimizer):
+        if relative or name == "adafactor":
+            if not relative:
                 raise OptionError("option 'lr_scheduler': the adafactor schedule works only with optimizer_type "
                                   "Adafactor (with relative_step); pick another lr_scheduler")
-            no_warmup("adafactor schedule (Adafactor with relative_step warms up with warmup_init=True)")
             from transformers.optimization import AdafactorSchedule
 
             return AdafactorSchedule(optimizer, initial_lr if initial_lr is not None else 0.0)
@@ -119,7 +137,6 @@ def create_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, num_trai
 
         schedule = TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]
         if name == "constant":
-            no_warmup("'constant' lr_scheduler")
             return schedule(optimizer, **kwargs)
         if name == "constant_with_warmup":
             return schedule(optimizer, num_warmup_steps=warmup, **kwargs)
