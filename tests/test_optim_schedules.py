@@ -108,8 +108,10 @@ def test_lr_scheduler_type_builds_any_scheduler_class_with_its_args():
 def test_adafactor_schedule_reports_adafactors_own_step_size():
     """Adafactor with relative_step: lr = min(1e-2, 1/sqrt(step)) x max(1e-3, RMS(parameter)); the schedule (the only
     one it takes, whatever lr_scheduler says) reports it, and learning_rate before the first step."""
+    from accelerate import Accelerator
+
     p = torch.nn.Parameter(torch.full((4, 4), 0.5))
-    opt = create_optimizer("Adafactor", None, [p], 1e-4)
+    opt = Accelerator(cpu=True).prepare(create_optimizer("Adafactor", None, [p], 1e-4))  # as the trainer holds it
     sched = create_lr_scheduler("cosine", opt, num_training_steps=T, initial_lr=1e-4)
     assert type(sched).__name__ == "AdafactorSchedule"
     assert sched.get_last_lr() == [pytest.approx(1e-4)]

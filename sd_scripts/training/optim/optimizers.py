@@ -294,7 +294,7 @@ def _fused_ok(params: list[torch.Tensor]) -> bool:
 
 
 # ---------------------------------------------------------------- schedule-free: train / eval weights
-def _innermost(optimizer):
+def innermost(optimizer):
     """The optimizer under accelerate's and the fused-backward wrappers."""
     seen = optimizer
     while hasattr(seen, "optimizer") and seen.optimizer is not seen:
@@ -304,18 +304,18 @@ def _innermost(optimizer):
 
 def is_schedule_free(optimizer) -> bool:
     """An optimizer whose parameters hold different weights while training and for use (train() / eval())."""
-    return is_schedule_free_class(type(_innermost(optimizer)))
+    return is_schedule_free_class(type(innermost(optimizer)))
 
 
 def in_train_mode(optimizer) -> bool:
-    inner = _innermost(optimizer)
+    inner = innermost(optimizer)
     return all(g.get("train_mode", True) for g in inner.param_groups)
 
 
 def set_train_mode(optimizer) -> None:
     """Parameters back to the training point (no-op for ordinary optimizers and when already there)."""
     if is_schedule_free(optimizer) and not in_train_mode(optimizer):
-        _innermost(optimizer).train()
+        innermost(optimizer).train()
 
 
 @contextlib.contextmanager
@@ -324,9 +324,9 @@ def eval_weights(optimizer) -> Iterator[None]:
     (sd-scripts' optimizer_eval_fn / optimizer_train_fn around sampling and saving). Nested use is harmless."""
     switch = optimizer is not None and is_schedule_free(optimizer) and in_train_mode(optimizer)
     if switch:
-        _innermost(optimizer).eval()
+        innermost(optimizer).eval()
     try:
         yield
     finally:
         if switch:
-            _innermost(optimizer).train()
+            innermost(optimizer).train()

@@ -25,7 +25,7 @@ from typing import Any, Iterable
 import torch
 
 from ...options import OptionError
-from .optimizers import import_class, is_schedule_free, parse_optimizer_args, uses_relative_step
+from .optimizers import import_class, innermost, is_schedule_free, parse_optimizer_args, uses_relative_step
 from .registry import LR_SCHEDULERS, REFUSED_SCHEDULERS
 
 
@@ -128,7 +128,8 @@ def create_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, num_trai
                                   "Adafactor (with relative_step); pick another lr_scheduler")
             from transformers.optimization import AdafactorSchedule
 
-            return AdafactorSchedule(optimizer, initial_lr if initial_lr is not None else 0.0)
+            # on Adafactor itself: the schedule asks it for its step size (_get_lr), which wrappers do not forward
+            return AdafactorSchedule(innermost(optimizer), initial_lr if initial_lr is not None else 0.0)
         if name == "piecewise_constant":
             from diffusers.optimization import get_piecewise_constant_schedule
 
