@@ -3,6 +3,7 @@ does) takes the optimizer, learning rates and schedule the options name, and a s
 weights are what is saved, with its state resumed exactly. Plus text_encoder_lr with one rate per text encoder."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -119,3 +120,29 @@ def test_text_encoder_lr_gives_each_text_encoder_its_rate():
     assert not NetworkMethod(parse_args("network", ["--text_encoder_lr", "0", "0"])).trains_text_encoder
     with pytest.raises(Exception, match="text_encoder_lr"):
         parse_args("network", ["--text_encoder_lr", "-1"])
+
+
+def test_fused_backward_pass_with_adafactor_steps_each_weight_like_adafactor(tiny_sd1, data, tmp_path):  # noqa: F811
+    """sd-scripts' fused_backward_pass optimizer in a real DreamBooth step: transformers' Adafactor (relative_step, its
+    own step size) applied to each U-Net weight with that weight's gradient clipped on its own; the adafactor
+    schedule reports its step size."""
+    from transformers.optimization import Adafactor
+
+    from test_loop_step import (clip_coefficient, denoiser, hand_gradients, observe_step, step_on,
+                                trained_denoiser_parameters)
+
+    max_norm = 0.05
+    trainer, batch = step_on("db", tiny_sd1.diffusers_dir, data, tmp_path, "--optimizer_type", "Adafactor",
+                             "--fused_backward_pass", "--learning_rate_te", "0", "--max_grad_norm", str(max_norm))
+    reference = copy.deepcopy(denoiser(trainer))
+    seen = observe_step(trainer, batch)
+    grads = hand_gradients(reference, seen, batch)
+    expected = trained_denoiser_parameters(reference)
+    adafactor = Adafactor(list(expected.values()), lr=None)  # relative_step=True, scale_parameter=True
+    for name, p in expected.items():
+        p.grad = grads[name] * clip_coefficient(float(grads[name].double().norm()), max_norm)
+    adafactor.step()
+    after = trained_denoiser_parameters(denoiser(trainer))
+    for name, p in expected.items():
+        torch.testing.assert_close(after[name].detach(), p.detach(), rtol=1e-3, atol=1e-6, msg=name)
+    assert type(trainer.lr_scheduler).__name__ == "AdafactorSchedule" and trainer.lr_scheduler.get_last_lr()

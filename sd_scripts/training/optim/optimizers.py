@@ -138,7 +138,7 @@ def is_relative_step_adafactor_class(cls: type) -> bool:
 
 def uses_relative_step(optimizer: torch.optim.Optimizer) -> bool:
     """Adafactor computing its own step size (learning_rate only starts the `adafactor` schedule)."""
-    inner = getattr(optimizer, "optimizer", optimizer)
+    inner = innermost(optimizer)  # under accelerate's and the fused-backward wrappers
     return is_relative_step_adafactor_class(type(inner)) and bool(inner.defaults.get("relative_step"))
 
 
