@@ -38,6 +38,10 @@ def formula(name, s, w=2, cycles=1, power=2.0, timescale=None, min_ratio=0.1, de
     p = (s - w) / (T - w)
     if name == "constant":
         return 1.0
+    if name == "cosine_warmup_with_min_lr":  # transformers counts this one's steps from 1
+        if s < w:
+            return (s + 1) / max(1, w)
+        return min_ratio + (1 - min_ratio) * cos_half((s - w + 1) / (T - w))
     if name == "warmup_stable_decay" and s < w:  # its warmup rises from the floor
         return min_ratio + (1 - min_ratio) * warm(s, w)
     if s < w:
@@ -55,7 +59,7 @@ def formula(name, s, w=2, cycles=1, power=2.0, timescale=None, min_ratio=0.1, de
     if name == "inverse_sqrt":
         timescale = timescale or w
         return 1 / math.sqrt((s + timescale - w) / timescale)
-    if name in ("cosine_with_min_lr", "cosine_warmup_with_min_lr"):  # num_cycles 1 -> a half cosine
+    if name == "cosine_with_min_lr":  # num_cycles 1 -> a half cosine
         return min_ratio + (1 - min_ratio) * cos_half(p)
     if name == "warmup_stable_decay":
         stable = T - w - decay
@@ -75,6 +79,7 @@ def formula(name, s, w=2, cycles=1, power=2.0, timescale=None, min_ratio=0.1, de
     ("inverse_sqrt", {}),
     ("inverse_sqrt", {"timescale": 5}),
     ("cosine_with_min_lr", {"min_lr_ratio": 0.1}),
+    ("cosine_warmup_with_min_lr", {"min_lr_ratio": 0.1}),
     ("warmup_stable_decay", {"num_decay_steps": 4, "min_lr_ratio": 0.1}),
     ("warmup_stable_decay", {"num_decay_steps": 0.4, "min_lr_ratio": 0.1}),  # a fraction of the run
 ])
