@@ -56,3 +56,17 @@ def test_kohya_ss_text_encoder_rates_import_as_text_encoder_lr(tmp_path, fields,
         toml = tmp_path / "run.toml"
         toml.write_text(cmd.toml_text)
         assert options.parse_args("network", ["--config_file", str(toml)]).text_encoder_lr == expected
+
+
+def test_gui_memory_estimate_follows_the_optimizers_state_size():
+    """The pre-flight estimate of a full fine-tune counts the optimizer's own state (registry.state_bytes, the
+    figures benchmarks/optimizer_step.py measures): Adafactor's factored state < AdamW8bit's < AdamW's < Prodigy's."""
+    from kohya_gui.preflight import estimate_memory_gb
+
+    def gb(**values):
+        return estimate_memory_gb("db", "sd1", values)
+
+    assert gb(optimizer_type="Adafactor") < gb(optimizer_type="AdamW8bit") < gb() < gb(optimizer_type="Prodigy")
+    assert gb(use_8bit_adam=True) == gb(optimizer_type="AdamW8bit") and gb(use_lion_optimizer=True) == gb(
+        optimizer_type="Lion")
+    assert gb(optimizer_type="pytorch_optimizer.CAME") == gb()  # not in the table: counted as AdamW

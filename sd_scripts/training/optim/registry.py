@@ -31,6 +31,7 @@ class OptimizerEntry:
     adaptive: bool = False
     per_parameter: bool = True
     aliases: tuple = ()
+    state_bytes: float = 8.0  # optimizer state per trained fp32 parameter (benchmarks/optimizer_step.py measures it)
 
 
 _E = OptimizerEntry
@@ -41,33 +42,33 @@ _SF = dict(package="schedulefree", per_parameter=False)  # the step count and we
 ENTRIES: tuple[OptimizerEntry, ...] = (
     # torch
     _E("AdamW", "torch.optim:AdamW", "torch"),
-    _E("SGDNesterov", "torch.optim:SGD", "torch", fixed={"nesterov": True}, defaults={"momentum": 0.9}),
+    _E("SGDNesterov", "torch.optim:SGD", "torch", fixed={"nesterov": True}, defaults={"momentum": 0.9}, state_bytes=4),
     # bitsandbytes
-    _E("AdamW8bit", "bitsandbytes.optim:AdamW8bit", **_BNB),
-    _E("SGDNesterov8bit", "bitsandbytes.optim:SGD8bit", fixed={"nesterov": True}, defaults={"momentum": 0.9}, **_BNB),
-    _E("Lion8bit", "bitsandbytes.optim:Lion8bit", **_BNB),
+    _E("AdamW8bit", "bitsandbytes.optim:AdamW8bit", **_BNB, state_bytes=2),
+    _E("SGDNesterov8bit", "bitsandbytes.optim:SGD8bit", fixed={"nesterov": True}, defaults={"momentum": 0.9}, **_BNB, state_bytes=1),
+    _E("Lion8bit", "bitsandbytes.optim:Lion8bit", **_BNB, state_bytes=1),
     _E("PagedAdamW", "bitsandbytes.optim:PagedAdamW", paged=True, **_BNB),
-    _E("PagedAdamW8bit", "bitsandbytes.optim:PagedAdamW8bit", paged=True, **_BNB),
+    _E("PagedAdamW8bit", "bitsandbytes.optim:PagedAdamW8bit", paged=True, **_BNB, state_bytes=2),
     _E("PagedAdamW32bit", "bitsandbytes.optim:PagedAdamW32bit", paged=True, **_BNB),
-    _E("PagedLion8bit", "bitsandbytes.optim:PagedLion8bit", paged=True, **_BNB),
+    _E("PagedLion8bit", "bitsandbytes.optim:PagedLion8bit", paged=True, **_BNB, state_bytes=1),
     # lion-pytorch
-    _E("Lion", "lion_pytorch:Lion", "lion-pytorch"),
+    _E("Lion", "lion_pytorch:Lion", "lion-pytorch", state_bytes=4),
     # dadaptation (DAdaptation is sd-scripts' name for the preprint's Adam)
-    _E("DAdaptation", "dadaptation.experimental:DAdaptAdamPreprint", aliases=("DAdaptAdamPreprint",), **_DADAPT),
-    _E("DAdaptAdaGrad", "dadaptation:DAdaptAdaGrad", **_DADAPT),
-    _E("DAdaptAdam", "dadaptation:DAdaptAdam", **_DADAPT),
-    _E("DAdaptAdan", "dadaptation:DAdaptAdan", **_DADAPT),
-    _E("DAdaptAdanIP", "dadaptation.experimental:DAdaptAdanIP", **_DADAPT),
+    _E("DAdaptation", "dadaptation.experimental:DAdaptAdamPreprint", aliases=("DAdaptAdamPreprint",), **_DADAPT, state_bytes=12),
+    _E("DAdaptAdaGrad", "dadaptation:DAdaptAdaGrad", **_DADAPT, state_bytes=12),
+    _E("DAdaptAdam", "dadaptation:DAdaptAdam", **_DADAPT, state_bytes=12),
+    _E("DAdaptAdan", "dadaptation:DAdaptAdan", **_DADAPT, state_bytes=20),
+    _E("DAdaptAdanIP", "dadaptation.experimental:DAdaptAdanIP", **_DADAPT, state_bytes=20),
     _E("DAdaptLion", "dadaptation:DAdaptLion", **_DADAPT),
-    _E("DAdaptSGD", "dadaptation:DAdaptSGD", **_DADAPT),
+    _E("DAdaptSGD", "dadaptation:DAdaptSGD", **_DADAPT, state_bytes=12),
     # prodigyopt
-    _E("Prodigy", "prodigyopt:Prodigy", "prodigyopt", adaptive=True, per_parameter=False),
+    _E("Prodigy", "prodigyopt:Prodigy", "prodigyopt", adaptive=True, per_parameter=False, state_bytes=14),
     # transformers
-    _E("Adafactor", "transformers.optimization:Adafactor", "transformers"),
+    _E("Adafactor", "transformers.optimization:Adafactor", "transformers", state_bytes=1),
     # schedulefree
     _E("RAdamScheduleFree", "schedulefree:RAdamScheduleFree", **_SF),
     _E("AdamWScheduleFree", "schedulefree:AdamWScheduleFree", **_SF),
-    _E("SGDScheduleFree", "schedulefree:SGDScheduleFree", **_SF),
+    _E("SGDScheduleFree", "schedulefree:SGDScheduleFree", **_SF, state_bytes=4),
 )
 
 BY_KEY: dict[str, OptimizerEntry] = {n.lower(): e for e in ENTRIES for n in (e.name, *e.aliases)}
@@ -83,6 +84,14 @@ PACKAGE_OF_MODULE = {"pytorch_optimizer": "pytorch-optimizer", "prodigyplus": "p
 def entry_for(optimizer_type: str) -> OptimizerEntry | None:
     """The table row of a name (case-insensitive), or None for a torch.optim / `module.Class` name."""
     return BY_KEY.get((optimizer_type or "AdamW").lower())
+
+
+def state_bytes_per_param(optimizer_type: str | None, use_8bit_adam: bool = False,
+                          use_lion_optimizer: bool = False) -> float:
+    """Optimizer state bytes per trained parameter, for memory estimates (8, AdamW's, for names not in the table)."""
+    name = "AdamW8bit" if use_8bit_adam else "Lion" if use_lion_optimizer else optimizer_type
+    entry = entry_for(name or "AdamW")
+    return entry.state_bytes if entry else 8.0
 
 
 def name_problem(optimizer_type: str) -> str | None:
