@@ -40,7 +40,8 @@ def make_widget(opt: Option, value: Any, elem_prefix: str, visible: bool = True)
     if opt.type is bool:
         return gr.Checkbox(**common)
     if opt.nargs:
-        return gr.Textbox(placeholder="key=value key=value ...", **common)
+        hint = "numbers separated by spaces" if opt.type in (int, float) else "key=value key=value ..."
+        return gr.Textbox(placeholder=hint, **common)
     if opt.type is str:
         return gr.Textbox(placeholder=PATH_HINTS.get(opt.path or "", ""), **common)
     if is_optional_number(opt):
