@@ -67,6 +67,7 @@ class Option:
     advanced: bool = False  # hidden behind "advanced" in the GUI
     check: Callable[[Any, dict], str | None] | None = None  # (value, all values) -> error message or None
     aliases: tuple = ()
+    suggestions: tuple = ()  # known values the GUI offers while still taking any other (optimizer_type)
 
     @property
     def flag(self) -> str:
@@ -164,6 +165,7 @@ def _family_option_choices(option: str) -> tuple:
 
 
 from .training.optim.registry import LR_SCHEDULERS as _LR_SCHEDULERS  # noqa: E402 - torch-free name tables
+from .training.optim.registry import OPTIMIZER_EXAMPLES as _OPTIMIZER_EXAMPLES  # noqa: E402
 from .training.optim.registry import OPTIMIZER_NAMES as _OPTIMIZER_NAMES  # noqa: E402
 
 _O = Option
@@ -361,7 +363,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("learning_rate", float, 2e-6, "Base learning rate.", "optimizer", minimum=0),
     _O("optimizer_type", str, "AdamW", "Optimizer: " + ", ".join(_OPTIMIZER_NAMES) + "; or any torch.optim class "
        "name, or module.Class (e.g. pytorch_optimizer.CAME, prodigyplus.ProdigyPlusScheduleFree).", "optimizer",
-       check=_optimizer_name),
+       check=_optimizer_name, suggestions=(*_OPTIMIZER_NAMES, *_OPTIMIZER_EXAMPLES)),
     _O("optimizer_args", str, None, "Optimizer options key=value (e.g. weight_decay=0.01 betas=0.9,0.99).",
        "optimizer", nargs="*"),
     _O("use_8bit_adam", bool, False, "Same as optimizer_type=AdamW8bit.", "optimizer", advanced=True),

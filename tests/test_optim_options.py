@@ -70,3 +70,16 @@ def test_gui_memory_estimate_follows_the_optimizers_state_size():
     assert gb(use_8bit_adam=True) == gb(optimizer_type="AdamW8bit") and gb(use_lion_optimizer=True) == gb(
         optimizer_type="Lion")
     assert gb(optimizer_type="pytorch_optimizer.CAME") == gb()  # not in the table: counted as AdamW
+
+
+def test_gui_offers_the_known_optimizers_and_takes_any_other():
+    import gradio as gr
+
+    from kohya_gui.components.widgets import make_widget, to_option_value
+
+    opt = options.BY_NAME["optimizer_type"]
+    widget = make_widget(opt, "AdamW", "lora")
+    assert isinstance(widget, gr.Dropdown) and widget.allow_custom_value
+    offered = [c[1] if isinstance(c, tuple) else c for c in widget.choices]
+    assert {"AdamW", "Prodigy", "Adafactor", "AdamWScheduleFree", "pytorch_optimizer.CAME"} <= set(offered)
+    assert to_option_value(opt, "torch.optim.NAdam") == "torch.optim.NAdam"

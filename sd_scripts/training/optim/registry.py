@@ -73,6 +73,9 @@ ENTRIES: tuple[OptimizerEntry, ...] = (
 
 BY_KEY: dict[str, OptimizerEntry] = {n.lower(): e for e in ENTRIES for n in (e.name, *e.aliases)}
 OPTIMIZER_NAMES: tuple[str, ...] = tuple(e.name for e in ENTRIES)
+#: `module.Class` names of installed libraries the GUI offers next to the table's (any other is typed in)
+OPTIMIZER_EXAMPLES: tuple[str, ...] = ("pytorch_optimizer.CAME", "prodigyplus.ProdigyPlusScheduleFree",
+                                       "bitsandbytes.optim.AdEMAMix8bit", "bitsandbytes.optim.PagedAdEMAMix8bit")
 
 #: pip packages of the libraries that provide optimizers by `module.Class` name (for the "not installed" message).
 PACKAGE_OF_MODULE = {"pytorch_optimizer": "pytorch-optimizer", "prodigyplus": "prodigy-plus-schedule-free",
