@@ -83,3 +83,17 @@ def test_gui_offers_the_known_optimizers_and_takes_any_other():
     offered = [c[1] if isinstance(c, tuple) else c for c in widget.choices]
     assert {"AdamW", "Prodigy", "Adafactor", "AdamWScheduleFree", "pytorch_optimizer.CAME"} <= set(offered)
     assert to_option_value(opt, "torch.optim.NAdam") == "torch.optim.NAdam"
+
+
+def test_the_files_metadata_names_the_optimizer_the_flags_chose():
+    from sd_scripts.training.metadata import build_training_metadata
+
+    def ss_optimizer(*argv):
+        args = options.parse_args("network", ["--output_dir", "out", *argv])
+        return build_training_metadata(args, family="sd1", v_prediction=False, resolution=(512, 512),
+                                       dataset_summary={}, total_steps=1, epoch=1, step=1, started_at=0.0,
+                                       finished_at=1.0, sd_model_name="m")["ss_optimizer"]
+
+    assert ss_optimizer("--use_8bit_adam") == "AdamW8bit"
+    assert ss_optimizer("--use_lion_optimizer", "--optimizer_args", "weight_decay=0.1") == "Lion(weight_decay=0.1)"
+    assert ss_optimizer("--optimizer_type", "Prodigy") == "Prodigy"

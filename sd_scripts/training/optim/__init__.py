@@ -15,7 +15,7 @@ import importlib
 _EXPORTS = {
     "OPTIMIZER_NAMES": "registry", "LR_SCHEDULERS": "registry", "entry_for": "registry",
     "create_optimizer": "optimizers", "check_optimizer_options": "optimizers", "parse_optimizer_args": "optimizers",
-    "bitsandbytes_problem": "optimizers", "resolve_optimizer_type": "optimizers", "is_schedule_free": "optimizers",
+    "bitsandbytes_problem": "optimizers", "resolve_optimizer_type": "registry", "is_schedule_free": "optimizers",
     "eval_weights": "optimizers", "set_train_mode": "optimizers", "uses_relative_step": "optimizers",
     "create_lr_scheduler": "schedules", "scheduler_from_args": "schedules", "warmup_steps": "schedules",
     "check_scheduler_options": "schedules",

@@ -29,27 +29,9 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 from ...options import OptionError, parse_kv_args
-from .registry import OPTIMIZER_NAMES, PACKAGE_OF_MODULE, OptimizerEntry, entry_for
+from .registry import OPTIMIZER_NAMES, PACKAGE_OF_MODULE, OptimizerEntry, entry_for, resolve_optimizer_type
 
 log = logging.getLogger("sd_scripts.train")
-
-
-def resolve_optimizer_type(optimizer_type: str | None, use_8bit_adam: bool = False,
-                           use_lion_optimizer: bool = False) -> str:
-    """The optimizer name the options mean: use_8bit_adam -> AdamW8bit, use_lion_optimizer -> Lion (sd-scripts'
-    older flags), refused together with each other or with a different optimizer_type; empty -> AdamW."""
-    given = (optimizer_type or "").strip()
-    if use_8bit_adam and use_lion_optimizer:
-        raise OptionError("options 'use_8bit_adam' and 'use_lion_optimizer' exclude each other: keep one, or set "
-                          "optimizer_type instead")
-    for flag, on, meant in (("use_8bit_adam", use_8bit_adam, "AdamW8bit"),
-                            ("use_lion_optimizer", use_lion_optimizer, "Lion")):
-        if on:
-            if given.lower() not in ("", "adamw", meant.lower()):  # AdamW is the schema's default
-                raise OptionError(f"options '{flag}' and 'optimizer_type' ({given}) both choose the optimizer: "
-                                  f"remove {flag} (it means optimizer_type={meant})")
-            return meant
-    return given or "AdamW"
 
 
 def parse_optimizer_args(optimizer_args: Iterable[str] | None, option: str = "optimizer_args") -> dict[str, Any]:

@@ -84,6 +84,26 @@ PACKAGE_OF_MODULE = {"pytorch_optimizer": "pytorch-optimizer", "prodigyplus": "p
                      "transformers": "transformers"}
 
 
+def resolve_optimizer_type(optimizer_type: str | None, use_8bit_adam: bool = False,
+                           use_lion_optimizer: bool = False) -> str:
+    """The optimizer name the options mean: use_8bit_adam -> AdamW8bit, use_lion_optimizer -> Lion (sd-scripts'
+    older flags), refused together with each other or with a different optimizer_type; empty -> AdamW."""
+    from ...options import OptionError  # (the schema imports this module while it is being built)
+
+    given = (optimizer_type or "").strip()
+    if use_8bit_adam and use_lion_optimizer:
+        raise OptionError("options 'use_8bit_adam' and 'use_lion_optimizer' exclude each other: keep one, or set "
+                          "optimizer_type instead")
+    for flag, on, meant in (("use_8bit_adam", use_8bit_adam, "AdamW8bit"),
+                            ("use_lion_optimizer", use_lion_optimizer, "Lion")):
+        if on:
+            if given.lower() not in ("", "adamw", meant.lower()):  # AdamW is the schema's default
+                raise OptionError(f"options '{flag}' and 'optimizer_type' ({given}) both choose the optimizer: "
+                                  f"remove {flag} (it means optimizer_type={meant})")
+            return meant
+    return given or "AdamW"
+
+
 def entry_for(optimizer_type: str) -> OptimizerEntry | None:
     """The table row of a name (case-insensitive), or None for a torch.optim / `module.Class` name."""
     return BY_KEY.get((optimizer_type or "AdamW").lower())
