@@ -504,9 +504,9 @@ def build_parser(trainer: str, prog: str | None = None) -> argparse.ArgumentPars
         if opt.type is bool:
             # `--flag` sets True; `--flag false` is accepted too, so GUI-built argv can be explicit.
             group.add_argument(*names, dest=opt.name, nargs="?", const=True, default=None, type=_bool_from_text,
-                               help=opt.help)
+                               help=opt.help.replace("%", "%%"))
             continue
-        kwargs: dict[str, Any] = dict(dest=opt.name, default=None, help=opt.help, type=opt.type)
+        kwargs: dict[str, Any] = dict(dest=opt.name, default=None, help=opt.help.replace("%", "%%"), type=opt.type)
         if opt.nargs:
             kwargs["nargs"] = opt.nargs
         if opt.choices:

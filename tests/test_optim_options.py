@@ -97,3 +97,10 @@ def test_the_files_metadata_names_the_optimizer_the_flags_chose():
     assert ss_optimizer("--use_8bit_adam") == "AdamW8bit"
     assert ss_optimizer("--use_lion_optimizer", "--optimizer_args", "weight_decay=0.1") == "Lion(weight_decay=0.1)"
     assert ss_optimizer("--optimizer_type", "Prodigy") == "Prodigy"
+
+
+def test_help_prints_every_trainers_options():
+    """argparse formats help with %: an option's help holding one ('10%') must not break --help."""
+    for trainer in options.TRAINERS:
+        text = options.build_parser(trainer).format_help()
+        assert "--optimizer_type" in text and "'N%'" in text
