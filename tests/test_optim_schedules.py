@@ -146,6 +146,7 @@ def test_schedule_free_optimizer_keeps_its_learning_rate():
     ("cosine_with_min_lr", {}, ["lr_scheduler_min_lr_ratio"]),
     ("no_such_schedule", {}, ["lr_scheduler", "'no_such_schedule'"]),
     ("constant", {"scheduler_args": ["T_max"]}, ["lr_scheduler_args", "key=value"]),
+    ("warmup_stable_decay", {"num_warmup_steps": 6, "num_decay_steps": 0.5}, ["lr_decay_steps", "6 + 5"]),
 ])
 def test_schedule_errors_name_the_option(name, kw, words):
     with pytest.raises(OptionError) as err:

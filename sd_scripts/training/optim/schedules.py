@@ -122,10 +122,7 @@ def create_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, num_trai
         if scheduler_type:
             cls = import_class(scheduler_type, "lr_scheduler_type", "torch.optim.lr_scheduler")
             return cls(optimizer, **kwargs)
-        if relative or name == "adafactor":
-            if not relative:
-                raise OptionError("option 'lr_scheduler': the adafactor schedule works only with optimizer_type "
-                                  "Adafactor (with relative_step); pick another lr_scheduler")
+        if relative:  # whatever lr_scheduler says, as sd-scripts (check_scheduler_options refused the rest)
             from transformers.optimization import AdafactorSchedule
 
             # on Adafactor itself: the schedule asks it for its step size (_get_lr), which wrappers do not forward
@@ -155,13 +152,15 @@ def create_lr_scheduler(name: str, optimizer: torch.optim.Optimizer, *, num_trai
         if name in ("linear", "cosine"):
             return schedule(optimizer, **common, **kwargs)
         if name == "warmup_stable_decay":
+            if warmup + decay > num_training_steps:
+                raise OptionError(f"options 'lr_warmup_steps' and 'lr_decay_steps': {warmup} + {decay} steps are more "
+                                  f"than the run's {num_training_steps}; shorten them")
             return schedule(optimizer, num_warmup_steps=warmup, num_stable_steps=num_training_steps - warmup - decay,
                             num_decay_steps=decay, num_cycles=num_cycles / 2,
                             min_lr_ratio=min_lr_ratio if min_lr_ratio is not None else 0.0, **kwargs)
     except (ValueError, TypeError) as e:  # e.g. polynomial with learning_rate at or below its 1e-7 end value
-        what = "lr_scheduler_type " + scheduler_type if scheduler_type else "lr_scheduler " + name
-        raise OptionError(f"option '{what.split()[0]}' {what.split()[1]}: {e} (check lr_scheduler_args and the "
-                          f"lr_* options)") from None
+        option, value = ("lr_scheduler_type", scheduler_type) if scheduler_type else ("lr_scheduler", name)
+        raise OptionError(f"option '{option}' {value}: {e} (check lr_scheduler_args and the lr_* options)") from None
     raise OptionError(f"option 'lr_scheduler': {name} is not supported")  # pragma: no cover - LR_SCHEDULERS covers all
 
 
