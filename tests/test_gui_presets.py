@@ -160,6 +160,7 @@ KOHYA = {
     "num_processes": 2, "multi_gpu": True, "gpu_ids": "", "main_process_port": 0, "num_cpu_threads_per_process": 2,
     "extra_accelerate_launch_args": "", "sdxl": False, "model_list": "custom", "wandb_api_key": "abc123",
     "huggingface_token": "", "use_wandb": False, "multires_noise_iterations": 8, "noise_offset_type": "Multires",
+    "noise_offset": 0.05, "adaptive_noise_scale": 0.01,
     "stop_text_encoder_training": 0, "sdxl_no_half_vae": False, "network_dim": 16, "network_alpha": 8,
 }
 
@@ -179,7 +180,10 @@ def test_import_kohya_json_maps_renamed_keys(tmp_path):
     assert values["accelerate.num_processes"] == 2 and values["accelerate.multi_gpu"] is True
     assert "save_every_n_steps" not in values and "network_dropout" not in values and "vae_batch_size" not in values
     assert "network_weights" not in values
-    assert "multires_noise_iterations" in unknown and "wandb_api_key (secret, not imported)" in unknown
+    assert "wandb_api_key (secret, not imported)" in unknown
+    # noise_offset_type Multires: kohya_ss passes the multires keys only, not its saved noise_offset fields
+    assert values["multires_noise_iterations"] == 8 and "noise_offset" not in values
+    assert "adaptive_noise_scale" not in values
     assert "abc123" not in json.dumps(values)
     assert "stop_text_encoder_training" not in unknown and "use_wandb" not in unknown  # 0/false: no setting lost
     rest, accel = split_accelerate(values)
@@ -458,11 +462,11 @@ def test_kohya_ss_flux_fields_map_to_options_and_network_args(tmp_path):
     report: dict = {}
     values, unknown = presets.import_kohya_json(str(path), "lora", report=report)
     _accounted(str(path), "lora", report, values, unknown)
-    assert values["network_args"] == ["rank_dropout=0.1", "train_blocks=single", "split_qkv=true"]
+    assert sorted(values["network_args"]) == ["img_attn_dim=4", "rank_dropout=0.1", "split_qkv=true",
+                                              "train_blocks=single"]  # train_double_block_indices "all": default
     assert values["cache_text_encoder_outputs"] is True and "cache_text_encoder_outputs_to_disk" not in values
     assert values["model_type"] == "flux" and values["timestep_sampling"] == "shift"
-    assert any(u.startswith("img_attn_dim (not supported for FLUX.1: per-layer ranks") for u in unknown)
-    assert any(u.startswith("train_double_block_indices (not supported") for u in unknown)
+    assert not any(u.startswith(("img_attn_dim", "train_double_block_indices", "in_dims")) for u in unknown)
     # SD3 widget state: the hand-set one is named, the defaults are not noise
     assert any(u.startswith("sd3_clip_l_dropout_rate (a kohya_ss Stable Diffusion 3 / 3.5 field") for u in unknown)
     assert any(u.startswith("weighting_scheme (a kohya_ss Stable Diffusion 3 / 3.5 field") for u in unknown)

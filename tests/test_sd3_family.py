@@ -100,6 +100,137 @@ def test_lora_names_follow_sd_scripts(tiny):
     assert not any(n.startswith("lora_te3_") for n in names)
 
 
+def test_lora_network_args_ranks_embedders_blocks_and_t5(tiny, tmp_path):
+    """lora_sd3's network_args: ranks per layer kind (0 leaves it out), emb_dims adapts the layers outside the joint
+    blocks (the 2x2 patch conv too), train_block_indices keeps those blocks, split_qkv, train_t5xxl; the file loads
+    back into a network shaped from it, and diffusers' transformer with the converted file equals ours."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    from sd_scripts.families.sd3.lora_files import to_diffusers_lora
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.networks import lora
+
+    b = load_model(tiny.diffusers_dir)
+    args = ["x_attn_dim=2", "context_mlp_dim=0", "emb_dims=[3,2,2,0,4,5]", "train_block_indices=0,2",
+            "split_qkv=True", "train_t5xxl=True"]
+    net = lora.create_network(unet=b.denoiser, text_encoders=b.text_encoders, family="sd3", network_dim=4,
+                              network_alpha=2, network_args=args)
+    ranks = {m.lora_name: m.rank for m in net.all_loras()}
+    assert ranks["lora_unet_joint_blocks_0_x_block_attn_qkv"] == ranks["lora_unet_joint_blocks_2_x_block_attn_proj"] == 2
+    assert ranks["lora_unet_joint_blocks_0_context_block_attn_qkv"] == 4
+    assert not any("context_block_mlp" in n or "joint_blocks_1_" in n for n in ranks)
+    assert (ranks["lora_unet_context_embedder"], ranks["lora_unet_t_embedder_mlp_0"], ranks["lora_unet_x_embedder_proj"],
+            ranks["lora_unet_final_layer_adaLN_modulation_1"], ranks["lora_unet_final_layer_linear"]) == (3, 2, 2, 4, 5)
+    assert not any("y_embedder" in n for n in ranks)
+    assert any(n.startswith("lora_te3_") for n in ranks)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in net.all_loras():
+            m.lora_up.weight.normal_(std=0.05)
+    path = tmp_path / "ranks.safetensors"
+    net.save_weights(str(path))
+    tensors = load_file(str(path))
+    assert tensors["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"].shape[0] == 6  # split: 3 x 2
+    cfg = b.denoiser.config
+    inputs = dict(hidden_states=torch.randn(1, cfg.in_channels, 8, 8), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 7, cfg.joint_attention_dim),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim))
+    with torch.no_grad():
+        plain = b.denoiser(**inputs).sample
+        net.apply_to()
+        ours = b.denoiser(**inputs).sample
+        net.unapply()
+        again = lora.create_network_from_weights(str(path), unet=b.denoiser, text_encoders=b.text_encoders,
+                                                 family="sd3")
+        assert {m.lora_name for m in again.all_loras()} == set(ranks)
+        again.apply_to()
+        torch.testing.assert_close(b.denoiser(**inputs).sample, ours, atol=1e-5, rtol=1e-4)
+        again.unapply()
+    assert (ours - plain).abs().max() > 1e-3
+    unet_only = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
+    theirs_model = SD3Transformer2DModel.from_pretrained(tiny.diffusers_dir, subfolder="transformer",
+                                                         local_files_only=True)
+    theirs_model.load_lora_adapter(to_diffusers_lora(unet_only, transformer_config=cfg), prefix="transformer",
+                                   adapter_name="ours")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs_model(**inputs).sample, ours, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra, want", [
+    ([], {"textencoder": 1e-3}),  # CLIP-L + CLIP-G at learning_rate, T5-XXL frozen
+    (["--learning_rate_te1", "2e-4", "--learning_rate_te3", "5e-5", "--train_t5xxl"],
+     {"textencoder1": 2e-4, "textencoder2": 1e-3, "textencoder3": 5e-5}),
+    (["--learning_rate_te", "3e-4", "--learning_rate_te1", "0"], {"textencoder": 3e-4}),  # CLIP-G only
+])
+def test_fine_tune_text_encoder_rates(tiny, tmp_path, extra, want):
+    """sd3_train's train_text_encoder with learning_rate_te1/2/3 and train_t5xxl: each trained encoder's group and
+    rate; frozen ones (rate 0, or T5-XXL without train_t5xxl) take no gradient and drop to the compute dtype."""
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.training.full_methods import FineTuneMethod
+
+    args = parse_args("finetune", ["--pretrained_model_name_or_path", tiny.single_file_with_text_encoders,
+                                   "--in_json", "m.json", "--output_dir", str(tmp_path), "--train_text_encoder",
+                                   "--learning_rate", "1e-3", "--mixed_precision", "bf16", *extra])
+    bundle = load_model(tiny.single_file_with_text_encoders)
+    groups, names = FineTuneMethod(args).build(bundle, family="sd3")
+    assert dict(zip(names[1:], (g["lr"] for g in groups[1:]))) == want
+    trained = [all(p.requires_grad for p in te.parameters()) for te in bundle.text_encoders]
+    in_groups = {id(p) for g in groups[1:] for p in g["params"]}
+    for te, on in zip(bundle.text_encoders, trained):
+        assert all((id(p) in in_groups) == on for p in te.parameters())
+        assert next(te.parameters()).dtype == (torch.float32 if on else torch.bfloat16)
+    assert trained[2] == ("--train_t5xxl" in extra)
+    why = _why("sd3", "sd3_train", "finetune", use_t5xxl_cache_only=True)
+    assert why and "use_t5xxl_cache_only" in why and "not implemented" in why
+
+
+def test_num_last_block_to_freeze_keeps_the_last_blocks(tiny, tmp_path):
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.training.full_methods import FolderFineTuneMethod
+
+    args = parse_args("finetune", ["--pretrained_model_name_or_path", tiny.single_file_with_text_encoders,
+                                   "--output_dir", str(tmp_path), "--num_last_block_to_freeze", "1"])
+    bundle = load_model(tiny.single_file_with_text_encoders)
+    groups, _ = FolderFineTuneMethod(args).build(bundle, family="sd3")
+    blocks = bundle.denoiser.transformer_blocks
+    trained = {id(p) for p in groups[0]["params"]}
+    assert not any(p.requires_grad or id(p) in trained for p in blocks[-1].parameters())
+    assert all(p.requires_grad and id(p) in trained for p in blocks[0].parameters())
+    args.num_last_block_to_freeze = len(blocks) + 1
+    with pytest.raises(OptionError, match="num_last_block_to_freeze"):
+        FolderFineTuneMethod(args).build(load_model(tiny.single_file_with_text_encoders), family="sd3")
+
+
+def test_scaled_positional_tables(tiny):
+    """enable_scaled_pos_embed: sd-scripts' scaled sine-cosine tables, one per training resolution, chosen by the
+    latent's area and centre-cropped; without scaling (grid = sample) the table is diffusers' own 2D sincos table."""
+    from argparse import Namespace
+
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from sd_scripts.families.sd3.model import SD3Family, scaled_sincos_table
+    from sd_scripts.models.loading import load_model
+
+    theirs = get_2d_sincos_pos_embed(32, 6, base_size=16, interpolation_scale=1.0, output_type="pt")
+    torch.testing.assert_close(scaled_sincos_table(32, 6, 6), theirs.float(), atol=1e-6, rtol=1e-5)
+    bundle = load_model(tiny.single_file_with_text_encoders)
+    pe = bundle.denoiser.pos_embed
+    native = pe.cropped_pos_embed(8, 8).clone()
+    family = SD3Family(bundle, Namespace(enable_scaled_pos_embed=True, t5xxl_max_token_length=8))
+    family.use_resolutions([(64, 64), (128, 128), (64, 64)])
+    width = pe.pos_embed.shape[-1]
+    for latent, patched in ((8, 4), (16, 8)):
+        grid = int(patched * 1.5)
+        top = (grid - patched) // 2
+        table = scaled_sincos_table(width, grid, patched).reshape(grid, grid, width)
+        want = table[top:top + patched, top:top + patched].reshape(1, -1, width)
+        torch.testing.assert_close(pe.cropped_pos_embed(latent, latent), want)
+    assert not torch.allclose(pe.cropped_pos_embed(8, 8), native)
+    tall = pe.cropped_pos_embed(40, 8)  # a bucket longer than any table: one is made for its long side
+    assert tall.shape == (1, 20 * 4, width)
+
+
 def test_noised_follows_sd3_flow_matching(family):
     torch.manual_seed(0)
     latents = torch.randn(3, 16, 4, 4)
@@ -309,3 +440,35 @@ def test_lora_conversion_command_writes_a_file_diffusers_loads(tiny, tmp_path):
     save_file({"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(4, 8),
                "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(8, 4)}, str(t5_only))
     assert main(["--lora", str(t5_only), "--model", tiny.diffusers_dir, "--out", str(tmp_path / "x.safetensors")]) == 1
+
+
+def test_input_perturbation_and_huber_loss(family):
+    """ip_noise_gamma perturbs only the noisy input (as sd-scripts' FLUX.1 trainer defines it for flow matching);
+    loss_type huber with a constant threshold huber_c * huber_scale; the DDPM 'snr' schedule is refused."""
+    from argparse import Namespace
+
+    from sd_scripts.families.sd3.model import SD3Family
+    from sd_scripts.training.loss import training_loss
+
+    args = Namespace(t5xxl_max_token_length=8, weighting_scheme="uniform", training_shift=1.0, ip_noise_gamma=0.4,
+                     loss_type="huber", huber_schedule="constant", huber_c=0.2, huber_scale=1.5)
+    perturbed = SD3Family(family.bundle, args)
+    latents = torch.randn(3, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    noised = perturbed.noised(latents, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=gen)
+    t = (torch.rand(3, generator=gen) * 1000).long().float()
+    xi = torch.randn(latents.shape, generator=gen)
+    sigma = (t / 1000).reshape(3, 1, 1, 1)
+    assert torch.equal(noised.timesteps, t)
+    torch.testing.assert_close(noised.noisy, (1 - sigma) * latents + sigma * (noise + 0.4 * xi))
+    assert torch.equal(noised.target, latents)
+    assert noised.loss_type == "huber" and torch.allclose(noised.huber_c, torch.full((3,), 0.3))
+    pred = torch.randn(latents.shape, generator=gen)
+    d = pred - latents
+    expected = (2 * 0.3 * (torch.sqrt(d ** 2 + 0.09) - 0.3)).mean()
+    loss = training_loss(pred, noised.target, None, noised.weights, loss_type=noised.loss_type,
+                         huber_c=noised.huber_c)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(OptionError, match="'huber_schedule'.*constant or exponential"):
+        SD3Family(family.bundle, Namespace(t5xxl_max_token_length=8, loss_type="smooth_l1"))

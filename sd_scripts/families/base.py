@@ -24,6 +24,8 @@ class NoisedLatents:
     timesteps: torch.Tensor  # what the denoiser is conditioned on (DDPM: integer steps; flow matching: sigma x 1000)
     target: torch.Tensor  # what the prediction is compared with
     weights: torch.Tensor | None = None  # per-sample loss weights of the objective (e.g. min-SNR), [B]
+    loss_type: str = "l2"  # how prediction and target are compared (training/loss.py: l2, l1, huber, smooth_l1)
+    huber_c: torch.Tensor | None = None  # per-sample threshold of the huber / smooth_l1 loss types, [B]
 
 
 @dataclass
@@ -99,6 +101,10 @@ class Family:
         """The denoiser's prediction for a noised batch, comparable with `noised.target`."""
         raise NotImplementedError
 
+    def use_resolutions(self, resolutions) -> None:
+        """The datasets' training resolutions [(width, height), ...], once known (before caching and training).
+        The default ignores them."""
+
     # ---- adapters
     #: network_args keys the family's LoRA takes besides the shared ones (key -> parser); when non-empty,
     #: lora_naming is called with `network_args=` (those keys, parsed)
@@ -111,9 +117,19 @@ class Family:
         Optional keys (the shared defaults apply when absent): unet_block_classes / te_block_classes (class names
         of the blocks whose Linear/Conv layers are adapted), te_enabled (per text encoder, whether it gets LoRA
         modules), shared_down (fused file modules share one down projection). unet_name_map(path) may return
-        (file path, part index, part count) for layers the file fuses into one module (see networks/lora.py)."""
+        (file path, part index, part count) for layers the file fuses into one module (see networks/lora.py).
+        Per-layer ranks: module_rank(file name) -> rank (0 leaves the layer out) or None (the default rank),
+        unet_extra_name_map(path) names the layers outside the blocks that are adapted too (None for the others),
+        verbose (log every module). A file's modules outside the blocks load through unet_file_name_map(path)
+        (every layer the family's files may name)."""
         spec = family_spec(family)
         return {"unet_prefix": spec.lora_unet_prefix, "te_prefixes": spec.lora_te_prefixes, "unet_name_map": None}
+
+    @classmethod
+    def trainable_text_encoders(cls, args) -> tuple[bool, ...] | None:
+        """Which text encoders a full fine-tune with train_text_encoder may train (each still needs a non-zero
+        learning rate); None: all of them."""
+        return None
 
     # ---- memory features
     @classmethod

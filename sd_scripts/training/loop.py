@@ -46,6 +46,8 @@ class Trainer(RunSetup, RunOutputs):
         if self.is_main:
             self.control.install()
         try:
+            if self.args.debug_dataset:  # list what the dataset yields; no model, no training
+                return self.debug_dataset()
             self.load_model()
             self.prepare_data()
             self.load_dataset()
@@ -133,7 +135,8 @@ class Trainer(RunSetup, RunOutputs):
         noised.noisy = noised.noisy.to(self.weight_dtype)
         with acc.autocast():
             pred = self.family.predict(noised, cond.to(self.weight_dtype), batch)
-        loss = training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights)
+        loss = training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights,
+                             loss_type=noised.loss_type, huber_c=noised.huber_c, mask=batch.get("loss_masks"))
         acc.backward(loss)
         if acc.sync_gradients:
             allreduce_gradients(self.trained_params)

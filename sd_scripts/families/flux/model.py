@@ -17,13 +17,18 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ...errors import ModelLoadError
+from ...networks.network_args import flag
+from ...networks.targets import T5_CLASSES, TEXT_ENCODER_CLASSES
 from ...training import flow_matching as fm
+from ...training.loss import LOSS_OPTIONS, LossSettings
+from ...training.noise import perturbed_noise
 from ..base import Family, NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
 from . import CHROMA, FLUX, layout
@@ -37,12 +42,10 @@ DEFAULT_SAMPLE_GUIDANCE = 3.5
 # the LoRA target blocks (sd-scripts: every Linear inside DoubleStreamBlock / SingleStreamBlock)
 DOUBLE_BLOCKS = ("FluxTransformerBlock", "ChromaTransformerBlock")
 SINGLE_BLOCKS = ("FluxSingleTransformerBlock", "ChromaSingleTransformerBlock")
-TE_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP", "T5Attention",
-             "T5DenseGatedActDense")
+TE_BLOCKS = TEXT_ENCODER_CLASSES + T5_CLASSES
 
 
-def _flag(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
+_flag = flag  # a true/false network arg
 
 
 @dataclass
@@ -218,6 +221,11 @@ class FluxFamily(MemoisedCaptions, Family):
         self.logit_mean = float(option("logit_mean", fm.DEFAULT_LOGIT_MEAN))
         self.logit_std = float(option("logit_std", fm.DEFAULT_LOGIT_STD))
         self.mode_scale = float(option("mode_scale", fm.DEFAULT_MODE_SCALE))
+        self.ip_noise_gamma = option("ip_noise_gamma", None)
+        self.ip_noise_gamma_random_strength = bool(option("ip_noise_gamma_random_strength", False))
+        loss_options = SimpleNamespace(**{n: option(n, None) for n in LOSS_OPTIONS})
+        self.loss_settings = LossSettings.from_args(loss_options, has_ddpm_schedule=False,
+                                                    label=f"a {self.spec.label} model")
         self.init_memo(memo_size)
         self._clip_tokenizer = bundle.tokenizers[0] if not self.is_chroma else None
         self._t5_tokenizer = bundle.tokenizers[-1]
@@ -298,8 +306,9 @@ class FluxFamily(MemoisedCaptions, Family):
 
     # ---- the training step
     def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
-        """Noise, then sigmas (training/flow_matching.py with the run's options); target = noise - latents; the
-        weighting scheme's loss weights when model_prediction_type is sigma_scaled."""
+        """Noise, then sigmas (training/flow_matching.py with the run's options), then the input perturbation
+        (ip_noise_gamma: the noisy input only); target = noise - latents; the weighting scheme's loss weights when
+        model_prediction_type is sigma_scaled; the loss type and Huber thresholds of the run."""
         device = latents.device
         gen_device = generator.device if generator is not None else device
         noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=torch.float32)
@@ -309,10 +318,13 @@ class FluxFamily(MemoisedCaptions, Family):
             sigmoid_scale=self.sigmoid_scale, discrete_flow_shift=self.discrete_flow_shift,
             weighting_scheme=self.weighting_scheme, logit_mean=self.logit_mean, logit_std=self.logit_std,
             mode_scale=self.mode_scale, generator=generator, device=device)
-        noisy = fm.add_flow_noise(latents, noise, sigmas)
+        model_input_noise = perturbed_noise(noise, self.ip_noise_gamma, self.ip_noise_gamma_random_strength,
+                                            generator=generator)
+        noisy = fm.add_flow_noise(latents, model_input_noise, sigmas)
         weights = fm.loss_weighting(self.weighting_scheme, sigmas) \
             if self.model_prediction_type == "sigma_scaled" else None
-        return NoisedLatents(noisy, timesteps, fm.flux_target(latents, noise), weights)
+        return NoisedLatents(noisy, timesteps, fm.flux_target(latents, noise), weights, self.loss_settings.loss_type,
+                             self.loss_settings.thresholds(timesteps, fm.NUM_TRAIN_TIMESTEPS))
 
     def predict(self, noised: NoisedLatents, conditioning: FluxConditioning, batch: dict) -> torch.Tensor:
         """The transformer on packed tokens, unpacked, with model_prediction_type applied (see the docstring)."""
@@ -349,7 +361,14 @@ class FluxFamily(MemoisedCaptions, Family):
         return torch.cat([t5_mask.bool(), image], dim=1)
 
     # ---- adapters
-    LORA_NETWORK_ARGS = {"train_blocks": str, "split_qkv": _flag, "train_t5xxl": _flag}
+    # sd-scripts' lora_flux ranks per layer kind: the words all in a layer's file name, in its order of precedence
+    _PART_DIMS = (("img_attn_dim", ("img_attn",)), ("txt_attn_dim", ("txt_attn",)), ("img_mlp_dim", ("img_mlp",)),
+                  ("txt_mlp_dim", ("txt_mlp",)), ("img_mod_dim", ("img_mod",)), ("txt_mod_dim", ("txt_mod",)),
+                  ("single_dim", ("single_blocks", "linear")), ("single_mod_dim", ("modulation",)))
+    _IN_LAYERS = ("img", "time", "vector", "guidance", "txt")  # in_dims order; the BFL names are <kind>_in...
+    LORA_NETWORK_ARGS = {"train_blocks": str, "split_qkv": _flag, "train_t5xxl": _flag, "verbose": _flag,
+                         "in_dims": str, "train_double_block_indices": str, "train_single_block_indices": str,
+                         "network_reg_dims": str, **{key: int for key, _ in _PART_DIMS}}
 
     @classmethod
     def lora_naming(cls, family: str, denoiser: torch.nn.Module | None = None,
@@ -357,7 +376,12 @@ class FluxFamily(MemoisedCaptions, Family):
         """sd-scripts' networks/lora_flux names: `lora_unet_` + the BFL module path (fused q/k/v(/mlp) layers saved
         as one module), `lora_te1_` CLIP-L and `lora_te3_` T5-XXL (only with train_t5xxl). Targets: every Linear in
         the double and single blocks (`train_blocks` all | double | single); `split_qkv` gives each fused part its
-        own down projection (saved block-diagonal) instead of sd-scripts' default shared one."""
+        own down projection (saved block-diagonal) instead of sd-scripts' default shared one. Ranks per layer kind
+        (`img_attn_dim` ... `single_mod_dim`, 0 leaves the kind out), `in_dims` = [img, time, vector, guidance, txt]
+        adapts the input layers outside the blocks, `train_double_block_indices` / `train_single_block_indices`
+        ("all", "none", "0-3,7") keep only those blocks, `network_reg_dims` "regex=rank,..." wins over the rest."""
+        from ...networks import network_args as na
+
         naming = super().lora_naming(family, denoiser)
         args = dict(network_args or {})
         blocks = str(args.get("train_blocks") or "all").lower()
@@ -374,9 +398,39 @@ class FluxFamily(MemoisedCaptions, Family):
                 else dict(layout.FLUX_DEV_CONFIG, _class_name="FluxTransformer2DModel")
         train_t5 = _flag(args.get("train_t5xxl", False))
         te_count = len(naming["te_prefixes"])
-        naming.update(unet_name_map=bfl_name_map(config), unet_block_classes=classes, te_block_classes=TE_BLOCKS,
+        name_map = bfl_name_map(config)
+        in_dims = na.dim_list(args["in_dims"], cls._IN_LAYERS, "in_dims") if args.get("in_dims") else {}
+
+        def in_rank(name: str) -> int | None:  # sd-scripts matches '_<kind>_in' anywhere in the name
+            return next((rank for kind, rank in in_dims.items() if f"_{kind}_in" in name), None)
+
+        def in_layer(path: str):
+            file_path = name_map(path)
+            name = naming["unet_prefix"] + "_" + (file_path if isinstance(file_path, str) else "").replace(".", "_")
+            return file_path if isinstance(file_path, str) and in_rank(name) else None
+
+        def block_of(name: str):
+            words = name.split("_")  # lora_unet_double_blocks_<n>_...
+            if len(words) > 4 and words[2] in ("double", "single") and words[4].isdigit():
+                return words[2], int(words[4])
+            return None
+
+        selected = {kind: na.block_selection(args[key], int(config.get(count) or 0) or None, key)
+                    for kind, key, count in (("double", "train_double_block_indices", "num_layers"),
+                                             ("single", "train_single_block_indices", "num_single_layers"))
+                    if args.get(key) is not None}
+        rule = na.rank_rule(
+            pattern_ranks=na.pattern_dims(args["network_reg_dims"], "network_reg_dims")
+            if args.get("network_reg_dims") else (),
+            layer_rank=in_rank if in_dims else None,
+            part_ranks=[(words, args.get(key)) for key, words in cls._PART_DIMS], block_of=block_of,
+            selected=selected)
+        naming.update(unet_name_map=name_map, unet_block_classes=classes, te_block_classes=TE_BLOCKS,
                       te_enabled=tuple(i < te_count - 1 or train_t5 for i in range(te_count)),
-                      shared_down=not _flag(args.get("split_qkv", False)))
+                      shared_down=not _flag(args.get("split_qkv", False)),
+                      unet_extra_name_map=in_layer if any(in_dims.values()) else None, module_rank=rule,
+                      unet_file_name_map=name_map,
+                      verbose=_flag(args.get("verbose", False)))
         return naming
 
     # ---- memory features
@@ -404,7 +458,7 @@ class FluxFamily(MemoisedCaptions, Family):
             out["modelspec.architecture"] = arch + (slash + adapter if slash else "")
             out["modelspec.implementation"] = IMPL_CHROMA if self.is_chroma else IMPL_FLUX
         out.pop("modelspec.prediction_type", None)
-        if "ss_network_module" in out:
+        if out.get("ss_network_module") == "networks.lora":  # our LoRA is sd-scripts' lora_flux here (not LyCORIS)
             out["ss_network_module"] = "networks.lora_flux"
         if out.get("ss_model_type") in (None, "None"):
             out["ss_model_type"] = CHROMA if self.is_chroma else FLUX

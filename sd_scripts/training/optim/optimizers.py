@@ -169,8 +169,9 @@ def check_optimizer_options(args: argparse.Namespace, device_type: str | None = 
             plain = entry.name.replace("Paged", "").replace("8bit", "").replace("32bit", "") or "AdamW"
             raise OptionError(f"option 'optimizer_type': {entry.name} needs bitsandbytes, which cannot run here "
                               f"({problem}); use optimizer_type={plain} instead")
-    fused = bool(getattr(args, "fused_backward_pass", False) or getattr(args, "blockwise_fused_optimizers", False))
-    if fused and not (entry is not None and entry.per_parameter):
+    from ..fused_backward import fused_backward_wanted
+
+    if fused_backward_wanted(args) and not (entry is not None and entry.per_parameter):
         raise OptionError(f"option 'fused_backward_pass' steps each parameter on its own inside backward; "
                           f"{name} {'' if entry else '(not one of the known optimizers) '}does not update parameters "
                           f"independently, so use Adafactor (as sd-scripts), AdamW, AdamW8bit, Lion or SGDNesterov "
