@@ -193,6 +193,8 @@ def _coerce(opt: schema.Option, value: Any) -> Any:
                 raise CommandError(opt.name, f"cannot be split into items ({e}); check the quotes") from None
         elif isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
             items = [str(v) for v in value]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and opt.type in (int, float):
+            items = [str(value)]  # one number for a list of numbers (text_encoder_lr = 5e-5)
         else:
             raise CommandError(opt.name, f"expected a list of text items, got {value!r}")
         for item in items:

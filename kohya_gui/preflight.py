@@ -25,6 +25,7 @@ from sd_scripts.data.folders import scan_concept_folders  # the trainer's own fo
 from sd_scripts.data.images import list_images
 from sd_scripts.errors import DatasetError
 from sd_scripts.families import check_run, family_of_path, family_spec, guess_family, variant_of_path
+from sd_scripts.training.optim.registry import state_bytes_per_param
 from sd_scripts.training.plan import batches_per_process, plan_steps
 
 from .command import (KIND_TO_TRAINER, AccelerateSettings, CommandError, TRAINER_MODULES, normalize_values,
@@ -154,8 +155,9 @@ def estimate_memory_gb(trainer: str, family: str, values: dict[str, Any]) -> flo
         act *= 0.3
     weights = memory.weights_gb * (2 if fp32 else 1)
     if trainer in ("db", "finetune"):
-        eight_bit = values.get("optimizer_type") == "AdamW8bit" or values.get("use_8bit_adam")
-        per_param = 2 + (2 if values.get("full_fp16") or values.get("full_bf16") else 4) + (2 if eight_bit else 8)
+        state = state_bytes_per_param(values.get("optimizer_type"), bool(values.get("use_8bit_adam")),
+                                      bool(values.get("use_lion_optimizer")))
+        per_param = 2 + (2 if values.get("full_fp16") or values.get("full_bf16") else 4) + state
         weights = memory.weights_gb * 0.3 + memory.trainable_b * per_param
     return round(weights + act + 0.6, 1)  # + CUDA context and allocator slack
 

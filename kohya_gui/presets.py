@@ -477,6 +477,8 @@ def import_kohya_json(path: str, kind: str | None = None,
                 reported(key, f"{key} (a kohya_ss {labels} field; this config is for {spec.label} models, so "
                               f"kohya_ss does not use it either)")
             continue
+        elif key in KOHYA_TE_LR_KEYS and trainer in (None, "network"):
+            continue  # one text_encoder_lr per text encoder: _kohya_text_encoder_lrs
         else:
             name = KOHYA_RENAMES.get(key, schema.ALIASES.get(key, key))
             if key in KOHYA_GUI_ONLY and name == key:
@@ -524,8 +526,43 @@ def import_kohya_json(path: str, kind: str | None = None,
             sources[name] = key
             report[key] = "imported"
     _kohya_specials(data, values, lora_type, trainer, net_args, report)
+    if trainer in (None, "network"):
+        _kohya_text_encoder_lrs(data, values, report, reported)
     _family_refusals(spec, values, sources, unknown, report)
     return values, unknown
+
+
+#: kohya_ss fields that give text encoders their own learning rates: DreamBooth / fine-tune SDXL's te1 / te2 and the
+#: LoRA tab's T5-XXL rate (kohya_ss passes text_encoder_lr as [text_encoder_lr, t5xxl_lr]).
+KOHYA_TE_LR_KEYS = ("learning_rate_te1", "learning_rate_te2", "t5xxl_lr")
+
+
+def _kohya_text_encoder_lrs(data: dict[str, Any], values: dict[str, Any], report: dict[str, str],
+                            reported: Any) -> None:
+    """learning_rate_te1 / learning_rate_te2 -> text_encoder_lr [te1, te2] (one rate per text encoder; 0 leaves an
+    encoder untrained, as kohya_ss); t5xxl_lr -> text_encoder_lr [text_encoder_lr, t5xxl_lr] as kohya_ss builds it
+    (it refuses t5xxl_lr without text_encoder_lr). A config's own text_encoder_lr wins over te1 / te2."""
+    te, t5 = data.get("text_encoder_lr"), data.get("t5xxl_lr")
+    te1, te2 = data.get("learning_rate_te1"), data.get("learning_rate_te2")
+    rates = None
+    if _meaningful(t5):
+        if _meaningful(te):
+            rates = [float(te), float(t5)]
+            report["t5xxl_lr"] = "imported"
+        else:
+            reported("t5xxl_lr", "t5xxl_lr (kohya_ss needs text_encoder_lr with it: set text_encoder_lr)")
+    if _meaningful(te1) or _meaningful(te2):
+        if _meaningful(te):
+            for key in ("learning_rate_te1", "learning_rate_te2"):
+                if _meaningful(data.get(key)):
+                    reported(key, f"{key} (not used: the config's text_encoder_lr sets text_encoder_lr)")
+        else:
+            rates = [float(te1 or 0.0), float(te2 or 0.0)]
+            for key in ("learning_rate_te1", "learning_rate_te2"):
+                if key in data:
+                    report[key] = "imported"
+    if rates is not None:
+        values["text_encoder_lr"] = rates
 
 
 def _family_refusals(spec, values: dict[str, Any], sources: dict[str, str], unknown: list[str],

@@ -70,6 +70,7 @@ class Option:
     advanced: bool = False  # hidden behind "advanced" in the GUI
     check: Callable[[Any, dict], str | None] | None = None  # (value, all values) -> error message or None
     aliases: tuple = ()
+    suggestions: tuple = ()  # known values the GUI offers while still taking any other (optimizer_type)
 
     @property
     def flag(self) -> str:
@@ -101,9 +102,25 @@ def _number_list(value, _values):
 
 
 def _float_or_int(text: str) -> float:
-    """lr_warmup_steps: an int number of steps, or a float < 1 meaning a fraction of the total steps."""
-    value = float(text)
+    """lr_warmup_steps / lr_decay_steps: an int number of steps, or a float < 1 (or 'N%') meaning a fraction of the
+    total steps."""
+    text = str(text).strip()
+    value = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
     return int(value) if value.is_integer() and value >= 1 else value
+
+
+def _optimizer_name(value, _values):
+    from .training.optim.registry import name_problem
+
+    return name_problem(value)
+
+
+def _non_negative_list(value, _values):
+    items = value if isinstance(value, (list, tuple)) else [value]
+    try:
+        return None if all(v is None or float(v) >= 0 for v in items) else "learning rates must be 0 or more"
+    except (TypeError, ValueError):
+        return f"{value!r} is not a list of numbers"
 
 
 def _positive(value, _values):
@@ -226,6 +243,10 @@ def _family_option_choices(option: str) -> tuple:
 
     return option_choices(option)
 
+
+from .training.optim.registry import LR_SCHEDULERS as _LR_SCHEDULERS  # noqa: E402 - torch-free name tables
+from .training.optim.registry import OPTIMIZER_EXAMPLES as _OPTIMIZER_EXAMPLES  # noqa: E402
+from .training.optim.registry import OPTIMIZER_NAMES as _OPTIMIZER_NAMES  # noqa: E402
 
 _O = Option
 OPTIONS: tuple[Option, ...] = (
@@ -378,8 +399,9 @@ OPTIONS: tuple[Option, ...] = (
        trainers=NET, minimum=0, check=_positive, advanced=True),
     _O("unet_lr", float, None, "Learning rate of the U-Net LoRA (default: learning_rate).", "optimizer",
        trainers=NET, minimum=0),
-    _O("text_encoder_lr", float, None, "Learning rate of the text-encoder LoRA (default: learning_rate).",
-       "optimizer", trainers=NET, minimum=0),
+    _O("text_encoder_lr", float, None, "Learning rate of the text-encoder LoRA (default: learning_rate); several "
+       "values give one per text encoder in order (SDXL: CLIP-L, CLIP-G; SD3: CLIP-L, CLIP-G, T5), the last repeating.",
+       "optimizer", trainers=NET, nargs="*", check=_non_negative_list),
     _O("training_comment", str, None, "Stored in the file's metadata (ss_training_comment).", "metadata"),
     # ---- text-encoder output cache (families with FamilySpec.text_encoder_cache)
     _O("cache_text_encoder_outputs", bool, False, "Encode every caption once before training (needs fixed "
@@ -477,16 +499,30 @@ OPTIONS: tuple[Option, ...] = (
     _O("max_grad_norm", float, 1.0, "Clip gradients to this norm (0: no clipping).", "training", minimum=0),
     # ---- optimizer
     _O("learning_rate", float, 2e-6, "Base learning rate.", "optimizer", minimum=0),
-    _O("optimizer_type", str, "AdamW", "Optimizer.", "optimizer", choices=("AdamW", "AdamW8bit")),
+    _O("optimizer_type", str, "AdamW", "Optimizer: " + ", ".join(_OPTIMIZER_NAMES) + "; or any torch.optim class "
+       "name, or module.Class (e.g. pytorch_optimizer.CAME, prodigyplus.ProdigyPlusScheduleFree).", "optimizer",
+       check=_optimizer_name, suggestions=(*_OPTIMIZER_NAMES, *_OPTIMIZER_EXAMPLES)),
     _O("optimizer_args", str, None, "Optimizer options key=value (e.g. weight_decay=0.01 betas=0.9,0.99).",
        "optimizer", nargs="*"),
     _O("use_8bit_adam", bool, False, "Same as optimizer_type=AdamW8bit.", "optimizer", advanced=True),
-    _O("lr_scheduler", str, "constant", "Learning-rate schedule.", "optimizer",
-       choices=("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")),
-    _O("lr_warmup_steps", _float_or_int, 0, "Warmup steps, or a fraction of all steps when below 1.", "optimizer",
-       minimum=0),
-    _O("lr_scheduler_num_cycles", int, 1, "Restarts of cosine_with_restarts.", "optimizer", minimum=1),
+    _O("use_lion_optimizer", bool, False, "Same as optimizer_type=Lion.", "optimizer", advanced=True),
+    _O("lr_scheduler", str, "constant", "Learning-rate schedule (adafactor: Adafactor's own step size).", "optimizer",
+       choices=_LR_SCHEDULERS),
+    _O("lr_warmup_steps", _float_or_int, 0, "Warmup steps, or a fraction of all steps when below 1 (or 'N%').",
+       "optimizer", minimum=0),
+    _O("lr_decay_steps", _float_or_int, 0, "Decay steps of warmup_stable_decay, or a fraction of all steps when "
+       "below 1 (or 'N%').", "optimizer", minimum=0, advanced=True),
+    _O("lr_scheduler_num_cycles", int, 1, "Restarts of cosine_with_restarts (half of it: cosine cycles of "
+       "cosine_with_min_lr and warmup_stable_decay).", "optimizer", minimum=1),
     _O("lr_scheduler_power", float, 1.0, "Power of the polynomial schedule.", "optimizer"),
+    _O("lr_scheduler_timescale", int, None, "Timescale of inverse_sqrt (default: the warmup steps).", "optimizer",
+       minimum=1, advanced=True),
+    _O("lr_scheduler_min_lr_ratio", float, None, "Lowest learning rate of cosine_with_min_lr / warmup_stable_decay, "
+       "as a fraction of the peak.", "optimizer", minimum=0, maximum=1, advanced=True),
+    _O("lr_scheduler_type", str, "", "A scheduler class instead of lr_scheduler: a torch.optim.lr_scheduler name "
+       "(e.g. CosineAnnealingLR) or module.Class, built with lr_scheduler_args.", "optimizer", advanced=True),
+    _O("lr_scheduler_args", str, None, "Scheduler options key=value (e.g. T_max=100, or step_rules for "
+       "piecewise_constant).", "optimizer", nargs="*", advanced=True),
     # ---- noise and loss
     _O("noise_offset", float, None, "Add this much per-channel offset noise (brighter/darker images).", "noise",
        minimum=0),
@@ -704,9 +740,9 @@ def build_parser(trainer: str, prog: str | None = None) -> argparse.ArgumentPars
         if opt.type is bool:
             # `--flag` sets True; `--flag false` is accepted too, so GUI-built argv can be explicit.
             group.add_argument(*names, dest=opt.name, nargs="?", const=True, default=None, type=_bool_from_text,
-                               help=opt.help)
+                               help=opt.help.replace("%", "%%"))
             continue
-        kwargs: dict[str, Any] = dict(dest=opt.name, default=None, help=opt.help, type=opt.type)
+        kwargs: dict[str, Any] = dict(dest=opt.name, default=None, help=opt.help.replace("%", "%%"), type=opt.type)
         if opt.nargs:
             kwargs["nargs"] = opt.nargs
         if opt.choices:
@@ -747,6 +783,8 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
         if opt.nargs:
             if isinstance(value, str):
                 value = value.split()
+            elif not isinstance(value, (list, tuple)):
+                value = [value]  # a TOML scalar for a list option (text_encoder_lr = 1e-4)
             return [opt.type(v) if opt.type is not str else str(v) for v in value]
         if opt.type is bool:
             return value if isinstance(value, bool) else _bool_from_text(value)

@@ -57,8 +57,10 @@ def sample_value(opt: schema.Option, trainer: str):
         candidates = [c for c in opt.choices if c is not None and c != opt.default]
         base = schema.defaults(trainer)
         return next(c for c in reversed(candidates) if not schema.validate({**base, opt.name: c}, trainer))
-    if opt.nargs and opt.type is not str:
-        return [0.5, 2.0]
+    if opt.suggestions:  # a known value other than the default
+        return next(c for c in opt.suggestions if c != opt.default)
+    if opt.nargs and opt.type in (int, float):  # a list of numbers (text_encoder_lr)
+        return [opt.type(1), opt.type(3)]
     if opt.nargs:
         return ["a=1", "b=two words"]
     if opt.type is str:
@@ -86,7 +88,7 @@ def test_every_option_gets_one_widget_of_its_kind(gui):
         expected = {o.name for o in schema.options_for(tab.trainer) if not o.refused}
         assert set(tab.form.options) == expected, kind
         for name, (opt, widget) in tab.form.options.items():
-            if opt.choices and not opt.nargs:
+            if (opt.choices or opt.suggestions) and not opt.nargs:
                 assert isinstance(widget, gr.Dropdown), name
             elif opt.type is bool:
                 assert isinstance(widget, gr.Checkbox), name

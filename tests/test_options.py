@@ -19,12 +19,15 @@ def test_every_option_round_trips_through_argparse_and_toml(tmp_path):
         if opt.name in VALID_TEXT:
             argv += [opt.flag, VALID_TEXT[opt.name]]
             parser_values[opt.name] = VALID_TEXT[opt.name]
+        elif opt.name == "optimizer_type":  # checked: a known name, a torch.optim class or module.Class
+            argv += [opt.flag, "pytorch_optimizer.CAME"]
+            parser_values[opt.name] = "pytorch_optimizer.CAME"
         elif opt.type is bool:
             argv.append(opt.flag)
             parser_values[opt.name] = True
-        elif opt.nargs and opt.type is not str:  # a list of numbers (base_weights_multiplier)
-            argv += [opt.flag, "0.5", "2"]
-            parser_values[opt.name] = [opt.type("0.5"), opt.type("2")]
+        elif opt.nargs and opt.type is not str:  # a list of numbers (text_encoder_lr, base_weights_multiplier)
+            argv += [opt.flag, "0.5", "3"]
+            parser_values[opt.name] = [opt.type("0.5"), opt.type("3")]
         elif opt.nargs:
             argv += [opt.flag, "a=1", "b=2"]
             parser_values[opt.name] = ["a=1", "b=2"]

@@ -35,9 +35,6 @@ SAME_MEANING = {
                               "/ 512 dev (flux_* scripts' None)",
 }
 NOT_YET = {
-    # optimizers and schedules (in progress)
-    "lr_decay_steps", "lr_scheduler_args", "lr_scheduler_min_lr_ratio", "lr_scheduler_timescale",
-    "lr_scheduler_type", "use_lion_optimizer",
     # validation, save and resume (in progress)
     "initial_epoch", "initial_step", "max_validation_steps", "save_last_n_epochs_state",
     "save_last_n_steps_state", "save_n_epoch_ratio", "skip_until_initial_step", "validate_every_n_epochs",

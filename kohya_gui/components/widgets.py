@@ -1,8 +1,8 @@
 """One gradio widget per schema option, and the conversions between widget values and option values.
 
-The kind of widget follows from the option alone: Dropdown for choices, Checkbox for bool, Number for int/float,
-Textbox for strings, paths (typed: the server never opens file dialogs) and lists (`nargs`, space separated, quotes
-allowed). Nothing here lists options by name.
+The kind of widget follows from the option alone: Dropdown for choices (one that also takes typed values for
+suggestions), Checkbox for bool, Number for int/float, Textbox for strings, paths (typed: the server never opens file
+dialogs) and lists (`nargs`, space separated, quotes allowed). Nothing here lists options by name.
 
 A number option without a default ("not set" means the trainer decides) is a Textbox that parses a number: gradio's
 Number cannot be empty (it shows and sends 0), and 0 is a real value for e.g. seed.
@@ -39,8 +39,11 @@ def make_widget(opt: Option, value: Any, elem_prefix: str, visible: bool = True)
         return gr.Dropdown(choices=choices, **common)
     if opt.type is bool:
         return gr.Checkbox(**common)
+    if opt.suggestions and not opt.nargs:  # known values offered, any other typed in
+        return gr.Dropdown(choices=[str(c) for c in opt.suggestions], allow_custom_value=True, **common)
     if opt.nargs:
-        return gr.Textbox(placeholder="key=value key=value ...", **common)
+        hint = "numbers separated by spaces" if opt.type in (int, float) else "key=value key=value ..."
+        return gr.Textbox(placeholder=hint, **common)
     if opt.secret:  # masked; never saved to presets or job files (kohya_gui/secrets.py)
         return gr.Textbox(type="password", placeholder=f"or set {opt.env} in the environment" if opt.env else "",
                           **common)

@@ -80,9 +80,12 @@ class LoRANetwork(nn.Module):
         te_loras: list[LoRAModule] = []
         if train_text_encoder or from_file:
             enabled = list(te_enabled) if te_enabled is not None else [True] * len(text_encoders)
-            for te, prefix, on in zip(text_encoders, te_prefixes, enabled):
+            for index, (te, prefix, on) in enumerate(zip(text_encoders, te_prefixes, enabled)):
                 if te is not None and (on or from_file):  # a missing encoder keeps the others' prefixes
-                    te_loras += self._create(text_encoder_targets(te, prefix, te_block_classes))
+                    created = self._create(text_encoder_targets(te, prefix, te_block_classes))
+                    for lora in created:
+                        lora.te_index = index  # which text_encoder_lr applies (one per encoder)
+                    te_loras += created
         unet_loras: list[LoRAModule] = []
         if unet is not None and (train_unet or from_file):
             include_conv = from_file or self.conv_dim is not None or \
@@ -207,12 +210,13 @@ class LoRANetwork(nn.Module):
         self.loraplus_lr_ratio, self.loraplus_unet_lr_ratio = ratio, unet_ratio
         self.loraplus_text_encoder_lr_ratio = text_encoder_ratio
 
-    def prepare_optimizer_params(self, unet_lr: float | None, text_encoder_lr: float | None,
+    def prepare_optimizer_params(self, unet_lr: float | None, text_encoder_lr: float | Sequence[float] | None,
                                  default_lr: float) -> tuple[list[dict[str, Any]], list[str]]:
         """Parameter groups with their learning rates and names, as sd-scripts makes them: 'unet', 'textencoder';
         with block lr weights one U-Net group per block ('unet_block<N>', lr x the block's weight); with LoRA+ the
-        up weights in their own group ('<name> plus', lr x ratio). Empty groups and groups whose rate is 0 are left
-        out (their parameters are not trained)."""
+        up weights in their own group ('<name> plus', lr x ratio); `text_encoder_lr` may list one rate per text
+        encoder ('textencoder1', ... when they differ). Empty groups and groups whose rate is 0 are left out (their
+        parameters are not trained)."""
         groups: list[dict[str, Any]] = []
         names: list[str] = []
 
@@ -246,9 +250,19 @@ class LoRANetwork(nn.Module):
                     inside = 0 <= block < len(self.block_lr_weight)
                     add(by_block[block], lr * (self.block_lr_weight[block] if inside else 1.0),
                         f"unet_block{block}" if inside else "unet", ratio)
-        if self.text_encoder_loras:
-            add(self.text_encoder_loras, default_lr if text_encoder_lr is None else text_encoder_lr, "textencoder",
-                self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio)
+        if self.text_encoder_loras:  # one rate per text encoder (the last repeating), as sd-scripts' lists
+            rates = list(text_encoder_lr) if isinstance(text_encoder_lr, (list, tuple)) else [text_encoder_lr]
+            rates = [default_lr if r is None else r for r in rates] or [default_lr]
+            ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+            by_encoder: dict[int, list[LoRAModule]] = {}
+            for lora in self.text_encoder_loras:
+                by_encoder.setdefault(getattr(lora, "te_index", 0), []).append(lora)
+            rate_of = {i: rates[min(i, len(rates) - 1)] for i in by_encoder}
+            if len(set(rate_of.values())) == 1:
+                add(self.text_encoder_loras, next(iter(rate_of.values())), "textencoder", ratio)
+            else:  # encoders with different rates: 'textencoder1', 'textencoder2', ...
+                for i in sorted(by_encoder):
+                    add(by_encoder[i], rate_of[i], f"textencoder{i + 1}", ratio)
         return groups, names
 
     # ---- max-norm regularisation (scale_weight_norms)

@@ -6,6 +6,9 @@ few gradients are alive at once. The same idea as sd-scripts' `--fused_backward_
 "optimizer step in backward" recipe, but it works with any optimizer that updates parameters independently (AdamW,
 AdamW8bit): the wrapped optimizer is stepped with a parameter group holding only that parameter, so there is still a
 single optimizer, one state dict for save_state/resume, and learning-rate schedules act on its groups as usual.
+sd-scripts allows only Adafactor here; ours takes every optimizer whose registry row says `per_parameter` (AdamW,
+Adafactor, Lion, SGDNesterov and the bitsandbytes ones) and refuses the rest before the model loads
+(training/optim: D-Adaptation, Prodigy and schedule-free optimizers share values across parameters).
 
 Consequences, checked by `check_fused_backward_options`:
 - no gradient accumulation (a gradient would have to outlive its backward pass);

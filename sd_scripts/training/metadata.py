@@ -155,7 +155,10 @@ def build_training_metadata(args: argparse.Namespace, *, family: str, v_predicti
     """
     meta = option_metadata(args)
     optimizer_args = getattr(args, "optimizer_args", None)
-    optimizer = str(getattr(args, "optimizer_type", None))
+    from .optim.registry import resolve_optimizer_type  # torch-free
+
+    optimizer = resolve_optimizer_type(getattr(args, "optimizer_type", None), getattr(args, "use_8bit_adam", False),
+                                       getattr(args, "use_lion_optimizer", False))
     tag_frequency = _summary_value(dataset_summary, "tag_frequency", {}) or {}
     tag_frequency = {d: {str(t).lower(): int(n) for t, n in tags.items()} for d, tags in tag_frequency.items()}
     meta.update({

@@ -125,11 +125,15 @@ class NetworkMethod(TrainingMethod):
 
     @property
     def trains_text_encoder(self) -> bool:
-        return not self.args.network_train_unet_only and self._te_lr() != 0
+        return not self.args.network_train_unet_only and any(lr != 0 for lr in self._te_lrs())
 
-    def _te_lr(self) -> float:
+    def _te_lrs(self) -> list[float]:
+        """text_encoder_lr: one rate per text encoder (a single value, or none: learning_rate, for all)."""
         a = self.args
-        return a.text_encoder_lr if a.text_encoder_lr is not None else a.learning_rate
+        given = a.text_encoder_lr
+        if given is None or (isinstance(given, (list, tuple)) and not given):
+            return [a.learning_rate]
+        return list(given) if isinstance(given, (list, tuple)) else [given]
 
     def prepare_model(self, bundle, *, family: str) -> None:
         """base_weights: each LoRA file merged into the base weights (W += up @ down x alpha / rank x its
@@ -175,7 +179,7 @@ class NetworkMethod(TrainingMethod):
             self.warn(f"option 'scale_weight_norms' is ignored: {type(net).__name__} has no max-norm regularisation")
             a.scale_weight_norms = None
         unet_lr = a.unet_lr if a.unet_lr is not None else a.learning_rate
-        te_lr = self._te_lr() if train_te else None
+        te_lr = self._te_lrs() if train_te else None
         groups, names = net.prepare_optimizer_params(unet_lr if train_unet else None, te_lr, a.learning_rate)
         return groups, names
 

@@ -23,6 +23,13 @@ class RunOutputs:
         a = self.args
         if not a.sample_prompts:
             return
+        from .optim import eval_weights
+
+        with eval_weights(getattr(self, "optimizer", None)):  # a schedule-free optimizer's averaged weights
+            self._sample_images(epoch)
+
+    def _sample_images(self, epoch: int | None) -> None:
+        a = self.args
         if self.is_main:
             from .sampling import generate_samples, parse_prompt_file
 
@@ -39,6 +46,14 @@ class RunOutputs:
         self.accelerator.wait_for_everyone()
 
     def save_model(self, *, epoch: int | None = None, step: int | None = None, final: bool = False) -> None:
+        """The model file (and state folder): with a schedule-free optimizer, its averaged (eval) weights, and the
+        state in eval mode as sd-scripts saves it (resume switches back to train mode)."""
+        from .optim import eval_weights
+
+        with eval_weights(getattr(self, "optimizer", None)):
+            self._save_model(epoch=epoch, step=step, final=final)
+
+    def _save_model(self, *, epoch: int | None, step: int | None, final: bool) -> None:
         from .saving import model_file_name, prune_old_saves, state_dir_name
 
         a = self.args

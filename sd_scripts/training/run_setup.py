@@ -65,11 +65,19 @@ class RunSetup:
         from .metadata import check_metadata_options
 
         self.option_warnings = trackers.check_options(a) + hub.check_options(a) + check_metadata_options(a)
+        self._check_optimizer()
         if a.output_name is None:
             a.output_name = "last"
         if (a.color_aug or a.random_crop) and a.cache_latents:
             raise OptionError("options 'cache_latents' and 'color_aug'/'random_crop' exclude each other: latents of "
                               "augmented images change every epoch; turn one of them off")
+
+    def _check_optimizer(self) -> None:
+        """Before any weights are read: the optimizer and schedule exist, their libraries run on this machine and
+        their arguments are accepted (training/optim)."""
+        from .optim import check_optimizer_options
+
+        check_optimizer_options(self.args)
 
     def _check_family(self) -> None:
         """Before any heavy work: the model's family (read torch-free from the file's header or the folder's
@@ -262,18 +270,23 @@ class RunSetup:
             log.info("released the %s: not needed for the rest of the run", " and ".join(freed))
 
     def create_optimizer(self) -> None:
-        from .optim import create_optimizer
+        from .optim import create_optimizer, is_schedule_free, resolve_optimizer_type
 
         a = self.args
-        opt_type = "AdamW8bit" if a.use_8bit_adam else a.optimizer_type
-        self.optimizer = create_optimizer(opt_type, a.optimizer_args, self.param_groups, a.learning_rate)
+        opt_type = resolve_optimizer_type(a.optimizer_type, a.use_8bit_adam, a.use_lion_optimizer)
+        self.optimizer = create_optimizer(opt_type, a.optimizer_args, self.param_groups, a.learning_rate,
+                                          warn=self.warn)
+        if is_schedule_free(self.optimizer) and (a.lr_scheduler != "constant" or a.lr_warmup_steps
+                                                 or a.lr_scheduler_type):
+            self.warn(f"{opt_type} is schedule-free: lr_scheduler, lr_warmup_steps and lr_scheduler_type are not "
+                      f"used (as in sd-scripts); warm up with optimizer_args warmup_steps=N")
         from .fused_backward import FusedBackwardOptimizer, fused_backward_wanted
 
         if fused_backward_wanted(a):  # steps each parameter inside backward; step() is a no-op
             self.optimizer = FusedBackwardOptimizer(self.optimizer, max_grad_norm=a.max_grad_norm)
 
     def prepare(self) -> None:
-        from .optim import create_lr_scheduler
+        from .optim import scheduler_from_args
 
         a = self.args
         workers = 0 if a.cache_latents else min(a.max_data_loader_n_workers, os.cpu_count() or 1)
@@ -287,9 +300,7 @@ class RunSetup:
         broadcast_parameters(self.trained_params)
         self.optimizer, self.loader = self.accelerator.prepare(self.optimizer, loader)
         self.plan = self._plan(len(self.loader))
-        self.lr_scheduler = create_lr_scheduler(
-            a.lr_scheduler, self.optimizer, num_training_steps=self.plan.total_steps,
-            num_warmup_steps=a.lr_warmup_steps, num_cycles=a.lr_scheduler_num_cycles, power=a.lr_scheduler_power)
+        self.lr_scheduler = scheduler_from_args(a, self.optimizer, self.plan.total_steps)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         # The trained weights live outside accelerate.prepare: register them so save_state/resume keep them.
         self.accelerator.register_for_checkpointing(self.module)
@@ -321,6 +332,9 @@ class RunSetup:
             raise UserError(f"resume folder {a.resume!r} has no train_state.json: give a '<name>-state' folder "
                             "written with save_state")
         self.accelerator.load_state(resume_dir)
+        from .optim import set_train_mode
+
+        set_train_mode(self.optimizer)  # a schedule-free optimizer's state was saved with the averaged weights
         with open(state_file, encoding="utf-8") as f:
             state = json.load(f)
         self.global_step = int(state["current_step"])
