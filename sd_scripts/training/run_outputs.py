@@ -37,8 +37,25 @@ class RunOutputs:
                                prompts=[p.prompt for p in prompts])
         self.accelerator.wait_for_everyone()
 
+    def validate(self, kind: str) -> float:
+        """The validation loss now (kind 'step' or 'epoch'): a `validation` event, and sd-scripts' TensorBoard tags
+        loss/validation/{kind}_average and {kind}_divergence (validation minus the recent training loss; epoch tags
+        at step = epoch, as sd-scripts logs them)."""
+        loss = self.validation.loss_at(self.global_step, self.batch_loss, self.module, self.accelerator)
+        recent = sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None
+        divergence = loss - recent if recent is not None else None
+        log.info("validation loss %.6g (%s %d)", loss, kind, self.global_step if kind == "step" else self.epoch)
+        self.events.validation(kind=kind, step=self.global_step, epoch=self.epoch, loss=loss, divergence=divergence,
+                               batches=self.validation.num_batches, timesteps=self.validation.timesteps)
+        if self.args.logging_dir:
+            scalars = {f"loss/validation/{kind}_average": loss}
+            if divergence is not None:
+                scalars[f"loss/validation/{kind}_divergence"] = divergence
+            self.accelerator.log(scalars, step=self.global_step if kind == "step" else self.epoch)
+        return loss
+
     def save_model(self, *, epoch: int | None = None, step: int | None = None, final: bool = False) -> None:
-        from .saving import model_file_name, prune_old_saves, state_dir_name
+        from .saving import atomic_write, model_file_name, prune_old_saves, state_dir_name
 
         a = self.args
         ext = self.method.file_extension()
@@ -52,15 +69,21 @@ class RunOutputs:
             self.events.emit("save", path=path, kind=kind, step=self.global_step, epoch=self.epoch)
             log.info("saved %s", path)
             prune_old_saves(a.output_dir, a.output_name, ext, keep_last_n_epochs=a.save_last_n_epochs,
-                            current_epoch=epoch, keep_last_n_steps=a.save_last_n_steps, current_step=step)
+                            current_epoch=epoch, keep_last_n_steps=a.save_last_n_steps, current_step=step,
+                            include_states=False)
         if a.save_state or (final and a.save_state_on_train_end):
             state_dir = os.path.join(a.output_dir, state_dir_name(a.output_name, epoch=None if final else epoch,
                                                                   step=None if final else step))
             self.accelerator.save_state(state_dir)
             if self.is_main:
-                with open(os.path.join(state_dir, "train_state.json"), "w", encoding="utf-8") as f:
-                    json.dump({"current_epoch": self.epoch, "current_step": self.global_step}, f)
+                state = {"current_epoch": self.epoch, "current_step": self.global_step}
+                atomic_write(os.path.join(state_dir, "train_state.json"), lambda temp: _write_json(temp, state))
                 self.events.emit("save", path=state_dir, kind="state", step=self.global_step, epoch=self.epoch)
+                # state folders: their own counts, else the models' (sd-scripts' save_last_n_*_state)
+                prune_old_saves(a.output_dir, a.output_name, ext, include_models=False,
+                                keep_last_n_epochs=a.save_last_n_epochs_state or a.save_last_n_epochs,
+                                current_epoch=epoch, current_step=step,
+                                keep_last_n_steps=a.save_last_n_steps_state or a.save_last_n_steps)
         self.accelerator.wait_for_everyone()
 
     def metadata(self) -> dict[str, str]:
@@ -98,3 +121,6 @@ class RunOutputs:
         self.events.warning(message, hint=hint)
 
 
+def _write_json(path: str, data: dict) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)

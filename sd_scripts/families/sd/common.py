@@ -44,8 +44,12 @@ class UNetFamily(Family):
                                             min_snr_gamma=option("min_snr_gamma"))
         return self._objective
 
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
-        return self.objective.noised(latents, generator)
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None,
+               timesteps: torch.Tensor | None = None) -> NoisedLatents:
+        return self.objective.noised(latents, generator, timesteps)
+
+    def timestep_range(self) -> tuple[int, int]:
+        return self.objective.timestep_range()
 
     # ---- sampling
     def scheduler(self, sampler: str | None) -> Any:

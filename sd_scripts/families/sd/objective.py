@@ -36,11 +36,20 @@ class DDPMObjective:
     def prediction_type(self) -> str:
         return "v_prediction" if self.v_prediction else "epsilon"
 
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
+    def timestep_range(self) -> tuple[int, int]:
+        """[min_timestep or 0, max_timestep or the schedule's length): where training timesteps come from."""
+        low = 0 if self.min_timestep is None else int(self.min_timestep)
+        return low, len(self.alphas_cumprod) if self.max_timestep is None else int(self.max_timestep)
+
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None,
+               timesteps: torch.Tensor | None = None) -> NoisedLatents:
         ac = self.alphas_cumprod
         noise = noise_math.make_noise(latents, self.noise_offset, generator=generator)
-        timesteps = noise_math.sample_timesteps(latents.shape[0], len(ac), self.min_timestep, self.max_timestep,
-                                                generator=generator, device=latents.device)
+        if timesteps is None:
+            timesteps = noise_math.sample_timesteps(latents.shape[0], len(ac), self.min_timestep, self.max_timestep,
+                                                    generator=generator, device=latents.device)
+        else:  # given (validation): fixed timesteps
+            timesteps = timesteps.to(device=latents.device, dtype=torch.long)
         noisy = noise_math.add_noise(ac, latents, noise, timesteps)
         target = noise_math.training_target(self.prediction_type, latents, noise, timesteps, ac)
         weights = None
