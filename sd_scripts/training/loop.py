@@ -109,6 +109,10 @@ class Trainer(RunSetup, RunOutputs):
         if self.resume_skip_batches:  # resumed mid-epoch: continue with the batch after the saved step's
             loader = self.accelerator.skip_first_batches(self.loader, self.resume_skip_batches)
             self.resume_skip_batches = 0
+        # When iterated, accelerate's loader passes the dataset its own count of epochs from 0 (overriding
+        # dataset.set_epoch above); a fresh loader from skip_first_batches would start that count again, so the
+        # count is set here: a resumed or skipping run then draws the batches of the straight run's epoch
+        loader.set_epoch(self.epoch - 1)
         for batch in loader:
             with self.accelerator.accumulate():
                 loss = self.training_step(batch)
