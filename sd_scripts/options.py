@@ -239,7 +239,7 @@ OPTIONS: tuple[Option, ...] = (
        advanced=True),
     # ---- validation (held-out images; dataset TOML keys validation_split / validation_seed win per dataset)
     _O("validation_split", float, 0.0, "Fraction of each dataset's training images held out for the validation "
-       "loss (0: no validation).", "dataset", trainers=NET, minimum=0, check=_below_one),
+       "loss (0: no validation).", "dataset", trainers=NET, minimum=0, maximum=1, check=_below_one),
     _O("validation_seed", int, None, "Seed of the validation split and of the validation noise (default: seed).",
        "dataset", trainers=NET, advanced=True),
     _O("validate_every_n_steps", int, None, "Also compute the validation loss every N steps (it is computed at the "
@@ -429,9 +429,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("save_state", bool, False, "Also save optimizer state folders to resume from.", "saving"),
     _O("save_state_on_train_end", bool, False, "Save the state folder at the end of training.", "saving"),
     _O("resume", str, None, "Resume from a saved state folder.", "saving", path="dir"),
-    _O("initial_epoch", int, None, "Start counting at this epoch (1 = the first). Without resume the learning-rate "
+    _O("initial_epoch", int, None, "Start counting at this epoch (1 is the first). Without resume the learning-rate "
        "schedule still starts at its beginning.", "saving", trainers=NET, minimum=1, check=_positive, advanced=True),
-    _O("initial_step", int, None, "Start counting at this step, all epochs included (0 = the first); overrides "
+    _O("initial_step", int, None, "Start counting at this step, all epochs included (0 is the first); overrides "
        "initial_epoch and the step of a resumed state. Without resume the learning-rate schedule still starts at its "
        "beginning.", "saving", trainers=NET, minimum=0, check=_non_negative, advanced=True),
     _O("skip_until_initial_step", bool, False, "Skip the batches before initial_step (or initial_epoch), so the run "
