@@ -309,3 +309,14 @@ def test_lora_conversion_command_writes_a_file_diffusers_loads(tiny, tmp_path):
     save_file({"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(4, 8),
                "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(8, 4)}, str(t5_only))
     assert main(["--lora", str(t5_only), "--model", tiny.diffusers_dir, "--out", str(tmp_path / "x.safetensors")]) == 1
+
+
+def test_given_timesteps_replace_the_drawn_ones(family):
+    """The validation loss's fixed timesteps: sigma = t / 1000, the noise still from the generator."""
+    latents = torch.randn(2, 16, 4, 4)
+    noised = family.noised(latents, torch.Generator().manual_seed(3), torch.tensor([200, 800]))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.2, 0.8]).reshape(2, 1, 1, 1)
+    assert torch.equal(noised.timesteps, torch.tensor([200.0, 800.0]))
+    torch.testing.assert_close(noised.noisy, (1 - sigma) * latents + sigma * noise)
+    assert family.timestep_range() == (0, 1000)
