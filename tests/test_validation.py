@@ -185,6 +185,12 @@ def test_a_run_with_validation_trains_exactly_like_one_without(tiny_sd1, images,
     a, b = lora(tmp_path / "plain" / "last.safetensors"), lora(tmp_path / "val" / "last.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "validation changed the training"
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in a.items() if "lora_up" in k)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "val" / "last.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_num_validation_images"], meta["ss_validation_split"], meta["ss_validate_every_n_steps"]) == \
+        ("2", "0.4", "1")
 
     found = [e for e in read_events(str(events)) if e["type"] == "validation"]
     assert [(e["kind"], e["step"], e["epoch"]) for e in found] == [("step", 1, 1), ("step", 2, 1), ("epoch", 2, 1)]

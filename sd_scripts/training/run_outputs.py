@@ -96,7 +96,10 @@ class RunOutputs:
                       step=self.global_step, started_at=self.started_at, finished_at=time.time(),
                       sd_model_name=os.path.basename(a.pretrained_model_name_or_path.rstrip("/\\")),
                       network_args=self.method.network_args_dict())
-        metadata = self.family.adjust_metadata(self.method.metadata(build_training_metadata(a, **kwargs)))
+        metadata = build_training_metadata(a, **kwargs)
+        if hasattr(a, "validation_split"):  # the trainers with validation options (sd-scripts' train_network)
+            metadata["ss_num_validation_images"] = str(len(self.validation.dataset.records) if self.validation else 0)
+        metadata = self.family.adjust_metadata(self.method.metadata(metadata))
         return minimal_metadata(metadata) if a.no_metadata else metadata
 
     def save_final(self, status: str) -> None:
