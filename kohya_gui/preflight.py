@@ -24,7 +24,7 @@ from sd_scripts import options as schema
 from sd_scripts.data.folders import scan_concept_folders  # the trainer's own folder rule
 from sd_scripts.data.images import list_images
 from sd_scripts.errors import DatasetError
-from sd_scripts.families import check_run, family_of_path, family_spec, guess_family
+from sd_scripts.families import check_run, family_of_path, family_spec, guess_family, variant_of_path
 from sd_scripts.training.plan import batches_per_process, plan_steps
 
 from .command import (KIND_TO_TRAINER, AccelerateSettings, CommandError, TRAINER_MODULES, normalize_values,
@@ -379,7 +379,8 @@ def _check_family_run(kind: str, trainer: str, family: str, values: dict[str, An
                                                      f"{' or '.join(kinds) or 'other'} tab, or choose another model"))
         return set()
     script = trainer_module(trainer, family).rsplit(".", 1)[-1]
-    problem = check_run(family, trainer=trainer, script=script, values=values, defaults=schema.defaults(trainer))
+    problem = check_run(family, trainer=trainer, script=script, values=values, defaults=schema.defaults(trainer),
+                        variant=variant_of_path(values.get("pretrained_model_name_or_path")))
     if not problem:
         return set()
     option = re.search(r"option '(\w+)'", problem)

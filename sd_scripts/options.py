@@ -123,6 +123,29 @@ def _resolution(value, _values):
     return None
 
 
+RESIZE_INTERPOLATIONS = ("lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area")
+
+
+def parse_face_crop_range(value: str | Sequence[float]) -> tuple[float, float]:
+    """'2.0,4.0' (or [2.0, 4.0]) -> (2.0, 4.0): two positive numbers, the first not above the second."""
+    parts = list(value) if isinstance(value, (list, tuple)) else [p for p in str(value).split(",") if p.strip()]
+    try:
+        low, high = (float(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected two numbers 'MIN,MAX' such as 2.0,4.0, got {value!r}") from None
+    if not 0 < low <= high:
+        raise ValueError(f"expected 0 < MIN <= MAX, got {value!r}")
+    return low, high
+
+
+def _face_crop_range(value, _values):
+    try:
+        parse_face_crop_range(value)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def parse_resolution(value: str | int | Sequence[int]) -> tuple[int, int]:
     """'512' -> (512, 512); '512,768' -> (512, 768) as (width, height)."""
     if isinstance(value, int):
@@ -143,6 +166,7 @@ NOT_TI = frozenset({"network", "db", "finetune"})
 FULL = frozenset({"db", "finetune"})
 FOLDER_TRAINERS = frozenset({"network", "db", "ti"})
 NET_FT = frozenset({"network", "finetune"})
+CAPTION_JSON = frozenset({"network", "finetune", "ti"})  # sd-scripts' trainers with in_json / dataset_repeats
 
 
 def _family_option_choices(option: str) -> tuple:
@@ -185,7 +209,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("train_data_dir", str, None, "Parent folder of the concept folders '<repeats>_<class tokens>'.", "folders",
        path="dir", trainers=FOLDER_TRAINERS | {"finetune"}, label="Image folder"),
     _O("reg_data_dir", str, None, "Parent folder of regularisation concept folders (same naming rule).", "folders",
-       path="dir", trainers=FOLDER_TRAINERS, label="Regularisation folder"),
+       path="dir", trainers=FOLDER_TRAINERS | {"finetune"}, label="Regularisation folder"),
     _O("dataset_config", str, None, "Dataset TOML ([general], [[datasets]], [[datasets.subsets]]).", "folders",
        path="file"),
     _O("output_dir", str, None, "Where models, samples and state are written.", "folders", path="out_dir"),
@@ -217,7 +241,25 @@ OPTIONS: tuple[Option, ...] = (
     _O("token_warmup_min", int, 1, "Tags used at the start of token warmup.", "caption", minimum=1, advanced=True),
     _O("token_warmup_step", float, 0, "Steps (or fraction of steps if < 1) until all tags are used.", "caption",
        minimum=0, advanced=True),
+    _O("weighted_captions", bool, False, "Captions use attention weights: (word) x1.1, [word] /1.1, (word:1.3); the "
+       "text encoder's output of each token is scaled by its weight. No commas inside the brackets when captions are "
+       "shuffled or dropped.", "caption", trainers=NOT_TI, family_specific=True),
     _O("flip_aug", bool, False, "Randomly mirror images horizontally.", "dataset"),
+    _O("face_crop_aug_range", str, None, "Face-centred crop augmentation (without enable_bucket): 'MIN,MAX' face "
+       "size range in units of the crop's short side, e.g. 2.0,4.0. Images are named '<name>_<cx>_<cy>_<w>_<h>' (the "
+       "face box in pixels).", "dataset", check=_face_crop_range, advanced=True),
+    _O("resize_interpolation", str, None, "Resampling filter when images are resized (default: area to shrink, "
+       "lanczos to enlarge).", "dataset", choices=(None, *RESIZE_INTERPOLATIONS), advanced=True),
+    _O("alpha_mask", bool, False, "Use each image's alpha channel as the loss mask: transparent pixels are not "
+       "trained.", "dataset"),
+    _O("masked_loss", bool, False, "Weight the loss by mask images (conditioning_data_dir; white: trained, black: "
+       "ignored).", "dataset", trainers=NOT_TI),
+    _O("conditioning_data_dir", str, None, "Folder of mask images for masked_loss, named like the training images "
+       "(a subfolder per concept folder, or all in one).", "folders", path="dir", trainers=NOT_TI),
+    _O("cache_info", bool, False, "Keep image sizes and captions in metadata_cache.json in each image folder "
+       "(faster start with many images).", "dataset", advanced=True),
+    _O("debug_dataset", bool, False, "List what the dataset yields (image, bucket, caption, crop) for one epoch "
+       "and exit without training.", "dataset", advanced=True),
     _O("color_aug", bool, False, "Random hue shifts (disables latent caching).", "dataset", advanced=True),
     _O("random_crop", bool, False, "Random instead of centred crop (disables latent caching).", "dataset",
        advanced=True),
@@ -300,6 +342,16 @@ OPTIONS: tuple[Option, ...] = (
     # ---- DreamBooth / fine-tuning
     _O("learning_rate_te", float, None, "Learning rate of the text encoder (default: learning_rate).", "optimizer",
        trainers=FULL, minimum=0),
+    *(_O(f"learning_rate_te{i}", float, None, f"Learning rate of text encoder {i} ({name}; default: "
+         "learning_rate_te, else learning_rate); 0 leaves it frozen.", "optimizer", trainers=FULL, minimum=0,
+         family_specific=True) for i, name in ((1, "CLIP-L"), (2, "CLIP-G"), (3, "T5-XXL"))),
+    _O("train_t5xxl", bool, False, "With train_text_encoder, train T5-XXL too (CLIP-L and CLIP-G otherwise).",
+       "training", trainers=frozenset({"finetune"}), family_specific=True),
+    _O("use_t5xxl_cache_only", bool, False, "Cache only T5-XXL's outputs while the CLIP encoders are trained.",
+       "training", trainers=frozenset({"finetune"}), family_specific=True, advanced=True),
+    _O("mem_eff_save", bool, False, "Save full models tensor by tensor (always done here: a save holds about one "
+       "tensor beyond the model; accepted for sd-scripts command lines).", "saving", trainers=frozenset({"finetune"}),
+       family_specific=True, advanced=True),
     _O("train_text_encoder", bool, False, "Also train the text encoder (fine-tune; DreamBooth trains it unless "
        "stop_text_encoder_training is 0).", "training", trainers=FULL),
     _O("stop_text_encoder_training", int, None, "Stop training the text encoder after this many steps.", "training",
@@ -308,10 +360,10 @@ OPTIONS: tuple[Option, ...] = (
        "folder holds this many.", "dataset", trainers=frozenset({"db"}), minimum=1),
     _O("class_prompt", str, None, "Prompt for generated class images (default: the folder's class tokens).",
        "dataset", trainers=frozenset({"db"})),
-    _O("in_json", str, None, "Metadata JSON with captions/tags per image (fine-tuning).", "folders",
-       trainers=frozenset({"finetune"}), path="file"),
-    _O("dataset_repeats", int, 1, "Repeat the fine-tuning dataset this many times per epoch.", "dataset",
-       trainers=frozenset({"finetune"}), minimum=1),
+    _O("in_json", str, None, "Metadata JSON with captions/tags per image (fine-tuning style dataset; images are "
+       "looked up in train_data_dir).", "folders", trainers=CAPTION_JSON, path="file"),
+    _O("dataset_repeats", int, 1, "Repeat the in_json dataset this many times per epoch.", "dataset",
+       trainers=CAPTION_JSON, minimum=1),
     _O("use_ema", bool, False, "Keep an exponential moving average of the trained weights and save it.", "training",
        trainers=FULL),
     _O("ema_decay", float, 0.9999, "EMA decay per optimizer step.", "training", trainers=FULL, minimum=0, maximum=1),

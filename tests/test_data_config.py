@@ -181,4 +181,5 @@ def test_fine_tune_metadata_file_and_cache_info(folders):
     ds = TrainDataset(configs, seed=0)
     assert [r.caption for r in ds.records] == ["a cat, red, fluffy"]
     cached = json.loads((folders / "a" / "metadata_cache.json").read_text(encoding="utf-8"))
-    assert cached["x.png"][:2] == [64, 64]
+    entry = cached[str(folders / "a" / "x.png")]  # sd-scripts' layout: {image path: {caption, resolution}}
+    assert entry["resolution"] == [64, 64] and entry["caption"] == "a cat, red, fluffy"

@@ -102,7 +102,7 @@ def test_batch_fields(tmp_path):
     assert batch["target_sizes_hw"] == [(32, 96)]
     assert batch["crop_top_lefts"] == [(0, 0)]
     assert torch.allclose(batch["network_multipliers"], torch.tensor([0.7]))
-    assert "alpha_masks" not in batch
+    assert "loss_masks" not in batch
 
 
 def test_flip_aug_mirrors_pixels_and_crop(tmp_path):
@@ -144,7 +144,7 @@ def test_alpha_mask_batches(tmp_path):
     subset = SubsetConfig(folder, alpha_mask=True)
     ds = TrainDataset([DatasetConfig(resolution=(64, 64), subsets=[subset])], seed=0)
     batch = ds[0]
-    assert batch["alpha_masks"].shape == (1, 64, 64) and float(batch["alpha_masks"].max()) == 0.0
+    assert batch["loss_masks"].shape == (1, 64, 64) and float(batch["loss_masks"].max()) == 0.0
 
 
 def test_validation_split_holds_out_images(tmp_path):

@@ -183,22 +183,19 @@ def test_wrong_script_and_options_are_refused(tmp_path, tiny_flux, tiny_sd1):
 
 def test_flux_full_fine_tune_with_fused_backward_saves_bfl_file(tmp_path, tiny_flux):
     from sd_scripts.families.flux.weights import load_transformer
-    from sd_scripts.tools.build_metadata import main as build_metadata_main
 
     root, flux, _, data = tiny_flux
-    images = tmp_path / "images"
-    images.mkdir()
+    images = tmp_path / "images" / "1_square"  # concept folders, as sd-scripts' flux_train reads them too
+    images.mkdir(parents=True)
     for i, colour in enumerate(((220, 40, 40), (40, 70, 220))):
         Image.new("RGB", (64, 64), colour).save(images / f"{i:02d}.png")
         (images / f"{i:02d}.caption").write_text(f"a square number {i}\n")
-    meta_json = tmp_path / "meta.json"
-    assert build_metadata_main(["--train_data_dir", str(images), "--out", str(meta_json)]) == 0
     out = tmp_path / "out"
-    _run("--pretrained_model_name_or_path", flux.single_file, *_parts(root), "--in_json", str(meta_json),
-         "--train_data_dir", str(images), "--output_dir", str(out), "--output_name", "ft", "--resolution", "64",
+    _run("--pretrained_model_name_or_path", flux.single_file, *_parts(root),
+         "--train_data_dir", str(images.parent), "--output_dir", str(out), "--output_name", "ft", "--resolution", "64",
          "--max_train_steps", "2", "--learning_rate", "1e-3", "--seed", "2", "--t5xxl_max_token_length", "32",
          "--save_precision", "float", "--max_data_loader_n_workers", "0",
-         "--fused_backward_pass", module="sd_scripts.flux_train")  # optimizer steps inside backward (24 GB path)
+         "--fused_backward_pass", "--mem_eff_save", module="sd_scripts.flux_train")  # 24 GB path: steps inside backward
     final = out / "ft.safetensors"
     tensors, meta = _tensors(final)
     assert "double_blocks.0.img_attn.qkv.weight" in tensors and "guidance_in.in_layer.weight" in tensors

@@ -112,6 +112,32 @@ def test_runs_accepted():
             defaults=DEFAULTS)
 
 
+def test_schnell_refuses_a_guidance_value_before_loading(tiny, tmp_path):
+    """FLUX.1-schnell (no guidance embedding) given dev's guidance setting: refused naming the option, torch-free
+    from the file's header (single file and diffusers folder), by the trainer before it loads anything."""
+    from sd_scripts.tools.tiny_model import build_tiny_model
+    from sd_scripts.training.loop import Trainer
+    from sd_scripts.training.methods import NetworkMethod
+
+    schnell = build_tiny_model(str(tmp_path / "schnell"), "flux", layout="both", model_type="flux_schnell")
+    assert probe_model(schnell.single_file).variant == "flux_schnell"
+    assert probe_model(schnell.diffusers_dir).variant == "flux_schnell"
+    assert probe_model(tiny[1].single_file).variant == "flux_dev"
+    values = dict(DEFAULTS, guidance_scale=1.0)
+    why = check_run("flux", trainer="network", script="flux_train_network", values=values, defaults=DEFAULTS,
+                    variant="flux_schnell", source="s.safetensors")
+    assert "option 'guidance_scale'" in why and "schnell has no guidance embedding" in why and "remove it" in why
+    assert check_run("flux", trainer="network", script="flux_train_network", values=values, defaults=DEFAULTS,
+                     variant="flux_dev") is None
+    assert check_run("flux", trainer="network", script="flux_train_network", values=dict(DEFAULTS),
+                     defaults=DEFAULTS, variant="flux_schnell") is None
+    args = parse_args("network", ["--pretrained_model_name_or_path", schnell.single_file, "--output_dir",
+                                  str(tmp_path / "out"), "--train_data_dir", str(tmp_path), "--guidance_scale", "1.0"])
+    args.trainer_kind, args.trainer_script = "network", "flux_train_network"
+    with pytest.raises(OptionError, match="guidance_scale"):
+        Trainer(args, NetworkMethod(args))._check_family()
+
+
 # ---------------------------------------------------------------- the step
 
 
@@ -260,6 +286,54 @@ def test_fused_save_load_round_trip(tiny, tmp_path, split):
         assert torch.allclose(_forward(bundle), want, atol=1e-5)
         other.unapply()
     assert torch.allclose(_forward(bundle), base)
+
+
+def test_per_layer_ranks_input_layers_and_block_selection(tiny, tmp_path, caplog):
+    """lora_flux's network_args: ranks per layer kind (0 leaves the kind out), in_dims adapts the input layers,
+    train_*_block_indices keep only those blocks, network_reg_dims wins over the rest; the file's modules (the
+    input layers too) load back into a network shaped from the file, and `verbose` logs each module."""
+    import logging
+
+    from safetensors.torch import load_file
+
+    from sd_scripts.errors import NetworkError
+    from sd_scripts.networks import lora
+
+    bundle = _load(tiny[0])
+    base = _forward(bundle)
+    args = ["img_attn_dim=2", "txt_mlp_dim=0", "single_mod_dim=6", "train_single_block_indices=1",
+            "in_dims=[3,0,0,5,2]", "network_reg_dims=double_blocks_1_img_mod=7", "verbose=True"]
+    with caplog.at_level(logging.INFO, logger="sd_scripts.train"):
+        net = _network(bundle, network_args=args)
+    ranks = {m.lora_name: m.rank for m in net.all_loras()}
+    assert ranks["lora_unet_double_blocks_0_img_attn_qkv"] == ranks["lora_unet_double_blocks_1_img_attn_proj"] == 2
+    assert ranks["lora_unet_double_blocks_0_txt_attn_qkv"] == ranks["lora_unet_double_blocks_0_img_mod_lin"] == 4
+    assert ranks["lora_unet_double_blocks_1_img_mod_lin"] == 7  # the regular expression wins
+    assert ranks["lora_unet_single_blocks_1_modulation_lin"] == 6
+    assert not any("txt_mlp" in n or "single_blocks_0_" in n for n in ranks)
+    # in_dims = [img, time, vector, guidance, txt]: time / vector (0) left out
+    assert (ranks["lora_unet_img_in"], ranks["lora_unet_guidance_in_in_layer"], ranks["lora_unet_txt_in"]) == (3, 5, 2)
+    assert not any("time_in" in n or "vector_in" in n for n in ranks)
+    assert "lora_unet_double_blocks_0_txt_mlp_0" in net.skipped
+    assert "lora_unet_img_in" in caplog.text and "left out (rank 0)" in caplog.text
+    _randomise(net, 7)
+    net.apply_to()
+    want = _forward(bundle)
+    net.unapply()
+    assert not torch.allclose(want, base)
+    path = str(tmp_path / "ranks.safetensors")
+    net.save_weights(path)
+    assert load_file(path)["lora_unet_img_in.lora_down.weight"].shape[0] == 3
+    again = lora.create_network_from_weights(path, unet=bundle.denoiser, text_encoders=bundle.text_encoders,
+                                             family="flux")
+    assert {m.lora_name: m.rank for m in again.all_loras()} == ranks
+    again.apply_to()
+    assert torch.allclose(_forward(bundle), want, atol=1e-5)
+    again.unapply()
+    with pytest.raises(NetworkError, match="train_double_block_indices='0-5'.*2 blocks"):
+        _network(bundle, network_args=["train_double_block_indices=0-5"])
+    with pytest.raises(NetworkError, match="in_dims.*5 ranks"):
+        _network(bundle, network_args=["in_dims=[1,2]"])
 
 
 def test_sd_scripts_shared_form_loads_into_split_network(tiny, tmp_path):

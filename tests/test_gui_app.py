@@ -40,6 +40,8 @@ def sample_value(opt: schema.Option, trainer: str):
     """A valid value that differs from the option's default."""
     if opt.name == "resolution":
         return "768,512"
+    if opt.name == "face_crop_aug_range":
+        return "2.0,4.0"
     if opt.type is bool:
         return True
     if opt.choices:

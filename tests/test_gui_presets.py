@@ -458,11 +458,11 @@ def test_kohya_ss_flux_fields_map_to_options_and_network_args(tmp_path):
     report: dict = {}
     values, unknown = presets.import_kohya_json(str(path), "lora", report=report)
     _accounted(str(path), "lora", report, values, unknown)
-    assert values["network_args"] == ["rank_dropout=0.1", "train_blocks=single", "split_qkv=true"]
+    assert sorted(values["network_args"]) == ["img_attn_dim=4", "rank_dropout=0.1", "split_qkv=true",
+                                              "train_blocks=single"]  # train_double_block_indices "all": default
     assert values["cache_text_encoder_outputs"] is True and "cache_text_encoder_outputs_to_disk" not in values
     assert values["model_type"] == "flux" and values["timestep_sampling"] == "shift"
-    assert any(u.startswith("img_attn_dim (not supported for FLUX.1: per-layer ranks") for u in unknown)
-    assert any(u.startswith("train_double_block_indices (not supported") for u in unknown)
+    assert not any(u.startswith(("img_attn_dim", "train_double_block_indices", "in_dims")) for u in unknown)
     # SD3 widget state: the hand-set one is named, the defaults are not noise
     assert any(u.startswith("sd3_clip_l_dropout_rate (a kohya_ss Stable Diffusion 3 / 3.5 field") for u in unknown)
     assert any(u.startswith("weighting_scheme (a kohya_ss Stable Diffusion 3 / 3.5 field") for u in unknown)

@@ -23,6 +23,9 @@ def test_every_option_round_trips_through_argparse_and_toml(tmp_path):
         elif opt.name == "resolution":
             argv += [opt.flag, "640,448"]
             parser_values[opt.name] = "640,448"
+        elif opt.name == "face_crop_aug_range":
+            argv += [opt.flag, "2.0,4.0"]
+            parser_values[opt.name] = "2.0,4.0"
         elif opt.type is str:
             argv += [opt.flag, "some value; $(x) `y`"]
             parser_values[opt.name] = "some value; $(x) `y`"

@@ -102,14 +102,20 @@ def test_sd3_fine_tune_saves_an_sai_single_file(tmp_path, tiny3):
         str(tmp_path / "meta.json"), "--train_data_dir", str(images), "--output_dir", str(out), "--output_name",
         "ft", "--resolution", "64", "--learning_rate", "1e-3", "--max_train_steps", "2", "--cache_latents",
         "--t5xxl_max_token_length", "16", "--training_shift", "3.0", "--save_precision", "fp16", "--seed", "1",
-        module="sd_scripts.sd3_train"))
+        "--train_text_encoder", "--learning_rate_te2", "0", module="sd_scripts.sd3_train"))
 
     final = out / "ft.safetensors"
     tensors, meta = _read(final)
     assert meta["modelspec.architecture"] == "stable-diffusion-3-medium"
     assert meta["ss_base_model_version"] == "medium" and meta["ss_training_shift"] == "3.0"
     assert any(k.startswith("first_stage_model.") for k in tensors)
-    assert not os.path.exists(out / "ft_clip_l.safetensors"), "frozen text encoders are not written again"
+    # train_text_encoder: CLIP-L trained and written beside the file; CLIP-G (learning_rate_te2 0) and T5-XXL
+    # (no train_t5xxl) frozen, so not written again
+    assert not os.path.exists(out / "ft_clip_g.safetensors") and not os.path.exists(out / "ft_t5xxl.safetensors")
+    clip_l, _ = _read(out / "ft_clip_l.safetensors")
+    clip_l_base, _ = _read(os.path.join(os.path.dirname(tiny3.single_file), "clip_l.safetensors"))
+    assert clip_l.keys() == clip_l_base.keys()
+    assert any(not torch.equal(clip_l[k].float(), clip_l_base[k].float()) for k in clip_l if "layers.0." in k)
     key = "model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"
     base, _ = _read(tiny3.single_file)
     assert tensors[key].dtype == torch.float16 and not torch.equal(tensors[key].float(), base[key].float())

@@ -100,6 +100,91 @@ def test_lora_names_follow_sd_scripts(tiny):
     assert not any(n.startswith("lora_te3_") for n in names)
 
 
+def test_lora_network_args_ranks_embedders_blocks_and_t5(tiny, tmp_path):
+    """lora_sd3's network_args: ranks per layer kind (0 leaves it out), emb_dims adapts the layers outside the joint
+    blocks (the 2x2 patch conv too), train_block_indices keeps those blocks, split_qkv, train_t5xxl; the file loads
+    back into a network shaped from it, and diffusers' transformer with the converted file equals ours."""
+    from diffusers import SD3Transformer2DModel
+    from safetensors.torch import load_file
+
+    from sd_scripts.families.sd3.lora_files import to_diffusers_lora
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.networks import lora
+
+    b = load_model(tiny.diffusers_dir)
+    args = ["x_attn_dim=2", "context_mlp_dim=0", "emb_dims=[3,2,2,0,4,5]", "train_block_indices=0,2",
+            "split_qkv=True", "train_t5xxl=True"]
+    net = lora.create_network(unet=b.denoiser, text_encoders=b.text_encoders, family="sd3", network_dim=4,
+                              network_alpha=2, network_args=args)
+    ranks = {m.lora_name: m.rank for m in net.all_loras()}
+    assert ranks["lora_unet_joint_blocks_0_x_block_attn_qkv"] == ranks["lora_unet_joint_blocks_2_x_block_attn_proj"] == 2
+    assert ranks["lora_unet_joint_blocks_0_context_block_attn_qkv"] == 4
+    assert not any("context_block_mlp" in n or "joint_blocks_1_" in n for n in ranks)
+    assert (ranks["lora_unet_context_embedder"], ranks["lora_unet_t_embedder_mlp_0"], ranks["lora_unet_x_embedder_proj"],
+            ranks["lora_unet_final_layer_adaLN_modulation_1"], ranks["lora_unet_final_layer_linear"]) == (3, 2, 2, 4, 5)
+    assert not any("y_embedder" in n for n in ranks)
+    assert any(n.startswith("lora_te3_") for n in ranks)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in net.all_loras():
+            m.lora_up.weight.normal_(std=0.05)
+    path = tmp_path / "ranks.safetensors"
+    net.save_weights(str(path))
+    tensors = load_file(str(path))
+    assert tensors["lora_unet_joint_blocks_0_x_block_attn_qkv.lora_down.weight"].shape[0] == 6  # split: 3 x 2
+    cfg = b.denoiser.config
+    inputs = dict(hidden_states=torch.randn(1, cfg.in_channels, 8, 8), timestep=torch.tensor([500.0]),
+                  encoder_hidden_states=torch.randn(1, 7, cfg.joint_attention_dim),
+                  pooled_projections=torch.randn(1, cfg.pooled_projection_dim))
+    with torch.no_grad():
+        plain = b.denoiser(**inputs).sample
+        net.apply_to()
+        ours = b.denoiser(**inputs).sample
+        net.unapply()
+        again = lora.create_network_from_weights(str(path), unet=b.denoiser, text_encoders=b.text_encoders,
+                                                 family="sd3")
+        assert {m.lora_name for m in again.all_loras()} == set(ranks)
+        again.apply_to()
+        torch.testing.assert_close(b.denoiser(**inputs).sample, ours, atol=1e-5, rtol=1e-4)
+        again.unapply()
+    assert (ours - plain).abs().max() > 1e-3
+    unet_only = {k: v for k, v in tensors.items() if k.startswith("lora_unet_")}
+    theirs_model = SD3Transformer2DModel.from_pretrained(tiny.diffusers_dir, subfolder="transformer",
+                                                         local_files_only=True)
+    theirs_model.load_lora_adapter(to_diffusers_lora(unet_only, transformer_config=cfg), prefix="transformer",
+                                   adapter_name="ours")
+    with torch.no_grad():
+        torch.testing.assert_close(theirs_model(**inputs).sample, ours, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("extra, want", [
+    ([], {"textencoder": 1e-3}),  # CLIP-L + CLIP-G at learning_rate, T5-XXL frozen
+    (["--learning_rate_te1", "2e-4", "--learning_rate_te3", "5e-5", "--train_t5xxl"],
+     {"textencoder1": 2e-4, "textencoder2": 1e-3, "textencoder3": 5e-5}),
+    (["--learning_rate_te", "3e-4", "--learning_rate_te1", "0"], {"textencoder": 3e-4}),  # CLIP-G only
+])
+def test_fine_tune_text_encoder_rates(tiny, tmp_path, extra, want):
+    """sd3_train's train_text_encoder with learning_rate_te1/2/3 and train_t5xxl: each trained encoder's group and
+    rate; frozen ones (rate 0, or T5-XXL without train_t5xxl) take no gradient and drop to the compute dtype."""
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.training.full_methods import FineTuneMethod
+
+    args = parse_args("finetune", ["--pretrained_model_name_or_path", tiny.single_file_with_text_encoders,
+                                   "--in_json", "m.json", "--output_dir", str(tmp_path), "--train_text_encoder",
+                                   "--learning_rate", "1e-3", "--mixed_precision", "bf16", *extra])
+    bundle = load_model(tiny.single_file_with_text_encoders)
+    groups, names = FineTuneMethod(args).build(bundle, family="sd3")
+    assert dict(zip(names[1:], (g["lr"] for g in groups[1:]))) == want
+    trained = [all(p.requires_grad for p in te.parameters()) for te in bundle.text_encoders]
+    in_groups = {id(p) for g in groups[1:] for p in g["params"]}
+    for te, on in zip(bundle.text_encoders, trained):
+        assert all((id(p) in in_groups) == on for p in te.parameters())
+        assert next(te.parameters()).dtype == (torch.float32 if on else torch.bfloat16)
+    assert trained[2] == ("--train_t5xxl" in extra)
+    why = _why("sd3", "sd3_train", "finetune", use_t5xxl_cache_only=True)
+    assert why and "use_t5xxl_cache_only" in why and "not implemented" in why
+
+
 def test_noised_follows_sd3_flow_matching(family):
     torch.manual_seed(0)
     latents = torch.randn(3, 16, 4, 4)

@@ -34,7 +34,7 @@ class FittedImage:
     original_size: Size  # (w, h) before any resize
     crop_ltrb: tuple[int, int, int, int]  # the real crop window in the resized image
     resized_size: Size  # (w, h) after the resize, before the crop
-    alpha: np.ndarray | None = None  # float32 [H, W] in 0..1 when asked for (ones without an alpha channel)
+    alpha: np.ndarray | None = None  # the loss mask, float32 [H, W] in 0..1, when asked for
 
 
 def make_buckets(resolution: Size, min_reso: int, max_reso: int, step: int) -> list[Size]:
@@ -107,22 +107,29 @@ def resample_filter(resize_interpolation: str | None, upscale: bool) -> int:
 
 def fit_to_bucket(image: Image.Image, bucket: Size, *, random_crop: bool, rng: random.Random | None,
                   resize_interpolation: str | None = None, resized_size: Size | None = None,
-                  with_alpha: bool = False) -> FittedImage:
-    """Scale `image` to cover `bucket` (or to `resized_size`, for bucket_no_upscale) and crop the overflow:
-    centred, or at a random offset with `random_crop`."""
+                  with_alpha: bool = False, mask: Image.Image | None = None,
+                  crop_left_top: tuple[int, int] | None = None) -> FittedImage:
+    """Scale `image` to cover `bucket` (or to `resized_size`, for bucket_no_upscale and face crops) and crop the
+    overflow: centred, at a random offset with `random_crop`, or at `crop_left_top` when given.
+
+    The loss mask (`FittedImage.alpha`) follows the same resize and crop: `mask` (a greyscale image of the image's
+    aspect ratio, e.g. a mask file), else with `with_alpha` the image's alpha channel (all ones without one)."""
     original = image.size
     target = tuple(resized_size) if resized_size else cover_size(original, bucket)
-    alpha_img = None
-    if with_alpha:
-        alpha_img = image.getchannel("A") if "A" in image.getbands() else Image.new("L", original, 255)
+    mask_img = mask
+    if mask_img is None and with_alpha:
+        mask_img = image.getchannel("A") if "A" in image.getbands() else Image.new("L", original, 255)
     rgb = image if image.mode == "RGB" else image.convert("RGB")
+    flt = resample_filter(resize_interpolation, target[0] * target[1] > original[0] * original[1])
     if target != original:
-        flt = resample_filter(resize_interpolation, target[0] * target[1] > original[0] * original[1])
         rgb = rgb.resize(target, flt)
-        if alpha_img is not None:
-            alpha_img = alpha_img.resize(target, flt)
+    if mask_img is not None and mask_img.size != target:
+        mask_img = mask_img.resize(target, resample_filter(resize_interpolation,
+                                                           target[0] * target[1] > mask_img.size[0] * mask_img.size[1]))
     over_w, over_h = target[0] - bucket[0], target[1] - bucket[1]
-    if random_crop:
+    if crop_left_top is not None:
+        left, top = crop_left_top
+    elif random_crop:
         rng = rng or random.Random()
         left, top = rng.randint(0, over_w), rng.randint(0, over_h)
     else:
@@ -130,6 +137,6 @@ def fit_to_bucket(image: Image.Image, bucket: Size, *, random_crop: bool, rng: r
     box = (left, top, left + bucket[0], top + bucket[1])
     pixels = np.array(rgb.crop(box), dtype=np.uint8)
     alpha = None
-    if alpha_img is not None:
-        alpha = np.array(alpha_img.crop(box), dtype=np.float32) / 255.0
+    if mask_img is not None:
+        alpha = np.array(mask_img.crop(box), dtype=np.float32) / 255.0
     return FittedImage(pixels=pixels, original_size=original, crop_ltrb=box, resized_size=target, alpha=alpha)

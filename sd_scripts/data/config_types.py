@@ -21,12 +21,18 @@ class SubsetConfig:
     flip_aug: bool = False
     color_aug: bool = False
     random_crop: bool = False
-    alpha_mask: bool = False
+    alpha_mask: bool = False  # the image's alpha channel is its loss mask
+    conditioning_data_dir: str | None = None  # mask images named like the images (masked_loss)
     face_crop_aug_range: tuple[float, float] | None = None
     cache_info: bool = False
     custom_attributes: dict[str, Any] = field(default_factory=dict)
     resize_interpolation: str | None = None
     metadata_file: str | None = None  # fine-tune JSON {image: {"caption"|"tags": ...}}
+
+    @property
+    def has_mask(self) -> bool:
+        """Its images come with a loss mask (alpha channel or mask image)."""
+        return self.alpha_mask or self.conditioning_data_dir is not None
 
     @property
     def fallback_caption(self) -> str:

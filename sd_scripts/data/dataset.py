@@ -26,8 +26,10 @@ from .batching import balance_reg_repeats, plan_batches, repeat_draws
 from .buckets import cover_size, fit_to_bucket, make_buckets, no_upscale_bucket, select_bucket
 from .captions import process_caption
 from .config_types import DatasetConfig, SubsetConfig
+from .face_crop import face_crop_placement, face_from_name
 from .images import load_image
-from .latent_cache import CacheKey, CachedLatents, load_cached, save_cached
+from .latent_cache import CacheKey, CachedLatents, load_cached, mask_source, save_cached
+from .masks import load_mask
 from .subset_images import SubsetImage, subset_images
 
 logger = logging.getLogger(__name__)
@@ -49,8 +51,9 @@ class ImageRecord:
     bucket: Size  # (w, h)
     latents: torch.Tensor | None = None  # [C, h, w] float32, unscaled
     latents_flipped: torch.Tensor | None = None
-    alpha_mask: torch.Tensor | None = None  # [H, W]
+    mask: torch.Tensor | None = None  # the cached loss mask [H, W] in 0..1 (alpha channel or mask image)
     cached_crop: tuple[int, int, int, int] | None = None
+    mask_path: str | None = None  # its mask image (conditioning_data_dir)
 
 
 @dataclass
@@ -162,7 +165,8 @@ class TrainDataset(Dataset):
         else:
             bucket = select_bucket(img.size, buckets or [ds.resolution])
             resized = cover_size(img.size, bucket)
-        self.records.append(ImageRecord(img.path, img.caption, d, subset_index, img.size, resized, bucket))
+        self.records.append(ImageRecord(img.path, img.caption, d, subset_index, img.size, resized, bucket,
+                                        mask_path=img.mask_path))
         return len(self.records) - 1
 
     def _bucket_counts(self) -> list[Counter]:
@@ -225,16 +229,17 @@ class TrainDataset(Dataset):
         rng = random.Random(f"{self.seed}:{epoch}:{index}")
         step, max_steps = self._step.value, self._max_steps.value
         use_latents = all(self.records[i].latents is not None for i in ids)
-        tensors, alphas, crops, captions = [], [], [], []
-        any_alpha = any(self.subsets[self.records[i].subset_index][1].alpha_mask for i in ids)
+        tensors, masks, crops, captions, flips = [], [], [], [], []
+        any_mask = any(self.subsets[self.records[i].subset_index][1].has_mask for i in ids)
         for i in ids:
             rec = self.records[i]
             subset = self.subsets[rec.subset_index][1]
             flip = subset.flip_aug and rng.random() < 0.5
-            tensor, alpha, crop = (self._cached_item(rec, flip) if use_latents else self._image_item(rec, subset, flip, rng))
+            tensor, mask, crop = (self._cached_item(rec, flip) if use_latents else self._image_item(rec, subset, flip, rng))
             tensors.append(tensor)
-            alphas.append(alpha if alpha is not None else torch.ones(rec.bucket[1], rec.bucket[0]))
-            crops.append((crop[1], crop[0]))
+            masks.append(mask if mask is not None else torch.ones(rec.bucket[1], rec.bucket[0]))
+            crops.append(crop)
+            flips.append(flip)
             captions.append(process_caption(rec.caption, subset.caption, rng, epoch, step, max_steps))
         records = [self.records[i] for i in ids]
         batch = {
@@ -243,35 +248,51 @@ class TrainDataset(Dataset):
             "loss_weights": torch.tensor([self.prior_loss_weight if self.subsets[r.subset_index][1].is_reg else 1.0
                                           for r in records], dtype=torch.float32),
             "original_sizes_hw": [(r.original_size[1], r.original_size[0]) for r in records],
-            "crop_top_lefts": crops,
+            "crop_top_lefts": [(c[1], c[0]) for c in crops],
+            "crops_ltrb": crops,  # the real crop window in the resized image (debug_dataset lists it)
+            "flipped": flips,
             "target_sizes_hw": [(r.bucket[1], r.bucket[0]) for r in records],
             "network_multipliers": torch.tensor([self.configs[r.dataset_index].network_multiplier for r in records],
                                                 dtype=torch.float32),
             "image_paths": [r.path for r in records],
         }
-        if any_alpha:
-            batch["alpha_masks"] = torch.stack(alphas)
+        if any_mask:  # [B, H, W] in 0..1: the loss of each pixel is weighted by it (training/loss.py)
+            batch["loss_masks"] = torch.stack(masks)
         return batch
 
     def _cached_item(self, rec: ImageRecord, flip: bool):
         crop = rec.cached_crop
-        alpha = rec.alpha_mask
+        mask = rec.mask
         if flip:
             crop = flipped_crop(crop, rec.resized_size[0])
-            alpha = alpha.flip(-1) if alpha is not None else None
-            return rec.latents_flipped, alpha, crop
-        return rec.latents, alpha, crop
+            mask = mask.flip(-1) if mask is not None else None
+            return rec.latents_flipped, mask, crop
+        return rec.latents, mask, crop
 
     def _interpolation(self, rec: ImageRecord, subset: SubsetConfig) -> str | None:
         return subset.resize_interpolation or self.configs[rec.dataset_index].resize_interpolation
 
-    def _fit(self, rec: ImageRecord, subset: SubsetConfig, rng: random.Random | None, random_crop: bool):
-        return fit_to_bucket(load_image(rec.path), rec.bucket, random_crop=random_crop, rng=rng,
-                             resize_interpolation=self._interpolation(rec, subset), resized_size=rec.resized_size,
-                             with_alpha=subset.alpha_mask)
+    def _face_crop(self, rec: ImageRecord, subset: SubsetConfig):
+        """The face of a face_crop_aug_range image (its name holds the box), when that applies (no bucketing)."""
+        if subset.face_crop_aug_range is None or self.configs[rec.dataset_index].enable_bucket:
+            return None
+        return face_from_name(rec.path)
+
+    def _fit(self, rec: ImageRecord, subset: SubsetConfig, rng: random.Random | None, random_crop: bool,
+             face_crop: bool = False):
+        image = load_image(rec.path)
+        mask = load_mask(rec.mask_path, rec.path, image.size) if rec.mask_path else None
+        resized, crop_left_top = rec.resized_size, None
+        face = self._face_crop(rec, subset) if face_crop else None
+        if face is not None:
+            resized, crop_left_top = face_crop_placement(image.size, face, rec.bucket, subset.face_crop_aug_range,
+                                                         random_crop, rng or random.Random())
+        return fit_to_bucket(image, rec.bucket, random_crop=random_crop, rng=rng,
+                             resize_interpolation=self._interpolation(rec, subset), resized_size=resized,
+                             with_alpha=subset.alpha_mask, mask=mask, crop_left_top=crop_left_top)
 
     def _image_item(self, rec: ImageRecord, subset: SubsetConfig, flip: bool, rng: random.Random):
-        fitted = self._fit(rec, subset, rng, subset.random_crop)
+        fitted = self._fit(rec, subset, rng, subset.random_crop, face_crop=True)
         pixels, alpha, crop = fitted.pixels, fitted.alpha, fitted.crop_ltrb
         if subset.color_aug:
             pixels = hue_shift(pixels, rng)
@@ -291,12 +312,12 @@ class TrainDataset(Dataset):
         warned: set[int] = set()
         for rid, rec in enumerate(self.records):
             subset = self.subsets[rec.subset_index][1]
-            if subset.color_aug or subset.random_crop:
+            if subset.color_aug or subset.random_crop or self._face_crop(rec, subset) is not None:
                 report.skipped += 1
                 if rec.subset_index not in warned:
                     warned.add(rec.subset_index)
-                    logger.warning("latents of %s are not cached: color_aug and random_crop change the pixels on "
-                                   "every draw", subset.image_dir or subset.metadata_file)
+                    logger.warning("latents of %s are not cached: color_aug, random_crop and face_crop_aug_range "
+                                   "change the pixels on every draw", subset.image_dir or subset.metadata_file)
                 continue
             key = self._cache_key(rec, subset, vae_id)
             found = load_cached(rec.path, rec.original_size, key, suffix=npz_suffix,
@@ -324,7 +345,7 @@ class TrainDataset(Dataset):
         crop = (over_w // 2, over_h // 2, over_w // 2 + rec.bucket[0], over_h // 2 + rec.bucket[1])
         return CacheKey(vae_id=vae_id, bucket=rec.bucket, resized_size=rec.resized_size, crop_ltrb=crop,
                         interpolation=self._interpolation(rec, subset) or "default", need_flipped=subset.flip_aug,
-                        need_alpha=subset.alpha_mask)
+                        mask=mask_source(subset.alpha_mask, rec.mask_path))
 
     def _encode_chunk(self, chunk: list[ImageRecord], encode: Encode, flip: bool) -> list[CachedLatents]:
         fitted = [self._fit(rec, self.subsets[rec.subset_index][1], None, False) for rec in chunk]
@@ -336,7 +357,7 @@ class TrainDataset(Dataset):
                 flipped = encode(torch.stack([pixels_to_tensor(flip_horizontal(p)) for p in pixels]))
                 flipped = flipped.float().cpu().numpy()
         return [CachedLatents(latents=latents[i], original_size=f.original_size, crop_ltrb=f.crop_ltrb,
-                              latents_flipped=flipped[i] if flipped is not None else None, alpha_mask=f.alpha)
+                              latents_flipped=flipped[i] if flipped is not None else None, mask=f.alpha)
                 for i, f in enumerate(fitted)]
 
     @staticmethod
@@ -344,7 +365,7 @@ class TrainDataset(Dataset):
         rec.latents = torch.from_numpy(np.ascontiguousarray(cached.latents))
         rec.latents_flipped = (torch.from_numpy(np.ascontiguousarray(cached.latents_flipped))
                                if cached.latents_flipped is not None else None)
-        rec.alpha_mask = torch.from_numpy(cached.alpha_mask) if cached.alpha_mask is not None else None
+        rec.mask = torch.from_numpy(np.ascontiguousarray(cached.mask)) if cached.mask is not None else None
         rec.cached_crop = tuple(cached.crop_ltrb)
 
     # ---- summary
@@ -383,12 +404,14 @@ class TrainDataset(Dataset):
                         "img_count": len(self._subset_images.get(i, [])), "num_repeats": s.num_repeats,
                         "is_reg": s.is_reg, "class_tokens": s.class_tokens, "flip_aug": s.flip_aug,
                         "color_aug": s.color_aug, "random_crop": s.random_crop,
-                        "shuffle_caption": s.caption.shuffle, "keep_tokens": s.caption.keep_tokens}
+                        "shuffle_caption": s.caption.shuffle, "keep_tokens": s.caption.keep_tokens,
+                        "resize_interpolation": s.resize_interpolation, "alpha_mask": s.alpha_mask}
                        for i, (sd, s) in enumerate(self.subsets) if sd == d]
             out.append({"batch_size_per_device": ds.batch_size, "resolution": list(ds.resolution),
                         "enable_bucket": ds.enable_bucket, "min_bucket_reso": ds.min_bucket_reso,
                         "max_bucket_reso": ds.max_bucket_reso, "bucket_reso_steps": ds.bucket_reso_steps,
                         "bucket_no_upscale": ds.bucket_no_upscale,
                         "bucket_info": {f"{w}x{h}": n for (w, h), n in sorted(counts.items())},
+                        "resize_interpolation": ds.resize_interpolation,
                         "subsets": subsets})
         return out

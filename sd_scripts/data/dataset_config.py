@@ -44,8 +44,6 @@ class _Lookup:
         try:
             if from_cli and name == "resolution":
                 value = parse_resolution(value)
-            if from_cli and name == "face_crop_aug_range" and isinstance(value, str):
-                value = [float(v) for v in value.split(",")]
             return KEYS[name].parse(value)
         except ValueError as e:
             where = f"option --{KEYS[name].cli}" if from_cli else f"{self.source}: key '{name}'"
@@ -133,10 +131,15 @@ def _subset_from_toml(look: _Lookup, path: str, where: str) -> SubsetConfig:
         metadata_file = _resolve_path(metadata_file, path)
         if not os.path.isfile(metadata_file):
             raise DatasetError(f"{path}: metadata_file {metadata_file} of {where} does not exist: check the path")
+    mask_dir = look.get("conditioning_data_dir")
+    if mask_dir is not None:
+        mask_dir = _resolve_path(mask_dir, path)
+        if not os.path.isdir(mask_dir):
+            raise DatasetError(f"{path}: conditioning_data_dir {mask_dir} of {where} does not exist: check the path")
     base = SubsetConfig(image_dir=image_dir, num_repeats=look.get("num_repeats"),
                         class_tokens=look.get("class_tokens"), is_reg=look.get("is_reg"),
                         caption_extension=look.get("caption_extension"), alpha_mask=look.get("alpha_mask"),
-                        metadata_file=metadata_file)
+                        metadata_file=metadata_file, conditioning_data_dir=mask_dir)
     return _subset_options(base, look)
 
 
@@ -177,8 +180,27 @@ def _from_folders(args: argparse.Namespace) -> list[DatasetConfig]:
     reg_dir = getattr(args, "reg_data_dir", None)
     if reg_dir:
         bases += scan_concept_folders(reg_dir, is_reg=True, caption_extension=ext)
-    subsets = [replace(_subset_options(b, look), alpha_mask=bool(look.get("alpha_mask"))) for b in bases]
+    mask_dir = _cli_mask_dir(args)
+    subsets = [replace(_subset_options(b, look), alpha_mask=bool(look.get("alpha_mask")),
+                       conditioning_data_dir=_concept_mask_dir(mask_dir, b.image_dir) if mask_dir else None)
+               for b in bases]
     return [_dataset_options(look, subsets)]
+
+
+def _cli_mask_dir(args: argparse.Namespace) -> str | None:
+    mask_dir = getattr(args, "conditioning_data_dir", None)
+    if mask_dir is None:
+        return None
+    if not os.path.isdir(mask_dir):
+        raise DatasetError(f"conditioning_data_dir {mask_dir} does not exist or is not a folder: check the path")
+    return os.path.abspath(mask_dir)
+
+
+def _concept_mask_dir(mask_dir: str, image_dir: str) -> str:
+    """The masks of a concept folder: `<conditioning_data_dir>/<concept folder name>` when that folder exists, else
+    conditioning_data_dir itself (one folder of masks for every concept)."""
+    own = os.path.join(mask_dir, os.path.basename(os.path.normpath(image_dir)))
+    return own if os.path.isdir(own) else mask_dir
 
 
 def _from_metadata(args: argparse.Namespace) -> list[DatasetConfig]:
@@ -194,7 +216,8 @@ def _from_metadata(args: argparse.Namespace) -> list[DatasetConfig]:
     look = _Lookup("command line", [], args)
     base = SubsetConfig(image_dir=os.path.abspath(train_dir) if train_dir else None, metadata_file=in_json,
                         num_repeats=getattr(args, "dataset_repeats", None) or 1,
-                        caption_extension=look.get("caption_extension"))
+                        caption_extension=look.get("caption_extension"), alpha_mask=bool(look.get("alpha_mask")),
+                        conditioning_data_dir=_cli_mask_dir(args))
     return [_dataset_options(look, [_subset_options(base, look)])]
 
 
@@ -224,6 +247,9 @@ def check_dataset(ds: DatasetConfig, divisor: int, where: str) -> DatasetConfig:
             raise DatasetError(f"{where}: resize_interpolation {name!r} is not one of {sorted(INTERPOLATIONS)}")
     for s in ds.subsets:
         _check_subset(s, where)
+        if s.face_crop_aug_range is not None and ds.enable_bucket:
+            logger.warning("%s: face_crop_aug_range of %s is ignored with enable_bucket (as in sd-scripts): images "
+                           "are fitted to their buckets", where, s.image_dir or s.metadata_file)
     if ds.enable_bucket:
         ds = _adjust_to_steps(ds, where)
         w, h = ds.resolution
@@ -244,9 +270,9 @@ def _check_subset(s: SubsetConfig, where: str) -> None:
     for key, rate in (("caption_dropout_rate", c.dropout_rate), ("caption_tag_dropout_rate", c.tag_dropout_rate)):
         if not 0 <= rate <= 1:
             raise DatasetError(f"{where}: {key} {rate} of {name} must be between 0 and 1")
-    if s.face_crop_aug_range is not None:
-        raise DatasetError(f"{where}: face_crop_aug_range (set for {name}) is not supported by these trainers: "
-                           f"remove it")
+    if s.alpha_mask and s.conditioning_data_dir:
+        raise DatasetError(f"{where}: {name} sets both alpha_mask and conditioning_data_dir: a subset's loss mask "
+                           f"comes from one of them; remove the other")
 
 
 def load_datasets(args: argparse.Namespace, bucket_step_default: int) -> list[DatasetConfig]:
@@ -261,9 +287,34 @@ def load_datasets(args: argparse.Namespace, bucket_step_default: int) -> list[Da
         configs = _from_toml(config_path, args)
         where = [f"{config_path} [[datasets]] #{i}" for i in range(1, len(configs) + 1)]
     elif getattr(args, "in_json", None):
+        if getattr(args, "reg_data_dir", None):
+            logger.warning("in_json %s is used: reg_data_dir is ignored (a metadata JSON dataset has no "
+                           "regularisation images; use a dataset_config for both)", args.in_json)
         configs = _from_metadata(args)
         where = [f"in_json {args.in_json}"]
     else:
         configs = _from_folders(args)
         where = ["command line"]
-    return [check_dataset(ds, bucket_step_default, w) for ds, w in zip(configs, where)]
+    if config_path and getattr(args, "conditioning_data_dir", None):
+        logger.warning("dataset_config %s is used; option conditioning_data_dir is ignored: set conditioning_data_dir "
+                       "in each [[datasets.subsets]] whose images have masks", config_path)
+    configs = [check_dataset(ds, bucket_step_default, w) for ds, w in zip(configs, where)]
+    _check_masks(configs, getattr(args, "masked_loss", None), config_path)
+    return configs
+
+
+def _check_masks(configs: list[DatasetConfig], masked_loss: bool | None, config_path: str | None) -> None:
+    """Mask images are for masked_loss, and masked_loss needs masks (sd-scripts would silently train unmasked).
+    `masked_loss` is None for a trainer without the option (textual inversion, as in sd-scripts)."""
+    subsets = [s for ds in configs for s in ds.subsets]
+    with_dir = [s for s in subsets if s.conditioning_data_dir]
+    if with_dir and masked_loss is None:
+        raise DatasetError(f"conditioning_data_dir {with_dir[0].conditioning_data_dir}: this trainer has no "
+                           f"masked_loss; use alpha_mask (the images' alpha channel) or remove conditioning_data_dir")
+    if with_dir and not masked_loss:
+        raise DatasetError(f"conditioning_data_dir {with_dir[0].conditioning_data_dir} holds loss masks, which are "
+                           f"used with masked_loss: add --masked_loss (or remove conditioning_data_dir)")
+    if masked_loss and not any(s.has_mask for s in subsets):
+        fix = ("set conditioning_data_dir (mask images) or alpha_mask in the subsets of " + config_path
+               if config_path else "give conditioning_data_dir (a folder of mask images) or alpha_mask")
+        raise DatasetError(f"option masked_loss has no masks to use: {fix}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..options import parse_resolution
+from ..options import parse_face_crop_range, parse_resolution
 
 
 def _int(v: Any) -> int:
@@ -42,9 +42,11 @@ def _resolution(v: Any) -> tuple[int, int]:
 
 
 def _float_pair(v: Any) -> tuple[float, float]:
-    if not isinstance(v, (list, tuple)) or len(v) != 2:
-        raise ValueError("expected two numbers such as [2.0, 4.0]")
-    return _float(v[0]), _float(v[1])
+    if isinstance(v, (list, tuple)):
+        if len(v) != 2:
+            raise ValueError("expected two numbers such as [2.0, 4.0]")
+        v = (_float(v[0]), _float(v[1]))
+    return parse_face_crop_range(v)
 
 
 def _table(v: Any) -> dict:
@@ -105,6 +107,7 @@ KEYS: dict[str, DatasetKey] = {k.name: k for k in (
     _K("image_dir", _str, None, "subset_only"),
     _K("is_reg", _bool, False, "subset_only"),
     _K("alpha_mask", _bool, False, "subset_only", "alpha_mask"),
+    _K("conditioning_data_dir", _str, None, "subset_only"),  # mask images (masked_loss), as sd-scripts' ControlNet subsets
     _K("metadata_file", _str, None, "subset_only"),
 )}
 

@@ -1,8 +1,10 @@
 """The on-disk latent cache: `<stem>_<WWWW>x<HHHH>_sd.npz` next to each image (FORMATS.md "Latent cache on disk").
 
 Besides the keys other tools read (latents, original_size, crop_ltrb, latents_flipped, alpha_mask), each file
-records what it was made from: the image (bytes, mtime and sha256), the VAE id and how the image was fitted to its
-bucket. A file is reused only when all of these still match; otherwise it is re-encoded and replaced.
+records what it was made from: the image (bytes, mtime and sha256), the VAE id, how the image was fitted to its
+bucket and where its loss mask came from (`mask_source`: the alpha channel, or a mask image with its bytes, mtime and
+sha256). A file is reused only when all of these still match; otherwise it is re-encoded and replaced. The loss mask
+is kept under sd-scripts' key `alpha_mask` ([H, W] in 0..1 at the bucket's pixel size) whatever its source.
 """
 from __future__ import annotations
 
@@ -29,7 +31,11 @@ class CacheKey:
     crop_ltrb: tuple[int, int, int, int]
     interpolation: str
     need_flipped: bool
-    need_alpha: bool
+    mask: str = ""  # where the loss mask comes from: "" (none), "alpha" or "file:<mask image path>"
+
+    @property
+    def need_mask(self) -> bool:
+        return bool(self.mask)
 
     @property
     def fit(self) -> str:
@@ -44,7 +50,14 @@ class CachedLatents:
     original_size: Size  # (w, h)
     crop_ltrb: tuple[int, int, int, int]
     latents_flipped: np.ndarray | None = None
-    alpha_mask: np.ndarray | None = None  # [H, W] in 0..1
+    mask: np.ndarray | None = None  # the loss mask [H, W] in 0..1 (file key `alpha_mask`)
+
+
+def mask_source(alpha_mask: bool, mask_path: str | None) -> str:
+    """CacheKey.mask of an image: its mask image, its alpha channel, or none."""
+    if mask_path:
+        return "file:" + os.path.abspath(mask_path)
+    return "alpha" if alpha_mask else ""
 
 
 def npz_path(image_path: str, original_size: Size, suffix: str = "_sd") -> str:
@@ -65,12 +78,24 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _image_unchanged(data, image_path: str) -> bool:
+def _file_unchanged(data, path: str, prefix: str = "image") -> bool:
     """Same size and mtime, or (after a copy or touch) the same content hash."""
-    stat = os.stat(image_path)
-    if int(data["image_bytes"]) == stat.st_size and int(data["image_mtime_ns"]) == stat.st_mtime_ns:
+    stat = os.stat(path)
+    size, mtime, sha = (f"{prefix}_bytes", f"{prefix}_mtime_ns", f"{prefix}_sha256")
+    if not {size, mtime, sha} <= set(data.files) or int(data[size]) != stat.st_size:
+        return False
+    return int(data[mtime]) == stat.st_mtime_ns or str(data[sha]) == file_sha256(path)
+
+
+def _mask_unchanged(data, key: CacheKey) -> bool:
+    if not key.need_mask:
         return True
-    return int(data["image_bytes"]) == stat.st_size and str(data["image_sha256"]) == file_sha256(image_path)
+    if "mask_source" not in data.files or str(data["mask_source"]) != key.mask:
+        return False
+    if key.mask.startswith("file:"):
+        path = key.mask[len("file:"):]
+        return os.path.isfile(path) and _file_unchanged(data, path, "mask")
+    return True
 
 
 def _from_npz(data, key: CacheKey) -> CachedLatents:
@@ -79,13 +104,13 @@ def _from_npz(data, key: CacheKey) -> CachedLatents:
         original_size=tuple(int(v) for v in data["original_size"]),
         crop_ltrb=tuple(int(v) for v in data["crop_ltrb"]) if "crop_ltrb" in data else key.crop_ltrb,
         latents_flipped=np.asarray(data["latents_flipped"], dtype=np.float32) if key.need_flipped else None,
-        alpha_mask=np.asarray(data["alpha_mask"], dtype=np.float32) if key.need_alpha else None)
+        mask=np.asarray(data["alpha_mask"], dtype=np.float32) if key.need_mask else None)
 
 
 def _has_needed_keys(data, key: CacheKey) -> bool:
     names = set(data.files)
     return ("latents" in names and (not key.need_flipped or "latents_flipped" in names)
-            and (not key.need_alpha or "alpha_mask" in names))
+            and (not key.need_mask or "alpha_mask" in names))
 
 
 def _latent_fits_bucket(latents: np.ndarray, bucket: Size) -> bool:
@@ -118,7 +143,7 @@ def _read(path: str, key: CacheKey, image_path: str, *, legacy_file: bool, skip_
                 return None
             if str(data["vae_id"]) != key.vae_id or str(data["fit"]) != key.fit:
                 return None
-            if not _image_unchanged(data, image_path):
+            if not _file_unchanged(data, image_path) or not _mask_unchanged(data, key):
                 return None
             return _from_npz(data, key)
     except (OSError, ValueError, KeyError, EOFError) as e:  # a truncated or foreign file is re-made
@@ -137,8 +162,15 @@ def save_cached(image_path: str, cached: CachedLatents, key: CacheKey, *, suffix
                   image_sha256=np.array(file_sha256(image_path)))
     if cached.latents_flipped is not None:
         arrays["latents_flipped"] = cached.latents_flipped.astype(np.float32)
-    if cached.alpha_mask is not None:
-        arrays["alpha_mask"] = cached.alpha_mask.astype(np.float32)
+    if cached.mask is not None:
+        arrays["alpha_mask"] = cached.mask.astype(np.float32)
+        arrays["mask_source"] = np.array(key.mask)
+        if key.mask.startswith("file:"):
+            mask_path = key.mask[len("file:"):]
+            mask_stat = os.stat(mask_path)
+            arrays.update(mask_bytes=np.array(mask_stat.st_size, dtype=np.int64),
+                          mask_mtime_ns=np.array(mask_stat.st_mtime_ns, dtype=np.int64),
+                          mask_sha256=np.array(file_sha256(mask_path)))
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
     try:

@@ -40,6 +40,7 @@ class Detected:
 
     family: str
     v_prediction: bool | None = None
+    variant: str | None = None  # where the files tell (e.g. FLUX.1 schnell): FamilySpec.variant_refused_options
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class ModelProbe:
     layout: str  # 'single_file' | 'diffusers'
     family: str | None
     v_prediction: bool | None
+    variant: str | None = None
 
 
 @lru_cache(maxsize=None)
@@ -105,14 +107,16 @@ def option_choices(option: str) -> tuple:
 
 
 def check_run(family: str, *, trainer: str | None, script: str | None, values: Mapping[str, object],
-              defaults: Mapping[str, object] | None = None, source: str = "the model") -> str | None:
+              defaults: Mapping[str, object] | None = None, source: str = "the model",
+              variant: str | None = None) -> str | None:
     """Why a run of `script` (trainer kind `trainer`) cannot train a model of `family` with these option values, as
     one line naming the script or option and the fix; None when it can. Torch-free (pre-flight uses it too).
 
     - a family-made script (flux_train_network, ...) given another family's model;
     - a generic script (train_network, ...) given a model whose family has its own script for that trainer;
     - a trainer the family does not support;
-    - an option the family refuses (FamilySpec.refused_options), or, for strict families, another family's option.
+    - an option the family refuses (FamilySpec.refused_options; those of the model's `variant` too, e.g. a
+      guidance value for FLUX.1-schnell), or, for strict families, another family's option.
     """
     spec = family_spec(family)
     if script and trainer:
@@ -137,6 +141,9 @@ def check_run(family: str, *, trainer: str | None, script: str | None, values: M
     for name, reason in spec.refused_options.items():
         if is_set(name):
             return f"option '{name}' cannot be used with {spec.label} models ({source}): {reason}; remove it"
+    for name, reason in spec.variant_refused_options.get(variant or "", {}).items():
+        if is_set(name):
+            return f"option '{name}' cannot be used with {source}: {reason}; remove it"
     if spec.strict_options:
         from ..options import OPTIONS
 
@@ -159,6 +166,16 @@ def family_of_path(path: str | None) -> str | None:
         return None
     try:
         return probe_model(path).family
+    except ModelLoadError:
+        return None
+
+
+def variant_of_path(path: str | None) -> str | None:
+    """The model variant a path's files tell (Detected.variant), torch-free; None when unknown."""
+    if not path:
+        return None
+    try:
+        return probe_model(path).variant
     except ModelLoadError:
         return None
 
@@ -307,7 +324,7 @@ def probe_model(path: str) -> ModelProbe:
         raise ModelLoadError(f"{path}: no such file or folder; check the model path")
     if os.path.isdir(path):
         found = detect_folder(path)
-        return ModelProbe("diffusers", found.family, found.v_prediction)
+        return ModelProbe("diffusers", found.family, found.v_prediction, found.variant)
     if not path.lower().endswith(".safetensors"):
         return ModelProbe("single_file", None, None)
     try:
@@ -316,4 +333,4 @@ def probe_model(path: str) -> ModelProbe:
         raise ModelLoadError(f"{path}: not a readable .safetensors file; download it again or pass the right "
                              f"file") from None
     found = detect_single_file(shapes, metadata, path)
-    return ModelProbe("single_file", found.family, found.v_prediction)
+    return ModelProbe("single_file", found.family, found.v_prediction, found.variant)

@@ -120,9 +120,19 @@ class Family:
         Optional keys (the shared defaults apply when absent): unet_block_classes / te_block_classes (class names
         of the blocks whose Linear/Conv layers are adapted), te_enabled (per text encoder, whether it gets LoRA
         modules), shared_down (fused file modules share one down projection). unet_name_map(path) may return
-        (file path, part index, part count) for layers the file fuses into one module (see networks/lora.py)."""
+        (file path, part index, part count) for layers the file fuses into one module (see networks/lora.py).
+        Per-layer ranks: module_rank(file name) -> rank (0 leaves the layer out) or None (the default rank),
+        unet_extra_name_map(path) names the layers outside the blocks that are adapted too (None for the others),
+        verbose (log every module). A file's modules outside the blocks load through unet_file_name_map(path)
+        (every layer the family's files may name)."""
         spec = family_spec(family)
         return {"unet_prefix": spec.lora_unet_prefix, "te_prefixes": spec.lora_te_prefixes, "unet_name_map": None}
+
+    @classmethod
+    def trainable_text_encoders(cls, args) -> tuple[bool, ...] | None:
+        """Which text encoders a full fine-tune with train_text_encoder may train (each still needs a non-zero
+        learning rate); None: all of them."""
+        return None
 
     # ---- memory features
     @classmethod

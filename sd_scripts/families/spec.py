@@ -54,6 +54,8 @@ class FamilySpec:
     trainer_scripts: Mapping[str, str] = field(default_factory=dict)
     # options every family has that this one cannot use -> the reason (refused when set)
     refused_options: Mapping[str, str] = field(default_factory=dict)
+    # variant (Detected.variant) -> option -> why a model of that variant cannot use it
+    variant_refused_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     # refuse family-specific options of other families (e.g. v_parameterization) instead of ignoring them
     strict_options: bool = True
     # option -> the values it takes for this family (the schema's choices are the union over the families)

@@ -79,14 +79,15 @@ def temp_path(path: str) -> str:
 def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str, metadata: Mapping[str, str] | None = None,
                             dtype: torch.dtype | None = None) -> str:
     """Write a deterministic .safetensors file (float tensors cast to `dtype` when given; metadata values as str,
-    'format': 'pt' unless set) through a temp file in the same folder and os.replace. Returns `path`."""
+    'format': 'pt' unless set) through a temp file in the same folder and os.replace. Returns `path`. Tensors are
+    converted and written one at a time (safetensors_writer.Deferred ones made just then), so the save needs about
+    one tensor's memory beyond the model's (what sd-scripts' `mem_eff_save` asks for, always)."""
     from .safetensors_writer import save_safetensors
 
-    out = cast_for_save(tensors, dtype)
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     tmp = temp_path(path)
     try:
-        save_safetensors(out, tmp, metadata=meta)
+        save_safetensors(tensors, tmp, metadata=meta, dtype=dtype)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:

@@ -12,6 +12,7 @@ in FORMATS.md ('LoRA file'); files made here load in diffusers, AUTOMATIC1111, C
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -49,7 +50,9 @@ class LoRANetwork(nn.Module):
                  te_prefixes: Sequence[str] = ("lora_te",), unet_name_map: Callable[[str], Any] | None = None,
                  modules_dim: dict[str, int] | None = None, modules_alpha: dict[str, float] | None = None,
                  unet_block_classes: Sequence[str] | None = None, te_block_classes: Sequence[str] | None = None,
-                 te_enabled: Sequence[bool] | None = None, shared_down: bool = True):
+                 te_enabled: Sequence[bool] | None = None, shared_down: bool = True,
+                 unet_extra_name_map: Callable[[str], Any] | None = None,
+                 module_rank: Callable[[str], int | None] | None = None, verbose: bool = False):
         super().__init__()
         self.shared_down = bool(shared_down) or modules_dim is not None  # a file's fused modules load as shared
         if len(te_prefixes) < len(text_encoders):
@@ -61,6 +64,8 @@ class LoRANetwork(nn.Module):
         self._module_options = dict(multiplier=self.multiplier, dropout=dropout, rank_dropout=rank_dropout,
                                     module_dropout=module_dropout)
         self._modules_dim, self._modules_alpha = modules_dim, modules_alpha or {}
+        self._module_rank = module_rank  # file name -> rank (0: leave the layer out) or None (the default rule)
+        self.skipped: list[str] = []  # layers a rank of 0 left out
         from_file = modules_dim is not None
 
         te_loras: list[LoRAModule] = []
@@ -73,7 +78,8 @@ class LoRANetwork(nn.Module):
         if unet is not None and (train_unet or from_file):
             include_conv = from_file or self.conv_dim is not None
             unet_loras = self._create(unet_targets(unet, unet_prefix, include_conv=include_conv,
-                                                   name_map=unet_name_map, block_classes=unet_block_classes))
+                                                   name_map=unet_name_map, block_classes=unet_block_classes,
+                                                   extra_name_map=unet_extra_name_map))
         # Registered under their file names, so state_dict() keys are exactly the file's keys (a part of a fused
         # file module under '<name>_part<i>'; lora_state_dict() gives the file's form).
         self.text_encoder_loras: list[LoRAModule] = te_loras
@@ -96,6 +102,12 @@ class LoRANetwork(nn.Module):
                     if other.rank != parts[0].rank or other.lora_down.weight.shape != parts[0].lora_down.weight.shape:
                         raise NetworkError(f"{name}: the parts of a fused module need one rank")
                     other.lora_down = parts[0].lora_down
+        if verbose:  # sd-scripts' `verbose` network arg: every module's rank and alpha, then the layers left out
+            log = logging.getLogger("sd_scripts.train")
+            for lora in te_loras + unet_loras:
+                log.info("  %-60s rank %d, alpha %g", lora.lora_name, lora.rank, float(lora.alpha))
+            for name in self.skipped:
+                log.info("  %-60s left out (rank 0)", name)
         if from_file:
             known = {m.lora_name for m in self.all_loras()}
             unknown = sorted(set(modules_dim) - known)
@@ -106,17 +118,24 @@ class LoRANetwork(nn.Module):
     def _create(self, targets: list[Target]) -> list[LoRAModule]:
         loras = []
         for target in targets:
+            override = None if self._modules_dim is not None or self._module_rank is None else \
+                self._module_rank(target.lora_name)
             if self._modules_dim is not None:
                 if target.lora_name not in self._modules_dim:
                     continue
                 rank = self._modules_dim[target.lora_name]
                 alpha = self._modules_alpha.get(target.lora_name)
+            elif override is not None:  # the family's per-layer rank (sd-scripts' *_dim / in_dims network_args)
+                rank, alpha = int(override), self.alpha
             elif target.is_conv_kxk:
                 if self.conv_dim is None:
                     continue
                 rank, alpha = self.conv_dim, self.conv_alpha
             else:
                 rank, alpha = self.dim, self.alpha
+            if rank == 0:
+                self.skipped.append(target.lora_name)
+                continue
             lora = LoRAModule(target.lora_name, target.module, rank=rank, alpha=alpha, **self._module_options)
             if target.part is not None:
                 lora.part = target.part
@@ -373,10 +392,12 @@ def create_network(*, unet: nn.Module | None, text_encoders: Sequence[nn.Module]
     own_keys = _family_class(family).LORA_NETWORK_ARGS
     extra = parse_network_args(network_args, own_keys)
     family_args = {k: extra.pop(k) for k in list(extra) if k in own_keys}
+    naming = family_naming(family, unet, family_args)
+    naming.pop("unet_file_name_map", None)  # for loading files only
     return LoRANetwork(unet, list(text_encoders), dim=4 if network_dim is None else network_dim,
                        alpha=1.0 if network_alpha is None else network_alpha, dropout=network_dropout,
                        multiplier=multiplier, train_unet=train_unet, train_text_encoder=train_text_encoder,
-                       **extra, **family_naming(family, unet, family_args))
+                       **extra, **naming)
 
 
 def _dims_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int], dict[str, float]]:
@@ -406,6 +427,8 @@ def create_network_from_weights(path: str | os.PathLike, *, unet: nn.Module | No
     naming = family_naming(family, unet)
     naming.pop("te_enabled", None)  # the file says which text encoders have modules
     naming.pop("shared_down", None)  # a fused file module loads as one shared-down module (exact for both forms)
+    naming.pop("module_rank", None)  # the file says each module's rank
+    naming["unet_extra_name_map"] = naming.pop("unet_file_name_map", None) or naming.get("unet_extra_name_map")
     keep = [p for p, on in ((naming["unet_prefix"] + "_", train_unet), ("lora_te", train_text_encoder)) if on]
     dims = {n: d for n, d in dims.items() if n.startswith(tuple(keep))}
     if not dims:

@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from ..models.loading import load_model
+        from ..training.methods import compute_dtype
 
         if args.num_class_images < 1:
             raise UserError("--num_class_images must be 1 or more")
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"nothing to do: every folder holds {args.num_class_images} or more images")
             return 0
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+        dtype = compute_dtype(args.mixed_precision)
         bundle = load_model(args.pretrained_model_name_or_path, vae=args.vae)
         for part in (bundle.denoiser, *bundle.text_encoders, bundle.vae):
             part.to(device)

@@ -8,8 +8,9 @@ projection), trained, frozen, cast and saved together; DreamBooth class images c
 
 - Trained weights stay float32 under mixed precision (autocast computes in fp16/bf16); `full_bf16` keeps them in
   bf16. Frozen parts (VAE, a text encoder that is not trained) use the compute dtype.
-- Learning rates: `learning_rate` for the U-Net, `learning_rate_te` (default learning_rate) for the text encoder; a
-  text-encoder rate of 0 leaves it frozen.
+- Learning rates: `learning_rate` for the U-Net, `learning_rate_te` (default learning_rate) for the text encoder(s);
+  `learning_rate_te1` / `_te2` / `_te3` (sdxl_train, sd3_train) set one encoder's rate; a rate of 0 leaves that
+  encoder frozen. The family may keep an encoder frozen unless an option asks (SD3's T5-XXL: `train_t5xxl`).
 - DreamBooth trains the text encoder for the first `stop_text_encoder_training` steps (all steps when unset; 0:
   never), then freezes it. Fine-tuning trains it with `train_text_encoder`.
 - `use_ema`: an average of the trained weights (training/ema.py) is what gets saved and sampled.
@@ -29,7 +30,7 @@ import torch
 
 from ..options import OptionError
 from .fused_backward import check_fused_backward_options
-from .methods import TrainingMethod
+from .methods import TrainingMethod, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,13 @@ class FullModelMethod(TrainingMethod):
         a = self.args
         return a.learning_rate_te if a.learning_rate_te is not None else a.learning_rate
 
+    def _te_lrs(self, count: int) -> list[float]:
+        """Each of `count` text encoders' learning rate: learning_rate_te<N>, else the shared one."""
+        return [_or(getattr(self.args, f"learning_rate_te{i + 1}", None), self._te_lr()) for i in range(count)]
+
     def _te_wanted(self) -> bool:
-        """Whether the text encoder is trained at the start (subclasses add their rule)."""
-        return self._te_lr() != 0
+        """Whether a text encoder is trained at the start (subclasses add their rule)."""
+        return any(lr != 0 for lr in self._te_lrs(3))
 
     @property
     def trains_text_encoder(self) -> bool:
@@ -81,20 +86,32 @@ class FullModelMethod(TrainingMethod):
     def build(self, bundle, *, family: str) -> tuple[list[dict], list[str]]:
         a = self.args
         self.bundle = bundle
-        self._te_trained = self._te_wanted()
+        from ..families import family_class
+
         text_encoders = _text_encoders(bundle)
+        lrs = self._te_lrs(len(text_encoders))
+        allowed = family_class(family).trainable_text_encoders(a) or (True,) * len(text_encoders)
+        trained = [self._te_wanted() and lr != 0 and bool(ok) for lr, ok in zip(lrs, allowed)]
+        self._te_trained = any(trained)
         bundle.vae.requires_grad_(False)
         bundle.denoiser.requires_grad_(True)
-        for text_encoder in text_encoders:
-            text_encoder.requires_grad_(self._te_trained)
+        for text_encoder, on in zip(text_encoders, trained):
+            text_encoder.requires_grad_(on)
+            if not on and self._te_wanted():  # loaded for training (float32), but this one stays frozen
+                text_encoder.to(dtype=compute_dtype(a.mixed_precision))
         groups = [{"params": list(bundle.denoiser.parameters()), "lr": a.learning_rate}]
         names = ["unet"]
         modules = {"unet": bundle.denoiser}
-        if self._te_trained:  # every text encoder of the family, one group (lr/textencoder)
-            groups.append({"params": [p for te in text_encoders for p in te.parameters()], "lr": self._te_lr()})
+        chosen = [(i, te, lr) for i, (te, lr, on) in enumerate(zip(text_encoders, lrs, trained)) if on]
+        if len({lr for _, _, lr in chosen}) == 1:  # one rate: one group (lr/textencoder)
+            groups.append({"params": [p for _, te, _ in chosen for p in te.parameters()], "lr": chosen[0][2]})
             names.append("textencoder")
-            for i, text_encoder in enumerate(text_encoders):
-                modules["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = text_encoder
+        else:  # a group per encoder (lr/textencoder1, lr/textencoder2, ...)
+            for i, te, lr in chosen:
+                groups.append({"params": list(te.parameters()), "lr": lr})
+                names.append(f"textencoder{i + 1}")
+        for i, text_encoder, _ in chosen:
+            modules["text_encoder" if i == 0 else f"text_encoder_{i + 1}"] = text_encoder
         self._module = torch.nn.ModuleDict(modules)
         if a.use_ema:
             from .ema import TrainedWeightsEMA
@@ -147,6 +164,10 @@ class FullModelMethod(TrainingMethod):
                                    diffusers=self.args.save_model_as in DIFFUSERS_FORMATS)
 
 
+def _or(value, default):
+    return default if value is None else value
+
+
 def _text_encoders(bundle) -> list:
     """The bundle's text encoders, in the family's order."""
     return [te for te in bundle.text_encoders if te is not None]
@@ -192,13 +213,29 @@ class FineTuneMethod(FullModelMethod):
     """Fine-tuning: captions from a metadata JSON (in_json), the text encoder only with train_text_encoder."""
 
     name = "finetune"
+    #: the script also reads DreamBooth-style concept folders (train_data_dir / reg_data_dir) when no in_json is
+    #: given, as sd-scripts' sdxl_train, sd3_train and flux_train do; its fine_tune reads metadata only
+    folder_datasets = False
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)
-        if not args.in_json and not args.dataset_config:
-            raise OptionError("fine_tune reads captions from a metadata JSON: give in_json (build one with python -m "
+        if self.folder_datasets or args.dataset_config:
+            return
+        script = getattr(args, "trainer_script", None) or "fine_tune"
+        if not args.in_json:
+            raise OptionError(f"{script} reads captions from a metadata JSON: give in_json (build one with python -m "
                               "sd_scripts.tools.build_metadata --train_data_dir DIR --out meta.json) or a "
                               "dataset_config whose subsets set metadata_file")
+        if getattr(args, "reg_data_dir", None):
+            raise OptionError(f"option 'reg_data_dir': {script} trains on the in_json metadata only (regularisation "
+                              "folders are DreamBooth's: use train_db, or a dataset_config with is_reg subsets)")
+
+
+class FolderFineTuneMethod(FineTuneMethod):
+    """Fine-tuning that also takes concept folders (sdxl_train, sd3_train, flux_train): in_json when given, else
+    train_data_dir's '<repeats>_<class tokens>' folders (and reg_data_dir's, weighted by prior_loss_weight)."""
+
+    folder_datasets = True
 
     def _te_wanted(self) -> bool:
         return bool(self.args.train_text_encoder) and super()._te_wanted()

@@ -47,6 +47,8 @@ class Trainer(RunSetup, RunOutputs):
         if self.is_main:
             self.control.install()
         try:
+            if self.args.debug_dataset:  # list what the dataset yields; no model, no training
+                return self.debug_dataset()
             self.load_model()
             self.prepare_data()
             self.load_dataset()
@@ -157,7 +159,8 @@ class Trainer(RunSetup, RunOutputs):
         noised.noisy = noised.noisy.to(self.weight_dtype)
         with acc.autocast():
             pred = self.family.predict(noised, cond.to(self.weight_dtype), batch)
-        return training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights)
+        return training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights,
+                             mask=batch.get("loss_masks"))
 
     def batch_latents(self, batch: dict) -> torch.Tensor:
         device = self.accelerator.device

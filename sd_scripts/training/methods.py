@@ -15,6 +15,11 @@ import torch
 from ..options import parse_kv_args
 
 
+def compute_dtype(mixed_precision: str | None) -> torch.dtype:
+    """The dtype frozen weights are kept and computed in under `mixed_precision` (float32 without it)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
+
+
 class TrainingMethod:
     """What the shared loop asks of a method. Subclasses override build/trainable_module/save and the hooks."""
 

@@ -18,6 +18,7 @@ from ..options import OptionError
 from .distributed import broadcast_parameters
 from .events import EventWriter
 from .memory import MemoryFeatures
+from .methods import compute_dtype
 from .plan import Plan, plan_steps
 from .validation import build_validation
 
@@ -45,8 +46,9 @@ class RunSetup:
                               "checkpoint or a diffusers folder")
         if not a.output_dir:
             raise OptionError("option 'output_dir' is required: the folder where the trained model is written")
-        if not (a.train_data_dir or a.dataset_config):
-            raise OptionError("give 'train_data_dir' (parent of '<repeats>_<class>' folders) or 'dataset_config'")
+        if not (a.train_data_dir or a.dataset_config or getattr(a, "in_json", None)):
+            raise OptionError("give 'train_data_dir' (parent of '<repeats>_<class>' folders), 'in_json' (a metadata "
+                              "JSON of captions) or 'dataset_config'")
         from .saving import check_output_dir_writable
 
         check_output_dir_writable(a.output_dir)
@@ -72,15 +74,15 @@ class RunSetup:
 
         a = self.args
         try:
-            family = probe_model(a.pretrained_model_name_or_path).family
+            probe = probe_model(a.pretrained_model_name_or_path)
         except ModelLoadError:
             return  # the loader reports it with the whole story
-        if family is None:
+        if probe.family is None:
             return
-        message = check_run(family, trainer=getattr(a, "trainer_kind", None),
+        message = check_run(probe.family, trainer=getattr(a, "trainer_kind", None),
                             script=getattr(a, "trainer_script", None), values=vars(a),
                             defaults={name: o.default for name, o in BY_NAME.items()},
-                            source=a.pretrained_model_name_or_path)
+                            source=a.pretrained_model_name_or_path, variant=probe.variant)
         if message:
             raise OptionError(message)
 
@@ -111,7 +113,7 @@ class RunSetup:
         for old in ("xformers", "mem_eff_attn"):
             if getattr(a, old):
                 self.warn(f"option '{old}' is not needed: PyTorch scaled-dot-product attention is always used")
-        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.mixed_precision, torch.float32)
+        self.weight_dtype = compute_dtype(a.mixed_precision)
         self.save_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}.get(
             a.save_precision or "", None)
 
@@ -185,6 +187,21 @@ class RunSetup:
     def datasets(self) -> list:
         """The training dataset, and the validation dataset when there is one."""
         return [self.dataset] + ([self.validation.dataset] if self.validation else [])
+
+    def debug_dataset(self) -> str:
+        """debug_dataset: one epoch of batches listed (printed, and written under <output_dir>/debug_dataset) with
+        the bucket step of the model's family read from its header; no weights are loaded, nothing is trained."""
+        from ..data.debug import list_batches
+        from ..families import default_family, family_spec, probe_model
+
+        family = probe_model(self.args.pretrained_model_name_or_path).family or default_family()
+        self.spec = family_spec(family)
+        self.load_dataset()
+        out_dir = os.path.join(self.args.output_dir, "debug_dataset")
+        list_batches(self.dataset, out_dir if self.is_main else None, echo=print if self.is_main else (lambda _: None))
+        self.outputs = [os.path.join(out_dir, "debug_dataset.jsonl")] if self.is_main else []
+        self.finish("completed")
+        return "completed"
 
     def cache_latents(self) -> None:
         a = self.args

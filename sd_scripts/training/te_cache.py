@@ -200,6 +200,8 @@ def cache_text_encoder_outputs(family, dataset, args, accelerator) -> TECacheRep
     to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
     items = image_captions(dataset)
     te_id = text_encoder_id(bundle.text_encoders, bundle.tokenizers, family.max_length)
+    if getattr(family, "weighted_captions", False):  # weighted captions encode to other states
+        te_id += "+weighted"
     kwargs = dict(to_disk=to_disk, skip_check=bool(getattr(args, "skip_cache_check", False)), te_id=te_id)
     with torch.no_grad():
         if to_disk:  # the main process writes the files, the others read them

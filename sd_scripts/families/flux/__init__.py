@@ -32,7 +32,7 @@ OPTIONS = frozenset({
     "clip_l", "t5xxl", "ae", "model_type", "t5xxl_max_token_length", "apply_t5_attn_mask", "guidance_scale",
     "timestep_sampling", "sigmoid_scale", "model_prediction_type", "discrete_flow_shift", "weighting_scheme",
     "logit_mean", "logit_std", "mode_scale", "blocks_to_swap", "fp8_base", "fp8_base_unet",
-    "cpu_offload_checkpointing", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
+    "cpu_offload_checkpointing", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "mem_eff_save",
 })
 # options every family has that a FLUX.1 / Chroma run cannot use, with the reason
 _REFUSED = {
@@ -55,28 +55,23 @@ _TINY_CHROMA = {"pretrained_model_name_or_path": "chroma-tiny.safetensors", "t5x
 _KOHYA_KEYS = {
     **{name: name for name in ("model_type", "ae", "clip_l", "t5xxl", "discrete_flow_shift", "model_prediction_type",
                                "timestep_sampling", "t5xxl_max_token_length", "guidance_scale", "apply_t5_attn_mask",
-                               "cpu_offload_checkpointing", "fp8_base_unet", "blocks_to_swap")},
+                               "cpu_offload_checkpointing", "fp8_base_unet", "blocks_to_swap", "mem_eff_save")},
     "flux1_cache_text_encoder_outputs": "cache_text_encoder_outputs",
     "flux1_cache_text_encoder_outputs_to_disk": "cache_text_encoder_outputs_to_disk",
     "flux_fused_backward_pass": "fused_backward_pass",
     "train_blocks": "network_args:train_blocks",
     "split_qkv": "network_args:split_qkv",
     "train_t5xxl": "network_args:train_t5xxl",
+    **{key: f"network_args:{key}" for key in ("img_attn_dim", "img_mlp_dim", "img_mod_dim", "single_dim",
+                                              "txt_attn_dim", "txt_mlp_dim", "txt_mod_dim", "single_mod_dim",
+                                              "in_dims", "train_double_block_indices", "train_single_block_indices")},
 }
-_PER_LAYER = "per-layer ranks of sd-scripts' lora_flux are not implemented here (every layer has network_dim)"
 _KOHYA_UNSUPPORTED = {
     "split_mode": "sd-scripts' split_mode (deprecated there) is not implemented; use blocks_to_swap to save memory "
                   "and network_args train_blocks=single to train only the single blocks",
     "single_blocks_to_swap": "deprecated in sd-scripts and not implemented: use blocks_to_swap",
     "double_blocks_to_swap": "deprecated in sd-scripts and not implemented: use blocks_to_swap",
-    "mem_eff_save": "sd-scripts' memory-efficient saving of full models is not implemented; files are saved normally",
     "enable_all_linear": "an option of kohya_ss's 'Flux1 OFT' network, which this trainer does not have",
-    "train_double_block_indices": "training only some block indices is not implemented; use network_args "
-                                  "train_blocks=double|single",
-    "train_single_block_indices": "training only some block indices is not implemented; use network_args "
-                                  "train_blocks=double|single",
-    **{key: _PER_LAYER for key in ("img_attn_dim", "img_mlp_dim", "img_mod_dim", "single_dim", "txt_attn_dim",
-                                   "txt_mlp_dim", "txt_mod_dim", "single_mod_dim", "in_dims")},
     "show_timesteps": "sd-scripts' timestep plot is not implemented",
     "show_timesteps_resolution": "sd-scripts' timestep plot is not implemented",
     "ggpo_beta": "GGPO regularisation is not implemented",
@@ -96,6 +91,9 @@ SPECS = (
                tiny_variants={"flux": {"model_type": "flux_dev"}, "flux-schnell": {"model_type": "flux_schnell"}},
                tiny_files={"flux": _TINY_FLUX, "flux-schnell": _TINY_FLUX},
                kohya_ss_keys=_KOHYA_KEYS, kohya_ss_unsupported=_KOHYA_UNSUPPORTED,
+               variant_refused_options={"flux_schnell": {
+                   "guidance_scale": "FLUX.1-schnell has no guidance embedding (only dev is guidance-distilled), so "
+                                     "the value would be ignored"}},
                option_values={"model_type": MODEL_TYPES, "network_module": ("networks.lora_flux",)}),
     FamilySpec(CHROMA, "Chroma", _CLASS, bucket_step=16, default_resolution=1024,
                vae_scaling_factor=layout.AE_SCALING_FACTOR, vae_shift_factor=layout.AE_SHIFT_FACTOR,
@@ -113,10 +111,10 @@ SPECS = (
 )
 
 
-def _detected(family: str):
+def _detected(family: str, variant: str | None = None):
     from .. import Detected
 
-    return Detected(family, False)
+    return Detected(family, False, variant)
 
 
 def detect_single_file(shapes: Mapping[str, tuple], metadata: Mapping[str, str]):
@@ -124,7 +122,11 @@ def detect_single_file(shapes: Mapping[str, tuple], metadata: Mapping[str, str])
     kind = layout.classify_denoiser(shapes)
     if kind is None:
         return None
-    return _detected(CHROMA if kind == "chroma" else FLUX)
+    return _detected(CHROMA, kind) if kind == "chroma" else _detected(FLUX, kind)
+
+
+def _folder_variant(transformer_config: dict) -> str:
+    return "flux_dev" if transformer_config.get("guidance_embeds", True) else "flux_schnell"
 
 
 def detect_folder(path: str):
@@ -132,12 +134,12 @@ def detect_folder(path: str):
     index = json_config(os.path.join(path, "model_index.json")) or {}
     pipeline = index.get("_class_name")
     if pipeline == "FluxPipeline":
-        return _detected(FLUX)
+        return _detected(FLUX, _folder_variant(json_config(os.path.join(path, "transformer", "config.json")) or {}))
     if pipeline == "ChromaPipeline":
         return _detected(CHROMA)
     config = json_config(os.path.join(path, "config.json")) or {}
     if config.get("_class_name") == "FluxTransformer2DModel":
-        return _detected(FLUX)
+        return _detected(FLUX, _folder_variant(config))
     if config.get("_class_name") == "ChromaTransformer2DModel":
         return _detected(CHROMA)
     return None

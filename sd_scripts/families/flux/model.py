@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from ...errors import ModelLoadError
+from ...networks.network_args import flag
+from ...networks.targets import T5_CLASSES, TEXT_ENCODER_CLASSES
 from ...training import flow_matching as fm
 from ..base import Family, NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
@@ -37,12 +39,10 @@ DEFAULT_SAMPLE_GUIDANCE = 3.5
 # the LoRA target blocks (sd-scripts: every Linear inside DoubleStreamBlock / SingleStreamBlock)
 DOUBLE_BLOCKS = ("FluxTransformerBlock", "ChromaTransformerBlock")
 SINGLE_BLOCKS = ("FluxSingleTransformerBlock", "ChromaSingleTransformerBlock")
-TE_BLOCKS = ("CLIPAttention", "CLIPSdpaAttention", "CLIPFlashAttention2", "CLIPMLP", "T5Attention",
-             "T5DenseGatedActDense")
+TE_BLOCKS = TEXT_ENCODER_CLASSES + T5_CLASSES
 
 
-def _flag(value: Any) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "1", "yes", "on")
+_flag = flag  # a true/false network arg
 
 
 @dataclass
@@ -354,7 +354,14 @@ class FluxFamily(MemoisedCaptions, Family):
         return torch.cat([t5_mask.bool(), image], dim=1)
 
     # ---- adapters
-    LORA_NETWORK_ARGS = {"train_blocks": str, "split_qkv": _flag, "train_t5xxl": _flag}
+    # sd-scripts' lora_flux ranks per layer kind: the words all in a layer's file name, in its order of precedence
+    _PART_DIMS = (("img_attn_dim", ("img_attn",)), ("txt_attn_dim", ("txt_attn",)), ("img_mlp_dim", ("img_mlp",)),
+                  ("txt_mlp_dim", ("txt_mlp",)), ("img_mod_dim", ("img_mod",)), ("txt_mod_dim", ("txt_mod",)),
+                  ("single_dim", ("single_blocks", "linear")), ("single_mod_dim", ("modulation",)))
+    _IN_LAYERS = ("img", "time", "vector", "guidance", "txt")  # in_dims order; the BFL names are <kind>_in...
+    LORA_NETWORK_ARGS = {"train_blocks": str, "split_qkv": _flag, "train_t5xxl": _flag, "verbose": _flag,
+                         "in_dims": str, "train_double_block_indices": str, "train_single_block_indices": str,
+                         "network_reg_dims": str, **{key: int for key, _ in _PART_DIMS}}
 
     @classmethod
     def lora_naming(cls, family: str, denoiser: torch.nn.Module | None = None,
@@ -362,7 +369,12 @@ class FluxFamily(MemoisedCaptions, Family):
         """sd-scripts' networks/lora_flux names: `lora_unet_` + the BFL module path (fused q/k/v(/mlp) layers saved
         as one module), `lora_te1_` CLIP-L and `lora_te3_` T5-XXL (only with train_t5xxl). Targets: every Linear in
         the double and single blocks (`train_blocks` all | double | single); `split_qkv` gives each fused part its
-        own down projection (saved block-diagonal) instead of sd-scripts' default shared one."""
+        own down projection (saved block-diagonal) instead of sd-scripts' default shared one. Ranks per layer kind
+        (`img_attn_dim` ... `single_mod_dim`, 0 leaves the kind out), `in_dims` = [img, time, vector, guidance, txt]
+        adapts the input layers outside the blocks, `train_double_block_indices` / `train_single_block_indices`
+        ("all", "none", "0-3,7") keep only those blocks, `network_reg_dims` "regex=rank,..." wins over the rest."""
+        from ...networks import network_args as na
+
         naming = super().lora_naming(family, denoiser)
         args = dict(network_args or {})
         blocks = str(args.get("train_blocks") or "all").lower()
@@ -379,9 +391,39 @@ class FluxFamily(MemoisedCaptions, Family):
                 else dict(layout.FLUX_DEV_CONFIG, _class_name="FluxTransformer2DModel")
         train_t5 = _flag(args.get("train_t5xxl", False))
         te_count = len(naming["te_prefixes"])
-        naming.update(unet_name_map=bfl_name_map(config), unet_block_classes=classes, te_block_classes=TE_BLOCKS,
+        name_map = bfl_name_map(config)
+        in_dims = na.dim_list(args["in_dims"], cls._IN_LAYERS, "in_dims") if args.get("in_dims") else {}
+
+        def in_rank(name: str) -> int | None:  # sd-scripts matches '_<kind>_in' anywhere in the name
+            return next((rank for kind, rank in in_dims.items() if f"_{kind}_in" in name), None)
+
+        def in_layer(path: str):
+            file_path = name_map(path)
+            name = naming["unet_prefix"] + "_" + (file_path if isinstance(file_path, str) else "").replace(".", "_")
+            return file_path if isinstance(file_path, str) and in_rank(name) else None
+
+        def block_of(name: str):
+            words = name.split("_")  # lora_unet_double_blocks_<n>_...
+            if len(words) > 4 and words[2] in ("double", "single") and words[4].isdigit():
+                return words[2], int(words[4])
+            return None
+
+        selected = {kind: na.block_selection(args[key], int(config.get(count) or 0) or None, key)
+                    for kind, key, count in (("double", "train_double_block_indices", "num_layers"),
+                                             ("single", "train_single_block_indices", "num_single_layers"))
+                    if args.get(key) is not None}
+        rule = na.rank_rule(
+            pattern_ranks=na.pattern_dims(args["network_reg_dims"], "network_reg_dims")
+            if args.get("network_reg_dims") else (),
+            layer_rank=in_rank if in_dims else None,
+            part_ranks=[(words, args.get(key)) for key, words in cls._PART_DIMS], block_of=block_of,
+            selected=selected)
+        naming.update(unet_name_map=name_map, unet_block_classes=classes, te_block_classes=TE_BLOCKS,
                       te_enabled=tuple(i < te_count - 1 or train_t5 for i in range(te_count)),
-                      shared_down=not _flag(args.get("split_qkv", False)))
+                      shared_down=not _flag(args.get("split_qkv", False)),
+                      unet_extra_name_map=in_layer if any(in_dims.values()) else None, module_rank=rule,
+                      unet_file_name_map=name_map,
+                      verbose=_flag(args.get("verbose", False)))
         return naming
 
     # ---- memory features

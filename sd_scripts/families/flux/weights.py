@@ -115,18 +115,30 @@ def bfl_to_diffusers(read: Callable[[str], torch.Tensor], config: Mapping) -> di
     return out
 
 
-def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor], config: Mapping) -> dict[str, torch.Tensor]:
-    """The BFL tensors (bare names) of a diffusers denoiser state dict; the inverse of bfl_to_diffusers."""
-    out: dict[str, torch.Tensor] = {}
+def diffusers_to_bfl(state_dict: Mapping[str, torch.Tensor], config: Mapping, *,
+                     deferred: bool = False) -> dict[str, Any]:
+    """The BFL tensors (bare names) of a diffusers denoiser state dict; the inverse of bfl_to_diffusers. With
+    `deferred`, tensors the layout fuses or reorders are safetensors_writer.Deferred (made when written)."""
+    from ...models.safetensors_writer import Deferred
+
+    def fused(parts: list) -> torch.Tensor:
+        return torch.cat(parts, dim=0)
+
+    def swapped(t: torch.Tensor) -> torch.Tensor:
+        first, second = t.chunk(2, dim=0)
+        return torch.cat([second, first], dim=0)
+
+    out: dict[str, Any] = {}
     for rule in layout.transformer_key_table(config):
         parts = [state_dict[k] for k in rule.diffusers]
         if rule.kind == layout.SPLIT:
-            out[rule.bfl] = torch.cat(parts, dim=0)
+            make, shape = (lambda p=parts: fused(p)), (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
         elif rule.kind == layout.SWAP_HALVES:
-            first, second = parts[0].chunk(2, dim=0)
-            out[rule.bfl] = torch.cat([second, first], dim=0)
+            make, shape = (lambda t=parts[0]: swapped(t)), tuple(parts[0].shape)
         else:
             out[rule.bfl] = parts[0]
+            continue
+        out[rule.bfl] = Deferred(tuple(shape), parts[0].dtype, make) if deferred else make()
     return out
 
 
@@ -231,7 +243,7 @@ def save_transformer(model, path: str, *, dtype: torch.dtype | None = None,
     """Write the denoiser as a BFL-layout single file (bare keys, as sd-scripts saves it), atomically and
     deterministically; float tensors cast to `dtype` when given. diffusers'
     `FluxTransformer2DModel.from_single_file(path, config=...)` and our load_transformer read it back."""
-    tensors = diffusers_to_bfl(model.state_dict(), _model_config(model))
+    tensors = diffusers_to_bfl(model.state_dict(), _model_config(model), deferred=True)
     return save_safetensors_atomic(tensors, path, metadata, dtype)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from ..base import NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
+from ..prompt_weighting import apply_weights, sample_max_length, tokenize_weighted
 from .common import UNetFamily
 
 CHUNK = 75  # tokens between BOS and EOS in one CLIP window
@@ -19,6 +20,7 @@ class SDFamily(MemoisedCaptions, UNetFamily):
     def __init__(self, bundle, args=None, *, clip_skip: int | None = None, max_token_length: int | None = None,
                  memo_size: int = 4096):
         super().__init__(bundle, args)
+        self.weighted_captions = bool(getattr(args, "weighted_captions", False))
         if args is not None:
             clip_skip, max_token_length = args.clip_skip, args.max_token_length
         self.clip_skip = clip_skip
@@ -52,16 +54,17 @@ class SDFamily(MemoisedCaptions, UNetFamily):
             chunks.append(torch.cat([bos, body, end], dim=1))
         return chunks
 
-    def _encode_ids(self, ids: torch.Tensor) -> torch.Tensor:
+    def _encode_ids(self, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
         te = self.bundle.text_encoder
+        clip_skip = self.clip_skip if clip_skip is None else clip_skip
         outputs = []
         chunks = self._chunks(ids)
         for i, chunk in enumerate(chunks):
             chunk = chunk.to(te.device)
-            if self.clip_skip and self.clip_skip > 1:
+            if clip_skip and clip_skip > 1:
                 out = te(chunk, output_hidden_states=True)
                 final_norm = getattr(te, "text_model", te).final_layer_norm  # transformers 4 and 5 layouts
-                hidden = final_norm(out.hidden_states[-self.clip_skip])
+                hidden = final_norm(out.hidden_states[-clip_skip])
             else:
                 hidden = te(chunk)[0]
             if len(chunks) > 1:  # keep BOS of the first window and EOS of the last one only
@@ -70,7 +73,22 @@ class SDFamily(MemoisedCaptions, UNetFamily):
         return torch.cat(outputs, dim=1)
 
     def encode_batch(self, captions: list[str]) -> torch.Tensor:
+        if self.weighted_captions:
+            return self.encode_weighted(captions, self.max_length)
         return self._encode_ids(self.tokenize(captions))
+
+    def encode_weighted(self, texts: list[str], max_length: int, clip_skip: int | None = None) -> torch.Tensor:
+        """Texts with attention weights ((word:1.2), [word]) -> states [B, max_length, D], each token's state times
+        its weight (families/prompt_weighting.py)."""
+        ids, weights = tokenize_weighted(self.bundle.tokenizer, texts, max_length)
+        return apply_weights(self._encode_ids(ids, clip_skip), weights)
+
+    def sample_embeddings(self, prompt: str, negative_prompt: str, clip_skip: int | None = None):
+        """A sample prompt and its negative prompt encoded like training captions (75-token windows, clip skip),
+        always with their attention weights (as sd-scripts' sample pipelines), up to 225 tokens: ([1, L, D], [1, L, D])."""
+        length = sample_max_length(self.bundle.tokenizer, [prompt, negative_prompt], self.max_length)
+        states = self.encode_weighted([prompt, negative_prompt], length, clip_skip)
+        return states[:1], states[1:]
 
     # ---- U-Net
     def predict(self, noised: NoisedLatents, conditioning, batch) -> torch.Tensor:
@@ -78,7 +96,8 @@ class SDFamily(MemoisedCaptions, UNetFamily):
 
     # ---- sampling
     def sample_pipeline(self, sampler: str | None, *, clip_skip: int | None = None) -> SamplePipeline:
-        """StableDiffusionPipeline around the in-memory modules; prompts are encoded here with clip skip."""
+        """StableDiffusionPipeline around the in-memory modules; prompts are encoded here as in training (clip skip,
+        75-token windows) with their attention weights."""
         from diffusers import StableDiffusionPipeline
 
         b = self.bundle
@@ -88,9 +107,8 @@ class SDFamily(MemoisedCaptions, UNetFamily):
         pipeline.set_progress_bar_config(disable=True)
 
         def inputs(sample, device) -> dict:
-            return dict(prompt_embeds=encode_prompt(b.text_encoder, b.tokenizer, sample.prompt, device, clip_skip),
-                        negative_prompt_embeds=encode_prompt(b.text_encoder, b.tokenizer, sample.negative_prompt or "",
-                                                             device, clip_skip))
+            cond, uncond = self.sample_embeddings(sample.prompt, sample.negative_prompt or "", clip_skip)
+            return dict(prompt_embeds=cond.to(device), negative_prompt_embeds=uncond.to(device))
 
         return SamplePipeline(pipeline, inputs)
 

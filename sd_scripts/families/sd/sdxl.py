@@ -22,6 +22,7 @@ import torch
 
 from ..base import NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
+from ..prompt_weighting import apply_weights, sample_max_length, tokenize_weighted
 from .common import UNetFamily
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class SDXLFamily(MemoisedCaptions, UNetFamily):
             if getattr(args, "clip_skip", None):
                 log.warning("clip_skip is ignored for SDXL: it always uses the penultimate layer of both text "
                             "encoders")
+        self.weighted_captions = bool(getattr(args, "weighted_captions", False))
         self.max_length = (max_token_length or CHUNK) + 2
         self._te1_width = int(bundle.text_encoder.config.hidden_size)
         self._te2_width = int(bundle.text_encoder_2.config.hidden_size)
@@ -126,7 +128,27 @@ class SDXLFamily(MemoisedCaptions, UNetFamily):
                          return_tensors="pt").input_ids for tok in self.bundle.tokenizers)
 
     def encode_batch(self, captions: list[str]) -> SDXLConditioning:
+        if self.weighted_captions:
+            return self.encode_weighted(captions, self.max_length)
         return self.encode_ids(*self.tokenize(captions))
+
+    def encode_weighted(self, texts: list[str], max_length: int) -> SDXLConditioning:
+        """Texts with attention weights ((word:1.2), [word]): each encoder's token states times the token weights
+        (families/prompt_weighting.py); the pooled embedding is not weighted (as sd-scripts)."""
+        (ids1, w1), (ids2, w2) = (tokenize_weighted(tok, texts, max_length) for tok in self.bundle.tokenizers)
+        cond = self.encode_ids(ids1, ids2)
+        width = self._te1_width
+        hidden = torch.cat([apply_weights(cond.hidden[..., :width], w1), apply_weights(cond.hidden[..., width:], w2)],
+                           dim=-1)
+        return SDXLConditioning(hidden, cond.pooled)
+
+    def sample_embeddings(self, prompt: str, negative_prompt: str) -> tuple[SDXLConditioning, SDXLConditioning]:
+        """A sample prompt and its negative prompt encoded like training captions, always with their attention
+        weights (as sd-scripts' sample pipelines), up to 225 tokens."""
+        length = sample_max_length(self.bundle.tokenizer, [prompt, negative_prompt], self.max_length)
+        cond = self.encode_weighted([prompt, negative_prompt], length)
+        return (SDXLConditioning(cond.hidden[:1], cond.pooled[:1]),
+                SDXLConditioning(cond.hidden[1:], cond.pooled[1:]))
 
     def encode_ids(self, ids1: torch.Tensor, ids2: torch.Tensor) -> SDXLConditioning:
         """Token ids of both tokenizers -> conditioning, every window of every caption in one encoder call."""
@@ -190,8 +212,9 @@ class SDXLFamily(MemoisedCaptions, UNetFamily):
 
     # ---- sampling
     def sample_pipeline(self, sampler: str | None, *, clip_skip: int | None = None) -> SamplePipeline:
-        """StableDiffusionXLPipeline around the in-memory modules: it encodes the prompts itself (penultimate layers
-        of both encoders, pooled text encoder 2 output; size conditioning = the image size, no crop)."""
+        """StableDiffusionXLPipeline around the in-memory modules; prompts are encoded here as in training (penultimate
+        layers of both encoders in 75-token windows, pooled text encoder 2 output) with their attention weights;
+        size conditioning = the image size, no crop."""
         from diffusers import StableDiffusionXLPipeline
 
         b = self.bundle
@@ -199,5 +222,11 @@ class SDXLFamily(MemoisedCaptions, UNetFamily):
                                              tokenizer=b.tokenizer, tokenizer_2=b.tokenizer_2, unet=b.unet,
                                              scheduler=self.scheduler(sampler), add_watermarker=False)
         pipeline.set_progress_bar_config(disable=True)
-        return SamplePipeline(pipeline, lambda sample, device: dict(prompt=sample.prompt,
-                                                                    negative_prompt=sample.negative_prompt or ""))
+
+        def inputs(sample, device) -> dict:
+            cond, uncond = self.sample_embeddings(sample.prompt, sample.negative_prompt or "")
+            return dict(prompt_embeds=cond.hidden.to(device), pooled_prompt_embeds=cond.pooled.to(device),
+                        negative_prompt_embeds=uncond.hidden.to(device),
+                        negative_pooled_prompt_embeds=uncond.pooled.to(device))
+
+        return SamplePipeline(pipeline, inputs)

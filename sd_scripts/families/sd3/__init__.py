@@ -27,7 +27,8 @@ OPTIONS = frozenset({
     "clip_l_dropout_rate", "clip_g_dropout_rate", "t5_dropout_rate", "training_shift", "weighting_scheme",
     "logit_mean", "logit_std", "mode_scale", "pos_emb_random_crop_rate", "enable_scaled_pos_embed",
     "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "blocks_to_swap", "fp8_base",
-    "fp8_base_unet", "cpu_offload_checkpointing",
+    "fp8_base_unet", "cpu_offload_checkpointing", "learning_rate_te1", "learning_rate_te2", "learning_rate_te3",
+    "train_t5xxl", "use_t5xxl_cache_only",
 })
 
 # what the tiny builder writes with layout 'single' (tiny.py): the MMDiT + autoencoder file and the separate text
@@ -47,6 +48,11 @@ _KOHYA_KEYS = {
     "sd3_t5_dropout_rate": "t5_dropout_rate",
     "sd3_t5xxl": "t5xxl",
     "sd3_enable_scaled_pos_embed": "enable_scaled_pos_embed",
+}
+_REFUSED = {
+    "use_t5xxl_cache_only": "caching only T5-XXL's outputs while CLIP-L / CLIP-G train is not implemented; remove it "
+                            "(with train_text_encoder every encoder runs each step; without it every output is cached "
+                            "with cache_text_encoder_outputs)",
 }
 _KOHYA_UNSUPPORTED = {
     "save_clip": "saving the text encoders into the fine-tuned file is not implemented",
@@ -69,6 +75,7 @@ SPECS = (
                lora_te_prefixes=("lora_te1", "lora_te2", "lora_te3"), trainers=frozenset({"network", "finetune"}),
                options=OPTIONS, scripts=("sd3_train_network", "sd3_train"),
                trainer_scripts={"network": "sd3_train_network", "finetune": "sd3_train"}, strict_options=True,
+               refused_options=_REFUSED,
                text_encoder_cache=True, kohya_ss_flags=("sd3_checkbox",),
                tiny_builder="sd_scripts.families.sd3.tiny:build_tiny_model",
                tiny_variants={"sd3": {"variant": "sd3_medium"}, "sd35-medium": {"variant": "sd35_medium"}},

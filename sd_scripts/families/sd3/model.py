@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ...errors import ModelLoadError
-from ...networks.targets import SWAP_HALVES
+from ...networks.network_args import flag
+from ...networks.targets import SWAP_HALVES, T5_CLASSES, TEXT_ENCODER_CLASSES
 from ...options import OptionError
 from ...training import flow_matching as fm
 from ..base import Family, NoisedLatents, SamplePipeline
@@ -386,15 +387,30 @@ class SD3Family(MemoisedCaptions, Family):
         return fm.precondition_prediction(pred, noisy, noised.timesteps.float() / fm.NUM_TRAIN_TIMESTEPS)
 
     # ---- adapters
+    # sd-scripts' lora_sd3 ranks per layer kind (the words all in a layer's file name) and emb_dims' layers
+    _PART_DIMS = (("context_attn_dim", ("context_block", "attn")), ("context_mlp_dim", ("context_block", "mlp")),
+                  ("context_mod_dim", ("context_block", "adaLN_modulation")), ("x_attn_dim", ("x_block", "attn")),
+                  ("x_mlp_dim", ("x_block", "mlp")), ("x_mod_dim", ("x_block", "adaLN_modulation")))
+    _EMB_LAYERS = ("context_embedder", "_t_embedder", "x_embedder", "y_embedder", "final_layer_adaLN_modulation",
+                   "final_layer_linear")  # emb_dims order, matched in the file name as sd-scripts does
+    LORA_NETWORK_ARGS = {"split_qkv": flag, "train_t5xxl": flag, "verbose": flag, "emb_dims": str,
+                         "train_block_indices": str, **{key: int for key, _ in _PART_DIMS}}
+
     @classmethod
     def lora_naming(cls, family: str, denoiser: torch.nn.Module | None = None,
                     network_args: dict | None = None) -> dict[str, Any]:
         """sd-scripts' networks/lora_sd3 names: `lora_unet_` + the SAI module path (`joint_blocks_N_x_block_attn_qkv`:
-        q/k/v saved as one fused module with a shared down projection), `lora_te1_` CLIP-L, `lora_te2_` CLIP-G,
-        `lora_te3_` T5 (not trained, as sd-scripts' default). Targets: the Linears of the joint blocks' attention,
-        feed-forward and adaLN layers; the last block's context adaLN is saved with its up rows' halves exchanged
-        (SAI stores (shift, scale), diffusers (scale, shift))."""
+        q/k/v saved as one fused module with a shared down projection, or one down each with `split_qkv`),
+        `lora_te1_` CLIP-L, `lora_te2_` CLIP-G, `lora_te3_` T5 (only with `train_t5xxl`, as sd-scripts). Targets:
+        the Linears of the joint blocks' attention, feed-forward and adaLN layers; the last block's context adaLN
+        (and the final layer's) is saved with its up rows' halves exchanged (SAI stores (shift, scale), diffusers
+        (scale, shift)). Ranks per layer kind (`context_attn_dim` ... `x_mod_dim`, 0 leaves the kind out),
+        `emb_dims` = [context_embedder, t_embedder, x_embedder, y_embedder, final_mod, final_linear] adapts the
+        layers outside the blocks, `train_block_indices` ("all", "none", "0-3,7") keeps only those joint blocks."""
+        from ...networks import network_args as na
+
         naming = super().lora_naming(family, denoiser)
+        args = dict(network_args or {})
         config = dict(denoiser.config) if denoiser is not None else dict(layout.TRANSFORMER_DEFAULTS, num_layers=24)
         table: dict[str, Any] = {}
         for sai, names, kind in layout.transformer_key_table(config):
@@ -407,10 +423,40 @@ class SD3Family(MemoisedCaptions, Family):
                 else:
                     table[path] = sai[: -len(".weight")] if len(paths) == 1 else (sai[: -len(".weight")], i,
                                                                                   len(paths))
+        emb_dims = na.dim_list(args["emb_dims"], [n.strip("_") for n in cls._EMB_LAYERS], "emb_dims") \
+            if args.get("emb_dims") else {}
+        emb_ranks = dict(zip(cls._EMB_LAYERS, emb_dims.values()))
+
+        def emb_rank(name: str) -> int | None:
+            return next((rank for word, rank in emb_ranks.items() if word in name), None)
+
+        def emb_layer(path: str):
+            entry = table.get(path)
+            file_path = entry[0] if isinstance(entry, tuple) else entry
+            return entry if file_path and emb_rank(f"{naming['unet_prefix']}_{file_path.replace('.', '_')}") else None
+
+        def block_of(name: str):
+            words = name.split("_")  # lora_unet_joint_blocks_<n>_...
+            return ("joint", int(words[4])) if len(words) > 4 and words[2] == "joint" and words[4].isdigit() \
+                else None
+
+        selected = {"joint": na.block_selection(args["train_block_indices"], int(config.get("num_layers") or 0)
+                                                or None, "train_block_indices")} \
+            if args.get("train_block_indices") is not None else {}
+        rule = na.rank_rule(layer_rank=emb_rank if emb_ranks else None, block_of=block_of, selected=selected,
+                            part_ranks=[(words, args.get(key)) for key, words in cls._PART_DIMS])
         naming.update(unet_name_map=lambda path: table.get(path, path) if path.startswith("transformer_blocks.")
-                      else None, unet_block_classes=UNET_BLOCKS,
-                      te_enabled=(True, True, False), shared_down=True)
+                      else None, unet_block_classes=UNET_BLOCKS, te_block_classes=TEXT_ENCODER_CLASSES + T5_CLASSES,
+                      te_enabled=(True, True, flag(args.get("train_t5xxl", False))),
+                      shared_down=not flag(args.get("split_qkv", False)),
+                      unet_extra_name_map=emb_layer if any(emb_ranks.values()) else None, module_rank=rule,
+                      unet_file_name_map=table.get, verbose=flag(args.get("verbose", False)))
         return naming
+
+    @classmethod
+    def trainable_text_encoders(cls, args) -> tuple[bool, ...]:
+        """CLIP-L and CLIP-G; T5-XXL only with train_t5xxl (sd3_train)."""
+        return True, True, bool(getattr(args, "train_t5xxl", False))
 
     # ---- memory features
     @classmethod
