@@ -117,7 +117,7 @@ def test_command_line_split_reaches_the_datasets_and_toml_wins(tmp_path, images)
 def test_validation_loss_fixed_timesteps_and_noise_without_touching_training(tiny_sd1, images, tmp_path):
     trainer = set_up(tiny_sd1.diffusers_dir, images, tmp_path / "out", "--validation_split", "0.4",
                      "--validation_seed", "7", "--min_timestep", "100", "--max_timestep", "600",
-                     "--network_dropout", "0.5")
+                     "--network_dropout", "0.5", "--train_batch_size", "1")
     validation = trainer.validation
     assert len(validation.dataset.records) == 2 and len(trainer.dataset.records) == 3
     assert validation.timesteps == [200, 300, 400, 500] and validation.seed == 7
@@ -148,18 +148,19 @@ def test_validation_loss_fixed_timesteps_and_noise_without_touching_training(tin
     assert torch.equal(before[3], after[3]), "validation drew from the training noise generator"
     assert network.training and not any(c[3] or c[4] for c in calls), "not in eval mode / under no_grad"
 
-    # the first validation by hand: batch 0 at each timestep, noise from a generator seeded with validation_seed
-    x0 = validation.dataset[0]["latents"].float() * VAE_SCALE
-    generator = torch.Generator().manual_seed(7)
+    # the first validation by hand: each batch i at each timestep, noise from a generator seeded validation_seed + i
     a = alphas_cumprod()
     losses = []
-    assert len(calls) == 2 * 4 * validation.num_batches and validation.num_batches == 1
-    for (noisy, t, pred, *_), timestep in zip(calls[:4], validation.timesteps):
-        noise = torch.randn(x0.shape, generator=generator)
-        assert torch.equal(t.cpu(), torch.full((2,), timestep))
-        torch.testing.assert_close(noisy, a[timestep].sqrt() * x0 + (1 - a[timestep]).sqrt() * noise)
-        losses.append(float(((pred - noise) ** 2).mean()))
-    assert first == pytest.approx(sum(losses) / 4, rel=1e-5)
+    assert validation.num_batches == 2 and len(calls) == 2 * 2 * 4
+    for index in range(2):
+        x0 = validation.dataset[index]["latents"].float() * VAE_SCALE
+        generator = torch.Generator().manual_seed(7 + index)
+        for (noisy, t, pred, *_), timestep in zip(calls[4 * index:4 * index + 4], validation.timesteps):
+            noise = torch.randn(x0.shape, generator=generator)
+            assert torch.equal(t.cpu(), torch.full((1,), timestep))
+            torch.testing.assert_close(noisy, a[timestep].sqrt() * x0 + (1 - a[timestep]).sqrt() * noise)
+            losses.append(float(((pred - noise) ** 2).mean()))
+    assert first == pytest.approx(sum(losses) / 8, rel=1e-5)
 
     with torch.no_grad():  # other weights, another loss: the number follows the weights
         next(p for p in network.parameters() if p.abs().sum() == 0).add_(0.5)

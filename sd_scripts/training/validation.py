@@ -9,9 +9,10 @@ What makes two validations of the same weights give the same number (and trainin
 - fixed timesteps: each batch is evaluated at NUM_VALIDATION_TIMESTEPS timesteps spread evenly inside the family's
   training range (sd-scripts' rule: linspace(low, high, 4 + 2)[1:-1], i.e. 200, 400, 600, 800 of 1000); the family
   uses them instead of drawing its own (`Family.noised(..., timesteps=)`, flow matching: sigma = t / 1000);
-- fixed noise: a generator seeded afresh with validation_seed (else the run's seed) at every validation; the global
-  RNGs (torch CPU and device, Python, NumPy) are seeded with it too and given back exactly as they were, and the
-  training noise generator is never touched, so a run with validation trains exactly like one without;
+- fixed noise: for batch i, a generator seeded afresh with validation_seed (else the run's seed) + i at every
+  validation, whichever process scores the batch; the global RNGs (torch CPU and device, Python, NumPy) are seeded
+  with it too and given back exactly as they were, and the training noise generator is never touched, so a run with
+  validation trains exactly like one without;
 - fixed batches: the validation dataset keeps one batch order and full captions (no token warmup);
 - no gradients, and the trained module in eval mode (no dropout) for the duration, its modes restored after.
 The loss itself is the training step's (`Trainer.batch_loss`): the family's maths, the same loss weighting.
@@ -100,16 +101,18 @@ class Validation:
         rank, world = accelerator.process_index, accelerator.num_processes
         total = torch.zeros((), device=device, dtype=torch.float32)
         count = 0
-        with isolated_rng(self.seed, device), eval_mode(module):
-            generator = torch.Generator(device=device)
-            generator.manual_seed(self.seed)
+        generator = torch.Generator(device=device)
+        with eval_mode(module):
             for index in range(rank, self.num_batches, world):
-                batch = self.dataset[index]
-                size = len(batch["captions"])
-                for t in self.timesteps:
-                    timesteps = torch.full((size,), t, dtype=torch.long, device=device)
-                    total += batch_loss(batch, generator, timesteps).detach().float()
-                    count += 1
+                # each batch its own fixed noise, whichever process scores it
+                with isolated_rng(self.seed + index, device):
+                    generator.manual_seed(self.seed + index)
+                    batch = self.dataset[index]
+                    size = len(batch["captions"])
+                    for t in self.timesteps:
+                        timesteps = torch.full((size,), t, dtype=torch.long, device=device)
+                        total += batch_loss(batch, generator, timesteps).detach().float()
+                        count += 1
         stats = torch.stack([total, torch.tensor(float(count), device=device)])
         if world > 1:
             stats = accelerator.reduce(stats, reduction="sum")
