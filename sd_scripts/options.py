@@ -64,6 +64,7 @@ class Option:
     path: str | None = None  # "file", "dir", "file_or_dir", "out_dir" or "out_file": the GUI and pre-flight check it
     label: str | None = None
     secret: bool = False  # never written to presets or logs
+    refused: str | None = None  # accepted for sd-scripts command lines, but an error (with this reason) when set
     advanced: bool = False  # hidden behind "advanced" in the GUI
     check: Callable[[Any, dict], str | None] | None = None  # (value, all values) -> error message or None
     aliases: tuple = ()
@@ -267,6 +268,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("cache_latents_to_disk", bool, False, "Keep the latent cache in .npz files next to the images.", "dataset"),
     _O("vae_batch_size", int, 1, "Images per VAE batch while caching latents.", "dataset", minimum=1, advanced=True),
     _O("skip_cache_check", bool, False, "Trust existing .npz caches without checking them.", "dataset",
+       aliases=("skip_latents_validity_check",),
        advanced=True),
     _O("enable_bucket", bool, False, "Aspect-ratio bucketing: train images at their own aspect ratio.", "bucket"),
     _O("min_bucket_reso", int, 256, "Smallest bucket side.", "bucket", minimum=64),
@@ -368,7 +370,7 @@ OPTIONS: tuple[Option, ...] = (
        trainers=FULL),
     _O("ema_decay", float, 0.9999, "EMA decay per optimizer step.", "training", trainers=FULL, minimum=0, maximum=1),
     _O("fused_backward_pass", bool, False, "Step the optimizer inside the backward pass, one parameter at a time "
-       "(less memory for full fine-tuning).", "precision", trainers=FULL),
+       "(less memory for full fine-tuning).", "precision"),
     _O("blockwise_fused_optimizers", bool, False, "sd-scripts' per-block optimizers stepped during backward (FLUX.1 / "
        "SD3 full fine-tuning): here the same as fused_backward_pass, which steps each parameter as soon as its "
        "gradient is ready (at least the same memory saving).", "precision", trainers=FULL, advanced=True),
@@ -448,10 +450,9 @@ OPTIONS: tuple[Option, ...] = (
        advanced=True),
     _O("blocks_to_swap", int, None, "Keep this many denoiser blocks on the CPU, moving each in for its turn.",
        "precision", minimum=0, trainers=NET_FT, family_specific=True),
-    _O("fp8_base", bool, False, "Store the frozen base weights in float8 (computed in the mixed precision).",
-       "precision", trainers=NET_FT, family_specific=True),
-    _O("fp8_base_unet", bool, False, "Store only the denoiser's base weights in float8.", "precision",
-       trainers=NET_FT, family_specific=True),
+    _O("fp8_base", bool, False, "Store the frozen base weights in float8 (computed in the mixed precision; LoRA "
+       "training).", "precision"),
+    _O("fp8_base_unet", bool, False, "Store only the denoiser's base weights in float8.", "precision"),
     _O("cpu_offload_checkpointing", bool, False, "Offload gradient-checkpointing activations to the CPU.",
        "precision", trainers=NET_FT, family_specific=True),
     # ---- sampling
@@ -494,6 +495,47 @@ OPTIONS: tuple[Option, ...] = (
     _O("metadata_description", str, None, "modelspec description.", "metadata"),
     _O("metadata_license", str, None, "modelspec license.", "metadata"),
     _O("metadata_tags", str, None, "modelspec tags (comma separated).", "metadata"),
+    # ---- sd-scripts options kept for its command lines: their intent is always met here, or they are refused
+    # with the reason when set (`refused`)
+    _O("highvram", bool, False, "Accepted for compatibility: device caches are not cleared between steps here.",
+       "precision", advanced=True),
+    _O("diffusers_xformers", bool, False, "Accepted for compatibility: PyTorch SDPA is used instead.", "precision",
+       trainers=frozenset({"finetune"}), advanced=True),
+    _O("use_safetensors", bool, False, "Accepted for compatibility: full models are saved as safetensors unless "
+       "save_model_as says otherwise.", "saving", trainers=FULL, advanced=True),
+    _O("disable_mmap_load_safetensors", bool, False, "Read .safetensors files into memory instead of memory-mapping "
+       "them (faster on WSL and network drives).", "model", advanced=True),
+    _O("text_encoder_batch_size", int, None, "Captions per batch while caching text-encoder outputs (default 16).",
+       "dataset", minimum=1, trainers=NET_FT, family_specific=True, advanced=True),
+    _O("num_last_block_to_freeze", int, None, "Keep the denoiser's last N transformer blocks frozen (sd3_train).",
+       "training", minimum=1, trainers=frozenset({"finetune"}), family_specific=True, advanced=True),
+    _O("fused_optimizer_groups", int, None, "sd-scripts' per-group optimizers stepped during backward: here the "
+       "same as fused_backward_pass, which steps each parameter as soon as its gradient is ready.", "precision",
+       trainers=FULL, minimum=0, advanced=True),
+    _O("no_token_padding", bool, False, "sd-scripts: do not pad captions to the token length.", "caption",
+       trainers=frozenset({"db"}), advanced=True,
+       refused="captions are always padded to max_token_length, as the text encoders were trained"),
+    _O("dataset_class", str, None, "sd-scripts: a custom dataset class.", "folders", advanced=True,
+       refused="custom dataset classes are not loaded (no code from options is run); describe the data with "
+               "dataset_config"),
+    _O("controlnet_model_name_or_path", str, None, "sd-scripts: a FLUX.1 ControlNet.", "model",
+       trainers=NET_FT, advanced=True, refused="ControlNet training and conditioning are not implemented"),
+    _O("split_mode", bool, False, "sd-scripts (deprecated there): split the FLUX.1 model in two.", "precision",
+       trainers=frozenset({"network"}), advanced=True,
+       refused="deprecated in sd-scripts and not implemented: use blocks_to_swap to save memory"),
+    *(_O(name, int, None, "sd-scripts (deprecated there): blocks to swap of one kind.", "precision",
+         trainers=frozenset({"finetune"}), advanced=True,
+         refused="deprecated in sd-scripts and not implemented: use blocks_to_swap")
+      for name in ("single_blocks_to_swap", "double_blocks_to_swap")),
+    *(_O(name, bool, False, f"sd-scripts (marked as not working there): save {what} into the checkpoint.",
+         "saving", trainers=frozenset({"finetune"}), advanced=True,
+         refused=f"unified checkpoints are not written (as in sd-scripts); a trained {what} is saved beside the "
+                 f"checkpoint as <name>_{file}.safetensors")
+      for name, what, file in (("save_clip", "CLIP-L / CLIP-G", "clip_l"), ("save_t5xxl", "T5-XXL", "t5xxl"))),
+    _O("t5xxl_device", str, None, "sd-scripts: the device T5-XXL runs on.", "model", trainers=NET_FT, advanced=True,
+       refused="T5-XXL runs on the training device; cache_text_encoder_outputs_to_disk frees it during training"),
+    _O("t5xxl_dtype", str, None, "sd-scripts: T5-XXL's dtype.", "model", trainers=NET_FT, advanced=True,
+       refused="T5-XXL runs in the mixed precision (fp8_base stores it in float8)"),
     # ---- logging and control (ours)
     _O("events_file", str, None, "Write JSON-lines progress events here (the GUI reads them).", "logging",
        path="out_file", advanced=True),
@@ -637,6 +679,9 @@ def validate(values: dict[str, Any], trainer: str) -> list[str]:
             if opt.maximum is not None and value > opt.maximum:
                 errors.append(f"option '{opt.name}': {value} is above the maximum {opt.maximum}")
                 continue
+        if opt.refused and value not in (opt.default, False, "", []):
+            errors.append(f"option '{opt.name}' is not supported here: {opt.refused}; remove it")
+            continue
         if opt.check:
             msg = opt.check(value, values)
             if msg:

@@ -185,6 +185,23 @@ def test_fine_tune_text_encoder_rates(tiny, tmp_path, extra, want):
     assert why and "use_t5xxl_cache_only" in why and "not implemented" in why
 
 
+def test_num_last_block_to_freeze_keeps_the_last_blocks(tiny, tmp_path):
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.training.full_methods import FolderFineTuneMethod
+
+    args = parse_args("finetune", ["--pretrained_model_name_or_path", tiny.single_file_with_text_encoders,
+                                   "--output_dir", str(tmp_path), "--num_last_block_to_freeze", "1"])
+    bundle = load_model(tiny.single_file_with_text_encoders)
+    groups, _ = FolderFineTuneMethod(args).build(bundle, family="sd3")
+    blocks = bundle.denoiser.transformer_blocks
+    trained = {id(p) for p in groups[0]["params"]}
+    assert not any(p.requires_grad or id(p) in trained for p in blocks[-1].parameters())
+    assert all(p.requires_grad and id(p) in trained for p in blocks[0].parameters())
+    args.num_last_block_to_freeze = len(blocks) + 1
+    with pytest.raises(OptionError, match="num_last_block_to_freeze"):
+        FolderFineTuneMethod(args).build(load_model(tiny.single_file_with_text_encoders), family="sd3")
+
+
 def test_noised_follows_sd3_flow_matching(family):
     torch.manual_seed(0)
     latents = torch.randn(3, 16, 4, 4)

@@ -57,6 +57,9 @@ class RunSetup:
         from .te_cache import check_options as check_te_cache_options
 
         check_memory_options(a, trainer=getattr(a, "trainer_kind", None))
+        from .fused_backward import check_fused_backward_options
+
+        check_fused_backward_options(a)
 
         check_te_cache_options(a, trains_text_encoder=self.method.trains_text_encoder, trainer=self.method.name)
         if a.output_name is None:

@@ -33,6 +33,7 @@ OPTIONS = frozenset({
     "timestep_sampling", "sigmoid_scale", "model_prediction_type", "discrete_flow_shift", "weighting_scheme",
     "logit_mean", "logit_std", "mode_scale", "blocks_to_swap", "fp8_base", "fp8_base_unet",
     "cpu_offload_checkpointing", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "mem_eff_save",
+    "text_encoder_batch_size",
 })
 # options every family has that a FLUX.1 / Chroma run cannot use, with the reason
 _REFUSED = {

@@ -28,7 +28,7 @@ OPTIONS = frozenset({
     "logit_mean", "logit_std", "mode_scale", "pos_emb_random_crop_rate", "enable_scaled_pos_embed",
     "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "blocks_to_swap", "fp8_base",
     "fp8_base_unet", "cpu_offload_checkpointing", "learning_rate_te1", "learning_rate_te2", "learning_rate_te3",
-    "train_t5xxl", "use_t5xxl_cache_only",
+    "train_t5xxl", "use_t5xxl_cache_only", "text_encoder_batch_size", "num_last_block_to_freeze",
 })
 
 # what the tiny builder writes with layout 'single' (tiny.py): the MMDiT + autoencoder file and the separate text
