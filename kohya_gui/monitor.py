@@ -85,6 +85,7 @@ class RunView:
     saves: list[tuple[str, str]] = field(default_factory=list)  # (kind, path)
     warnings: list[str] = field(default_factory=list)
     validations: list[dict[str, Any]] = field(default_factory=list)
+    validation_points: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
     start: dict[str, Any] = field(default_factory=dict)  # the run summary of the start event
     error_message: str | None = None
     error_hint: str | None = None
@@ -160,6 +161,10 @@ def _apply(view: RunView, ev: dict[str, Any]) -> None:
         view.saves.append((_text(ev.get("kind")), _text(ev.get("path"))))
     elif kind == "validation":
         view.validations.append({k: v for k, v in ev.items() if k != "type"})
+        step, loss = _int(ev.get("step")), _num(ev.get("loss"))
+        # an epoch's validation right after a step's one has the same weights: one point
+        if step is not None and loss is not None and (step, loss) not in view.validation_points[-1:]:
+            view.validation_points.append((step, loss))
     elif kind == "warning":
         message, hint = _text(ev.get("message")), _text(ev.get("hint"))
         view.warnings.append(f"{message} ({hint})" if hint else message)

@@ -140,6 +140,10 @@ def _timestep_range(value, values):
     return None if value is None or value >= low else f"must not be below min_timestep ({low})"
 
 
+def _below_one(value, _values):
+    return None if value is None or 0 <= value < 1 else "must be at least 0 and below 1"
+
+
 def _save_format(value, values):
     if value in ("diffusers", "diffusers_safetensors") and values.get("network_module") is not None:
         return "a LoRA is saved as safetensors, ckpt or pt; diffusers folders are for full models"
@@ -367,6 +371,18 @@ OPTIONS: tuple[Option, ...] = (
        minimum=0, advanced=True),
     _O("persistent_data_loader_workers", bool, False, "Keep data loader workers between epochs.", "dataset",
        advanced=True),
+    # ---- validation (held-out images; dataset TOML keys validation_split / validation_seed win per dataset)
+    _O("validation_split", float, 0.0, "Fraction of each dataset's training images held out for the validation "
+       "loss (0: no validation).", "dataset", trainers=NET, minimum=0, maximum=1, check=_below_one),
+    _O("validation_seed", int, None, "Seed of the validation split and of the validation noise (default: seed).",
+       "dataset", trainers=NET, advanced=True),
+    _O("validate_every_n_steps", int, None, "Also compute the validation loss every N steps (it is computed at the "
+       "end of every epoch anyway, or every validate_every_n_epochs).", "training", trainers=NET, minimum=1,
+       check=_positive),
+    _O("validate_every_n_epochs", int, None, "Compute the validation loss every N epochs (default: every epoch).",
+       "training", trainers=NET, minimum=1, check=_positive),
+    _O("max_validation_steps", int, None, "Validation batches per validation (default: all).", "training",
+       trainers=NET, minimum=1, check=_positive, advanced=True),
     # ---- network
     _O("network_module", str, "networks.lora", "Adapter type: networks.lora (kohya LoRA / LoCon), networks.loha, "
        "networks.lokr (LoHa / LoKr), lycoris.kohya (LyCORIS: algo= in network_args).", "network",
@@ -605,10 +621,23 @@ OPTIONS: tuple[Option, ...] = (
     _O("save_every_n_epochs", int, None, "Save a model every N epochs.", "saving", minimum=1),
     _O("save_every_n_steps", int, None, "Save a model every N steps.", "saving", minimum=1),
     _O("save_last_n_epochs", int, None, "Keep only the last N per-epoch saves.", "saving", minimum=1),
+    _O("save_n_epoch_ratio", int, None, "Save about N models over the run: save_every_n_epochs becomes "
+       "floor(epochs / N) (at least 1); overrides save_every_n_epochs.", "saving", minimum=1, check=_positive),
     _O("save_last_n_steps", int, None, "Keep only saves from the last N steps.", "saving", minimum=1),
+    _O("save_last_n_epochs_state", int, None, "Keep only the last N per-epoch state folders (overrides "
+       "save_last_n_epochs for states).", "saving", minimum=1, check=_positive),
+    _O("save_last_n_steps_state", int, None, "Keep only state folders from the last N steps (overrides "
+       "save_last_n_steps for states).", "saving", minimum=1, check=_positive),
     _O("save_state", bool, False, "Also save optimizer state folders to resume from.", "saving"),
     _O("save_state_on_train_end", bool, False, "Save the state folder at the end of training.", "saving"),
     _O("resume", str, None, "Resume from a saved state folder.", "saving", path="dir"),
+    _O("initial_epoch", int, None, "Start counting at this epoch (1 is the first). Without resume the learning-rate "
+       "schedule still starts at its beginning.", "saving", trainers=NET, minimum=1, check=_positive, advanced=True),
+    _O("initial_step", int, None, "Start counting at this step, all epochs included (0 is the first); overrides "
+       "initial_epoch and the step of a resumed state. Without resume the learning-rate schedule still starts at its "
+       "beginning.", "saving", trainers=NET, minimum=0, check=_non_negative, advanced=True),
+    _O("skip_until_initial_step", bool, False, "Skip the batches before initial_step (or initial_epoch), so the run "
+       "sees the data the interrupted run would have seen next.", "saving", trainers=NET, advanced=True),
     _O("no_metadata", bool, False, "Write only the essential metadata into the file.", "metadata"),
     _O("metadata_title", str, None, "modelspec title.", "metadata"),
     _O("metadata_author", str, None, "modelspec author.", "metadata"),

@@ -415,3 +415,15 @@ def test_metadata_names(tiny):
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and "modelspec.prediction_type" not in meta
     assert meta["ss_model_type"] == "flux" and meta["ss_network_module"] == "networks.lora_flux"
     assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
+
+
+def test_given_timesteps_replace_the_drawn_ones(tiny):
+    """The validation loss's fixed timesteps: sigma = t / 1000 whatever the sampling, the noise from the generator."""
+    family = family_class("flux")(_load(tiny[0]), None, timestep_sampling="shift", weighting_scheme="sigma_sqrt")
+    latents = torch.randn(2, 16, 8, 8)
+    out = family.noised(latents, torch.Generator().manual_seed(4), torch.tensor([200, 600]))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
+    s = torch.tensor([0.2, 0.6])
+    assert torch.allclose(out.noisy, (1 - s.view(2, 1, 1, 1)) * latents + s.view(2, 1, 1, 1) * noise, atol=1e-6)
+    assert torch.allclose(out.timesteps, s * 1000) and torch.allclose(out.weights, s ** -2.0)
+    assert family.timestep_range() == (0, 1000)

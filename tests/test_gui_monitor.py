@@ -63,3 +63,51 @@ def test_log_tail_collapses_tqdm_updates_and_limits_lines(tmp_path):
     tail = read_log_tail(log, n_lines=3)
     assert tail.splitlines() == ["line 98", "line 99", "steps: 100%"]
     assert read_log_tail(tmp_path / "missing.txt") == ""
+
+
+def test_validation_loss_is_its_own_line_of_the_loss_chart():
+    from kohya_gui.tabs import render
+    from kohya_gui.tabs.run_monitor import RunMonitor
+
+    events = [
+        dict(type="progress", step=1, total_steps=4, loss=1.0),
+        dict(type="validation", kind="step", step=1, epoch=1, loss=0.8, divergence=-0.2),
+        dict(type="progress", step=2, total_steps=4, loss=0.5),
+        dict(type="validation", kind="step", step=2, epoch=1, loss=0.7),
+        dict(type="validation", kind="epoch", step=2, epoch=1, loss=0.7),  # same weights: the same point
+        dict(type="validation", kind="step", step=3, epoch=2, loss=None),  # NaN arrives as null: no point
+    ]
+    view = update(RunView(), events)
+    assert view.validation_points == [(1, 0.8), (2, 0.7)] and len(view.validations) == 4
+    rows = render.loss_rows(view)
+    assert [r for r in rows if r[2] == "validation"] == [(1, 0.8, "validation"), (2, 0.7, "validation")]
+    assert {r[2] for r in rows} == {"loss", "smoothed", "validation"}
+    frame = RunMonitor._plot_value(view)
+    assert sorted(set(frame["series"])) == ["loss", "smoothed", "validation"]
+    assert frame[frame["series"] == "validation"]["loss"].tolist() == [0.8, 0.7]
+    # the monitor redraws the chart when only a validation point arrived
+    from types import SimpleNamespace
+
+    class Ctx:
+        def job_to_show(self, watched):
+            return SimpleNamespace(id="j", name="run", kind="lora", status="running", job_dir="/j")
+
+        def view(self, job):
+            return shown
+
+        def log_tail(self, job, lines):
+            return ""
+
+        def output_dir(self, job):
+            return None
+
+        def gallery(self, job, items):
+            return items
+
+    monitor_self = SimpleNamespace(ctx=Ctx(), PARTS=RunMonitor.PARTS, _plot_value=RunMonitor._plot_value)
+    shown = update(RunView(), events[:3])
+    *_, signature = RunMonitor.tick(monitor_self, None, {})
+    shown = update(RunView(), events[:4])
+    out = RunMonitor.tick(monitor_self, None, signature)
+    plot = out[RunMonitor.PARTS.index("plot")]
+    assert plot["series"].tolist().count("validation") == 2

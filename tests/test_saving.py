@@ -84,8 +84,11 @@ def test_prune_keeps_last_n_epochs_and_only_our_files(tmp_path):
 def test_prune_steps(tmp_path):
     names = [model_file_name("lora", "safetensors", step=s) for s in (100, 200, 300, 400)]
     _touch(tmp_path, names + [state_dir_name("lora", step=100)])
+    # sd-scripts keeps the save made exactly N steps ago (at step 400 with N=200: 200, 300, 400)
     prune_old_saves(tmp_path, "lora", "safetensors", keep_last_n_steps=200, current_step=400, include_states=False)
-    assert sorted(os.listdir(tmp_path)) == sorted(names[2:] + [state_dir_name("lora", step=100)])
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:] + [state_dir_name("lora", step=100)])
+    prune_old_saves(tmp_path, "lora", "safetensors", keep_last_n_steps=100, current_step=400, include_models=False)
+    assert sorted(os.listdir(tmp_path)) == sorted(names[1:])  # only the state went
     assert prune_old_saves(tmp_path / "missing", "lora", "safetensors", keep_last_n_steps=1, current_step=1) == []
 
 

@@ -472,3 +472,14 @@ def test_input_perturbation_and_huber_loss(family):
     torch.testing.assert_close(loss, expected)
     with pytest.raises(OptionError, match="'huber_schedule'.*constant or exponential"):
         SD3Family(family.bundle, Namespace(t5xxl_max_token_length=8, loss_type="smooth_l1"))
+
+
+def test_given_timesteps_replace_the_drawn_ones(family):
+    """The validation loss's fixed timesteps: sigma = t / 1000, the noise still from the generator."""
+    latents = torch.randn(2, 16, 4, 4)
+    noised = family.noised(latents, torch.Generator().manual_seed(3), torch.tensor([200, 800]))
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(3))
+    sigma = torch.tensor([0.2, 0.8]).reshape(2, 1, 1, 1)
+    assert torch.equal(noised.timesteps, torch.tensor([200.0, 800.0]))
+    torch.testing.assert_close(noised.noisy, (1 - sigma) * latents + sigma * noise)
+    assert family.timestep_range() == (0, 1000)

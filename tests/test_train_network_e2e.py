@@ -146,6 +146,7 @@ def test_two_processes_on_cpu(tmp_path, tiny_sd1, demo_data):
         "--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir", demo_data,
         "--output_dir", str(out), "--output_name", "ddp", "--resolution", "64", "--caption_extension", ".txt",
         "--network_dim", "4", "--learning_rate", "1e-3", "--max_train_steps", "4", "--cache_latents",
+        "--validation_split", "0.3", "--validate_every_n_steps", "2", "--max_validation_steps", "2",
         "--events_file", str(events_file), num_processes=2))
     tensors, meta = lora_tensors(out / "ddp.safetensors")
     assert any(k.startswith("lora_unet_") for k in tensors) and any(k.startswith("lora_te_") for k in tensors)
@@ -154,6 +155,11 @@ def test_two_processes_on_cpu(tmp_path, tiny_sd1, demo_data):
     assert events[-1]["status"] == "completed"
     # the trainer compares the trained weights of both processes before saving: they must not have drifted apart
     assert not [e for e in events if e["type"] == "warning" and "processes" in e["message"]]
+    # the validation loss: each process scores one of the two held-out batches, the main process reports the mean
+    validations = [e for e in events if e["type"] == "validation"]
+    assert [(e["kind"], e["step"]) for e in validations] == [("step", 2), ("step", 4), ("epoch", 4)]
+    assert all(e["loss"] is not None and e["batches"] == 2 for e in validations)
+    assert events[0]["num_validation_images"] == 4
 
 
 def test_sd_scripts_command_line_runs_as_written(tmp_path, tiny_sd1, demo_data):

@@ -60,9 +60,10 @@ def job_status(job: Any) -> str:
 
 
 def loss_rows(view: RunView) -> list[tuple[int, float, str]]:
-    """(step, loss, series) rows: the raw losses and their moving average."""
+    """(step, loss, series) rows: the raw losses, their moving average and the validation loss (its own line)."""
     rows = [(step, loss, "loss") for step, loss in view.loss_points]
     rows += [(step, loss, "smoothed") for step, loss in view.smoothed]
+    rows += [(step, loss, "validation") for step, loss in view.validation_points]
     return rows
 
 

@@ -67,7 +67,8 @@ class RunMonitor:
         parts = {
             "status": render.status_markdown(job, view),
             "progress": render.progress_html(view, status),
-            "plot": ("rows", job.id, len(view.loss_points), view.loss_points[-1:] if view.loss_points else None),
+            "plot": ("rows", job.id, len(view.loss_points), view.loss_points[-1:] if view.loss_points else None,
+                     len(view.validation_points)),
             "gallery": ("samples", job.id, len(view.samples)),
             "log": self.ctx.log_tail(job, LOG_LINES),
             "outputs": render.outputs_markdown(view, self.ctx.output_dir(job)),

@@ -151,7 +151,7 @@ class TrainDataset(Dataset):
         order = list(range(len(images)))
         vseed = ds.validation_seed if ds.validation_seed is not None else self.seed
         random.Random(f"validation:{vseed}:{subset.image_dir}").shuffle(order)
-        held_out = set(order[:int(len(images) * ds.validation_split)])
+        held_out = set(order[:round(len(images) * ds.validation_split)])  # sd-scripts' count of held-out images
         keep_held_out = self.split == "validation"
         return [img for i, img in enumerate(images) if (i in held_out) == keep_held_out]
 

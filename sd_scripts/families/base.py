@@ -93,9 +93,18 @@ class Family:
         return False
 
     # ---- the training step
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
-        """Draw noise and timesteps for scaled latents [B, C, H, W]: the denoiser's input, its target and weights."""
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None,
+               timesteps: torch.Tensor | None = None) -> NoisedLatents:
+        """Draw noise and timesteps for scaled latents [B, C, H, W]: the denoiser's input, its target and weights.
+
+        Given `timesteps` ([B] integers in `timestep_range()`, the validation loss's fixed ones), the step uses them
+        instead of drawing its own (flow matching: sigma = t / 1000); the noise still comes from `generator`."""
         raise NotImplementedError
+
+    def timestep_range(self) -> tuple[int, int]:
+        """[low, high) of the timesteps training draws from (min_timestep / max_timestep where the family honours
+        them): the validation loss is taken at fixed timesteps spread over it."""
+        return 0, 1000
 
     def predict(self, noised: NoisedLatents, conditioning: Any, batch: dict) -> torch.Tensor:
         """The denoiser's prediction for a noised batch, comparable with `noised.target`."""

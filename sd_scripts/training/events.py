@@ -7,7 +7,9 @@ Every line has `type` and `time` (unix seconds, float) plus the fields of its ty
   step metrics, e.g. keys_scaled, avg_key_norm, max_key_norm with scale_weight_norms).
 - `sample`: step, epoch, paths, prompts.
 - `save`: path, kind (e.g. "final", "epoch", "step", "state"), plus free fields (step, epoch).
-- `validation`: free fields (e.g. step, loss).
+- `validation`: kind ("step" after validate_every_n_steps, "epoch" at an epoch's end), step, epoch, loss (mean over the
+  held-out batches and the fixed timesteps), divergence (loss minus the recent training loss, or null), batches,
+  timesteps (training/validation.py).
 - `warning` / `error`: message, hint.
 - `done`: status ("completed" | "stopped" | "failed"), outputs (list of paths), plus free fields.
 
@@ -104,7 +106,7 @@ class EventWriter:
         self.emit("save", path=path, kind=kind, **fields)
 
     def validation(self, **fields: Any) -> None:
-        """Validation results (step, epoch, loss, ...)."""
+        """Validation results (kind, step, epoch, loss, divergence, batches, timesteps)."""
         self.emit("validation", **fields)
 
     def warning(self, message: str, hint: str = "") -> None:

@@ -201,6 +201,14 @@ def sample_sd3_sigmas(batch_size: int, *, weighting_scheme: str = DEFAULT_WEIGHT
     return timesteps / NUM_TRAIN_TIMESTEPS, timesteps
 
 
+def sigmas_of_timesteps(timesteps: torch.Tensor, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+                        device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sigmas, timesteps), float32 [B], for given timesteps t (the validation loss's fixed ones): sigma = t / 1000,
+    unshifted, so a validation timestep means the same noise level whatever the sampling options."""
+    timesteps = _moved(timesteps.to(torch.float32), device)
+    return timesteps / num_train_timesteps, timesteps
+
+
 # ---------------------------------------------------------------- noisy input and targets
 
 

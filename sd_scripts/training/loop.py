@@ -37,6 +37,7 @@ class Trainer(RunSetup, RunOutputs):
         self.accelerator = None
         self.global_step = 0
         self.epoch = 0
+        self.validation = None  # training/validation.py, when images are held out
         self._check_args()
 
     # ------------------------------------------------------------------ the run
@@ -73,6 +74,7 @@ class Trainer(RunSetup, RunOutputs):
         s, p = self.summary, self.plan
         self.events.start(model_family=self.bundle.family, v_prediction=self.v_prediction, trainer=self.method.name,
                           num_train_images=s.num_train_images, num_reg_images=s.num_reg_images,
+                          num_validation_images=len(self.validation.dataset.records) if self.validation else 0,
                           batches_per_epoch=p.batches_per_epoch, steps_per_epoch=p.steps_per_epoch,
                           total_steps=p.total_steps, total_epochs=p.total_epochs,
                           batch_size=self.args.train_batch_size, num_processes=self.accelerator.num_processes,
@@ -109,6 +111,10 @@ class Trainer(RunSetup, RunOutputs):
         if self.resume_skip_batches:  # resumed mid-epoch: continue with the batch after the saved step's
             loader = self.accelerator.skip_first_batches(self.loader, self.resume_skip_batches)
             self.resume_skip_batches = 0
+        # When iterated, accelerate's loader passes the dataset its own count of epochs from 0 (overriding
+        # dataset.set_epoch above); a fresh loader from skip_first_batches would start that count again, so the
+        # count is set here: a resumed or skipping run then draws the batches of the straight run's epoch
+        loader.set_epoch(self.epoch - 1)
         for batch in loader:
             with self.accelerator.accumulate():
                 loss = self.training_step(batch)
@@ -127,16 +133,7 @@ class Trainer(RunSetup, RunOutputs):
         a, acc = self.args, self.accelerator
         self.dataset.set_step(self.global_step)
         self.train_text_encoder = self.method.before_step(self.global_step)
-        latents = self.batch_latents(batch)
-        captions = self.method.captions(batch["captions"])
-        with torch.set_grad_enabled(self.train_text_encoder), acc.autocast():
-            cond = self.family.encode_captions(captions, train_text_encoder=self.train_text_encoder)
-        noised = self.family.noised(latents, self.noise_rng.generator)
-        noised.noisy = noised.noisy.to(self.weight_dtype)
-        with acc.autocast():
-            pred = self.family.predict(noised, cond.to(self.weight_dtype), batch)
-        loss = training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights,
-                             loss_type=noised.loss_type, huber_c=noised.huber_c, mask=batch.get("loss_masks"))
+        loss = self.batch_loss(batch, self.noise_rng.generator)
         acc.backward(loss)
         if acc.sync_gradients:
             allreduce_gradients(self.trained_params)
@@ -148,6 +145,22 @@ class Trainer(RunSetup, RunOutputs):
             self.method.after_optimizer_step(self.global_step + 1)
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
+
+    def batch_loss(self, batch: dict, generator: torch.Generator, timesteps: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """The loss of one batch: noise (and timesteps, unless given: validation) from `generator`, the family's
+        prediction and target. Under torch.no_grad (validation) nothing keeps a graph."""
+        acc = self.accelerator
+        latents = self.batch_latents(batch)
+        captions = self.method.captions(batch["captions"])
+        with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()), acc.autocast():
+            cond = self.family.encode_captions(captions, train_text_encoder=self.train_text_encoder)
+        noised = self.family.noised(latents, generator, timesteps)
+        noised.noisy = noised.noisy.to(self.weight_dtype)
+        with acc.autocast():
+            pred = self.family.predict(noised, cond.to(self.weight_dtype), batch)
+        return training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights,
+                             loss_type=noised.loss_type, huber_c=noised.huber_c, mask=batch.get("loss_masks"))
 
     def batch_latents(self, batch: dict) -> torch.Tensor:
         device = self.accelerator.device
@@ -172,6 +185,8 @@ class Trainer(RunSetup, RunOutputs):
         if a.save_every_n_steps and self.global_step % a.save_every_n_steps == 0 \
                 and self.global_step < self.plan.total_steps:
             self.save_model(step=self.global_step)
+        if self.validation and self.validation.due_after_step(self.global_step):
+            self.validate("step")
 
     def report_progress(self, loss: float) -> None:
         avg = sum(self.recent_losses) / len(self.recent_losses)
@@ -194,6 +209,8 @@ class Trainer(RunSetup, RunOutputs):
     def end_of_epoch(self, last: bool) -> None:
         """Epoch scalars, per-epoch saves (the last epoch's is the final file) and samples."""
         a = self.args
+        if self.validation and self.validation.due_after_epoch(self.epoch):
+            self.validate("epoch")
         if self.trackers.active and self.recent_losses:
             self.trackers.log({"loss/epoch_average": sum(self.recent_losses) / len(self.recent_losses)},
                               step=self.epoch, global_step=self.global_step, epoch=self.epoch)

@@ -20,6 +20,7 @@ from .events import EventWriter
 from .memory import MemoryFeatures
 from .methods import compute_dtype
 from .plan import Plan, plan_steps
+from .validation import build_validation
 
 log = logging.getLogger("sd_scripts.train")
 
@@ -187,13 +188,29 @@ class RunSetup:
 
         a = self.args
         configs = load_datasets(a, bucket_step_default=self.spec.bucket_step)
-        self.dataset = TrainDataset(configs, seed=a.seed or 0, prior_loss_weight=a.prior_loss_weight,
-                                    max_train_steps=a.max_train_steps, bucket_step=self.spec.bucket_step)
+        kwargs = dict(prior_loss_weight=a.prior_loss_weight, max_train_steps=a.max_train_steps,
+                      bucket_step=self.spec.bucket_step)
+        self.dataset = TrainDataset(configs, seed=a.seed or 0, **kwargs)
         self.summary = self.dataset.summary()
         if self.summary.num_train_images == 0:
             raise UserError(f"no training images found in {a.train_data_dir or a.dataset_config}")
         if getattr(self, "family", None) is not None:  # (debug_dataset lists the data without a model)
             self.family.use_resolutions([tuple(ds.resolution) for ds in configs])
+        # held-out images (validation_split): the same seed picks the same images out of both datasets
+        self.validation = build_validation(a, configs, seed=a.seed or 0, dataset_kwargs=kwargs,
+                                           timestep_range=self._timestep_range(), warn=self.warn)
+        if self.validation:
+            log.info("validation: %d images, %d batches at timesteps %s", len(self.validation.dataset.records),
+                     self.validation.num_batches, self.validation.timesteps)
+
+    def _timestep_range(self) -> tuple[int, int]:
+        """The family's training timestep range ((0, 1000) before a model is loaded, e.g. debug_dataset)."""
+        family = getattr(self, "family", None)
+        return family.timestep_range() if family is not None else (0, 1000)
+
+    def datasets(self) -> list:
+        """The training dataset, and the validation dataset when there is one."""
+        return [self.dataset] + ([self.validation.dataset] if self.validation else [])
 
     def debug_dataset(self) -> str:
         """debug_dataset: one epoch of batches listed (printed, and written under <output_dir>/debug_dataset) with
@@ -218,24 +235,26 @@ class RunSetup:
         kwargs = dict(vae_id=self.bundle.vae_id, to_disk=a.cache_latents_to_disk, batch_size=a.vae_batch_size,
                       skip_check=a.skip_cache_check,
                       npz_suffix=self.family.latent_cache_suffix)
-        with torch.no_grad():
-            if a.cache_latents_to_disk:  # the main process writes the files, the others read them
-                if self.is_main:
-                    report = self.dataset.cache_latents(self.family.encode_images, is_main_process=True, **kwargs)
-                self.accelerator.wait_for_everyone()
-                if not self.is_main:
-                    report = self.dataset.cache_latents(self.family.encode_images, is_main_process=False, **kwargs)
-            else:
-                report = self.dataset.cache_latents(self.family.encode_images, is_main_process=self.is_main,
-                                                    **kwargs)
-        log.info("latents: %d encoded, %d reused from disk in %.1f s", report.encoded, report.reused,
-                 time.time() - t0)
+        for dataset in self.datasets():
+            with torch.no_grad():
+                if a.cache_latents_to_disk:  # the main process writes the files, the others read them
+                    if self.is_main:
+                        report = dataset.cache_latents(self.family.encode_images, is_main_process=True, **kwargs)
+                    self.accelerator.wait_for_everyone()
+                    if not self.is_main:
+                        report = dataset.cache_latents(self.family.encode_images, is_main_process=False, **kwargs)
+                else:
+                    report = dataset.cache_latents(self.family.encode_images, is_main_process=self.is_main,
+                                                   **kwargs)
+            log.info("latents (%s): %d encoded, %d reused from disk in %.1f s", dataset.split, report.encoded,
+                     report.reused, time.time() - t0)
 
     def cache_text_encoder_outputs(self) -> None:
         """cache_text_encoder_outputs[_to_disk]: every caption encoded once before training (te_cache.py)."""
         from .te_cache import cache_text_encoder_outputs
 
-        cache_text_encoder_outputs(self.family, self.dataset, self.args, self.accelerator)
+        for dataset in self.datasets():
+            cache_text_encoder_outputs(self.family, dataset, self.args, self.accelerator)
 
     def build_method(self) -> None:
         self.param_groups, self.lr_names = self.method.build(self.bundle, family=self.bundle.family)
@@ -260,7 +279,8 @@ class RunSetup:
             self.bundle.vae = None
             freed.append("VAE")
         if not self.method.trains_text_encoder:
-            captions = self.dataset.fixed_captions()
+            fixed = [dataset.fixed_captions() for dataset in self.datasets()]
+            captions = None if None in fixed else sorted({c for found in fixed for c in found})
             if captions is not None and self.family.release_text_encoders(captions):
                 freed.append("text encoder")
         if freed:
@@ -300,6 +320,10 @@ class RunSetup:
         broadcast_parameters(self.trained_params)
         self.optimizer, self.loader = self.accelerator.prepare(self.optimizer, loader)
         self.plan = self._plan(len(self.loader))
+        if a.save_n_epoch_ratio:  # about N saves over the run, whatever its length
+            from .saving import epochs_between_saves
+
+            a.save_every_n_epochs = epochs_between_saves(a.save_n_epoch_ratio, self.plan.total_epochs)
         self.lr_scheduler = scheduler_from_args(a, self.optimizer, self.plan.total_steps)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         # The trained weights live outside accelerate.prepare: register them so save_state/resume keep them.
@@ -316,11 +340,39 @@ class RunSetup:
         return plan_steps(batches_per_epoch, a.gradient_accumulation_steps, a.max_train_steps, a.max_train_epochs)
 
     def resume_state(self) -> None:
+        """Where the run starts: a resumed state's step (exactly: the batches it trained are skipped), or
+        initial_step / initial_epoch (sd-scripts' meaning; the batches before it are skipped only with
+        skip_until_initial_step, and without resume the learning-rate schedule starts at its beginning)."""
         a = self.args
         self.first_epoch = 0
         self.resume_skip_batches = 0
-        if not a.resume:
-            return
+        from_state = self._load_resumed_state() if a.resume else None
+        start = initial_step_of(a, self.plan.steps_per_epoch)
+        skip = True
+        if start is None:
+            start = from_state or 0
+        else:
+            skip = bool(getattr(a, "skip_until_initial_step", False))
+            if from_state is not None:
+                self.warn(f"the resumed state's step {from_state} is replaced by initial_step/initial_epoch "
+                          f"(step {start})")
+            elif start and skip:
+                log.info("initial step %d without resume: the learning-rate schedule starts at its beginning", start)
+        if start >= self.plan.total_steps and start > 0:
+            raise OptionError(f"the run would start at step {start}, but it has only {self.plan.total_steps} steps: "
+                              "lower initial_step/initial_epoch or raise max_train_steps/max_train_epochs")
+        self.global_step = start
+        self.first_epoch = start // self.plan.steps_per_epoch
+        if skip:
+            done_in_epoch = start - self.first_epoch * self.plan.steps_per_epoch
+            self.resume_skip_batches = done_in_epoch * a.gradient_accumulation_steps
+        if start:
+            log.info("starting at step %d (epoch %d, %d batches of it skipped)", self.global_step,
+                     self.first_epoch + 1, self.resume_skip_batches)
+
+    def _load_resumed_state(self) -> int:
+        """Load the `resume` state folder; the step it was saved at."""
+        a = self.args
         resume_dir = a.resume
         if a.resume_from_huggingface:  # every process downloads (to its own folder: no race on the files)
             from .hub import download_state
@@ -337,12 +389,17 @@ class RunSetup:
         set_train_mode(self.optimizer)  # a schedule-free optimizer's state was saved with the averaged weights
         with open(state_file, encoding="utf-8") as f:
             state = json.load(f)
-        self.global_step = int(state["current_step"])
-        self.first_epoch = self.global_step // self.plan.steps_per_epoch
-        done_in_epoch = self.global_step - self.first_epoch * self.plan.steps_per_epoch
-        self.resume_skip_batches = done_in_epoch * a.gradient_accumulation_steps
-        log.info("resumed from %s at step %d (epoch %d, %d batches of it done)", a.resume, self.global_step,
-                 self.first_epoch + 1, self.resume_skip_batches)
+        log.info("resumed from %s (step %d)", a.resume, int(state["current_step"]))
+        return int(state["current_step"])
+
+
+def initial_step_of(args, steps_per_epoch: int) -> int | None:
+    """initial_step, else the first step of initial_epoch (1-based), else None (sd-scripts' rule)."""
+    if getattr(args, "initial_step", None) is not None:
+        return int(args.initial_step)
+    if getattr(args, "initial_epoch", None) is not None:
+        return (int(args.initial_epoch) - 1) * steps_per_epoch
+    return None
 
 
 class NoiseRNG:

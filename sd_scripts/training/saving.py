@@ -118,13 +118,22 @@ def parse_save_name(file_name: str, output_name: str, ext: str) -> SavedName | N
     return SavedName(int(epoch) if epoch else None, int(step) if step else None, bool(match.group("state")))
 
 
+def epochs_between_saves(save_n_epoch_ratio: int, total_epochs: int) -> int:
+    """save_n_epoch_ratio N: save every floor(total_epochs / N) epochs, at least every epoch (sd-scripts' rule), so
+    about N models come out of the run."""
+    if save_n_epoch_ratio < 1:
+        raise ValueError("save_n_epoch_ratio must be 1 or more")
+    return max(1, total_epochs // save_n_epoch_ratio)
+
+
 def prune_old_saves(output_dir: str | os.PathLike, output_name: str, ext: str, *,
                     keep_last_n_epochs: int | None = None, current_epoch: int | None = None,
                     keep_last_n_steps: int | None = None, current_step: int | None = None,
-                    include_states: bool = True) -> list[str]:
-    """Delete older per-epoch saves (keeping the last N up to current_epoch) and per-step saves from before
-    current_step - N. Only names our naming produced for `output_name` are touched (state folders too, with
-    include_states); saves numbered after the current one are left alone. Returns the deleted paths."""
+                    include_states: bool = True, include_models: bool = True) -> list[str]:
+    """Delete older per-epoch saves (keeping the last N up to current_epoch) and per-step saves made more than N
+    steps before current_step (sd-scripts' save_last_n_steps: the save at exactly current_step - N stays). Only names
+    our naming produced for `output_name` are touched: model files with include_models, state folders with
+    include_states; saves numbered after the current one are left alone. Returns the deleted paths."""
     output_dir = os.fspath(output_dir)
     if not os.path.isdir(output_dir):
         return []
@@ -135,7 +144,7 @@ def prune_old_saves(output_dir: str | os.PathLike, output_name: str, ext: str, *
         full = os.path.join(output_dir, entry)
         if parsed is None or (parsed.is_state and (not include_states or not os.path.isdir(full))):
             continue
-        if not parsed.is_state and not os.path.isfile(full):
+        if not parsed.is_state and (not include_models or not os.path.isfile(full)):
             continue
         if parsed.epoch is not None:
             epochs.setdefault(parsed.epoch, []).append(full)
@@ -147,7 +156,7 @@ def prune_old_saves(output_dir: str | os.PathLike, output_name: str, ext: str, *
         for epoch in done[:max(0, len(done) - keep_last_n_epochs)]:
             doomed += epochs[epoch]
     if keep_last_n_steps is not None and current_step is not None:
-        doomed += [p for s, p in step_paths if s <= current_step - keep_last_n_steps]
+        doomed += [p for s, p in step_paths if s < current_step - keep_last_n_steps]
     for path in sorted(doomed):
         if os.path.isdir(path):
             shutil.rmtree(path)

@@ -305,19 +305,24 @@ class FluxFamily(MemoisedCaptions, Family):
         return t5.device if t5 is not None else next(self.bundle.denoiser.parameters()).device
 
     # ---- the training step
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
-        """Noise, then sigmas (training/flow_matching.py with the run's options), then the input perturbation
-        (ip_noise_gamma: the noisy input only); target = noise - latents; the weighting scheme's loss weights when
-        model_prediction_type is sigma_scaled; the loss type and Huber thresholds of the run."""
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None,
+               timesteps: torch.Tensor | None = None) -> NoisedLatents:
+        """Noise, then sigmas (training/flow_matching.py with the run's options; given timesteps: t / 1000), then
+        the input perturbation (ip_noise_gamma: the noisy input only); target = noise - latents; the weighting
+        scheme's loss weights when model_prediction_type is sigma_scaled; the loss type and Huber thresholds."""
         device = latents.device
         gen_device = generator.device if generator is not None else device
         noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=torch.float32)
         noise = noise.to(device, latents.dtype)
-        sigmas, timesteps = fm.sample_flux_sigmas(
-            self.timestep_sampling, latents.shape[0], latent_height=latents.shape[2], latent_width=latents.shape[3],
-            sigmoid_scale=self.sigmoid_scale, discrete_flow_shift=self.discrete_flow_shift,
-            weighting_scheme=self.weighting_scheme, logit_mean=self.logit_mean, logit_std=self.logit_std,
-            mode_scale=self.mode_scale, generator=generator, device=device)
+        if timesteps is not None:
+            sigmas, timesteps = fm.sigmas_of_timesteps(timesteps, device=device)
+        else:
+            sigmas, timesteps = fm.sample_flux_sigmas(
+                self.timestep_sampling, latents.shape[0], latent_height=latents.shape[2],
+                latent_width=latents.shape[3], sigmoid_scale=self.sigmoid_scale,
+                discrete_flow_shift=self.discrete_flow_shift, weighting_scheme=self.weighting_scheme,
+                logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale,
+                generator=generator, device=device)
         model_input_noise = perturbed_noise(noise, self.ip_noise_gamma, self.ip_noise_gamma_random_strength,
                                             generator=generator)
         noisy = fm.add_flow_noise(latents, model_input_noise, sigmas)

@@ -48,8 +48,12 @@ class UNetFamily(Family):
                                             device=device, options=self.ddpm_options, loss=self.loss_settings)
         return self._objective
 
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
-        return self.objective.noised(latents, generator)
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None,
+               timesteps: torch.Tensor | None = None) -> NoisedLatents:
+        return self.objective.noised(latents, generator, timesteps)
+
+    def timestep_range(self) -> tuple[int, int]:
+        return self.objective.timestep_range()
 
     # ---- sampling
     def scheduler(self, sampler: str | None) -> Any:

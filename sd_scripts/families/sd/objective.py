@@ -86,7 +86,14 @@ class DDPMObjective:
     def prediction_type(self) -> str:
         return "v_prediction" if self.v_prediction else "epsilon"
 
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
+    def timestep_range(self) -> tuple[int, int]:
+        """[min_timestep or 0, max_timestep or the schedule's length): where training timesteps come from."""
+        o = self.options
+        low = 0 if o.min_timestep is None else int(o.min_timestep)
+        return low, len(self.alphas_cumprod) if o.max_timestep is None else int(o.max_timestep)
+
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None,
+               timesteps: torch.Tensor | None = None) -> NoisedLatents:
         o, ac = self.options, self.alphas_cumprod
         noise = noise_math.make_noise(latents, o.noise_offset, generator=generator,
                                       noise_offset_random_strength=o.noise_offset_random_strength,
@@ -94,8 +101,11 @@ class DDPMObjective:
         if o.multires_noise_iterations:
             noise = noise_math.multires_noise(noise, o.multires_noise_iterations, o.multires_noise_discount,
                                               generator=generator)
-        timesteps = noise_math.sample_timesteps(latents.shape[0], len(ac), o.min_timestep, o.max_timestep,
-                                                generator=generator, device=latents.device)
+        if timesteps is None:
+            timesteps = noise_math.sample_timesteps(latents.shape[0], len(ac), o.min_timestep, o.max_timestep,
+                                                    generator=generator, device=latents.device)
+        else:  # given (validation): fixed timesteps
+            timesteps = timesteps.to(device=latents.device, dtype=torch.long)
         model_input_noise = noise_math.perturbed_noise(noise, o.ip_noise_gamma, o.ip_noise_gamma_random_strength,
                                                        generator=generator)
         noisy = noise_math.add_noise(ac, latents, model_input_noise, timesteps)

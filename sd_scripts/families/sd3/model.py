@@ -402,12 +402,21 @@ class SD3Family(MemoisedCaptions, Family):
         return SD3Conditioning(*(torch.from_numpy(a.copy()).to(device) for a in (lg, t5, pooled)))
 
     # ---- the training step
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
+    def timestep_range(self) -> tuple[int, int]:
+        """[min_timestep or 0, max_timestep or 1000], as sample_sd3_sigmas draws them."""
+        low, high = self.density["min_timestep"], self.density["max_timestep"]
+        return (0 if low is None else int(low)), (fm.NUM_TRAIN_TIMESTEPS if high is None else int(high))
+
+    def noised(self, latents: torch.Tensor, generator: torch.Generator | None,
+               timesteps: torch.Tensor | None = None) -> NoisedLatents:
         from ...training.noise import make_noise, perturbed_noise
 
         noise = make_noise(latents, None, generator=generator)
-        sigmas, timesteps = fm.sample_sd3_sigmas(latents.shape[0], weighting_scheme=self.weighting_scheme,
-                                                 generator=generator, device=latents.device, **self.density)
+        if timesteps is not None:
+            sigmas, timesteps = fm.sigmas_of_timesteps(timesteps, device=latents.device)
+        else:
+            sigmas, timesteps = fm.sample_sd3_sigmas(latents.shape[0], weighting_scheme=self.weighting_scheme,
+                                                     generator=generator, device=latents.device, **self.density)
         # input perturbation as sd-scripts' FLUX.1 trainer defines it for flow matching (its SD3 trainer skips it)
         model_input_noise = perturbed_noise(noise, self.ip_noise_gamma, self.ip_noise_gamma_random_strength,
                                             generator=generator)
