@@ -35,10 +35,6 @@ SAME_MEANING = {
                               "/ 512 dev (flux_* scripts' None)",
 }
 NOT_YET = {
-    # validation, save and resume (in progress)
-    "initial_epoch", "initial_step", "max_validation_steps", "save_last_n_epochs_state",
-    "save_last_n_steps_state", "save_n_epoch_ratio", "skip_until_initial_step", "validate_every_n_epochs",
-    "validate_every_n_steps", "validation_seed", "validation_split",
     # scale-out (in progress)
     "ddp_gradient_as_bucket_view", "ddp_static_graph", "ddp_timeout", "deepspeed", "dynamo_backend",
     "fp16_master_weights_and_gradients", "offload_optimizer_device", "offload_optimizer_nvme_path",
