@@ -294,7 +294,8 @@ OPTIONS: tuple[Option, ...] = (
        advanced=True),
     # ---- network
     _O("network_module", str, "networks.lora", "Adapter type: networks.lora (kohya LoRA / LoCon), networks.loha, "
-       "networks.lokr (LoHa / LoKr), lycoris.kohya (LyCORIS: algo= in network_args).", "network",
+       "networks.lokr (LoHa / LoKr), networks.dylora (DyLoRA), networks.lora_fa (LoRA-FA), networks.oft / "
+       "networks.oft_flux (OFT), lycoris.kohya (LyCORIS: algo= in network_args).", "network",
        trainers=NET, choices=(*_network_module_names(), *_family_option_choices("network_module"))),
     _O("network_dim", int, 4, "LoRA rank.", "network", trainers=NET, minimum=1, check=_positive,
        label="Network rank (dim)"),
@@ -303,7 +304,8 @@ OPTIONS: tuple[Option, ...] = (
     _O("network_dropout", float, None, "Dropout on the LoRA down projection's output (neuron dropout).", "network",
        trainers=NET, minimum=0, maximum=1),
     _O("network_args", str, None, "Extra network options key=value: conv_dim, conv_alpha, rank_dropout, "
-       "module_dropout; networks.lokr: factor, use_tucker; lycoris.kohya: algo, preset, factor, use_tucker, ...",
+       "module_dropout; networks.lokr: factor, use_tucker; networks.dylora: unit; networks.oft: enable_all_linear, "
+       "enable_conv; lycoris.kohya: algo, preset, factor, use_tucker, ...",
        "network", trainers=NET, nargs="*"),
     _O("network_weights", str, None, "Continue training from this LoRA file.", "network", trainers=NET, path="file"),
     _O("dim_from_weights", bool, False, "Take rank and alpha from network_weights.", "network", trainers=NET),
