@@ -184,6 +184,27 @@ def test_dylora_training_forward_is_sd_scripts_rule():
     assert trained == [b, b + 1] and [i for i, p in enumerate(module.lora_B) if p.grad is not None] == trained
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_dylora_draw_survives_gradient_checkpointing(reentrant):
+    """A checkpointed forward recomputed in backward keeps the step's draw: the same output, one trained block."""
+    from torch.utils.checkpoint import checkpoint
+
+    layer, module = _linear_dylora({"unit": 1})
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3)
+    module.apply()
+    module.train()
+    x = torch.randn(3, 8, requires_grad=True)
+    random.seed(6)  # draws 0 then 3: a recomputation that drew again would differ
+    checkpoint(layer, x, use_reentrant=reentrant).sum().backward()
+    grads = [i for i, p in enumerate(module.lora_A) if p.grad is not None]
+    random.seed(6)
+    direct = layer(x)
+    assert len(grads) == 1 and grads[0] == module._drawn
+    torch.testing.assert_close(module.lora_A[grads[0]].grad, torch.autograd.grad(direct.sum(), module.lora_A[grads[0]])[0])
+
+
 @pytest.mark.parametrize("args,dropout", [({"module_dropout": 1.0}, None), ({"rank_dropout": 0.5}, None),
                                           ({}, 0.5)], ids=["module_dropout", "rank_dropout", "network_dropout"])
 def test_dylora_dropouts_act_in_training(args, dropout):
@@ -231,8 +252,11 @@ def test_lora_fa_trains_only_up_and_its_file_loads_in_diffusers(tmp_path):
     pytest.importorskip("peft", reason="diffusers' load_lora_weights needs the peft package")
     unet, te = tiny_unet(), tiny_text_encoder()
     clean_unet, clean_te = copy.deepcopy(unet), copy.deepcopy(te)
-    network = build("networks.lora_fa", unet, te, ["conv_dim=2", "conv_alpha=1"])
-    assert any(m.is_conv and m.lora_down.weight.shape[2:] == (3, 3) for m in network.unet_loras)
+    network = build("networks.lora_fa", unet, te, ["conv_dim=2", "conv_alpha=3", "rank_dropout=0.2",
+                                                   "module_dropout=0.1"], dropout=0.3)
+    kxk = [m for m in network.unet_loras if m.is_conv and m.lora_down.weight.shape[2:] == (3, 3)]
+    assert kxk and {float(m.alpha) for m in kxk} == {3.0} and {m.rank for m in kxk} == {2}
+    assert {(m.dropout, m.rank_dropout, m.module_dropout) for m in network.all_loras()} == {(0.3, 0.2, 0.1)}
     groups, names = network.prepare_optimizer_params(1e-4, 1e-5, 1e-4)
     ups = {id(m.lora_up.weight) for m in network.all_loras()}
     assert names == ["unet", "textencoder"] and all(id(p) in ups for g in groups for p in g["params"])
@@ -245,6 +269,7 @@ def test_lora_fa_trains_only_up_and_its_file_loads_in_diffusers(tmp_path):
     with torch.no_grad():
         for lora in network.all_loras():
             lora.lora_up.weight.normal_(0, 0.1)
+    network.eval()
     network.apply_to()
     ours = run(unet, te)
     path = tmp_path / "lora_fa.safetensors"

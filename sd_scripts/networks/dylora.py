@@ -6,7 +6,8 @@ The layers, names and file are networks.lora's (a kohya LoRA file at the full ra
 
 Training as sd-scripts trains it: each rank row of down and up is its own parameter; in every training forward each
 module draws b (a multiple of `unit` below the rank), makes only rows b .. b+unit-1 trainable (the others get no
-gradient, so the optimizer leaves them alone that step), and scales the whole-rank update by sqrt(rank / (b+unit)).
+gradient, so the optimizer leaves them alone that step), and scales the whole-rank update by sqrt(rank / (b+unit)) (a forward that gradient checkpointing recomputes during
+backward keeps its step's draw).
 Outside training (sampling, inference) the module is the file's LoRA: full rank, scale alpha / rank
 (`DyLoRANetwork.set_rank(r)` evaluates the first r ranks with alpha / r, as the extracted files do).
 
@@ -36,6 +37,12 @@ MODULE = "networks.dylora"
 VARIANT_ARG_TYPES = {"unit": int}
 
 
+def _in_backward() -> bool:
+    """Is autograd running a backward pass now (torch.utils.checkpoint recomputes forwards inside it)?"""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
+
+
 class DyLoRAModule(LoRAModule):
     """A LoRA module whose down rows (`lora_A.<i>`, [1, in] or [1, in, kh, kw]) and up columns (`lora_B.<i>`) are
     separate parameters, so one training forward can leave all but `unit` of them without a gradient."""
@@ -47,6 +54,7 @@ class DyLoRAModule(LoRAModule):
                                f"rank ({self.rank} at {lora_name}): choose network_dim a multiple of unit")
         self.unit = int(unit)
         self.truncate_to: int | None = None  # set_rank: evaluate only the first ranks
+        self._drawn: int | None = None  # the last training draw (reused when gradient checkpointing recomputes)
         down, up = self.lora_down, self.lora_up
         self._conv = (down.stride, down.padding, down.dilation) if self.is_conv else None
         self._kxk = self.is_conv and tuple(down.kernel_size) != (1, 1)
@@ -103,7 +111,9 @@ class DyLoRAModule(LoRAModule):
         rank = self.rank
         scale = self.scale
         if self.training:
-            b = self._choose_trained_rows()
+            # a forward recomputed during backward (gradient checkpointing) keeps the draw of the step's forward
+            b = self._drawn if _in_backward() and self._drawn is not None else self._choose_trained_rows()
+            self._drawn = b
             scale = scale * math.sqrt(self.rank / (b + self.unit))
         elif self.truncate_to is not None:
             rank = min(self.truncate_to, self.rank)
