@@ -6,8 +6,8 @@ The layers, names and file are networks.lora's (a kohya LoRA file at the full ra
 
 Training as sd-scripts trains it: each rank row of down and up is its own parameter; in every training forward each
 module draws b (a multiple of `unit` below the rank), makes only rows b .. b+unit-1 trainable (the others get no
-gradient, so the optimizer leaves them alone that step), and scales the whole-rank update by sqrt(rank / (b+unit)) (a forward that gradient checkpointing recomputes during
-backward keeps its step's draw).
+gradient, so the optimizer leaves them alone that step), and scales the whole-rank update by sqrt(rank / (b+unit))
+(a forward that gradient checkpointing recomputes during backward keeps its step's draw).
 Outside training (sampling, inference) the module is the file's LoRA: full rank, scale alpha / rank
 (`DyLoRANetwork.set_rank(r)` evaluates the first r ranks with alpha / r, as the extracted files do).
 
