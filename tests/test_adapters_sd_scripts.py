@@ -246,6 +246,8 @@ def test_dylora_network_args_reach_the_network():
                           (["block_dims=1"], "unknown key 'block_dims'")]:
         with pytest.raises(NetworkError, match=message):
             build("networks.dylora", copy.deepcopy(unet), te, args)
+    with pytest.raises(NetworkError, match="networks.dylora: this model family's LoRA file layout fuses"):
+        build("networks.dylora", _tiny_flux()[0], None, family="flux")  # (sd-scripts' DyLoRA is U-Net only)
 
 
 # ---------------------------------------------------------------- LoRA-FA
