@@ -60,13 +60,16 @@ KOHYA_LORA_TYPES: dict[str, LoraType] = {
                            skip_unset=True),
     "Kohya LoKr": LoraType("networks.lokr", fields=_f("conv_dim", "conv_alpha", "use_tucker", "factor") + _DROPOUTS,
                            skip_unset=True),
+    # kohya_ss also passes its block-weight fields (block_dims, down_lr_weight, ...) to these two; sd-scripts'
+    # DyLoRA ignores them and ours, like networks.lora, does not take them (the import reports them unused)
+    "Kohya DyLoRA": LoraType("networks.dylora", fields=_f("conv_dim", "conv_alpha", "unit") + _DROPOUTS,
+                             skip_unset=True),
+    "LoRA-FA": LoraType("networks.lora_fa", fields=_DROPOUTS, skip_unset=True),
+    "Flux1 OFT": LoraType("networks.oft_flux", fields=_f("enable_all_linear"), skip_unset=True),
 }
 
 #: kohya_ss types we do not train, with the reason
 REFUSED_LORA_TYPES: dict[str, str] = {
-    "Kohya DyLoRA": "sd-scripts' networks.dylora is not implemented here; LyCORIS/DyLoRA trains DyLoRA",
-    "LoRA-FA": "sd-scripts' networks.lora_fa is not implemented here",
-    "Flux1 OFT": "sd-scripts' networks.oft_flux is not implemented here",
     "HunyuanImage-2.1": "HunyuanImage-2.1 models are not supported",
     "Anima": "Anima models are not supported",
     "Lumina": "Lumina models are not supported",

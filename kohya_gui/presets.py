@@ -593,6 +593,15 @@ def _kohya_specials(data: dict[str, Any], values: dict[str, Any], lora_type: str
         module, type_args, used = network_for(lora_type, data)
         for key in used:
             report[key] = "imported"
+        if module is not None and family_args:
+            # kohya_ss passes the family's LoRA network_args (split_qkv, train_blocks, ...) only with the family's
+            # own LoRA type, never to another network (LyCORIS, 'Flux1 OFT', ...)
+            dropped = {arg.split("=", 1)[0] for arg in family_args}
+            for key, name in family_spec(values[FAMILY_KEY]).kohya_ss_keys.items():
+                if name.startswith(NETWORK_ARGS_PREFIX) and name[len(NETWORK_ARGS_PREFIX):] in dropped and \
+                        report.get(key) == "imported":
+                    report[key] = "gui"
+            family_args = []
         net_args = list(values.get("network_args") or []) + type_args + family_args
         for key in KOHYA_NETWORK_ARGS:  # LoRA+ and block-wise fields: network_args of networks.lora
             if _meaningful(data.get(key)):

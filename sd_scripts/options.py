@@ -385,7 +385,8 @@ OPTIONS: tuple[Option, ...] = (
        trainers=NET, minimum=1, check=_positive, advanced=True),
     # ---- network
     _O("network_module", str, "networks.lora", "Adapter type: networks.lora (kohya LoRA / LoCon), networks.loha, "
-       "networks.lokr (LoHa / LoKr), lycoris.kohya (LyCORIS: algo= in network_args).", "network",
+       "networks.lokr (LoHa / LoKr), networks.dylora (DyLoRA), networks.lora_fa (LoRA-FA), networks.oft / "
+       "networks.oft_flux (OFT), lycoris.kohya (LyCORIS: algo= in network_args).", "network",
        trainers=NET, choices=(*_network_module_names(), *_family_option_choices("network_module"))),
     _O("network_dim", int, 4, "LoRA rank.", "network", trainers=NET, minimum=1, check=_positive,
        label="Network rank (dim)"),
@@ -397,7 +398,8 @@ OPTIONS: tuple[Option, ...] = (
        "module_dropout; per U-Net block (SD families): block_dims, block_alphas, conv_block_dims, conv_block_alphas, "
        "down_lr_weight, mid_lr_weight, up_lr_weight (values or sine, cosine, linear, reverse_linear, zeros), "
        "block_lr_zero_threshold; LoRA+: loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio; "
-       "networks.lokr: factor, use_tucker; lycoris.kohya: algo, preset, factor, use_tucker, ...",
+       "networks.lokr: factor, use_tucker; networks.dylora: unit; networks.oft: enable_all_linear, enable_conv; "
+       "lycoris.kohya: algo, preset, factor, use_tucker, ...",
        "network", trainers=NET, nargs="*"),
     _O("network_weights", str, None, "Continue training from this LoRA file.", "network", trainers=NET, path="file"),
     _O("dim_from_weights", bool, False, "Take rank and alpha from network_weights.", "network", trainers=NET),

@@ -41,13 +41,15 @@ EXPECTED = {
     "Kohya LoKr": ("networks.lokr", ["conv_dim=8", "conv_alpha=4", "use_tucker=True", "factor=8", "rank_dropout=0.1"]),
     "Standard": (None, ["rank_dropout=0.1"]),
     "Kohya LoCon": (None, ["rank_dropout=0.1", "conv_dim=8", "conv_alpha=4"]),
+    "Kohya DyLoRA": ("networks.dylora", ["conv_dim=8", "conv_alpha=4", "unit=4", "rank_dropout=0.1"]),
+    "LoRA-FA": ("networks.lora_fa", ["rank_dropout=0.1"]),
 }
 ALGO = {"LoCon": "locon", "LyCORIS/LoCon": "locon", "LyCORIS/LoHa": "loha", "LyCORIS/LoKr": "lokr",
         "LyCORIS/iA3": "ia3", "LyCORIS/GLoRA": "glora", "LyCORIS/Diag-OFT": "diag-oft", "LyCORIS/BOFT": "boft",
         "LyCORIS/DyLoRA": "dylora", "LyCORIS/Native Fine-Tuning": "full"}
 
 
-@pytest.mark.parametrize("lora_type", sorted(set(KOHYA_LORA_TYPES) - {"Flux1"}))
+@pytest.mark.parametrize("lora_type", sorted(set(KOHYA_LORA_TYPES) - {"Flux1", "Flux1 OFT"}))
 def test_each_trained_lora_type_imports_as_its_network(tmp_path, lora_type):
     from sd_scripts.networks.registry import resolve_network_module
     from sd_scripts.options import parse_args
@@ -81,3 +83,22 @@ def test_other_lora_types_are_refused_naming_the_type(tmp_path, lora_type):
     path.write_text(json.dumps(dict(FIELDS, LoRA_type=lora_type)))
     with pytest.raises(presets.PresetError, match=f"LoRA_type {lora_type!r} is not supported"):
         presets.import_kohya_json(str(path))
+
+
+def test_flux1_oft_imports_as_oft_flux_without_the_flux_lora_args(tmp_path):
+    """kohya_ss 'Flux1 OFT': networks.oft_flux with enable_all_linear; the FLUX.1 LoRA network_args it saves
+    (split_qkv, train_blocks, img_attn_dim, ...) are passed only with its 'Flux1' type, so they are left out."""
+    from sd_scripts.networks import oft
+    from sd_scripts.networks.adapter_network import parse_typed_args
+    from sd_scripts.networks.registry import resolve_network_module
+    from tests.test_gui_presets import KOHYA_NEW_FIELDS
+
+    path = tmp_path / "flux_oft.json"
+    path.write_text(json.dumps(dict(KOHYA_NEW_FIELDS, LoRA_type="Flux1 OFT", enable_all_linear=True,
+                                    rank_dropout=0)))
+    report: dict[str, str] = {}
+    values, _ = presets.import_kohya_json(str(path), "lora", report=report)
+    assert values["network_module"] == "networks.oft_flux" and values["network_args"] == ["enable_all_linear=True"]
+    assert report["enable_all_linear"] == "imported" and report["split_qkv"] == "gui"
+    assert resolve_network_module(values["network_module"]) is oft
+    parse_typed_args(values["network_args"], oft.NETWORK_ARG_TYPES, "networks.oft_flux")

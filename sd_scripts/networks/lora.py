@@ -42,7 +42,10 @@ class LoadInfo:
 
 
 class LoRANetwork(nn.Module):
-    """All LoRA modules of one network. Building it changes nothing in the base model; `apply_to()` does."""
+    """All LoRA modules of one network. Building it changes nothing in the base model; `apply_to()` does.
+    Variants (networks.dylora, networks.lora_fa) set `module_class`: the LoRAModule subclass made per layer."""
+
+    module_class: Callable[..., LoRAModule] = LoRAModule
 
     def __init__(self, unet: nn.Module | None, text_encoders: Sequence[nn.Module], *, dim: int = 4,
                  alpha: float | None = 1.0, conv_dim: int | None = None, conv_alpha: float | None = None,
@@ -160,7 +163,7 @@ class LoRANetwork(nn.Module):
             if rank == 0:
                 self.skipped.append(target.lora_name)
                 continue
-            lora = LoRAModule(target.lora_name, target.module, rank=rank, alpha=alpha, **self._module_options)
+            lora = self.module_class(target.lora_name, target.module, rank=rank, alpha=alpha, **self._module_options)
             if target.part is not None:
                 lora.part = target.part
             lora.swap_halves = target.swap_halves
@@ -509,11 +512,14 @@ def family_naming(family: str, unet: nn.Module | None = None,
 def create_network(*, unet: nn.Module | None, text_encoders: Sequence[nn.Module], family: str,
                    network_dim: int | None, network_alpha: float | None, network_dropout: float | None = None,
                    network_args: Sequence[str] | dict[str, Any] | None = None, multiplier: float = 1.0,
-                   train_unet: bool = True, train_text_encoder: bool = True) -> LoRANetwork:
-    """A new network from training options (defaults: rank 4, alpha 1; conv_alpha 1 when conv_dim is set)."""
+                   train_unet: bool = True, train_text_encoder: bool = True,
+                   network_class: type[LoRANetwork] | None = None,
+                   variant_arg_types: dict[str, Callable[[str], Any]] | None = None) -> LoRANetwork:
+    """A new network from training options (defaults: rank 4, alpha 1; conv_alpha 1 when conv_dim is set).
+    `network_class` / `variant_arg_types`: a LoRA variant's network and its own network_args (given to it)."""
     cls = _family_class(family)
     own_keys = cls.LORA_NETWORK_ARGS
-    extra = parse_network_args(network_args, own_keys)
+    extra = parse_network_args(network_args, {**own_keys, **(variant_arg_types or {})})
     family_args = {k: extra.pop(k) for k in list(extra) if k in own_keys}
     ratios = _pop_loraplus(extra)
     blockwise = {k: extra.pop(k) for k in list(extra) if k in block_weights.NETWORK_ARG_TYPES}
@@ -529,10 +535,10 @@ def create_network(*, unet: nn.Module | None, text_encoders: Sequence[nn.Module]
                                                 lr_weights=lr_weights)
     naming = family_naming(family, unet, family_args)
     naming.pop("unet_file_name_map", None)  # for loading files only
-    network = LoRANetwork(unet, list(text_encoders), dim=dim, alpha=alpha, dropout=network_dropout,
-                          multiplier=multiplier, train_unet=train_unet, train_text_encoder=train_text_encoder,
-                          unet_blocks=blocks if block_ranks is not None else None, block_ranks=block_ranks,
-                          **extra, **naming)
+    network = (network_class or LoRANetwork)(
+        unet, list(text_encoders), dim=dim, alpha=alpha, dropout=network_dropout, multiplier=multiplier,
+        train_unet=train_unet, train_text_encoder=train_text_encoder,
+        unet_blocks=blocks if block_ranks is not None else None, block_ranks=block_ranks, **extra, **naming)
     network.set_block_lr_weight(lr_weights)
     network.set_loraplus_lr_ratio(*ratios)
     return network
@@ -565,7 +571,8 @@ def _dims_from_tensors(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, int]
 def create_network_from_weights(path: str | os.PathLike, *, unet: nn.Module | None,
                                 text_encoders: Sequence[nn.Module], family: str, multiplier: float = 1.0,
                                 train_unet: bool = True, train_text_encoder: bool = True,
-                                network_args: Sequence[str] | dict[str, Any] | None = None) -> LoRANetwork:
+                                network_args: Sequence[str] | dict[str, Any] | None = None,
+                                network_class: type[LoRANetwork] | None = None) -> LoRANetwork:
     """A network shaped like the file (rank and alpha per module), with the file's weights loaded.
 
     train_unet / train_text_encoder False leave that part's modules out (as network_train_*_only do).
@@ -597,8 +604,9 @@ def create_network_from_weights(path: str | os.PathLike, *, unet: nn.Module | No
         raise NetworkError(f"{path}: has no modules for the part being trained (network_train_unet_only / "
                            f"network_train_text_encoder_only)")
     try:
-        network = LoRANetwork(unet, list(text_encoders), multiplier=multiplier, modules_dim=dims,
-                              modules_alpha=alphas, unet_blocks=blocks if lr_weights is not None else None, **naming)
+        network = (network_class or LoRANetwork)(
+            unet, list(text_encoders), multiplier=multiplier, modules_dim=dims, modules_alpha=alphas,
+            unet_blocks=blocks if lr_weights is not None else None, **naming)
     except NetworkError as e:
         raise NetworkError(f"{path}: {e}") from None
     network.load_weights(path)

@@ -3,8 +3,8 @@ module, mapping LoRA module names to a loaded model's layers through the model f
 the metadata sd-scripts' tools write.
 
 The tools (`python -m sd_scripts.networks.<tool>`): merge_lora, svd_merge_lora, extract_lora_from_models,
-resize_lora, check_lora_weights. Each declares its options as a list of `ToolOption`s (the argparse parser, and
-later a GUI form, come from that list) and serves every model family: the family is read from the files through
+resize_lora, check_lora_weights, extract_lora_from_dylora. Each declares its options as a list of `ToolOption`s (the
+argparse parser, and later a GUI form, come from that list) and serves every model family: the family is read from the files through
 the registry (sd_scripts.families), never named here.
 """
 from __future__ import annotations

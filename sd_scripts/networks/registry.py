@@ -18,6 +18,9 @@ NETWORK_MODULES: dict[str, str] = {
     "networks.lora": "sd_scripts.networks.lora",
     "networks.loha": "sd_scripts.networks.loha",
     "networks.lokr": "sd_scripts.networks.lokr",
+    "networks.dylora": "sd_scripts.networks.dylora",
+    "networks.lora_fa": "sd_scripts.networks.lora_fa",
+    "networks.oft": "sd_scripts.networks.oft",
     "lycoris.kohya": "sd_scripts.networks.lycoris_kohya",
 }
 _OWN_PREFIX = "sd_scripts."
@@ -33,9 +36,11 @@ def _known() -> dict[str, str]:
 
     known = dict(NETWORK_MODULES)
     known.update({_OWN_PREFIX + n: t for n, t in NETWORK_MODULES.items() if n.startswith("networks.")})
-    # a family's sd-scripts module name (FamilySpec.option_values['network_module']) is our LoRA network: the family
-    # tells it its layers and names
-    known.update({alias: NETWORK_MODULES["networks.lora"] for alias in option_choices("network_module")})
+    # a family's sd-scripts module name (FamilySpec.option_values['network_module'], e.g. networks.lora_<family>,
+    # networks.oft_<family>) is our network of the name before the last '_' (networks.lora, networks.oft), else
+    # our LoRA network: the family tells it its layers and names
+    for alias in option_choices("network_module"):
+        known.setdefault(alias, NETWORK_MODULES.get(alias.rsplit("_", 1)[0], NETWORK_MODULES["networks.lora"]))
     return known
 
 

@@ -70,13 +70,14 @@ _KOHYA_KEYS = {
 _KOHYA_UNSUPPORTED = {
     "split_mode": "sd-scripts' split_mode (deprecated there) is not implemented; use blocks_to_swap to save memory "
                   "and network_args train_blocks=single to train only the single blocks",
-    "enable_all_linear": "an option of kohya_ss's 'Flux1 OFT' network, which this trainer does not have",
     "show_timesteps": "sd-scripts' timestep plot is not implemented",
     "show_timesteps_resolution": "sd-scripts' timestep plot is not implemented",
     "ggpo_beta": "GGPO regularisation is not implemented",
     "ggpo_sigma": "GGPO regularisation is not implemented",
 }
 _SCRIPTS = {"network": "flux_train_network", "finetune": "flux_train"}
+# sd-scripts' FLUX network modules: its LoRA (the first: the family's LoRA network) and OFT
+_NETWORK_MODULES = ("networks.lora_flux", "networks.oft_flux")
 
 SPECS = (
     FamilySpec(FLUX, "FLUX.1", _CLASS, bucket_step=16, default_resolution=1024,
@@ -93,7 +94,7 @@ SPECS = (
                variant_refused_options={"flux_schnell": {
                    "guidance_scale": "FLUX.1-schnell has no guidance embedding (only dev is guidance-distilled), so "
                                      "the value would be ignored"}},
-               option_values={"model_type": MODEL_TYPES, "network_module": ("networks.lora_flux",)}),
+               option_values={"model_type": MODEL_TYPES, "network_module": _NETWORK_MODULES}),
     FamilySpec(CHROMA, "Chroma", _CLASS, bucket_step=16, default_resolution=1024,
                vae_scaling_factor=layout.AE_SCALING_FACTOR, vae_shift_factor=layout.AE_SHIFT_FACTOR,
                base_model_version="chroma", modelspec_architecture=ARCH_CHROMA,
@@ -106,7 +107,7 @@ SPECS = (
                                     guidance_scale="Chroma has no guidance embedding: remove guidance_scale"),
                strict_options=True, text_encoder_cache=True, ti_keys=(), tiny_builder=_TINY,
                tiny_variants={"chroma": {"model_type": "chroma"}}, tiny_files={"chroma": _TINY_CHROMA},
-               option_values={"model_type": MODEL_TYPES, "network_module": ("networks.lora_flux",)}),
+               option_values={"model_type": MODEL_TYPES, "network_module": _NETWORK_MODULES}),
 )
 
 
