@@ -243,7 +243,7 @@ def test_dylora_network_args_reach_the_network():
     assert {float(m.alpha) for m in kxk} == {3.0} and {m.unit for m in conv.unet_loras} == {4}
     for args, message in [(["unit=3"], "unit=3 for networks.dylora must be 1 or more and divide network_dim"),
                           (["conv_dim=8"], "conv_dim=8 for networks.dylora must equal network_dim"),
-                          (["block_dims=1"], "unknown key 'block_dims'")]:
+                          (["block_dims=1"], "block_dims has 1 values but this model's U-Net has 25 blocks")]:
         with pytest.raises(NetworkError, match=message):
             build("networks.dylora", copy.deepcopy(unet), te, args)
     with pytest.raises(NetworkError, match="networks.dylora: this model family's LoRA file layout fuses"):

@@ -192,9 +192,15 @@ class AdapterNetwork(nn.Module):
         for lora in self.all_loras():
             lora.multiplier = self.multiplier
 
-    def prepare_optimizer_params(self, unet_lr: float | None, text_encoder_lr: float | None,
+    def prepare_optimizer_params(self, unet_lr: float | None, text_encoder_lr: float | Sequence[float] | None,
                                  default_lr: float) -> tuple[list[dict[str, Any]], list[str]]:
-        """Parameter groups ('unet', 'textencoder') with their learning rates; empty parts are left out."""
+        """Parameter groups ('unet', 'textencoder') with their learning rates; empty parts are left out. One
+        text-encoder rate (a list of several different rates is for networks.lora)."""
+        if isinstance(text_encoder_lr, (list, tuple)):
+            if len(set(text_encoder_lr)) > 1:
+                raise NetworkError(f"option 'text_encoder_lr': {list(text_encoder_lr)} gives each text encoder its "
+                                   f"own rate, which this network type does not do: give one value")
+            text_encoder_lr = text_encoder_lr[0] if text_encoder_lr else None
         groups: list[dict[str, Any]] = []
         names: list[str] = []
         for loras, lr, name in ((self.unet_loras, unet_lr, "unet"),

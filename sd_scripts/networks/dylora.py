@@ -154,8 +154,8 @@ class DyLoRANetwork(LoRANetwork):
     def module_class(self):  # type: ignore[override]
         return partial(DyLoRAModule, unit=self.unit)
 
-    def _create(self, targets):
-        loras = super()._create(targets)
+    def _create(self, targets, unet: bool = False):
+        loras = super()._create(targets, unet=unet)
         for lora in loras:
             if getattr(lora, "part", None) is not None or getattr(lora, "swap_halves", False):
                 raise NetworkError(f"{MODULE}: this model family's LoRA file layout fuses or reorders layers "

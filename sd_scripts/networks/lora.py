@@ -226,9 +226,11 @@ class LoRANetwork(nn.Module):
         def add(loras: list[LoRAModule], lr: float, name: str, ratio: float | None) -> None:
             plain: dict[int, torch.nn.Parameter] = {}
             plus: dict[int, torch.nn.Parameter] = {}
-            for lora in loras:  # a shared down (fused module) once
-                plain[id(lora.lora_down.weight)] = lora.lora_down.weight
-                (plus if ratio is not None else plain)[id(lora.lora_up.weight)] = lora.lora_up.weight
+            for lora in loras:  # a shared down (fused module) once; frozen ones (LoRA-FA's down) not at all
+                for part, param in lora.named_parameters():
+                    if param.requires_grad:
+                        up = part.startswith(("lora_up", "lora_B"))  # (DyLoRA keeps its up rows as lora_B)
+                        (plus if ratio is not None and up else plain)[id(param)] = param
             for params, group_lr, group_name in ((plain, lr, name),
                                                  (plus, lr * (ratio or 1.0), name + " plus")):
                 if not params:
