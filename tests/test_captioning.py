@@ -136,3 +136,134 @@ def test_wd14_model_layouts_and_errors(images, tmp_path, capsys):
                       "--tag_replacement", "a,b,c"]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
     assert len(err) == 3 and "nobody/none" in err[0] and "me_fixed" not in err[0] and "download" in err[1]
+
+
+# ------------------------------------------------------------------ BLIP, GIT, Florence-2
+WORDS = ["a", "photo", "of", "dog", "cat", "red", "blue", "with", "the", "words", "sign", "that", "says"]
+
+
+def _bert_tokenizer(folder):
+    from transformers import BertTokenizer
+
+    path = os.path.join(folder, "vocab.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    return BertTokenizer(path)
+
+
+VISION = dict(hidden_size=16, image_size=32, patch_size=16, num_hidden_layers=1, num_attention_heads=2,
+              intermediate_size=32)
+TEXT = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def captioners(tmp_path_factory):
+    """Tiny random BLIP, GIT and Florence-2 models with their processors, saved as transformers folders."""
+    import torch
+    from transformers import (BartTokenizer, BlipConfig, BlipForConditionalGeneration, BlipImageProcessor,
+                              BlipProcessor, CLIPImageProcessor, Florence2Config, Florence2ForConditionalGeneration,
+                              Florence2Processor, GitConfig, GitForCausalLM, GitProcessor)
+
+    root = tmp_path_factory.mktemp("captioners")
+    tok = _bert_tokenizer(root)
+    torch.manual_seed(0)
+    ids = dict(vocab_size=len(tok), bos_token_id=2, pad_token_id=0, eos_token_id=3)
+    blip = BlipForConditionalGeneration(BlipConfig(text_config={**TEXT, **ids, "sep_token_id": 3},
+                                                   vision_config=VISION))
+    for obj in (blip, BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}),
+                                    tokenizer=tok)):
+        obj.save_pretrained(root / "blip")
+    git = GitForCausalLM(GitConfig(vision_config=VISION, **TEXT, **ids))
+    clip_ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    for obj in (git, GitProcessor(image_processor=clip_ip, tokenizer=tok)):
+        obj.save_pretrained(root / "git")
+    # Florence-2: a BART tokenizer with the image token, a 2-stage DaViT (32 px -> 4x4 tokens + 1)
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
+    for piece in sorted(set("".join(WORDS) + "WhatdoesimgcrbDESCRIPTION?<>_Ġ")) + ["Ġ" + w for w in WORDS]:
+        vocab.setdefault(piece, len(vocab))
+    vocab["<image>"] = len(vocab)
+    (root / "bart").mkdir()
+    with open(root / "bart" / "vocab.json", "w") as f:
+        json.dump(vocab, f)
+    (root / "bart" / "merges.txt").write_text("#version: 0.2\n")
+    bart = BartTokenizer(str(root / "bart" / "vocab.json"), str(root / "bart" / "merges.txt"),
+                         extra_special_tokens={"image_token": "<image>"})
+    florence = Florence2ForConditionalGeneration(Florence2Config(
+        vision_config=dict(depths=(1, 1), patch_size=(7, 3), patch_stride=(4, 2), patch_padding=(3, 1),
+                           patch_prenorm=(False, True), embed_dim=(16, 32), num_heads=(2, 2), num_groups=(2, 2),
+                           window_size=2, projection_dim=32, drop_path_rate=0.0, max_position_embeddings=16),
+        text_config=dict(model_type="bart", vocab_size=len(vocab), d_model=32, encoder_layers=1, decoder_layers=1,
+                         encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                         decoder_ffn_dim=32, max_position_embeddings=128, bos_token_id=0, pad_token_id=1,
+                         eos_token_id=2, decoder_start_token_id=2, forced_bos_token_id=0),
+        image_token_id=bart.image_token_id))
+    florence_ip = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False, image_seq_length=17)
+    for obj in (florence, Florence2Processor(image_processor=florence_ip, tokenizer=bart)):
+        obj.save_pretrained(root / "florence")
+    return {name: str(root / name) for name in ("blip", "git", "florence")}
+
+
+@pytest.fixture
+def photos(tmp_path):
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGBA", (30, 40), (10, 10, 200, 128)).save(tmp_path / "b.webp")
+    Image.new("RGB", (20, 20), (0, 200, 0)).save(tmp_path / "sub" / "c.jpg")
+    return tmp_path
+
+
+def _captions(folder, ext, recursive=False):
+    pattern = f"**/*{ext}" if recursive else f"*{ext}"
+    return {p.relative_to(folder).as_posix(): p.read_text() for p in sorted(folder.glob(pattern))}
+
+
+def test_blip_captions(captioners, photos):
+    from sd_scripts.finetune import make_captions
+
+    base = [str(photos), "--caption_weights", captioners["blip"], "--max_length", "6", "--min_length", "2"]
+    assert make_captions.main([*base, "--seed", "1", "--batch_size", "2", "--recursive"]) == 0
+    first = _captions(photos, ".caption", recursive=True)
+    assert set(first) == {"a.caption", "b.caption", "sub/c.caption"}
+    assert all(t.endswith("\n") and len(t.split()) <= 5 for t in first.values())
+    assert make_captions.main([*base, "--seed", "1", "--caption_extention", ".again", "--recursive", "--batch_size", "2",
+                               "--max_data_loader_n_workers", "2"]) == 0
+    assert list(_captions(photos, ".again", recursive=True).values()) == list(first.values())  # seeded sampling
+    assert make_captions.main([*base, "--beam_search", "--num_beams", "2", "--top_p", "0.5",
+                               "--caption_extension", ".beam"]) == 0
+    beams = _captions(photos, ".beam")
+    assert set(beams) == {"a.beam", "b.beam"}  # not recursive: sub/ is left out
+    assert make_captions.main([*base, "--beam_search", "--num_beams", "2", "--caption_extension", ".beam2",
+                               "--seed", "7"]) == 0
+    assert list(_captions(photos, ".beam2").values()) == list(beams.values())  # beam search does not sample
+
+
+def test_git_and_florence_captions(captioners, photos, monkeypatch):
+    from sd_scripts.finetune import make_captions_by_florence2, make_captions_by_git
+
+    assert make_captions_by_git.main([str(photos), "--model_id", captioners["git"], "--max_length", "5",
+                                      "--batch_size", "3", "--recursive", "--debug"]) == 0
+    git = _captions(photos, ".caption", recursive=True)
+    assert len(git) == 3 and all(0 < len(t.split()) <= 4 for t in git.values())
+    assert make_captions_by_git.remove_text_phrases('a man holding a sign that says "hi there" on it') == \
+        "a man holding a sign"
+    seen = []
+    monkeypatch.setattr(make_captions_by_git, "caption_images", lambda args, gen, post=None: seen.append(post))
+    make_captions_by_git.main([str(photos), "--model_id", captioners["git"], "--remove_words"])
+    assert seen == [make_captions_by_git.remove_text_phrases]
+    assert make_captions_by_florence2.main([str(photos), "--model_id", captioners["florence"], "--task", "<CAPTION>",
+                                            "--num_beams", "1", "--max_new_tokens", "4", "--prefix", "sks",
+                                            "--postfix", "style"]) == 0
+    florence = _captions(photos, ".txt")
+    assert set(florence) == {"a.txt", "b.txt"}
+    assert all(t.startswith("sks") and t.endswith("style\n") for t in florence.values())
+
+
+def test_captioner_errors(captioners, photos, capsys):
+    from sd_scripts.finetune import make_captions, make_captions_by_git
+
+    assert make_captions.main([str(photos), "--caption_weights", str(photos / "none")]) == 1
+    assert make_captions.main([str(photos), "--caption_weights", "model_large_caption.pth"]) == 1
+    assert make_captions_by_git.main([str(photos / "empty"), "--model_id", captioners["git"]]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(err) == 3 and "none" in err[0] and "Salesforce" in err[1] and "empty" in err[2]
