@@ -226,8 +226,8 @@ def test_blip_captions(captioners, photos):
     first = _captions(photos, ".caption", recursive=True)
     assert set(first) == {"a.caption", "b.caption", "sub/c.caption"}
     assert all(t.endswith("\n") and len(t.split()) <= 5 for t in first.values())
-    assert make_captions.main([*base, "--seed", "1", "--caption_extention", ".again", "--recursive", "--batch_size", "2",
-                               "--max_data_loader_n_workers", "2"]) == 0
+    assert make_captions.main([*base, "--seed", "1", "--caption_extention", ".again", "--recursive",
+                               "--batch_size", "2", "--max_data_loader_n_workers", "2"]) == 0
     assert list(_captions(photos, ".again", recursive=True).values()) == list(first.values())  # seeded sampling
     assert make_captions.main([*base, "--beam_search", "--num_beams", "2", "--top_p", "0.5",
                                "--caption_extension", ".beam"]) == 0

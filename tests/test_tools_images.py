@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from sd_scripts.tools import basic_caption, canny, dataset_balancing, group_images, resize_images_to_resolution

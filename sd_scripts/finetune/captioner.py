@@ -77,13 +77,16 @@ def caption_images(args, generate: Generate, postprocess: Callable[[str], str] |
     written: dict[str, str] = {}
     from tqdm.auto import tqdm
 
-    for batch in tqdm(batches(images, args.batch_size, args.max_data_loader_n_workers), total=(len(images) + args.batch_size - 1) // args.batch_size, smoothing=0.0):
+    total = (len(images) + args.batch_size - 1) // args.batch_size
+    for batch in tqdm(batches(images, args.batch_size, args.max_data_loader_n_workers), total=total, smoothing=0.0):
         captions = generate([image for _path, image in batch])
         for (path, _image), caption in zip(batch, captions):
             raw = caption
             caption = " ".join(caption.split())
             if postprocess:
                 caption = postprocess(caption)
+            if not caption:
+                log.warning("%s: the model gave an empty caption", path)
             write_text_atomic(os.path.splitext(path)[0] + args.caption_extension, caption + "\n")
             written[path] = caption
             if args.debug:

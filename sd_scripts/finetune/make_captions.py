@@ -1,7 +1,8 @@
 """Caption images with BLIP (sd-scripts' finetune/make_captions.py), through transformers'
 BlipForConditionalGeneration, offline.
 
-    python -m sd_scripts.finetune.make_captions TRAIN_DATA_DIR [--caption_weights Salesforce/blip-image-captioning-large]
+    python -m sd_scripts.finetune.make_captions TRAIN_DATA_DIR
+        [--caption_weights Salesforce/blip-image-captioning-large]
         [--caption_extension .caption] [--beam_search --num_beams 3 | --top_p 0.9] [--max_length 75]
         [--min_length 5] [--batch_size 1] [--max_data_loader_n_workers N] [--seed 42] [--recursive] [--debug]
 

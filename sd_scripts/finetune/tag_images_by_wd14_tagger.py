@@ -1,6 +1,7 @@
 """Tag images with a WD14 tagger ONNX model (sd-scripts' finetune/tag_images_by_wd14_tagger.py), offline.
 
-    python -m sd_scripts.finetune.tag_images_by_wd14_tagger TRAIN_DATA_DIR [--repo_id SmilingWolf/wd-v1-4-convnext-tagger-v2]
+    python -m sd_scripts.finetune.tag_images_by_wd14_tagger TRAIN_DATA_DIR
+        [--repo_id SmilingWolf/wd-v1-4-convnext-tagger-v2]
         [--model_dir wd14_tagger_model] [--thresh 0.35] [--general_threshold T] [--character_threshold T]
         [--undesired_tags "a,b"] [--append_tags] [--recursive] [--batch_size 1] [--caption_extension .txt]
         [--remove_underscore] [--tag_replacement "src,dst;src2,dst2"] [--character_tag_expand]

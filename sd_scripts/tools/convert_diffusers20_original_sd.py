@@ -185,6 +185,8 @@ def _ckpt_with_steps(path: str, epoch: int, global_step: int) -> None:
     from ..training.saving import atomic_torch_save
 
     data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict):
+        return
     data.update(epoch=epoch, global_step=global_step)
     atomic_torch_save(data, path)
 

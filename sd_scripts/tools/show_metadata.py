@@ -31,7 +31,7 @@ def read_metadata(path: str) -> dict[str, str] | None:
     try:
         _shapes, metadata = read_safetensors_header(path)
     except (OSError, ValueError, struct.error):
-        raise UserError(f"{path}: not a .safetensors file (no readable header); pass a .safetensors model or LoRA")
+        raise UserError(f"{path}: not a .safetensors file (no readable header); pass a .safetensors model or LoRA") from None
     return metadata or None
 
 
