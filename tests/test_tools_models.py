@@ -197,3 +197,25 @@ def test_merge_errors(three_models, tmp_path, capsys, caplog):
         assert merge_models.main(["--models", paths[0], str(tmp_path / "extra.safetensors"), "--output", out,
                                   "--show_skipped"]) == 0
     assert "only_here" in caplog.text
+
+
+def test_convert_part_file_family_round_trip(tmp_path):
+    """A family whose single file is the denoiser alone (FLUX.1: plus --clip_l, --t5xxl, --ae): file -> diffusers
+    folder (FluxPipeline reads it) -> file gives the same tensors."""
+    from diffusers import FluxPipeline
+
+    from sd_scripts.families import tiny_files
+    from sd_scripts.tools.tiny_model import build_tiny_model
+
+    build_tiny_model(str(tmp_path / "m"), "flux", layout="single")
+    files = {k: str(tmp_path / "m" / v) for k, v in tiny_files("flux").items()}
+    model = files.pop("pretrained_model_name_or_path")
+    parts = [a for k, v in files.items() for a in (f"--{k}", v)]
+    folder, back = str(tmp_path / "dif"), str(tmp_path / "back.safetensors")
+    assert convert.main([model, folder, "--use_safetensors"]) == 1  # the parts are needed
+    assert convert.main([model, folder, "--use_safetensors", *parts]) == 0
+    pipe = FluxPipeline.from_pretrained(folder, local_files_only=True)
+    ours = load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(pipe.transformer.state_dict()[k], v) for k, v in ours.items())
+    assert convert.main([folder, back]) == 0
+    _same_tensors(model, back)

@@ -55,6 +55,22 @@ OPTIONS: tuple[ToolOption, ...] = (
 )
 
 
+def _part_options() -> tuple[ToolOption, ...]:
+    """The trainers' loading options that name separate part files or a model variant (--vae, --clip_l, --t5xxl,
+    --ae, --clip_g, --model_type, ...; sd_scripts.options, group 'model'): a single file of a family whose parts
+    live in separate files converts with them."""
+    from ..options import OPTIONS as SCHEMA
+
+    skip = {"pretrained_model_name_or_path", "tokenizer_cache_dir"}
+    return tuple(ToolOption(o.name, str, None, o.help, choices=tuple(c for c in (o.choices or ()) if c) or None,
+                            path=getattr(o, "path", None))
+                 for o in SCHEMA if o.group == "model" and o.type is str and o.name not in skip)
+
+
+PART_OPTIONS = _part_options()
+OPTIONS = OPTIONS + PART_OPTIONS
+
+
 def save_dtype_of(args):
     import torch
 
@@ -121,7 +137,8 @@ def load_source(args, workdir: str):
             raise UserError(f"--variant applies to a diffusers folder, but {path} is a file; remove --variant")
         path = _variant_view(path, args.variant, workdir)
     dtype = torch.float16 if args.fp16 and is_folder else torch.float32
-    bundle = load_model(path, dtype=dtype, v2=True if args.v2 else None)
+    parts = {o.name: getattr(args, o.name) for o in PART_OPTIONS if getattr(args, o.name, None)}
+    bundle = load_model(path, dtype=dtype, v2=True if args.v2 else None, **parts)
     bundle.source_path = args.model_to_load
     if args.v1 and family_spec(bundle.family).ss_v2:
         raise UserError(f"{args.model_to_load}: --v1 is set but this is a {family_spec(bundle.family).label} model; "
