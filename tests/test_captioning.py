@@ -96,7 +96,7 @@ def test_wd14_thresholds_and_files(images, model_dir, tmp_path):
     assert _tags(images / "red.c3") == "red_thing, always_on\n"
 
 
-def test_wd14_tag_processing(images, model_dir, tmp_path, capsys):
+def test_wd14_tag_processing(images, model_dir, tmp_path, capsys, caplog):
     base = [str(images), "--repo_id", "me/tiny-tagger", "--model_dir", model_dir, "--caption_extension", ".t"]
     assert wd14.main([*base, "--remove_underscore", "--character_tag_expand", "--character_tags_first",
                       "--use_rating_tags", "--tag_replacement", "always on,ALWAYS;blue thing,azure",
@@ -115,7 +115,11 @@ def test_wd14_tag_processing(images, model_dir, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data[str(images / "blue.jpg")]["image_size"] == [24, 24] and not (images / "red.none").exists()
     out = tmp_path / "tags.jsonl"
-    assert wd14.main([*base, "--output_path", str(out), "--max_data_loader_n_workers", "2", "--debug"]) == 0
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        assert wd14.main([*base, "--output_path", str(out), "--max_data_loader_n_workers", "2", "--debug"]) == 0
+    assert "General tags: red_thing" in caplog.text and "Character tags: hero_(series)" in caplog.text
     lines = [json.loads(ln) for ln in out.read_text().splitlines()]
     assert len(lines) == 3 and {"image_path", "caption", "image_size"} <= set(lines[0])
 
@@ -238,11 +242,15 @@ def test_blip_captions(captioners, photos):
     assert list(_captions(photos, ".beam2").values()) == list(beams.values())  # beam search does not sample
 
 
-def test_git_and_florence_captions(captioners, photos, monkeypatch):
+def test_git_and_florence_captions(captioners, photos, monkeypatch, caplog):
+    import logging
+
     from sd_scripts.finetune import make_captions_by_florence2, make_captions_by_git
 
-    assert make_captions_by_git.main([str(photos), "--model_id", captioners["git"], "--max_length", "5",
-                                      "--batch_size", "3", "--recursive", "--debug"]) == 0
+    with caplog.at_level(logging.INFO):
+        assert make_captions_by_git.main([str(photos), "--model_id", captioners["git"], "--max_length", "5",
+                                          "--batch_size", "3", "--recursive", "--debug"]) == 0
+    assert f"{photos / 'a.png'}: " in caplog.text  # --debug logs each caption
     git = _captions(photos, ".caption", recursive=True)
     assert len(git) == 3 and all(0 < len(t.split()) <= 4 for t in git.values())
     assert make_captions_by_git.remove_text_phrases('a man holding a sign that says "hi there" on it') == \
@@ -260,7 +268,13 @@ def test_git_and_florence_captions(captioners, photos, monkeypatch):
 
 
 def test_captioner_errors(captioners, photos, capsys):
+    import torch
+
     from sd_scripts.finetune import make_captions, make_captions_by_git
+
+    if not torch.cuda.is_available():  # --device reaches the model: a GPU asked for on a machine without one
+        assert make_captions_by_git.main([str(photos), "--model_id", captioners["git"], "--device", "cuda"]) == 1
+        assert "--device cuda" in capsys.readouterr().err
 
     assert make_captions.main([str(photos), "--caption_weights", str(photos / "none")]) == 1
     assert make_captions.main([str(photos), "--caption_weights", "model_large_caption.pth"]) == 1

@@ -180,6 +180,9 @@ def test_merge_values_ratios_precision_and_unet_only(three_models, tmp_path):
 def test_merge_errors(three_models, tmp_path, capsys, caplog):
     _base, paths = three_models
     out = str(tmp_path / "x.safetensors")
+    if not torch.cuda.is_available():  # --device reaches the computation
+        assert merge_models.main(["--models", *paths, "--output", out, "--device", "cuda"]) == 1
+        assert "--device cuda" in capsys.readouterr().err
     assert merge_models.main(["--models", *paths, "--output", out, "--ratios", "1"]) == 1
     assert merge_models.main(["--models", paths[0], str(tmp_path / "none.safetensors"), "--output", out]) == 1
     save_file({"model.diffusion_model.extra": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
