@@ -40,8 +40,10 @@ def model_kind_flags() -> dict[str, str]:
 
 
 def kind_options() -> tuple[ToolOption, ...]:
-    return tuple(ToolOption(flag, bool, False, f"the model is a {family} model (checked against its files)")
-                 for flag, family in model_kind_flags().items())
+    from ..families import family_spec
+
+    return tuple(ToolOption(flag, bool, False, f"the model is a {family_spec(family).label} model (checked against "
+                                               f"its files)") for flag, family in model_kind_flags().items())
 
 
 def parse(prog: str, argv: Sequence[str] | None, extras: Sequence[ToolOption]) -> tuple[argparse.Namespace, dict]:
@@ -51,7 +53,13 @@ def parse(prog: str, argv: Sequence[str] | None, extras: Sequence[ToolOption]) -
 
     argv = list(sys.argv[1:] if argv is None else argv)
     own_options = (*kind_options(), *extras)
-    own, rest = build_parser(prog, "", own_options).parse_known_args(argv)
+    own_parser = build_parser(prog, "", own_options)
+    if "-h" in argv or "--help" in argv:  # the tool's own options, then the trainer's (argparse exits there)
+        print("options of this tool:\n" + "\n".join(own_parser.format_help().split("options:", 1)[-1]
+                                                     .splitlines()[2:]) + "\n\ntraining options it takes:")
+    own, rest = own_parser.parse_known_args([a for a in argv if a not in ("-h", "--help")])
+    if "-h" in argv or "--help" in argv:
+        rest.append("--help")
     args = parse_args("network", rest, prog=prog)
     return args, vars(own)
 
