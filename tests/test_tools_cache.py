@@ -43,12 +43,16 @@ def test_caches_written_then_reused_by_training(sdxl_and_data, tmp_path, caplog)
     with np.load(concept / latents[1]) as z:
         assert z["latents"].shape == (4, 8, 8) and list(z["original_size"]) == [128, 64]
         assert "latents_flipped" in z  # --flip_aug reached the dataset
-    assert cache_text_encoder_outputs.main([*_common(model, data), "--max_token_length", "150",
-                                            "--text_encoder_dtype", "float"]) == 0
+    te_args = [*_common(model, data), "--max_token_length", "150"]
+    assert cache_text_encoder_outputs.main([*te_args, "--t5xxl_dtype", "bf16"]) == 0  # sd-scripts' name
+    with np.load(concept / "im0_te_outputs.npz") as z:
+        in_bf16 = z["hidden_state1"].copy()
+    assert cache_text_encoder_outputs.main([*te_args, "--text_encoder_dtype", "float"]) == 0
     te = sorted(n for n in os.listdir(concept) if n.endswith("_te_outputs.npz"))
     assert te == ["im0_te_outputs.npz", "im1_te_outputs.npz"]
     with np.load(concept / te[0]) as z:
         assert z["hidden_state1"].shape[0] == 152 and str(z["caption"]) == "a photo of sks, view 0"  # 150 + 2
+        assert not np.array_equal(z["hidden_state1"], in_bf16)  # re-encoded in float32 (the id sees the dtype)
     # a training run with the same settings reads both caches and encodes nothing
     from sd_scripts import sdxl_train_network
 
