@@ -97,20 +97,22 @@ def test_convert_ckpt_steps_variant_flags_and_errors(tiny_sd1, tmp_path, capsys)
     assert len(err) == 3 and "--v2" in err[0] and "--v1" in err[1] and "--metadata" in err[2]
 
 
-def test_convert_v2_and_linear_projection(tiny_sd2v, tmp_path):
+def test_convert_v2_and_linear_projection(tiny_sd1, tiny_sd2v, tmp_path):
     from diffusers import UNet2DConditionModel
 
-    with safe_open(tiny_sd2v.single_file, "pt") as f:
-        proj = [k for k in f.keys() if k.endswith("proj_in.weight")][0]
-        conv_file = len(f.get_slice(proj).get_shape()) == 4
     out = str(tmp_path / "dif")
-    assert convert.main([tiny_sd2v.single_file, out, "--v2", "--unet_use_linear_projection", "--v1"]) == 1
-    assert convert.main([tiny_sd2v.single_file, out, "--v2", "--unet_use_linear_projection",
-                         "--use_safetensors"]) == 0
-    unet = UNet2DConditionModel.from_pretrained(out, subfolder="unet", local_files_only=True)
-    assert unet.config.use_linear_projection is True
-    assert unet.down_blocks[0].attentions[0].proj_in.weight.ndim == 2
-    assert conv_file or True  # either layout of the input converts
+    assert convert.main([tiny_sd2v.single_file, out, "--v2", "--v1"]) == 1
+    assert convert.main([tiny_sd2v.single_file, out, "--v1"]) == 1  # an SD2 model is not --v1
+    assert convert.main([tiny_sd2v.single_file, out, "--v2", "--use_safetensors"]) == 0
+    # the tiny SD1 U-Net has 1x1-conv projections: the flag makes them Linear layers, values unchanged
+    plain, linear = str(tmp_path / "plain"), str(tmp_path / "linear")
+    assert convert.main([tiny_sd1.single_file, plain, "--use_safetensors"]) == 0
+    assert convert.main([tiny_sd1.single_file, linear, "--use_safetensors", "--unet_use_linear_projection"]) == 0
+    a = UNet2DConditionModel.from_pretrained(plain, subfolder="unet", local_files_only=True)
+    b = UNet2DConditionModel.from_pretrained(linear, subfolder="unet", local_files_only=True)
+    assert a.config.use_linear_projection is False and b.config.use_linear_projection is True
+    conv, lin = a.down_blocks[0].attentions[0].proj_in.weight, b.down_blocks[0].attentions[0].proj_in.weight
+    assert conv.ndim == 4 and lin.ndim == 2 and torch.equal(conv.flatten(1), lin)
 
 
 # ------------------------------------------------------------------ show_metadata
