@@ -27,6 +27,7 @@ from sd_scripts.families import all_families
 from .command import (ACCEL_PREFIX, FAMILY_KEY, GUI_FIELDS, JOB_OPTIONS, KIND_TO_TRAINER, AccelerateSettings,
                       CommandError, _coerce, accelerate_flags, trainer_for)
 from .atomic import atomic_write
+from .lora_types import KOHYA_LORA_TYPES, NETWORK_ARG_FIELDS, network_for, refusal
 from .secrets import is_secret, strip_secrets
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -352,15 +353,21 @@ KOHYA_RENAMES = {
 #: choose the GUI's family selector (FamilySpec.kohya_ss_flags), not a training option.
 KOHYA_GUI_ONLY = frozenset({"model_list", "save_as_bool", "sd3_checkbox", "flux1_checkbox",
                             *(flag for spec in all_families().values() for flag in spec.kohya_ss_flags),
-                            "LoRA_type", "conv_dim", "conv_alpha", "rank_dropout", "module_dropout", "lr_warmup",
-                            "xformers", "noise_offset_type", "unit", "lr_warmup_steps"})
-#: kohya LoRA types our LoRA implements (LoCon = conv_dim/conv_alpha network_args; kohya_ss's 'Flux1' is its name for
-#: sd-scripts' networks.lora_flux, the family's own network_module).
-SUPPORTED_LORA_TYPES = {"Standard", "Kohya LoCon", "LoCon", "Flux1"}
+                            "LoRA_type", "lr_warmup", "xformers", "noise_offset_type", "lr_warmup_steps",
+                            *NETWORK_ARG_FIELDS})
+#: kohya LoRA types we train (kohya_gui/lora_types.py: network_module and network_args of each; kohya_ss's 'Flux1' is
+#: its name for sd-scripts' networks.lora_flux, the family's own network_module).
+SUPPORTED_LORA_TYPES = frozenset(KOHYA_LORA_TYPES)
 #: kohya_ss values that mean the same as leaving the option unset (sd-scripts' own defaults): not imported, so that a
 #: family that refuses the option (e.g. clip_skip for FLUX.1) is not given it.
 KOHYA_SAME_AS_UNSET = {"clip_skip": 1, "max_token_length": 75, "min_timestep": 0, "max_timestep": 1000}
 NETWORK_ARGS_PREFIX = "network_args:"
+#: kohya_ss's 'noise_offset_type' -> the noise keys it passes to sd-scripts with it; it saves the other type's keys
+#: too but does not pass them, so they are not imported (bmaltais/kohya_ss kohya_gui/common_gui.py run_cmd)
+KOHYA_NOISE_OFFSET_TYPES = {
+    "Original": frozenset({"noise_offset", "noise_offset_random_strength", "adaptive_noise_scale"}),
+    "Multires": frozenset({"multires_noise_iterations", "multires_noise_discount"}),
+}
 
 
 def _meaningful(value: Any) -> bool:
@@ -386,8 +393,10 @@ def import_kohya_json(path: str, kind: str | None = None,
 
     Same-named keys map directly; renamed ones via KOHYA_RENAMES (epoch -> max_train_epochs, max_resolution ->
     resolution, optimizer -> optimizer_type, sample_prompts text -> sample_prompts_text, accelerate settings ->
-    'accelerate.*'); LoRA_type Standard/LoCon/Flux1 -> our LoRA (+ conv_dim/conv_alpha, rank/module dropout in
-    network_args; the family's own network_module, e.g. networks.lora_flux); lr_warmup percent -> lr_warmup_steps
+    'accelerate.*'); LoRA_type -> network_module + network_args as kohya_ss builds them (kohya_gui/lora_types.py:
+    Standard/Kohya LoCon/Flux1 our LoRA or the family's own network, e.g. networks.lora_flux; LyCORIS/* and LoCon
+    lycoris.kohya with algo=; Kohya LoHa/LoKr networks.loha/lokr); a type we do not train is a PresetError naming
+    it; lr_warmup percent -> lr_warmup_steps
     fraction; xformers 'xformers'/'sdpa' -> flags. kohya's 0 / '' meaning "unset" become unset.
 
     The config's model family (its model file, else its kohya_ss checkbox, FamilySpec.kohya_ss_flags) decides the
@@ -416,14 +425,22 @@ def import_kohya_json(path: str, kind: str | None = None,
         report[key] = "reported"
 
     lora_type = data.get("LoRA_type", "Standard") or "Standard"
-    if "LoRA_type" in data and lora_type not in SUPPORTED_LORA_TYPES:
-        reported("LoRA_type", f"LoRA_type ({lora_type!r} is not supported; imported as a standard LoRA)")
+    if trainer in (None, "network"):
+        if lora_type not in SUPPORTED_LORA_TYPES:
+            raise PresetError(f"{path}: {refusal(lora_type)}")
+    elif lora_type != "Standard":
+        reported("LoRA_type", f"LoRA_type ({lora_type!r}: a LoRA setting; does not apply to {kind})")
     accel_names = {f.name for f in fields(AccelerateSettings)}
     # a family's own field wins over a plain one naming the same option (sd3_clip_l over an old-style clip_l)
     preferred = {target: key for key, target in spec.kohya_ss_keys.items() if key != target and _meaningful(data.get(key))}
     net_args: list[str] = []
+    noise_type = data.get("noise_offset_type") or "Original"
+    unused_noise = {k for t, keys in KOHYA_NOISE_OFFSET_TYPES.items() if t != noise_type for k in keys}
     for key, raw in data.items():
         report.setdefault(key, "unset")
+        if key in unused_noise:
+            report[key] = "gui"  # the other noise_offset_type's field: kohya_ss does not pass it
+            continue
         if is_secret(key):
             if _meaningful(raw):
                 reported(key, f"{key} (secret, not imported)")
@@ -531,17 +548,16 @@ def _kohya_specials(data: dict[str, Any], values: dict[str, Any], lora_type: str
     from sd_scripts.families import family_spec
 
     if trainer in (None, "network"):
-        net_args = list(values.get("network_args") or [])
-        keys = ["rank_dropout", "module_dropout"] + (["conv_dim", "conv_alpha"] if "LoCon" in lora_type else [])
-        for key in keys:
-            if _meaningful(data.get(key)):
-                net_args.append(f"{key}={data[key]}")
-                report[key] = "imported"
-        net_args += family_args
+        module, type_args, used = network_for(lora_type, data)
+        for key in used:
+            report[key] = "imported"
+        net_args = list(values.get("network_args") or []) + type_args + family_args
         if net_args:
             values["network_args"] = net_args
         own = family_spec(values[FAMILY_KEY]).option_values.get("network_module", ())
-        if own:  # kohya_ss runs the family's sd-scripts network (networks.lora_flux, networks.lora_sd3)
+        if module is not None:  # LoHa / LoKr / LyCORIS (kohya_gui/lora_types.py)
+            values["network_module"] = module
+        elif own:  # kohya_ss runs the family's sd-scripts network (networks.lora_flux, networks.lora_sd3)
             values["network_module"] = own[0]
     warmup_steps = data.get("lr_warmup_steps")
     if _meaningful(warmup_steps):

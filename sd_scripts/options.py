@@ -64,6 +64,7 @@ class Option:
     path: str | None = None  # "file", "dir", "file_or_dir", "out_dir" or "out_file": the GUI and pre-flight check it
     label: str | None = None
     secret: bool = False  # never written to presets or logs
+    refused: str | None = None  # accepted for sd-scripts command lines, but an error (with this reason) when set
     advanced: bool = False  # hidden behind "advanced" in the GUI
     check: Callable[[Any, dict], str | None] | None = None  # (value, all values) -> error message or None
     aliases: tuple = ()
@@ -101,6 +102,15 @@ def _positive(value, _values):
 
 def _non_negative(value, _values):
     return None if value is None or value >= 0 else "must be 0 or more"
+
+
+def _needs_noise_offset(value, values):
+    return "needs noise_offset: set noise_offset too, or remove it" if values.get("noise_offset") is None else None
+
+
+def _timestep_range(value, values):
+    low = values.get("min_timestep") or 0
+    return None if value is None or value >= low else f"must not be below min_timestep ({low})"
 
 
 def _save_format(value, values):
@@ -163,6 +173,12 @@ FULL = frozenset({"db", "finetune"})
 FOLDER_TRAINERS = frozenset({"network", "db", "ti"})
 NET_FT = frozenset({"network", "finetune"})
 CAPTION_JSON = frozenset({"network", "finetune", "ti"})  # sd-scripts' trainers with in_json / dataset_repeats
+
+
+def _network_module_names() -> tuple:
+    from .networks.registry import network_module_names
+
+    return network_module_names()
 
 
 def _family_option_choices(option: str) -> tuple:
@@ -249,9 +265,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("alpha_mask", bool, False, "Use each image's alpha channel as the loss mask: transparent pixels are not "
        "trained.", "dataset"),
     _O("masked_loss", bool, False, "Weight the loss by mask images (conditioning_data_dir; white: trained, black: "
-       "ignored).", "dataset", trainers=NOT_TI),
+       "ignored).", "dataset"),
     _O("conditioning_data_dir", str, None, "Folder of mask images for masked_loss, named like the training images "
-       "(a subfolder per concept folder, or all in one).", "folders", path="dir", trainers=NOT_TI),
+       "(a subfolder per concept folder, or all in one).", "folders", path="dir"),
     _O("cache_info", bool, False, "Keep image sizes and captions in metadata_cache.json in each image folder "
        "(faster start with many images).", "dataset", advanced=True),
     _O("debug_dataset", bool, False, "List what the dataset yields (image, bucket, caption, crop) for one epoch "
@@ -263,6 +279,7 @@ OPTIONS: tuple[Option, ...] = (
     _O("cache_latents_to_disk", bool, False, "Keep the latent cache in .npz files next to the images.", "dataset"),
     _O("vae_batch_size", int, 1, "Images per VAE batch while caching latents.", "dataset", minimum=1, advanced=True),
     _O("skip_cache_check", bool, False, "Trust existing .npz caches without checking them.", "dataset",
+       aliases=("skip_latents_validity_check",),
        advanced=True),
     _O("enable_bucket", bool, False, "Aspect-ratio bucketing: train images at their own aspect ratio.", "bucket"),
     _O("min_bucket_reso", int, 256, "Smallest bucket side.", "bucket", minimum=64),
@@ -276,8 +293,9 @@ OPTIONS: tuple[Option, ...] = (
     _O("persistent_data_loader_workers", bool, False, "Keep data loader workers between epochs.", "dataset",
        advanced=True),
     # ---- network
-    _O("network_module", str, "networks.lora", "Adapter type (networks.lora: kohya LoRA / LoCon).", "network",
-       trainers=NET, choices=("networks.lora", "sd_scripts.networks.lora", *_family_option_choices("network_module"))),
+    _O("network_module", str, "networks.lora", "Adapter type: networks.lora (kohya LoRA / LoCon), networks.loha, "
+       "networks.lokr (LoHa / LoKr), lycoris.kohya (LyCORIS: algo= in network_args).", "network",
+       trainers=NET, choices=(*_network_module_names(), *_family_option_choices("network_module"))),
     _O("network_dim", int, 4, "LoRA rank.", "network", trainers=NET, minimum=1, check=_positive,
        label="Network rank (dim)"),
     _O("network_alpha", float, 1.0, "LoRA alpha: the update is scaled by alpha / rank.", "network", trainers=NET,
@@ -285,7 +303,8 @@ OPTIONS: tuple[Option, ...] = (
     _O("network_dropout", float, None, "Dropout on the LoRA down projection's output (neuron dropout).", "network",
        trainers=NET, minimum=0, maximum=1),
     _O("network_args", str, None, "Extra network options key=value: conv_dim, conv_alpha, rank_dropout, "
-       "module_dropout.", "network", trainers=NET, nargs="*"),
+       "module_dropout; networks.lokr: factor, use_tucker; lycoris.kohya: algo, preset, factor, use_tucker, ...",
+       "network", trainers=NET, nargs="*"),
     _O("network_weights", str, None, "Continue training from this LoRA file.", "network", trainers=NET, path="file"),
     _O("dim_from_weights", bool, False, "Take rank and alpha from network_weights.", "network", trainers=NET),
     _O("network_train_unet_only", bool, False, "Train only the U-Net part of the LoRA.", "network", trainers=NET),
@@ -352,7 +371,7 @@ OPTIONS: tuple[Option, ...] = (
        trainers=FULL),
     _O("ema_decay", float, 0.9999, "EMA decay per optimizer step.", "training", trainers=FULL, minimum=0, maximum=1),
     _O("fused_backward_pass", bool, False, "Step the optimizer inside the backward pass, one parameter at a time "
-       "(less memory for full fine-tuning).", "precision", trainers=FULL),
+       "(less memory for full fine-tuning).", "precision"),
     _O("blockwise_fused_optimizers", bool, False, "sd-scripts' per-block optimizers stepped during backward (FLUX.1 / "
        "SD3 full fine-tuning): here the same as fused_backward_pass, which steps each parameter as soon as its "
        "gradient is ready (at least the same memory saving).", "precision", trainers=FULL, advanced=True),
@@ -404,10 +423,39 @@ OPTIONS: tuple[Option, ...] = (
     # ---- noise and loss
     _O("noise_offset", float, None, "Add this much per-channel offset noise (brighter/darker images).", "noise",
        minimum=0),
+    _O("noise_offset_random_strength", bool, False, "Draw the offset noise's strength from 0 to noise_offset for "
+       "each step.", "noise", advanced=True),
+    _O("adaptive_noise_scale", float, None, "Add this times the absolute mean of each latent channel to "
+       "noise_offset.", "noise", advanced=True, check=_needs_noise_offset),
+    _O("multires_noise_iterations", int, None, "Multi-resolution (pyramid) noise with this many levels (6-10 is "
+       "typical).", "noise", minimum=0),
+    _O("multires_noise_discount", float, 0.3, "Weight of each further multires noise level (discount^level).",
+       "noise", minimum=0, advanced=True),
+    _O("ip_noise_gamma", float, None, "Input perturbation: add this much extra noise to the denoiser's input only "
+       "(0.1 is typical).", "noise", minimum=0),
+    _O("ip_noise_gamma_random_strength", bool, False, "Draw the input perturbation's strength from 0 to "
+       "ip_noise_gamma for each step.", "noise", advanced=True),
+    _O("zero_terminal_snr", bool, False, "Rescale the noise schedule so its last timestep is pure noise (for "
+       "v-prediction models).", "noise", advanced=True),
     _O("min_snr_gamma", float, None, "Min-SNR loss weighting gamma (5 is typical).", "noise", minimum=0),
+    _O("scale_v_pred_loss_like_noise_pred", bool, False, "Scale a v-prediction model's loss like an epsilon loss "
+       "(SNR / (SNR + 1)).", "noise", advanced=True),
+    _O("v_pred_like_loss", float, None, "Add this times a v-prediction-like loss (epsilon models).", "noise",
+       minimum=0, advanced=True),
+    _O("debiased_estimation_loss", bool, False, "Weight the loss by 1 / sqrt(SNR) (v models: 1 / (SNR + 1)).",
+       "noise", advanced=True),
+    _O("loss_type", str, "l2", "Loss function: l2 (MSE), l1, huber or smooth_l1 (pseudo-Huber with threshold "
+       "huber_c).", "noise", choices=("l1", "l2", "huber", "smooth_l1")),
+    _O("huber_schedule", str, "snr", "Huber threshold per timestep: constant (huber_c x huber_scale), exponential "
+       "(huber_scale down to huber_c x huber_scale) or snr.", "noise", choices=("constant", "exponential", "snr"),
+       advanced=True),
+    _O("huber_c", float, 0.1, "Huber threshold (decay parameter) of the huber and smooth_l1 losses.", "noise",
+       minimum=0, advanced=True),
+    _O("huber_scale", float, 1.0, "Scale of the Huber threshold (constant and exponential schedules).", "noise",
+       minimum=0, advanced=True),
     _O("min_timestep", int, None, "Lowest timestep sampled.", "noise", minimum=0, maximum=999, advanced=True),
     _O("max_timestep", int, None, "Highest timestep sampled (exclusive).", "noise", minimum=1, maximum=1000,
-       advanced=True),
+       advanced=True, check=_timestep_range),
     # ---- flow matching (DiT families)
     _O("guidance_scale", float, 3.5, "Guidance embedding value while training (guidance-distilled models).",
        "noise", trainers=NET_FT, family_specific=True),
@@ -432,10 +480,9 @@ OPTIONS: tuple[Option, ...] = (
        advanced=True),
     _O("blocks_to_swap", int, None, "Keep this many denoiser blocks on the CPU, moving each in for its turn.",
        "precision", minimum=0, trainers=NET_FT, family_specific=True),
-    _O("fp8_base", bool, False, "Store the frozen base weights in float8 (computed in the mixed precision).",
-       "precision", trainers=NET_FT, family_specific=True),
-    _O("fp8_base_unet", bool, False, "Store only the denoiser's base weights in float8.", "precision",
-       trainers=NET_FT, family_specific=True),
+    _O("fp8_base", bool, False, "Store the frozen base weights in float8 (computed in the mixed precision; LoRA "
+       "training).", "precision"),
+    _O("fp8_base_unet", bool, False, "Store only the denoiser's base weights in float8.", "precision"),
     _O("cpu_offload_checkpointing", bool, False, "Offload gradient-checkpointing activations to the CPU.",
        "precision", trainers=NET_FT, family_specific=True),
     # ---- sampling
@@ -465,6 +512,47 @@ OPTIONS: tuple[Option, ...] = (
     _O("metadata_description", str, None, "modelspec description.", "metadata"),
     _O("metadata_license", str, None, "modelspec license.", "metadata"),
     _O("metadata_tags", str, None, "modelspec tags (comma separated).", "metadata"),
+    # ---- sd-scripts options kept for its command lines: their intent is always met here, or they are refused
+    # with the reason when set (`refused`)
+    _O("highvram", bool, False, "Accepted for compatibility: device caches are not cleared between steps here.",
+       "precision", advanced=True),
+    _O("diffusers_xformers", bool, False, "Accepted for compatibility: PyTorch SDPA is used instead.", "precision",
+       trainers=frozenset({"finetune"}), advanced=True),
+    _O("use_safetensors", bool, False, "Accepted for compatibility: full models are saved as safetensors unless "
+       "save_model_as says otherwise.", "saving", trainers=FULL, advanced=True),
+    _O("disable_mmap_load_safetensors", bool, False, "Read .safetensors files into memory instead of memory-mapping "
+       "them (faster on WSL and network drives).", "model", advanced=True),
+    _O("text_encoder_batch_size", int, None, "Captions per batch while caching text-encoder outputs (default 16).",
+       "dataset", minimum=1, trainers=NET_FT, family_specific=True, advanced=True),
+    _O("num_last_block_to_freeze", int, None, "Keep the denoiser's last N transformer blocks frozen (sd3_train).",
+       "training", minimum=1, trainers=frozenset({"finetune"}), family_specific=True, advanced=True),
+    _O("fused_optimizer_groups", int, None, "sd-scripts' per-group optimizers stepped during backward: here the "
+       "same as fused_backward_pass, which steps each parameter as soon as its gradient is ready.", "precision",
+       trainers=FULL, minimum=0, advanced=True),
+    _O("no_token_padding", bool, False, "sd-scripts: do not pad captions to the token length.", "caption",
+       trainers=frozenset({"db"}), advanced=True,
+       refused="captions are always padded to max_token_length, as the text encoders were trained"),
+    _O("dataset_class", str, None, "sd-scripts: a custom dataset class.", "folders", advanced=True,
+       refused="custom dataset classes are not loaded (no code from options is run); describe the data with "
+               "dataset_config"),
+    _O("controlnet_model_name_or_path", str, None, "sd-scripts: a FLUX.1 ControlNet.", "model",
+       trainers=NET_FT, advanced=True, refused="ControlNet training and conditioning are not implemented"),
+    _O("split_mode", bool, False, "sd-scripts (deprecated there): split the FLUX.1 model in two.", "precision",
+       trainers=frozenset({"network"}), advanced=True,
+       refused="deprecated in sd-scripts and not implemented: use blocks_to_swap to save memory"),
+    *(_O(name, int, None, "sd-scripts (deprecated there): blocks to swap of one kind.", "precision",
+         trainers=frozenset({"finetune"}), advanced=True,
+         refused="deprecated in sd-scripts and not implemented: use blocks_to_swap")
+      for name in ("single_blocks_to_swap", "double_blocks_to_swap")),
+    *(_O(name, bool, False, f"sd-scripts (marked as not working there): save {what} into the checkpoint.",
+         "saving", trainers=NET_FT, advanced=True,
+         refused=f"unified checkpoints are not written (as in sd-scripts); a trained {what} is saved beside the "
+                 f"checkpoint as <name>_{file}.safetensors")
+      for name, what, file in (("save_clip", "CLIP-L / CLIP-G", "clip_l"), ("save_t5xxl", "T5-XXL", "t5xxl"))),
+    _O("t5xxl_device", str, None, "sd-scripts: the device T5-XXL runs on.", "model", trainers=NET_FT, advanced=True,
+       refused="T5-XXL runs on the training device; cache_text_encoder_outputs_to_disk frees it during training"),
+    _O("t5xxl_dtype", str, None, "sd-scripts: T5-XXL's dtype.", "model", trainers=NET_FT, advanced=True,
+       refused="T5-XXL runs in the mixed precision (fp8_base stores it in float8)"),
     # ---- logging and control (ours)
     _O("events_file", str, None, "Write JSON-lines progress events here (the GUI reads them).", "logging",
        path="out_file", advanced=True),
@@ -608,6 +696,9 @@ def validate(values: dict[str, Any], trainer: str) -> list[str]:
             if opt.maximum is not None and value > opt.maximum:
                 errors.append(f"option '{opt.name}': {value} is above the maximum {opt.maximum}")
                 continue
+        if opt.refused and value not in (opt.default, False, "", []):
+            errors.append(f"option '{opt.name}' is not supported here: {opt.refused}; remove it")
+            continue
         if opt.check:
             msg = opt.check(value, values)
             if msg:

@@ -174,6 +174,38 @@ def test_noised_on_known_inputs(tiny, sampling):
     assert raw.weights is None
 
 
+
+def test_input_perturbation_and_loss_types(tiny):
+    """ip_noise_gamma (with random strength) perturbs only the noisy input, as sd-scripts' FLUX.1 trainer; the loss
+    type and the exponential Huber threshold on t = sigma * 1000; the DDPM 'snr' schedule is refused."""
+    from sd_scripts.training.loss import training_loss
+
+    bundle = _load(tiny[0])
+    family = family_class("flux")(bundle, None, timestep_sampling="uniform", model_prediction_type="raw",
+                                  ip_noise_gamma=0.5, ip_noise_gamma_random_strength=True, loss_type="smooth_l1",
+                                  huber_schedule="exponential", huber_c=0.2, huber_scale=2.0)
+    latents = torch.randn(3, 16, 8, 8)
+    out = family.noised(latents, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=g)
+    sigmas = torch.rand(3, generator=g)
+    strength = torch.rand((), generator=g) * 0.5
+    xi = torch.randn(latents.shape, generator=g)
+    s = sigmas.view(3, 1, 1, 1)
+    assert 0 < float(strength) < 0.5
+    torch.testing.assert_close(out.noisy, (1 - s) * latents + s * (noise + strength * xi))
+    assert torch.allclose(out.target, noise - latents)
+    c = 2.0 * 0.2 ** sigmas  # huber_scale at t = 0 down to huber_c * huber_scale at t = 1000
+    assert out.loss_type == "smooth_l1"
+    torch.testing.assert_close(out.huber_c, c)
+    pred = torch.randn(latents.shape, generator=g)
+    d, c4 = pred - out.target, c.view(3, 1, 1, 1)
+    expected = (2 * (torch.sqrt(d ** 2 + c4 ** 2) - c4)).mean()
+    loss = training_loss(pred, out.target, None, out.weights, loss_type=out.loss_type, huber_c=out.huber_c)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(OptionError, match="'huber_schedule'.*constant or exponential"):
+        family_class("flux")(bundle, None, loss_type="huber")
+
 def test_prediction_types(tiny):
     bundle = _load(tiny[0])
     fams = {t: family_class("flux")(bundle, None, model_prediction_type=t, t5xxl_max_token_length=16)

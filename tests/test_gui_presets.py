@@ -160,6 +160,7 @@ KOHYA = {
     "num_processes": 2, "multi_gpu": True, "gpu_ids": "", "main_process_port": 0, "num_cpu_threads_per_process": 2,
     "extra_accelerate_launch_args": "", "sdxl": False, "model_list": "custom", "wandb_api_key": "abc123",
     "huggingface_token": "", "use_wandb": False, "multires_noise_iterations": 8, "noise_offset_type": "Multires",
+    "noise_offset": 0.05, "adaptive_noise_scale": 0.01,
     "stop_text_encoder_training": 0, "sdxl_no_half_vae": False, "network_dim": 16, "network_alpha": 8,
 }
 
@@ -179,7 +180,10 @@ def test_import_kohya_json_maps_renamed_keys(tmp_path):
     assert values["accelerate.num_processes"] == 2 and values["accelerate.multi_gpu"] is True
     assert "save_every_n_steps" not in values and "network_dropout" not in values and "vae_batch_size" not in values
     assert "network_weights" not in values
-    assert "multires_noise_iterations" in unknown and "wandb_api_key (secret, not imported)" in unknown
+    assert "wandb_api_key (secret, not imported)" in unknown
+    # noise_offset_type Multires: kohya_ss passes the multires keys only, not its saved noise_offset fields
+    assert values["multires_noise_iterations"] == 8 and "noise_offset" not in values
+    assert "adaptive_noise_scale" not in values
     assert "abc123" not in json.dumps(values)
     assert "stop_text_encoder_training" not in unknown and "use_wandb" not in unknown  # 0/false: no setting lost
     rest, accel = split_accelerate(values)

@@ -342,7 +342,7 @@ def test_max_grad_norm_clips_the_global_gradient_norm(tiny_sd1, data, tmp_path, 
     assert_update(before, after, {k: adamw_first_step(g * coefficient) for k, g in grads.items()})
 
 
-@pytest.mark.parametrize("flag", ["--fused_backward_pass", "--blockwise_fused_optimizers"])
+@pytest.mark.parametrize("flag", ["--fused_backward_pass", "--blockwise_fused_optimizers", "--fused_optimizer_groups=2"])
 def test_fused_backward_pass_steps_each_parameter_with_its_own_clipping(tiny_sd1, data, tmp_path, flag):
     max_norm = 0.02
     before, after, grads = db_step(tiny_sd1.diffusers_dir, data, tmp_path, flag, "--max_grad_norm", str(max_norm))
@@ -367,3 +367,25 @@ def test_weights_are_read_in_the_compute_dtype_only_when_every_part_ends_up_in_i
     assert load_dtype(torch.float16, lora) == torch.float32
     assert load_dtype(torch.float32, lora) == torch.float32
     assert load_dtype(torch.bfloat16, full) == torch.float32
+
+
+def test_fp8_base_stores_the_sd_unet_in_float8_and_trains_the_lora(tiny_sd1, data, tmp_path):
+    """sd-scripts' train_network --fp8_base on an SD model: the frozen U-Net's layers are stored in float8 (the
+    text encoder too; fp8_base_unet keeps it in the compute dtype), and a step still trains the LoRA."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # this process's accelerator was fp32 so far
+    for flag, te_fp8 in (("--fp8_base", True), ("--fp8_base_unet", False)):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        trainer, batch = step_on("network", tiny_sd1.diffusers_dir, data, tmp_path / flag[2:], flag,
+                                 "--mixed_precision", "bf16")
+        unet_linear = next(m for m in denoiser(trainer).modules() if isinstance(m, torch.nn.Linear))
+        te_linear = next(m for m in trainer.bundle.text_encoders[0].modules() if isinstance(m, torch.nn.Linear))
+        assert unet_linear.weight.dtype == torch.float8_e4m3fn
+        assert (te_linear.weight.dtype == torch.float8_e4m3fn) == te_fp8
+        lora = [p for p in trainer.method.network.parameters() if p.requires_grad]
+        before = [p.detach().clone() for p in lora]
+        loss = trainer.training_step(batch)
+        assert torch.isfinite(torch.as_tensor(loss)).all()
+        assert any(not torch.equal(b, p.detach()) for b, p in zip(before, lora))
+    AcceleratorState._reset_state(reset_partial_state=True)  # the next test builds an fp32 accelerator

@@ -56,6 +56,9 @@ def test_ss_keys_and_values():
     assert not any("/home/someone" in v for v in meta.values())
     for absent in ("ss_events_file", "ss_metadata_title", "ss_pretrained_model_name_or_path", "ss_no_metadata"):
         assert absent not in meta
+    # sd-scripts' names and values of the loss options
+    assert meta["ss_loss_type"] == "l2" and meta["ss_huber_schedule"] == "snr" and meta["ss_huber_c"] == "0.1"
+    assert meta["ss_debiased_estimation"] == "False" and "ss_debiased_estimation_loss" not in meta
 
 
 def test_optional_keys():

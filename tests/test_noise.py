@@ -81,7 +81,8 @@ def test_sample_timesteps_range_determinism_and_errors():
     a = sample_timesteps(8, generator=torch.Generator().manual_seed(1), device="cpu")
     b = sample_timesteps(8, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
-    for low, high in ((5, 5), (-1, 10), (0, 1001)):
+    assert sample_timesteps(3, 1000, min_timestep=5, max_timestep=5).tolist() == [5] * 3  # sd-scripts: that one
+    for low, high in ((6, 5), (-1, 10), (0, 1001), (1000, 1000)):
         with pytest.raises(ValueError, match="min_timestep"):
             sample_timesteps(2, 1000, min_timestep=low, max_timestep=high)
 
@@ -99,3 +100,35 @@ def test_make_noise_and_offset_noise():
     expected = 0.1 * torch.randn((2, 4, 1, 1), generator=g)
     close(diff[:, :, :1, :1], expected)
     assert diff.abs().sum() > 0
+
+
+def test_snr_loss_weights_on_hand_numbers():
+    from sd_scripts.training.noise import debiased_estimation_weight, v_loss_as_epsilon_scale, v_pred_like_weight
+
+    snr = compute_snr(A, torch.arange(4))  # [16/9, 9/16, 1, 1/4]
+    close(v_loss_as_epsilon_scale(snr), [16 / 25, 9 / 25, 0.5, 0.2])
+    close(v_pred_like_weight(snr, 0.5), [1 + 0.5 * 25 / 16, 1 + 0.5 * 25 / 9, 2.0, 3.5])
+    close(debiased_estimation_weight(snr), [0.75, 4 / 3, 1.0, 2.0])
+    close(debiased_estimation_weight(snr, v_prediction=True), [9 / 25, 16 / 25, 0.5, 0.8])
+    capped = torch.tensor([float("inf"), 4000.0])  # sd-scripts caps the SNR at 1000 in these weights
+    close(debiased_estimation_weight(capped), [1000 ** -0.5] * 2)
+    close(v_loss_as_epsilon_scale(capped), [1000 / 1001] * 2)
+
+
+def test_multires_and_perturbed_noise_draw_from_the_generator():
+    from sd_scripts.training.noise import multires_noise, perturbed_noise
+
+    base = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    a = multires_noise(base, 6, 0.5, torch.Generator().manual_seed(1))
+    b = multires_noise(base, 6, 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == base.shape and float(a.std()) == pytest.approx(1.0, abs=1e-5)
+    assert float((a - base / base.std()).abs().mean()) > 0.1
+    assert perturbed_noise(base, None) is base and perturbed_noise(base, 0.0) is base
+    g = torch.Generator().manual_seed(2)
+    out = perturbed_noise(base, 0.3, generator=g)
+    close(out, base + 0.3 * torch.randn(base.shape, generator=torch.Generator().manual_seed(2)))
+    g = torch.Generator().manual_seed(3)
+    out = perturbed_noise(base, 0.3, True, generator=g)
+    replay = torch.Generator().manual_seed(3)
+    strength = torch.rand((), generator=replay) * 0.3
+    close(out, base + strength * torch.randn(base.shape, generator=replay))

@@ -55,7 +55,8 @@ def test_sd3_lora_run_loads_in_diffusers(tmp_path, tiny3, demo_data):
         "--min_bucket_reso", "64", "--max_bucket_reso", "128", "--network_dim", "4", "--network_alpha", "2",
         "--learning_rate", "5e-3", "--max_train_steps", "4", "--cache_latents", "--t5xxl_max_token_length", "16",
         "--weighting_scheme", "logit_normal", "--sample_prompts", str(prompts), "--sample_every_n_steps", "4",
-        "--seed", "3", "--events_file", str(events), module="sd_scripts.sd3_train_network"))
+        "--seed", "3", "--events_file", str(events), "--enable_scaled_pos_embed",
+        module="sd_scripts.sd3_train_network"))
 
     tensors, meta = _read(out / "sd3lora.safetensors")
     assert meta["ss_base_model_version"] == "medium"

@@ -185,6 +185,52 @@ def test_fine_tune_text_encoder_rates(tiny, tmp_path, extra, want):
     assert why and "use_t5xxl_cache_only" in why and "not implemented" in why
 
 
+def test_num_last_block_to_freeze_keeps_the_last_blocks(tiny, tmp_path):
+    from sd_scripts.models.loading import load_model
+    from sd_scripts.training.full_methods import FolderFineTuneMethod
+
+    args = parse_args("finetune", ["--pretrained_model_name_or_path", tiny.single_file_with_text_encoders,
+                                   "--output_dir", str(tmp_path), "--num_last_block_to_freeze", "1"])
+    bundle = load_model(tiny.single_file_with_text_encoders)
+    groups, _ = FolderFineTuneMethod(args).build(bundle, family="sd3")
+    blocks = bundle.denoiser.transformer_blocks
+    trained = {id(p) for p in groups[0]["params"]}
+    assert not any(p.requires_grad or id(p) in trained for p in blocks[-1].parameters())
+    assert all(p.requires_grad and id(p) in trained for p in blocks[0].parameters())
+    args.num_last_block_to_freeze = len(blocks) + 1
+    with pytest.raises(OptionError, match="num_last_block_to_freeze"):
+        FolderFineTuneMethod(args).build(load_model(tiny.single_file_with_text_encoders), family="sd3")
+
+
+def test_scaled_positional_tables(tiny):
+    """enable_scaled_pos_embed: sd-scripts' scaled sine-cosine tables, one per training resolution, chosen by the
+    latent's area and centre-cropped; without scaling (grid = sample) the table is diffusers' own 2D sincos table."""
+    from argparse import Namespace
+
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from sd_scripts.families.sd3.model import SD3Family, scaled_sincos_table
+    from sd_scripts.models.loading import load_model
+
+    theirs = get_2d_sincos_pos_embed(32, 6, base_size=16, interpolation_scale=1.0, output_type="pt")
+    torch.testing.assert_close(scaled_sincos_table(32, 6, 6), theirs.float(), atol=1e-6, rtol=1e-5)
+    bundle = load_model(tiny.single_file_with_text_encoders)
+    pe = bundle.denoiser.pos_embed
+    native = pe.cropped_pos_embed(8, 8).clone()
+    family = SD3Family(bundle, Namespace(enable_scaled_pos_embed=True, t5xxl_max_token_length=8))
+    family.use_resolutions([(64, 64), (128, 128), (64, 64)])
+    width = pe.pos_embed.shape[-1]
+    for latent, patched in ((8, 4), (16, 8)):
+        grid = int(patched * 1.5)
+        top = (grid - patched) // 2
+        table = scaled_sincos_table(width, grid, patched).reshape(grid, grid, width)
+        want = table[top:top + patched, top:top + patched].reshape(1, -1, width)
+        torch.testing.assert_close(pe.cropped_pos_embed(latent, latent), want)
+    assert not torch.allclose(pe.cropped_pos_embed(8, 8), native)
+    tall = pe.cropped_pos_embed(40, 8)  # a bucket longer than any table: one is made for its long side
+    assert tall.shape == (1, 20 * 4, width)
+
+
 def test_noised_follows_sd3_flow_matching(family):
     torch.manual_seed(0)
     latents = torch.randn(3, 16, 4, 4)
@@ -394,3 +440,35 @@ def test_lora_conversion_command_writes_a_file_diffusers_loads(tiny, tmp_path):
     save_file({"lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(4, 8),
                "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(8, 4)}, str(t5_only))
     assert main(["--lora", str(t5_only), "--model", tiny.diffusers_dir, "--out", str(tmp_path / "x.safetensors")]) == 1
+
+
+def test_input_perturbation_and_huber_loss(family):
+    """ip_noise_gamma perturbs only the noisy input (as sd-scripts' FLUX.1 trainer defines it for flow matching);
+    loss_type huber with a constant threshold huber_c * huber_scale; the DDPM 'snr' schedule is refused."""
+    from argparse import Namespace
+
+    from sd_scripts.families.sd3.model import SD3Family
+    from sd_scripts.training.loss import training_loss
+
+    args = Namespace(t5xxl_max_token_length=8, weighting_scheme="uniform", training_shift=1.0, ip_noise_gamma=0.4,
+                     loss_type="huber", huber_schedule="constant", huber_c=0.2, huber_scale=1.5)
+    perturbed = SD3Family(family.bundle, args)
+    latents = torch.randn(3, 16, 4, 4, generator=torch.Generator().manual_seed(1))
+    noised = perturbed.noised(latents, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.randn(latents.shape, generator=gen)
+    t = (torch.rand(3, generator=gen) * 1000).long().float()
+    xi = torch.randn(latents.shape, generator=gen)
+    sigma = (t / 1000).reshape(3, 1, 1, 1)
+    assert torch.equal(noised.timesteps, t)
+    torch.testing.assert_close(noised.noisy, (1 - sigma) * latents + sigma * (noise + 0.4 * xi))
+    assert torch.equal(noised.target, latents)
+    assert noised.loss_type == "huber" and torch.allclose(noised.huber_c, torch.full((3,), 0.3))
+    pred = torch.randn(latents.shape, generator=gen)
+    d = pred - latents
+    expected = (2 * 0.3 * (torch.sqrt(d ** 2 + 0.09) - 0.3)).mean()
+    loss = training_loss(pred, noised.target, None, noised.weights, loss_type=noised.loss_type,
+                         huber_c=noised.huber_c)
+    torch.testing.assert_close(loss, expected)
+    with pytest.raises(OptionError, match="'huber_schedule'.*constant or exponential"):
+        SD3Family(family.bundle, Namespace(t5xxl_max_token_length=8, loss_type="smooth_l1"))

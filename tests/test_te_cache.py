@@ -91,6 +91,15 @@ def test_in_memory_cache_encodes_each_caption_once(tmp_path, strategy, monkeypat
     assert calls == [2] and cond.hidden.shape == (2, 77, TE1 + TE2)
 
 
+def test_text_encoder_batch_size_sets_the_caching_batches(tmp_path, strategy, monkeypatch):
+    ds = dataset(tmp_path / "1_sks", ["a dog", "a cat", "a cow", "a hen", "a pig"])
+    calls = []
+    original = strategy.encode_ids
+    monkeypatch.setattr(strategy, "encode_ids", lambda a, b: calls.append(a.shape[0]) or original(a, b))
+    te_cache.cache_text_encoder_outputs(strategy, ds, args(text_encoder_batch_size=2), OneProcess())
+    assert calls == [2, 2, 1]
+
+
 def test_disk_cache_files_reuse_and_invalidation(tmp_path, parts):
     folder = tmp_path / "1_sks"
     ds = dataset(folder, ["a dog", "a cat"])

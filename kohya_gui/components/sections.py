@@ -29,7 +29,7 @@ class SchemaSection:
     def __init__(self, trainer: str, values: dict[str, Any], family: str, elem_prefix: str):
         self.trainer = trainer
         self.widgets: dict[str, tuple[Option, gr.components.Component]] = {}
-        self.options = [o for o in options_for(trainer) if o.group in self.groups]
+        self.options = [o for o in options_for(trainer) if o.group in self.groups and not o.refused]
         self.block = None
         if not self.options:
             return

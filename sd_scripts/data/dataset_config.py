@@ -305,7 +305,7 @@ def load_datasets(args: argparse.Namespace, bucket_step_default: int) -> list[Da
 
 def _check_masks(configs: list[DatasetConfig], masked_loss: bool | None, config_path: str | None) -> None:
     """Mask images are for masked_loss, and masked_loss needs masks (sd-scripts would silently train unmasked).
-    `masked_loss` is None for a trainer without the option (textual inversion, as in sd-scripts)."""
+    `masked_loss` is None for a trainer without the option."""
     subsets = [s for ds in configs for s in ds.subsets]
     with_dir = [s for s in subsets if s.conditioning_data_dir]
     if with_dir and masked_loss is None:

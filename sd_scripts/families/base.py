@@ -24,6 +24,8 @@ class NoisedLatents:
     timesteps: torch.Tensor  # what the denoiser is conditioned on (DDPM: integer steps; flow matching: sigma x 1000)
     target: torch.Tensor  # what the prediction is compared with
     weights: torch.Tensor | None = None  # per-sample loss weights of the objective (e.g. min-SNR), [B]
+    loss_type: str = "l2"  # how prediction and target are compared (training/loss.py: l2, l1, huber, smooth_l1)
+    huber_c: torch.Tensor | None = None  # per-sample threshold of the huber / smooth_l1 loss types, [B]
 
 
 @dataclass
@@ -98,6 +100,10 @@ class Family:
     def predict(self, noised: NoisedLatents, conditioning: Any, batch: dict) -> torch.Tensor:
         """The denoiser's prediction for a noised batch, comparable with `noised.target`."""
         raise NotImplementedError
+
+    def use_resolutions(self, resolutions) -> None:
+        """The datasets' training resolutions [(width, height), ...], once known (before caching and training).
+        The default ignores them."""
 
     # ---- adapters
     #: network_args keys the family's LoRA takes besides the shared ones (key -> parser); when non-empty,

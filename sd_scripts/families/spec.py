@@ -6,6 +6,22 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 
+# Options of the DDPM step (sd-scripts' train_util / custom_train_functions) that flow-matching families cannot use,
+# with the reason: their FamilySpec.refused_options include these (sd-scripts' FLUX.1 / SD3 trainers never read them)
+DDPM_ONLY_OPTIONS: Mapping[str, str] = {
+    "noise_offset": "offset noise is a DDPM option; flow matching draws plain Gaussian noise",
+    "noise_offset_random_strength": "offset noise is a DDPM option; flow matching draws plain Gaussian noise",
+    "adaptive_noise_scale": "offset noise is a DDPM option; flow matching draws plain Gaussian noise",
+    "multires_noise_iterations": "multires noise is a DDPM option; flow matching draws plain Gaussian noise",
+    "multires_noise_discount": "multires noise is a DDPM option; flow matching draws plain Gaussian noise",
+    "zero_terminal_snr": "it rescales a DDPM beta schedule; flow matching reaches pure noise at sigma = 1 already",
+    "min_snr_gamma": "min-SNR weighting is a DDPM option; use weighting_scheme",
+    "scale_v_pred_loss_like_noise_pred": "it rescales a DDPM v-prediction loss by SNR; use weighting_scheme",
+    "v_pred_like_loss": "it adds a DDPM v-prediction loss by SNR; use weighting_scheme",
+    "debiased_estimation_loss": "it weights a DDPM loss by SNR; use weighting_scheme",
+}
+
+
 @dataclass(frozen=True)
 class MemoryFacts:
     """Rough figures for the GUI's memory estimate (GB, and billions of parameters a full fine-tune trains)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,6 +18,21 @@ from ..errors import ModelLoadError
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+#: False (`--disable_mmap_load_safetensors`): .safetensors tensors are read with plain file reads, one at a time,
+#: instead of memory-mapping the file (faster on WSL and network drives, as sd-scripts' option says)
+_MMAP = {"safetensors": True}
+
+
+@contextmanager
+def safetensors_mmap(enabled: bool):
+    """Checkpoints opened inside memory-map .safetensors files (enabled) or read them with plain reads."""
+    before = _MMAP["safetensors"]
+    _MMAP["safetensors"] = bool(enabled)
+    try:
+        yield
+    finally:
+        _MMAP["safetensors"] = before
 
 
 @dataclass
@@ -57,6 +73,30 @@ def _read_safetensors_header(path: str) -> dict:
     return header
 
 
+def _plain_reader(path: str, header: dict) -> Callable[[str], torch.Tensor]:
+    """Reads one tensor of a .safetensors file with seek + read (no memory map)."""
+    from .safetensors_writer import _DTYPES
+
+    dtypes = {name: dtype for dtype, name in _DTYPES.items()}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    data_start = 8 + n
+
+    def read(name: str) -> torch.Tensor:
+        entry = header[name]
+        start, end = entry["data_offsets"]
+        with open(path, "rb") as f:
+            f.seek(data_start + start)
+            raw = bytearray(f.read(end - start))
+        if len(raw) != end - start:
+            raise ValueError("the file ends before the tensor's data")
+        flat = torch.frombuffer(raw, dtype=dtypes[entry["dtype"]]) if raw else \
+            torch.empty(0, dtype=dtypes[entry["dtype"]])
+        return flat.reshape(entry["shape"])
+
+    return read
+
+
 def _open_safetensors(path: str) -> Checkpoint:
     from safetensors import safe_open
 
@@ -64,11 +104,12 @@ def _open_safetensors(path: str) -> Checkpoint:
         header = _read_safetensors_header(path)
         metadata = dict(header.pop("__metadata__", None) or {})
         shapes = {k: tuple(v["shape"]) for k, v in header.items()}
-        handle = safe_open(path, framework="pt", device="cpu")
+        read = safe_open(path, framework="pt", device="cpu").get_tensor if _MMAP["safetensors"] else \
+            _plain_reader(path, header)
     except Exception as e:  # noqa: BLE001 - any parse failure means a bad file
         raise ModelLoadError(f"{path}: not a readable .safetensors file ({e}); the download may be incomplete or the "
                              f"file is of another type: download it again or pass the right file") from None
-    return Checkpoint(path, shapes, metadata, handle.get_tensor)
+    return Checkpoint(path, shapes, metadata, read)
 
 
 def _open_pickle(path: str) -> Checkpoint:

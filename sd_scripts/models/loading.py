@@ -12,7 +12,7 @@ import torch
 from ..errors import ModelLoadError
 from ..families import detect_folder, detect_single_file, family_class
 from .bundle import ModelBundle
-from .checkpoint import open_checkpoint
+from .checkpoint import open_checkpoint, safetensors_mmap
 
 __all__ = ["ModelBundle", "load_model"]
 
@@ -23,9 +23,10 @@ def load_model(path: str, *, dtype: torch.dtype = torch.float32, **options) -> M
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file or folder; check the model path")
-    if os.path.isdir(path):
-        family = detect_folder(path).family
-        return family_class(family).load(path, dtype=dtype, **options)
-    checkpoint = open_checkpoint(path)
-    family = detect_single_file(checkpoint.shapes, checkpoint.metadata, path).family
-    return family_class(family).load(path, dtype=dtype, checkpoint=checkpoint, **options)
+    with safetensors_mmap(not options.pop("disable_mmap_load_safetensors", False)):
+        if os.path.isdir(path):
+            family = detect_folder(path).family
+            return family_class(family).load(path, dtype=dtype, **options)
+        checkpoint = open_checkpoint(path)
+        family = detect_single_file(checkpoint.shapes, checkpoint.metadata, path).family
+        return family_class(family).load(path, dtype=dtype, checkpoint=checkpoint, **options)

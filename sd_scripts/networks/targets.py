@@ -139,7 +139,12 @@ def text_encoder_targets(text_encoder: nn.Module, prefix: str = "lora_te",
     Files name them from `text_model.` (CLIPTextModel's layout before transformers 5, and CLIPTextModelWithProjection's
     still); a transformers-5 CLIPTextModel has no `text_model` level, so the prefix is added back for the file name.
     """
-    clip_without_level = type(text_encoder).__name__.startswith("CLIP") and not hasattr(text_encoder, "text_model")
-    name_map = (lambda path: "text_model." + path) if clip_without_level else None
     classes = TEXT_ENCODER_CLASSES if block_classes is None else tuple(block_classes)
-    return find_targets(text_encoder, prefix, classes, name_map)
+    return find_targets(text_encoder, prefix, classes, text_encoder_name_map(text_encoder))
+
+
+def text_encoder_name_map(text_encoder: nn.Module) -> Callable[[str], str] | None:
+    """Module path -> file path of a text encoder's layers: files name CLIP layers from `text_model.`, which a
+    transformers-5 CLIPTextModel no longer has (None: the paths are the file's)."""
+    clip_without_level = type(text_encoder).__name__.startswith("CLIP") and not hasattr(text_encoder, "text_model")
+    return (lambda path: "text_model." + path) if clip_without_level else None

@@ -29,7 +29,6 @@ from typing import ContextManager
 import torch
 
 from ..options import OptionError
-from .fused_backward import check_fused_backward_options
 from .methods import TrainingMethod, compute_dtype
 
 log = logging.getLogger(__name__)
@@ -51,7 +50,6 @@ class FullModelMethod(TrainingMethod):
         self.ema = None
         self._module: torch.nn.Module | None = None
         self._te_trained = False
-        check_fused_backward_options(args)
         if args.full_fp16:
             raise OptionError("option 'full_fp16' is not supported for full models (fp16 weights need a patched "
                               "gradient scaler): use full_bf16, or mixed_precision fp16 with float32 weights")
@@ -95,12 +93,15 @@ class FullModelMethod(TrainingMethod):
         self._te_trained = any(trained)
         bundle.vae.requires_grad_(False)
         bundle.denoiser.requires_grad_(True)
+        frozen = self._freeze_last_blocks(bundle, family)
         for text_encoder, on in zip(text_encoders, trained):
             text_encoder.requires_grad_(on)
             if not on and self._te_wanted():  # loaded for training (float32), but this one stays frozen
                 text_encoder.to(dtype=compute_dtype(a.mixed_precision))
-        groups = [{"params": list(bundle.denoiser.parameters()), "lr": a.learning_rate}]
+        groups = [{"params": [p for p in bundle.denoiser.parameters() if p.requires_grad], "lr": a.learning_rate}]
         names = ["unet"]
+        if frozen:
+            log.info("the denoiser's last %d blocks stay frozen (num_last_block_to_freeze)", frozen)
         modules = {"unet": bundle.denoiser}
         chosen = [(i, te, lr) for i, (te, lr, on) in enumerate(zip(text_encoders, lrs, trained)) if on]
         if len({lr for _, _, lr in chosen}) == 1:  # one rate: one group (lr/textencoder)
@@ -118,6 +119,22 @@ class FullModelMethod(TrainingMethod):
 
             self.ema = TrainedWeightsEMA([p for g in groups for p in g["params"]], decay=a.ema_decay)
         return groups, names
+
+    def _freeze_last_blocks(self, bundle, family: str) -> int:
+        """sd3_train's num_last_block_to_freeze: the last N transformer blocks (of the family's last block list)
+        keep their weights. Returns N."""
+        count = getattr(self.args, "num_last_block_to_freeze", None) or 0
+        if not count:
+            return 0
+        from ..families import family_class
+
+        lists = family_class(family).block_swap_groups(bundle.denoiser, 0) or []
+        if not lists or count > len(lists[-1].blocks):
+            raise OptionError(f"option 'num_last_block_to_freeze' {count}: this model has "
+                              f"{len(lists[-1].blocks) if lists else 0} blocks to freeze; use a smaller number")
+        for block in list(lists[-1].blocks)[-count:]:
+            block.requires_grad_(False)
+        return count
 
     def trainable_module(self) -> torch.nn.Module:
         return self._module

@@ -24,8 +24,10 @@ from .distributed import allreduce_gradients, is_distributed
 
 
 def fused_backward_wanted(args: argparse.Namespace) -> bool:
-    """fused_backward_pass, or sd-scripts' blockwise_fused_optimizers (the same mechanism here)."""
-    return bool(getattr(args, "fused_backward_pass", False) or getattr(args, "blockwise_fused_optimizers", False))
+    """fused_backward_pass, or sd-scripts' blockwise_fused_optimizers / fused_optimizer_groups (the same mechanism
+    here)."""
+    return bool(getattr(args, "fused_backward_pass", False) or getattr(args, "blockwise_fused_optimizers", False)
+                or getattr(args, "fused_optimizer_groups", None))
 
 
 def check_fused_backward_options(args: argparse.Namespace) -> None:

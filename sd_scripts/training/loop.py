@@ -136,7 +136,7 @@ class Trainer(RunSetup, RunOutputs):
         with acc.autocast():
             pred = self.family.predict(noised, cond.to(self.weight_dtype), batch)
         loss = training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights,
-                             mask=batch.get("loss_masks"))
+                             loss_type=noised.loss_type, huber_c=noised.huber_c, mask=batch.get("loss_masks"))
         acc.backward(loss)
         if acc.sync_gradients:
             allreduce_gradients(self.trained_params)

@@ -31,6 +31,8 @@ MINIMAL_SS_KEYS = ("ss_v2", "ss_base_model_version", "ss_network_module", "ss_ne
 _OPTIONS_NOT_AS_SS = {"pretrained_model_name_or_path", "vae", "network_args", "no_metadata", "metadata_title",
                       "metadata_author", "metadata_description", "metadata_license", "metadata_tags"}
 _GROUPS_NOT_AS_SS = {"logging"}
+# Options whose ss_ key sd-scripts names differently
+_SS_KEY_NAMES = {"debiased_estimation_loss": "ss_debiased_estimation"}
 
 
 def base_model_version(family: str, v_prediction: bool) -> str:
@@ -68,8 +70,15 @@ def option_metadata(args: argparse.Namespace) -> dict[str, str]:
         if opt.secret or opt.name in _OPTIONS_NOT_AS_SS or opt.group in _GROUPS_NOT_AS_SS:
             continue
         if hasattr(args, opt.name):
-            out[f"ss_{opt.name}"] = _option_value(opt, getattr(args, opt.name))
+            out[_SS_KEY_NAMES.get(opt.name, f"ss_{opt.name}")] = _option_value(opt, getattr(args, opt.name))
     return out
+
+
+def _network_module(args: argparse.Namespace) -> str:
+    """ss_network_module: the network trained, as sd-scripts names it (e.g. 'networks.lora', 'lycoris.kohya')."""
+    from ..networks.registry import canonical_network_module
+
+    return canonical_network_module(getattr(args, "network_module", None) or "networks.lora")
 
 
 def _iso_date(timestamp: float) -> str:
@@ -118,7 +127,7 @@ def build_training_metadata(args: argparse.Namespace, *, family: str, v_predicti
     tag_frequency = _summary_value(dataset_summary, "tag_frequency", {}) or {}
     tag_frequency = {d: {str(t).lower(): int(n) for t, n in tags.items()} for d, tags in tag_frequency.items()}
     meta.update({
-        "ss_network_module": "networks.lora",
+        "ss_network_module": _network_module(args),
         "ss_network_dim": str(getattr(args, "network_dim", None)),
         "ss_network_alpha": str(getattr(args, "network_alpha", None)),
         "ss_v2": str(family_spec(family).ss_v2),

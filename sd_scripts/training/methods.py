@@ -91,7 +91,8 @@ class TrainingMethod:
 
 
 class NetworkMethod(TrainingMethod):
-    """LoRA / LoCon on the U-Net and text encoder; the base weights stay frozen and shared."""
+    """An adapter network (LoRA / LoCon, LoHa, LoKr, LyCORIS: `network_module`, resolved by networks/registry.py) on
+    the U-Net and text encoder; the base weights stay frozen and shared."""
 
     name = "network"
     model_kind = "lora"  # metadata / modelspec suffix
@@ -110,25 +111,24 @@ class NetworkMethod(TrainingMethod):
 
     def build(self, bundle, *, family: str) -> tuple[list[dict], list[str]]:
         """Creates the network on the bundle's models and returns (optimizer param groups, their lr names)."""
-        from ..networks import lora
         from ..networks.registry import resolve_network_module
 
         a = self.args
-        resolve_network_module(a.network_module)
+        network_module = resolve_network_module(a.network_module)
         for part in (bundle.denoiser, *bundle.text_encoders, bundle.vae):
             part.requires_grad_(False)
         train_unet = not a.network_train_text_encoder_only
         train_te = self.trains_text_encoder
         if a.network_weights and a.dim_from_weights:
-            net = lora.create_network_from_weights(a.network_weights, unet=bundle.denoiser,
-                                                   text_encoders=bundle.text_encoders, family=family,
-                                                   multiplier=a.network_multiplier)
+            net = network_module.create_network_from_weights(a.network_weights, unet=bundle.denoiser,
+                                                             text_encoders=bundle.text_encoders, family=family,
+                                                             multiplier=a.network_multiplier)
         else:
-            net = lora.create_network(unet=bundle.denoiser, text_encoders=bundle.text_encoders, family=family,
-                                      network_dim=a.network_dim, network_alpha=a.network_alpha,
-                                      network_dropout=a.network_dropout, network_args=a.network_args,
-                                      multiplier=a.network_multiplier, train_unet=train_unet,
-                                      train_text_encoder=train_te)
+            net = network_module.create_network(unet=bundle.denoiser, text_encoders=bundle.text_encoders,
+                                                family=family, network_dim=a.network_dim,
+                                                network_alpha=a.network_alpha, network_dropout=a.network_dropout,
+                                                network_args=a.network_args, multiplier=a.network_multiplier,
+                                                train_unet=train_unet, train_text_encoder=train_te)
         if a.network_weights:
             net.load_weights(a.network_weights)
         net.apply_to()

@@ -56,6 +56,9 @@ class RunSetup:
         from .te_cache import check_options as check_te_cache_options
 
         check_memory_options(a, trainer=getattr(a, "trainer_kind", None))
+        from .fused_backward import check_fused_backward_options
+
+        check_fused_backward_options(a)
 
         check_te_cache_options(a, trains_text_encoder=self.method.trains_text_encoder, trainer=self.method.name)
         if a.output_name is None:
@@ -175,6 +178,8 @@ class RunSetup:
         self.summary = self.dataset.summary()
         if self.summary.num_train_images == 0:
             raise UserError(f"no training images found in {a.train_data_dir or a.dataset_config}")
+        if getattr(self, "family", None) is not None:  # (debug_dataset lists the data without a model)
+            self.family.use_resolutions([tuple(ds.resolution) for ds in configs])
 
     def debug_dataset(self) -> str:
         """debug_dataset: one epoch of batches listed (printed, and written under <output_dir>/debug_dataset) with

@@ -158,7 +158,7 @@ class TECacheReport:
 
 
 def _cache(family, items: list[tuple[str, str]], *, to_disk: bool, write: bool, skip_check: bool,
-           te_id: str) -> TECacheReport:
+           te_id: str, batch_size: int) -> TECacheReport:
     report = TECacheReport(captions=len({c for _, c in items}))
     stale = []
     if to_disk:
@@ -175,13 +175,16 @@ def _cache(family, items: list[tuple[str, str]], *, to_disk: bool, write: bool, 
         stale = [(None, caption) for _, caption in items]
     todo = list(dict.fromkeys(caption for _, caption in stale))
     report.encoded = len(todo)
-    family.encode_all(todo)
+    family.encode_all(todo, batch_size=batch_size)
     if to_disk and write:
         for npz, caption in stale:
             cond = family.encode_captions([caption], train_text_encoder=False)[0]
             _write(npz, family.cache_arrays(cond), caption, te_id)
             report.written += 1
     return report
+
+
+DEFAULT_BATCH_SIZE = 16  # captions per text-encoder batch while caching (text_encoder_batch_size sets it)
 
 
 def cache_text_encoder_outputs(family, dataset, args, accelerator) -> TECacheReport | None:
@@ -202,7 +205,8 @@ def cache_text_encoder_outputs(family, dataset, args, accelerator) -> TECacheRep
     te_id = text_encoder_id(bundle.text_encoders, bundle.tokenizers, family.max_length)
     if getattr(family, "weighted_captions", False):  # weighted captions encode to other states
         te_id += "+weighted"
-    kwargs = dict(to_disk=to_disk, skip_check=bool(getattr(args, "skip_cache_check", False)), te_id=te_id)
+    kwargs = dict(to_disk=to_disk, skip_check=bool(getattr(args, "skip_cache_check", False)), te_id=te_id,
+                  batch_size=int(getattr(args, "text_encoder_batch_size", None) or DEFAULT_BATCH_SIZE))
     with torch.no_grad():
         if to_disk:  # the main process writes the files, the others read them
             if accelerator.is_main_process:

@@ -16,7 +16,7 @@ import os
 from typing import Mapping
 
 from .. import json_config
-from ..spec import FamilySpec, MemoryFacts
+from ..spec import DDPM_ONLY_OPTIONS, FamilySpec, MemoryFacts
 from . import layout
 
 FLUX, CHROMA = "flux", "chroma"
@@ -33,13 +33,13 @@ OPTIONS = frozenset({
     "timestep_sampling", "sigmoid_scale", "model_prediction_type", "discrete_flow_shift", "weighting_scheme",
     "logit_mean", "logit_std", "mode_scale", "blocks_to_swap", "fp8_base", "fp8_base_unet",
     "cpu_offload_checkpointing", "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "mem_eff_save",
+    "text_encoder_batch_size",
 })
 # options every family has that a FLUX.1 / Chroma run cannot use, with the reason
 _REFUSED = {
+    **DDPM_ONLY_OPTIONS,
     "clip_skip": "FLUX.1 uses CLIP-L's pooled output only, so there is no layer to skip",
     "max_token_length": "FLUX.1 reads T5-XXL tokens: set t5xxl_max_token_length instead",
-    "noise_offset": "offset noise is a DDPM option; flow matching draws plain Gaussian noise",
-    "min_snr_gamma": "min-SNR weighting is a DDPM option; use weighting_scheme",
     "min_timestep": "FLUX.1 samples sigmas with timestep_sampling, not integer timesteps",
     "max_timestep": "FLUX.1 samples sigmas with timestep_sampling, not integer timesteps",
     "vae": "FLUX.1's autoencoder is given with ae",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Sequence
 
 import numpy as np
@@ -26,6 +27,8 @@ from ...errors import ModelLoadError
 from ...networks.network_args import flag
 from ...networks.targets import T5_CLASSES, TEXT_ENCODER_CLASSES
 from ...training import flow_matching as fm
+from ...training.loss import LOSS_OPTIONS, LossSettings
+from ...training.noise import perturbed_noise
 from ..base import Family, NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
 from . import CHROMA, FLUX, layout
@@ -218,6 +221,11 @@ class FluxFamily(MemoisedCaptions, Family):
         self.logit_mean = float(option("logit_mean", fm.DEFAULT_LOGIT_MEAN))
         self.logit_std = float(option("logit_std", fm.DEFAULT_LOGIT_STD))
         self.mode_scale = float(option("mode_scale", fm.DEFAULT_MODE_SCALE))
+        self.ip_noise_gamma = option("ip_noise_gamma", None)
+        self.ip_noise_gamma_random_strength = bool(option("ip_noise_gamma_random_strength", False))
+        loss_options = SimpleNamespace(**{n: option(n, None) for n in LOSS_OPTIONS})
+        self.loss_settings = LossSettings.from_args(loss_options, has_ddpm_schedule=False,
+                                                    label=f"a {self.spec.label} model")
         self.init_memo(memo_size)
         self._clip_tokenizer = bundle.tokenizers[0] if not self.is_chroma else None
         self._t5_tokenizer = bundle.tokenizers[-1]
@@ -298,8 +306,9 @@ class FluxFamily(MemoisedCaptions, Family):
 
     # ---- the training step
     def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
-        """Noise, then sigmas (training/flow_matching.py with the run's options); target = noise - latents; the
-        weighting scheme's loss weights when model_prediction_type is sigma_scaled."""
+        """Noise, then sigmas (training/flow_matching.py with the run's options), then the input perturbation
+        (ip_noise_gamma: the noisy input only); target = noise - latents; the weighting scheme's loss weights when
+        model_prediction_type is sigma_scaled; the loss type and Huber thresholds of the run."""
         device = latents.device
         gen_device = generator.device if generator is not None else device
         noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=torch.float32)
@@ -309,10 +318,13 @@ class FluxFamily(MemoisedCaptions, Family):
             sigmoid_scale=self.sigmoid_scale, discrete_flow_shift=self.discrete_flow_shift,
             weighting_scheme=self.weighting_scheme, logit_mean=self.logit_mean, logit_std=self.logit_std,
             mode_scale=self.mode_scale, generator=generator, device=device)
-        noisy = fm.add_flow_noise(latents, noise, sigmas)
+        model_input_noise = perturbed_noise(noise, self.ip_noise_gamma, self.ip_noise_gamma_random_strength,
+                                            generator=generator)
+        noisy = fm.add_flow_noise(latents, model_input_noise, sigmas)
         weights = fm.loss_weighting(self.weighting_scheme, sigmas) \
             if self.model_prediction_type == "sigma_scaled" else None
-        return NoisedLatents(noisy, timesteps, fm.flux_target(latents, noise), weights)
+        return NoisedLatents(noisy, timesteps, fm.flux_target(latents, noise), weights, self.loss_settings.loss_type,
+                             self.loss_settings.thresholds(timesteps, fm.NUM_TRAIN_TIMESTEPS))
 
     def predict(self, noised: NoisedLatents, conditioning: FluxConditioning, batch: dict) -> torch.Tensor:
         """The transformer on packed tokens, unpacked, with model_prediction_type applied (see the docstring)."""
@@ -446,7 +458,7 @@ class FluxFamily(MemoisedCaptions, Family):
             out["modelspec.architecture"] = arch + (slash + adapter if slash else "")
             out["modelspec.implementation"] = IMPL_CHROMA if self.is_chroma else IMPL_FLUX
         out.pop("modelspec.prediction_type", None)
-        if "ss_network_module" in out:
+        if out.get("ss_network_module") == "networks.lora":  # our LoRA is sd-scripts' lora_flux here (not LyCORIS)
             out["ss_network_module"] = "networks.lora_flux"
         if out.get("ss_model_type") in (None, "None"):
             out["ss_model_type"] = CHROMA if self.is_chroma else FLUX

@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from ..base import Family, NoisedLatents
-from .objective import DDPMObjective
+from ...training.loss import LossSettings
+from .objective import DDPMObjective, DDPMOptions, check_options
 
 
 class UNetFamily(Family):
@@ -32,16 +33,19 @@ class UNetFamily(Family):
             save_single_file(self.bundle, path, dtype=dtype, metadata=metadata)
 
     # ---- the training step
+    def __init__(self, bundle, args=None):
+        super().__init__(bundle, args)
+        # read and checked now, so a bad combination stops the run before any caching
+        self.ddpm_options = DDPMOptions.from_args(args)
+        self.loss_settings = LossSettings.from_args(args)
+        check_options(self.ddpm_options, bundle.v_prediction)
+
     @property
     def objective(self) -> DDPMObjective:
         if getattr(self, "_objective", None) is None:
-            a = self.args
-            option = (lambda name: getattr(a, name, None)) if a is not None else (lambda name: None)
             device = next(self.bundle.denoiser.parameters()).device
             self._objective = DDPMObjective(self.bundle.scheduler_config, v_prediction=self.bundle.v_prediction,
-                                            device=device, noise_offset=option("noise_offset"),
-                                            min_timestep=option("min_timestep"), max_timestep=option("max_timestep"),
-                                            min_snr_gamma=option("min_snr_gamma"))
+                                            device=device, options=self.ddpm_options, loss=self.loss_settings)
         return self._objective
 
     def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:

@@ -3,6 +3,7 @@
     down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k -> input_blocks.4.1.transformer_blocks.0.attn2.to_k
     mid_block.attentions.0.proj_in                            -> middle_block.1.proj_in
     up_blocks.0.resnets.2.conv1                               -> output_blocks.2.0.in_layers.2
+    time_embedding.linear_1                                   -> time_embed.0  (conv_in, conv_out, add_embedding)
 
 The SDXL base U-Net has 2 ResNets per down block and 3 per up block; only block 0 and the last up block's
 neighbours lack attention. Inside transformer blocks the names are the same in both layouts. `sai_name_map(unet)`
@@ -64,4 +65,7 @@ def diffusers_to_sai_module_path(path: str, layers_per_block: int = DOWN_LAYERS,
             return f"output_blocks.{block * up_layers + up_layers - 1}.{slot}.{tail}"
         n = block * up_layers + index
         return f"output_blocks.{n}.0.{_resnet_tail(tail)}" if kind == "resnets" else f"output_blocks.{n}.1.{tail}"
-    return path
+    # layers outside the blocks (conv_in, time / size embeddings, conv_out: LyCORIS' full preset adapts them)
+    from ...models.keymaps import _UNET_TOP
+
+    return _UNET_TOP.get(path, path)

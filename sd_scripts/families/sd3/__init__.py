@@ -15,7 +15,7 @@ import json
 import os
 from typing import Mapping
 
-from ..spec import FamilySpec, MemoryFacts
+from ..spec import DDPM_ONLY_OPTIONS, FamilySpec, MemoryFacts
 from . import layout
 
 #: sd-scripts' MMDiT model type per variant: `ss_base_model_version`, and `modelspec.architecture` after
@@ -28,7 +28,7 @@ OPTIONS = frozenset({
     "logit_mean", "logit_std", "mode_scale", "pos_emb_random_crop_rate", "enable_scaled_pos_embed",
     "cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk", "blocks_to_swap", "fp8_base",
     "fp8_base_unet", "cpu_offload_checkpointing", "learning_rate_te1", "learning_rate_te2", "learning_rate_te3",
-    "train_t5xxl", "use_t5xxl_cache_only",
+    "train_t5xxl", "use_t5xxl_cache_only", "text_encoder_batch_size", "num_last_block_to_freeze",
 })
 
 # what the tiny builder writes with layout 'single' (tiny.py): the MMDiT + autoencoder file and the separate text
@@ -75,7 +75,7 @@ SPECS = (
                lora_te_prefixes=("lora_te1", "lora_te2", "lora_te3"), trainers=frozenset({"network", "finetune"}),
                options=OPTIONS, scripts=("sd3_train_network", "sd3_train"),
                trainer_scripts={"network": "sd3_train_network", "finetune": "sd3_train"}, strict_options=True,
-               refused_options=_REFUSED,
+               refused_options={**DDPM_ONLY_OPTIONS, **_REFUSED},
                text_encoder_cache=True, kohya_ss_flags=("sd3_checkbox",),
                tiny_builder="sd_scripts.families.sd3.tiny:build_tiny_model",
                tiny_variants={"sd3": {"variant": "sd3_medium"}, "sd35-medium": {"variant": "sd35_medium"}},

@@ -21,6 +21,7 @@ pred * (-sigma) + noisy and compared with x0, weighted per sample by the scheme 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from ...networks.network_args import flag
 from ...networks.targets import SWAP_HALVES, T5_CLASSES, TEXT_ENCODER_CLASSES
 from ...options import OptionError
 from ...training import flow_matching as fm
+from ...training.loss import LossSettings
 from ..base import Family, NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
 from . import MODEL_TYPES, layout
@@ -174,31 +176,97 @@ def variant_of(transformer) -> str:
     return _variant_of_config(transformer.config)
 
 
-# ------------------------------------------------------------------ positional-embedding crop
-class PositionCrop:
-    """`pos_emb_random_crop_rate` (sd-scripts, meant for SD3.5 medium): on a share of the training calls the
-    MMDiT's positional table is cropped at a random place instead of the centre. Wraps the patch embedding's
-    `cropped_pos_embed`; `decide()` draws (torch's global RNG, as sd-scripts) before each training call."""
+# ------------------------------------------------------------------ positional embedding
+POS_EMBED_TABLE_RATIO = 1.5  # a scaled table is this much wider than its latent (sd-scripts' MMDiT)
+POS_EMBED_BASE_SIZE = 16  # the grid size the sine-cosine coordinates are scaled to (sd-scripts)
 
-    def __init__(self, patch_embed, rate: float):
-        self.patch_embed, self.rate, self.random_now = patch_embed, float(rate), False
+
+def scaled_sincos_table(width: int, grid: int, sample: int, base: int = POS_EMBED_BASE_SIZE) -> torch.Tensor:
+    """[grid * grid, width] sine-cosine positional table whose coordinates span `base` units over the central
+    `sample` x `sample` cells (sd-scripts' scaled embedding for --enable_scaled_pos_embed): a position p of the grid
+    sits at p * s / grid - s * (grid - sample) / (2 grid), with s = base * grid / sample. Row-major over (row, col);
+    the first half of the channels encodes the column, the second the row, each as [sin, cos] of the coordinate
+    times 10000^(-k / (width / 4))."""
+    scale = base * grid / sample
+    coords = torch.arange(grid, dtype=torch.float64) / grid * scale - scale * (grid - sample) / (2 * grid)
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+
+    def encode(values: torch.Tensor) -> torch.Tensor:
+        angles = values.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+class PositionTable:
+    """The MMDiT's positional embedding per call, replacing the patch embedding's `cropped_pos_embed`:
+    - `pos_emb_random_crop_rate` (sd-scripts, meant for SD3.5 medium): on a share of the training calls the table is
+      cropped at a random place instead of the centre; `decide()` draws (torch's global RNG, as sd-scripts) before
+      each training call;
+    - `enable_scaled_pos_embed`: instead of the model's one table, a scaled table per training resolution
+      (`use_resolutions`), chosen by the latent's area, so that each resolution sees its positions at the scale of
+      the model's native one (multi-resolution training of SD3.5 medium, as sd-scripts)."""
+
+    def __init__(self, patch_embed, rate: float, scaled: bool):
+        self.patch_embed, self.rate, self.scaled, self.random_now = patch_embed, float(rate), scaled, False
+        self.tables: dict[int, torch.Tensor] = {}  # patched latent size -> scaled table
+        self.limits: list[tuple[int, int]] = []  # (largest area, patched size), ascending
         self._centred = patch_embed.cropped_pos_embed
         patch_embed.cropped_pos_embed = self.crop
+
+    def use_resolutions(self, resolutions) -> None:
+        """The training resolutions (width, height): one scaled table per distinct latent size."""
+        if not self.scaled:
+            return
+        patch = self.patch_embed.patch_size
+        sizes = sorted({round(math.sqrt(w * h)) // 8 // patch for w, h in resolutions})
+        self.tables, self.limits = {}, []
+        for i, size in enumerate(sizes):
+            limit = (size ** 2 + sizes[i + 1] ** 2) // 2 if i + 1 < len(sizes) else \
+                int((size * POS_EMBED_TABLE_RATIO) ** 2)
+            self._add(size, limit)
+
+    def _add(self, size: int, limit: int) -> None:
+        width = self.patch_embed.pos_embed.shape[-1]
+        self.tables[size] = scaled_sincos_table(width, int(size * POS_EMBED_TABLE_RATIO), size)
+        self.limits = sorted([*(x for x in self.limits if x[1] != size), (limit, size)])
 
     def decide(self) -> None:
         self.random_now = self.rate > 0 and float(torch.rand(1)) < self.rate
 
+    def _scaled_table(self, h: int, w: int) -> tuple[torch.Tensor, int]:
+        if not self.tables:
+            raise OptionError("option 'enable_scaled_pos_embed': the training resolutions were not given to the "
+                              "model (internal order of set-up)")
+        size = next((s for limit, s in self.limits if h * w <= limit), self.limits[-1][1])
+        grid = int(size * POS_EMBED_TABLE_RATIO)
+        if h > grid or w > grid:  # a very tall or wide bucket: a table for its longer side
+            size = max(h, w)
+            grid = int(size * POS_EMBED_TABLE_RATIO)
+            self._add(size, grid ** 2)
+            log.info("scaled positional table added for a %dx%d latent (patched)", h, w)
+        return self.tables[size], grid
+
     def crop(self, height: int, width: int) -> torch.Tensor:
-        if not self.random_now:
-            return self._centred(height, width)
         pe = self.patch_embed
-        size, h, w = pe.pos_embed_max_size, height // pe.patch_size, width // pe.patch_size
-        if h > size or w > size:
-            return self._centred(height, width)  # raises diffusers' own error
-        top = int(torch.randint(0, size - h + 1, (1,)))
-        left = int(torch.randint(0, size - w + 1, (1,)))
-        table = pe.pos_embed.reshape(1, size, size, -1)[:, top:top + h, left:left + w, :]
-        return table.reshape(1, -1, table.shape[-1])
+        h, w = height // pe.patch_size, width // pe.patch_size
+        if self.scaled:
+            table, size = self._scaled_table(h, w)
+        elif not self.random_now:
+            return self._centred(height, width)
+        else:
+            table, size = pe.pos_embed, pe.pos_embed_max_size
+            if h > size or w > size:
+                return self._centred(height, width)  # raises diffusers' own error
+        if self.random_now:
+            top, left = int(torch.randint(0, size - h + 1, (1,))), int(torch.randint(0, size - w + 1, (1,)))
+        else:
+            top, left = (size - h) // 2, (size - w) // 2
+        table = table.to(device=pe.pos_embed.device, dtype=pe.pos_embed.dtype)
+        cropped = table.reshape(1, size, size, -1)[:, top:top + h, left:left + w, :]
+        return cropped.reshape(1, -1, cropped.shape[-1])
 
 
 # ------------------------------------------------------------------ family
@@ -211,9 +279,6 @@ class SD3Family(MemoisedCaptions, Family):
         super().__init__(bundle, args)
         option = (lambda name, default=None: getattr(args, name, default)) if args is not None else \
             (lambda name, default=None: default)
-        if option("enable_scaled_pos_embed", False):
-            raise OptionError("option 'enable_scaled_pos_embed' is not supported by this trainer yet (the diffusers "
-                              "MMDiT crops one positional table): remove it")
         self.t5_length = int(option("t5xxl_max_token_length") or DEFAULT_T5_LENGTH)
         self.apply_lg_attn_mask = bool(option("apply_lg_attn_mask", False))
         self.apply_t5_attn_mask = bool(option("apply_t5_attn_mask", False))
@@ -225,9 +290,9 @@ class SD3Family(MemoisedCaptions, Family):
                             mode_scale=_or(option("mode_scale"), fm.DEFAULT_MODE_SCALE),
                             training_shift=_or(option("training_shift"), fm.DEFAULT_TRAINING_SHIFT),
                             min_timestep=option("min_timestep"), max_timestep=option("max_timestep"))
-        for name in ("noise_offset", "min_snr_gamma", "v_parameterization"):
-            if option(name):
-                log.warning("option '%s' does not apply to SD3 flow matching and is ignored", name)
+        self.ip_noise_gamma = option("ip_noise_gamma")
+        self.ip_noise_gamma_random_strength = bool(option("ip_noise_gamma_random_strength", False))
+        self.loss_settings = LossSettings.from_args(args, has_ddpm_schedule=False, label=f"a {self.spec.label} model")
         clip_l, clip_g, t5 = (list(bundle.text_encoders) + [None] * 3)[:3]
         if clip_l is None or clip_g is None:
             raise ValueError("an SD3 bundle needs CLIP-L and CLIP-G")
@@ -236,8 +301,14 @@ class SD3Family(MemoisedCaptions, Family):
         self.t5_width = int(bundle.denoiser.config.joint_attention_dim)
         self.variant = variant_of(bundle.denoiser)
         rate = float(option("pos_emb_random_crop_rate", 0.0) or 0.0)
-        self.position_crop = PositionCrop(bundle.denoiser.pos_embed, rate) if rate > 0 else None
+        scaled = bool(option("enable_scaled_pos_embed", False))
+        self.position_crop = PositionTable(bundle.denoiser.pos_embed, rate, scaled) if rate > 0 or scaled else None
         self.init_memo(memo_size)
+
+    def use_resolutions(self, resolutions) -> None:
+        """enable_scaled_pos_embed: a positional table per training resolution (sd-scripts' latent sizes)."""
+        if self.position_crop is not None:
+            self.position_crop.use_resolutions(resolutions)
 
     @property
     def max_length(self) -> int:
@@ -332,14 +403,19 @@ class SD3Family(MemoisedCaptions, Family):
 
     # ---- the training step
     def noised(self, latents: torch.Tensor, generator: torch.Generator | None) -> NoisedLatents:
-        from ...training.noise import make_noise
+        from ...training.noise import make_noise, perturbed_noise
 
         noise = make_noise(latents, None, generator=generator)
         sigmas, timesteps = fm.sample_sd3_sigmas(latents.shape[0], weighting_scheme=self.weighting_scheme,
                                                  generator=generator, device=latents.device, **self.density)
+        # input perturbation as sd-scripts' FLUX.1 trainer defines it for flow matching (its SD3 trainer skips it)
+        model_input_noise = perturbed_noise(noise, self.ip_noise_gamma, self.ip_noise_gamma_random_strength,
+                                            generator=generator)
         weights = fm.loss_weighting(self.weighting_scheme, sigmas) \
             if self.weighting_scheme in ("sigma_sqrt", "cosmap") else None
-        return NoisedLatents(fm.add_flow_noise(latents, noise, sigmas), timesteps, fm.sd3_target(latents), weights)
+        return NoisedLatents(fm.add_flow_noise(latents, model_input_noise, sigmas), timesteps, fm.sd3_target(latents),
+                             weights, self.loss_settings.loss_type,
+                             self.loss_settings.thresholds(timesteps, fm.NUM_TRAIN_TIMESTEPS))
 
     def dropped(self, cond: SD3Conditioning) -> SD3Conditioning:
         """Per sample, zero each encoder's part with its dropout rate (CLIP-L, CLIP-G, T5; sd-scripts' order)."""
