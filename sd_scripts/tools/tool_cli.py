@@ -1,6 +1,7 @@
 """What the model, dataset and captioning tools share: their declared options (one `ToolOption` per command-line
-option, so the argparse parser and later a GUI form come from the same list), the parser built from them, running a
-tool with user errors as one line, precision names, and writing small files atomically.
+option, so the argparse parser and later a GUI form come from the same list; `ToolOption` and `build_parser` are the
+LoRA tools' own, in sd_scripts/networks/lora_tools.py), running a tool with user errors as one line, precision
+names, devices, and writing small files atomically.
 
 Torch-free: a GUI can import a tool's `OPTIONS` without loading torch (tools import torch where the work is).
 """
@@ -10,63 +11,13 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from ..errors import UserError
+from ..networks.lora_tools import PRECISIONS, ToolOption, build_parser
 
-
-@dataclass(frozen=True)
-class ToolOption:
-    """One command-line option of a tool. `type` bool is a flag (off by default); `nargs` '+'/'*' a list;
-    `positional` an argument without '--'; `path` 'file' | 'dir' | 'out_file' | 'out_dir' | 'file_or_dir' tells a
-    form what to offer; `aliases` are other spellings sd-scripts or kohya_ss accept for the same option."""
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    choices: tuple | None = None
-    nargs: str | None = None
-    required: bool = False
-    positional: bool = False
-    path: str | None = None
-    aliases: tuple[str, ...] = ()
-
-    @property
-    def flags(self) -> list[str]:
-        if self.positional:
-            return [self.name]
-        return ["--" + self.name] + ["--" + a for a in self.aliases]
-
-
-class _ToolParser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2 (argparse's status), without the usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_parser(prog: str, description: str, options: Sequence[ToolOption]) -> argparse.ArgumentParser:
-    """An argparse parser from a tool's declared options."""
-    parser = _ToolParser(prog=prog, description=description)
-    for opt in options:
-        kwargs: dict[str, Any] = {"help": opt.help}
-        if opt.type is bool:
-            kwargs.update(action="store_true", default=bool(opt.default))
-        else:
-            kwargs.update(type=opt.type, default=opt.default)
-            if opt.choices:
-                kwargs["choices"] = opt.choices
-            if opt.nargs:
-                kwargs["nargs"] = opt.nargs
-        if opt.positional:
-            if opt.nargs is None and not opt.required:
-                kwargs["nargs"] = "?"
-        else:
-            kwargs["dest"] = opt.name
-            if opt.required:
-                kwargs["required"] = True
-        parser.add_argument(*opt.flags, **kwargs)
-    return parser
+__all__ = ["ToolOption", "build_parser", "run_tool", "torch_dtype", "torch_device", "write_text_atomic",
+           "require_dir", "PRECISIONS"]
 
 
 def run_tool(prog: str, description: str, options: Sequence[ToolOption], work: Callable[[argparse.Namespace], Any],
@@ -82,11 +33,6 @@ def run_tool(prog: str, description: str, options: Sequence[ToolOption], work: C
         print(f"{prog.split()[-1]}: error: {e}", file=sys.stderr)
         return 1
     return 0
-
-
-#: precision option values -> torch dtype names (names only, so option lists stay torch-free)
-PRECISIONS = {"float": "float32", "fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
-              "bf16": "bfloat16", "bfloat16": "bfloat16"}
 
 
 def torch_dtype(name: str | None, option: str):
