@@ -281,3 +281,19 @@ def test_captioner_errors(captioners, photos, capsys):
     assert make_captions_by_git.main([str(photos / "empty"), "--model_id", captioners["git"]]) == 1
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
     assert len(err) == 3 and "none" in err[0] and "Salesforce" in err[1] and "empty" in err[2]
+
+
+def test_wd14_model_from_the_hugging_face_cache(images, tmp_path, monkeypatch):
+    """No local folder: the repository's files are taken from the user's Hugging Face cache (offline)."""
+    import huggingface_hub.constants as hf
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--owner--cached-tagger" / "snapshots" / ("0" * 40)
+    write_tagger(snapshot)
+    (cache / "models--owner--cached-tagger" / "refs").mkdir()
+    (cache / "models--owner--cached-tagger" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert wd14.main([str(images), "--repo_id", "owner/cached-tagger", "--model_dir", str(tmp_path / "none"),
+                      "--caption_extension", ".hub"]) == 0
+    assert _tags(images / "red.hub").startswith("red_thing, always_on")

@@ -70,3 +70,20 @@ def test_option_lists_are_torch_free():
                                                  "sd_scripts.finetune.make_captions_by_florence2"))
             + "assert 'torch' not in sys.modules, 'torch imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_runs_as_a_module(tmp_path):
+    """`python -m sd_scripts.tools.<tool>` works as sd-scripts' command lines call it (exit status, output)."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    path = str(tmp_path / "m.safetensors")
+    save_file({"a": torch.zeros(1)}, path, metadata={"ss_network_dim": "4"})
+    done = subprocess.run([sys.executable, "-m", "sd_scripts.tools.show_metadata", "--model", path],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and json.loads(done.stdout) == {"ss_network_dim": "4"}
+    done = subprocess.run([sys.executable, "-m", "sd_scripts.tools.show_metadata", "--model", path + "x"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "no such file" in done.stderr
