@@ -3,12 +3,14 @@ reaches its parser; the lists import without torch, so a torch-free GUI can buil
 from __future__ import annotations
 
 import importlib
+import os
 import subprocess
 import sys
 
 import pytest
 
 # option names of sd-scripts 48d368f (tools/, finetune/) and kohya_ss' helpers, as their parsers declare them
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REFERENCE = {
     "sd_scripts.tools.convert_diffusers20_original_sd":
         "v1 v2 unet_use_linear_projection fp16 bf16 float save_precision_as epoch global_step metadata variant "
@@ -69,7 +71,7 @@ def test_option_lists_are_torch_free():
             + "".join(f"import {m}\n" for m in (*REFERENCE, "sd_scripts.tools.dataset_balancing",
                                                  "sd_scripts.finetune.make_captions_by_florence2"))
             + "assert 'torch' not in sys.modules, 'torch imported'\n")
-    subprocess.run([sys.executable, "-c", code], check=True)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
 
 
 def test_runs_as_a_module(tmp_path):
@@ -82,8 +84,8 @@ def test_runs_as_a_module(tmp_path):
     path = str(tmp_path / "m.safetensors")
     save_file({"a": torch.zeros(1)}, path, metadata={"ss_network_dim": "4"})
     done = subprocess.run([sys.executable, "-m", "sd_scripts.tools.show_metadata", "--model", path],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0 and json.loads(done.stdout) == {"ss_network_dim": "4"}
     done = subprocess.run([sys.executable, "-m", "sd_scripts.tools.show_metadata", "--model", path + "x"],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "no such file" in done.stderr
