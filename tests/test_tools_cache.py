@@ -12,6 +12,16 @@ from PIL import Image
 from sd_scripts.tools import cache_latents, cache_text_encoder_outputs
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """The tools and the trainer build accelerators in this process: start and leave the shared state clean."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.fixture(scope="module")
 def sdxl_and_data(tmp_path_factory):
     from sd_scripts.tools.tiny_model import build_tiny_model
