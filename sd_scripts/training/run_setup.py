@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..options import OptionError
-from .distributed import broadcast_parameters
+from .distributed import GradientAverager, broadcast_parameters
 from .events import EventWriter
 from .memory import MemoryFeatures
 from .methods import compute_dtype
@@ -59,6 +59,9 @@ class RunSetup:
         from .fused_backward import check_fused_backward_options
 
         check_fused_backward_options(a)
+        from .accelerator_setup import check_options as check_scaleout_options
+
+        check_scaleout_options(a)
 
         check_te_cache_options(a, trains_text_encoder=self.method.trains_text_encoder, trainer=self.method.name)
         if a.output_name is None:
@@ -105,9 +108,12 @@ class RunSetup:
         # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: data parallel on the CPU
         # over gloo (accelerate only picks that up when told to use the CPU).
         cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        from .accelerator_setup import accelerator_kwargs, check_distributed_type
+
         self.accelerator = Accelerator(gradient_accumulation_steps=a.gradient_accumulation_steps,
                                        mixed_precision=a.mixed_precision, log_with=log_with,
-                                       project_config=project, cpu=cpu_ddp)
+                                       project_config=project, cpu=cpu_ddp, **accelerator_kwargs(a))
+        check_distributed_type(self.accelerator)
         self.is_main = self.accelerator.is_main_process
         self.events = EventWriter(a.events_file, enabled=self.is_main)
         if a.seed is not None:
@@ -276,15 +282,24 @@ class RunSetup:
         # across processes by training/distributed.py instead.
         self.module = self.method.trainable_module()
         self.trained_params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        broadcast_parameters(self.trained_params)
-        self.optimizer, self.loader = self.accelerator.prepare(self.optimizer, loader)
+        from .accelerator_setup import compile_denoiser, uses_deepspeed
+
+        self.deepspeed = uses_deepspeed(self.accelerator)
+        if self.deepspeed:  # the engine owns the trained module: it averages, clips and steps (ZeRO sharding)
+            self.engine, self.optimizer, self.loader = self.accelerator.prepare(self.module, self.optimizer, loader)
+        else:
+            broadcast_parameters(self.trained_params)
+            self.optimizer, self.loader = self.accelerator.prepare(self.optimizer, loader)
+        self.gradients = GradientAverager(self.trained_params, self.accelerator.ddp_handler)
+        compile_denoiser(self.accelerator, self.bundle.denoiser)
         self.plan = self._plan(len(self.loader))
         self.lr_scheduler = create_lr_scheduler(
             a.lr_scheduler, self.optimizer, num_training_steps=self.plan.total_steps,
             num_warmup_steps=a.lr_warmup_steps, num_cycles=a.lr_scheduler_num_cycles, power=a.lr_scheduler_power)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         # The trained weights live outside accelerate.prepare: register them so save_state/resume keep them.
-        self.accelerator.register_for_checkpointing(self.module)
+        if not self.deepspeed:  # (a DeepSpeed engine saves its module itself)
+            self.accelerator.register_for_checkpointing(self.module)
         # Noise and timesteps come from their own generator, saved with the state: a resumed run draws what the
         # uninterrupted run would have drawn (data loader iterators also consume the global RNG).
         seed = a.seed if a.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())
