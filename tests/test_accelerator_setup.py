@@ -55,9 +55,10 @@ def test_names_defaults_and_choices_are_sd_scripts(script, trainer):
     (["--offload_optimizer_device", "cpu"], ["offload_optimizer_device", "deepspeed"]),
     (["--deepspeed", "--offload_param_device", "cpu"], ["offload_param_device", "ZeRO stage 3"]),
     (["--deepspeed", "--zero_stage", "1", "--offload_optimizer_device", "cpu"], ["offload_optimizer_device", "2 or 3"]),
-    (["--deepspeed", "--zero_stage", "3", "--offload_param_nvme_path", "/nvme"],
-     ["offload_param_nvme_path", "offload_param_device' nvme"]),
+    (["--deepspeed", "--zero_stage", "1", "--offload_param_nvme_path", "/nvme"],
+     ["offload_param_nvme_path", "ZeRO stage 3"]),
     (["--deepspeed", "--zero3_save_16bit_model"], ["zero3_save_16bit_model", "ZeRO stage 3"]),
+    (["--deepspeed", "--zero_stage", "3"], ["zero_stage' 3 is not supported", "zero_stage 2"]),
     (["--deepspeed", "--fp16_master_weights_and_gradients"], ["fp16_master_weights_and_gradients", "cpu"]),
     (["--ddp_timeout", "0"], ["ddp_timeout"]),
     (["--dynamo_backend", "nope"], ["dynamo_backend"]),
@@ -288,3 +289,34 @@ def test_missing_deepspeed_package_is_an_error_naming_it(monkeypatch):
     with pytest.raises(OptionError, match="option 'deepspeed' needs the deepspeed package.*pip install deepspeed"):
         deepspeed_plugin(_deepspeed_args())
     assert deepspeed_plugin(parse_args("network", [])) is None
+
+
+def test_deepspeed_zero2_lora_run_on_the_cpu(tmp_path, tiny_sd1, demo_data):
+    """A real one-process DeepSpeed run (DeepSpeed's CPU accelerator, gloo): the engine gets the plugin's settings,
+    steps the LoRA and the file is saved."""
+    pytest.importorskip("deepspeed")
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    from conftest import PYTHON, REPO, subprocess_env
+    from sd_scripts.training.events import read_events
+
+    out, events_file = tmp_path / "out", tmp_path / "events.jsonl"
+    cmd = [PYTHON, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--num_cpu_threads_per_process", "1",
+           "-m", "sd_scripts.train_network", "--pretrained_model_name_or_path", tiny_sd1.single_file,
+           "--train_data_dir", demo_data, "--output_dir", str(out), "--output_name", "ds", "--resolution", "64",
+           "--caption_extension", ".txt", "--network_dim", "4", "--learning_rate", "1e-3", "--max_train_steps", "2",
+           "--gradient_accumulation_steps", "2", "--max_grad_norm", "0.5", "--cache_latents", "--deepspeed",
+           "--zero_stage", "2", "--events_file", str(events_file)]
+    env = subprocess_env()
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "DeepSpeed engine: ZeRO stage 2, micro batch 1, gradient accumulation 2, clipping 0.5" in proc.stderr
+    events = read_events(str(events_file))
+    assert events[-1]["status"] == "completed" and events[-1]["step"] == 2
+    tensors = load_file(str(out / "ds.safetensors"))
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k), "the engine stepped the LoRA"

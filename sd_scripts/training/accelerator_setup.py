@@ -35,6 +35,10 @@ def check_options(args: argparse.Namespace) -> None:
     from ..options import BY_NAME
 
     errors = []
+    if args.deepspeed and args.zero_stage == 3:
+        errors.append("option 'zero_stage' 3 is not supported: ZeRO-3 partitions weights that these trainers read "
+                      "outside the module calls DeepSpeed hooks (a LoRA's layers, the text encoder's position "
+                      "table); use zero_stage 2, with offload_optimizer_device cpu to save more memory")
     for name, stages in DEEPSPEED_STAGES.items():
         value = getattr(args, name)
         if value in (None, False) or value == BY_NAME[name].default:
@@ -62,9 +66,9 @@ def accelerator_kwargs(args: argparse.Namespace) -> dict:
         out["kwargs_handlers"] = handlers
     if args.torch_compile:
         out["dynamo_plugin"] = dynamo_plugin(args)
-    plugin = deepspeed_plugin(args)
-    if plugin is not None:
-        out["deepspeed_plugin"] = plugin
+    if args.deepspeed:
+        single_process_rendezvous()
+        out["deepspeed_plugin"] = deepspeed_plugin(args)
     return out
 
 
@@ -128,6 +132,19 @@ def deepspeed_plugin(args: argparse.Namespace):
         if args.fp16_master_weights_and_gradients:
             config["fp16"]["fp16_master_weights_and_grads"] = True
     return plugin
+
+
+def single_process_rendezvous() -> None:
+    """DeepSpeed always runs in a process group; a plain one-process `accelerate launch` sets no rendezvous, so give
+    it a local one (what `accelerate launch --use_deepspeed` / torchrun would set)."""
+    if "LOCAL_RANK" in os.environ or "RANK" in os.environ:
+        return
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 
 
 def check_distributed_type(accelerator) -> None:

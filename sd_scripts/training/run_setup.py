@@ -287,6 +287,10 @@ class RunSetup:
         self.deepspeed = uses_deepspeed(self.accelerator)
         if self.deepspeed:  # the engine owns the trained module: it averages, clips and steps (ZeRO sharding)
             self.engine, self.optimizer, self.loader = self.accelerator.prepare(self.module, self.optimizer, loader)
+            e = self.engine
+            log.info("DeepSpeed engine: ZeRO stage %d, micro batch %d, gradient accumulation %d, clipping %s",
+                     e.zero_optimization_stage(), e.train_micro_batch_size_per_gpu(),
+                     e.gradient_accumulation_steps(), e.gradient_clipping())
         else:
             broadcast_parameters(self.trained_params)
             self.optimizer, self.loader = self.accelerator.prepare(self.optimizer, loader)
