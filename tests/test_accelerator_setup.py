@@ -320,3 +320,19 @@ def test_deepspeed_zero2_lora_run_on_the_cpu(tmp_path, tiny_sd1, demo_data):
     assert events[-1]["status"] == "completed" and events[-1]["step"] == 2
     tensors = load_file(str(out / "ds.safetensors"))
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_up" in k), "the engine stepped the LoRA"
+
+
+# ---------------------------------------------------------------- FSDP (from an accelerate config file)
+def test_fsdp_from_accelerate_launch_is_refused_with_the_reason(tmp_path, monkeypatch, fresh_accelerate_state):
+    """`accelerate launch --config_file fsdp.yaml` (distributed_type: FSDP) sets ACCELERATE_USE_FSDP for the
+    process; accelerate 1.x makes the accelerator FSDP only on GPUs (on CPUs it silently becomes plain data
+    parallel), so the trainer refuses the request itself, naming what to use instead."""
+    from sd_scripts.training.loop import Trainer
+    from sd_scripts.training.methods import NetworkMethod
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    args = parse_args("network", ["--pretrained_model_name_or_path", str(tmp_path / "none.safetensors"),
+                                  "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    trainer = Trainer(args, NetworkMethod(args))
+    with pytest.raises(OptionError, match="FSDP .* is not supported.*'--deepspeed'"):
+        trainer.setup_accelerator()

@@ -12,10 +12,19 @@ import argparse
 import datetime
 import logging
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..options import OptionError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch-free at import: the GUI's pre-flight shows FSDP_REFUSED for an FSDP accelerate config before launching.
+FSDP_REFUSED = ("FSDP (the accelerate config's distributed_type: FSDP, or --use_fsdp) is not supported: FSDP "
+                "shards the modules given to accelerator.prepare, and this trainer calls the denoiser directly (a "
+                "LoRA lives inside it), so nothing would be sharded. Use '--deepspeed' (ZeRO 1-2, accelerate's "
+                "DeepSpeedPlugin) to shard optimizer states and gradients, or plain multi-GPU data parallel "
+                "('accelerate launch --multi_gpu')")
 
 log = logging.getLogger("sd_scripts.train")
 
@@ -151,12 +160,11 @@ def check_distributed_type(accelerator) -> None:
     """Refuse what accelerate was asked for but this trainer cannot honour (named, with what to use instead)."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP:
-        raise OptionError("FSDP (the accelerate config's distributed_type: FSDP, or --use_fsdp) is not supported: "
-                          "FSDP shards the modules given to accelerator.prepare, and this trainer calls the "
-                          "denoiser directly (a LoRA lives inside it), so nothing would be sharded. Use "
-                          "'--deepspeed' (ZeRO 1-3, accelerate's DeepSpeedPlugin) to shard optimizer states, "
-                          "gradients and weights, or plain multi-GPU data parallel ('accelerate launch --multi_gpu')")
+    # accelerate sets DistributedType.FSDP only on GPUs/accelerators; on CPUs an FSDP config would silently run as
+    # plain data parallel, so the launcher's flag is checked too.
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if accelerator.distributed_type == DistributedType.FSDP or asked:
+        raise OptionError(FSDP_REFUSED)
 
 
 def uses_deepspeed(accelerator) -> bool:
