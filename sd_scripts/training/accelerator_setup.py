@@ -38,6 +38,11 @@ NVME_PATH_OF = {"offload_optimizer_nvme_path": "offload_optimizer_device",
                 "offload_param_nvme_path": "offload_param_device"}
 
 
+ZERO3_REFUSED = ("option 'zero_stage' 3 is not supported: ZeRO-3 partitions weights that these trainers read outside "
+                 "the module calls DeepSpeed hooks (a LoRA's layers, the text encoder's position table); use "
+                 "zero_stage 2, with offload_optimizer_device cpu to save more memory")
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Before any heavy work: DeepSpeed settings need `deepspeed` and a ZeRO stage that has them; an NVMe path
     needs its device set to nvme; fp16 master weights need ZeRO-Offload under fp16. One error naming them all."""
@@ -45,9 +50,7 @@ def check_options(args: argparse.Namespace) -> None:
 
     errors = []
     if args.deepspeed and args.zero_stage == 3:
-        errors.append("option 'zero_stage' 3 is not supported: ZeRO-3 partitions weights that these trainers read "
-                      "outside the module calls DeepSpeed hooks (a LoRA's layers, the text encoder's position "
-                      "table); use zero_stage 2, with offload_optimizer_device cpu to save more memory")
+        errors.append(ZERO3_REFUSED)
     for name, stages in DEEPSPEED_STAGES.items():
         value = getattr(args, name)
         if value in (None, False) or value == BY_NAME[name].default:
@@ -165,6 +168,9 @@ def check_distributed_type(accelerator) -> None:
     asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if accelerator.distributed_type == DistributedType.FSDP or asked:
         raise OptionError(FSDP_REFUSED)
+    plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
+    if plugin is not None and plugin.zero_stage == 3:  # from an accelerate config file (--zero_stage is checked early)
+        raise OptionError(ZERO3_REFUSED)
 
 
 def uses_deepspeed(accelerator) -> bool:
