@@ -59,6 +59,7 @@ def test_names_defaults_and_choices_are_sd_scripts(script, trainer):
      ["offload_param_nvme_path", "ZeRO stage 3"]),
     (["--deepspeed", "--zero3_save_16bit_model"], ["zero3_save_16bit_model", "ZeRO stage 3"]),
     (["--deepspeed", "--zero_stage", "3"], ["zero_stage' 3 is not supported", "zero_stage 2"]),
+    (["--deepspeed", "--offload_optimizer_device", "nvme"], ["offload_optimizer_device' nvme needs ZeRO stage 3"]),
     (["--deepspeed", "--fp16_master_weights_and_gradients"], ["fp16_master_weights_and_gradients", "cpu"]),
     (["--ddp_timeout", "0"], ["ddp_timeout"]),
     (["--dynamo_backend", "nope"], ["dynamo_backend"]),

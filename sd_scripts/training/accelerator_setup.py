@@ -28,7 +28,6 @@ FSDP_REFUSED = ("FSDP (the accelerate config's distributed_type: FSDP, or --use_
 
 log = logging.getLogger("sd_scripts.train")
 
-
 DEEPSPEED_STAGES = {  # DeepSpeed setting -> the ZeRO stages that have it (sd-scripts' help texts)
     "zero_stage": (0, 1, 2, 3), "offload_optimizer_device": (2, 3), "offload_optimizer_nvme_path": (3,),
     "offload_param_device": (3,), "offload_param_nvme_path": (3,), "zero3_init_flag": (3,),
@@ -36,8 +35,6 @@ DEEPSPEED_STAGES = {  # DeepSpeed setting -> the ZeRO stages that have it (sd-sc
 }
 NVME_PATH_OF = {"offload_optimizer_nvme_path": "offload_optimizer_device",
                 "offload_param_nvme_path": "offload_param_device"}
-
-
 ZERO3_REFUSED = ("option 'zero_stage' 3 is not supported: ZeRO-3 partitions weights that these trainers read outside "
                  "the module calls DeepSpeed hooks (a LoRA's layers, the text encoder's position table); use "
                  "zero_stage 2, with offload_optimizer_device cpu to save more memory")
@@ -60,6 +57,9 @@ def check_options(args: argparse.Namespace) -> None:
         elif args.zero_stage not in stages:
             errors.append(f"option '{name}' applies to ZeRO stage {' or '.join(map(str, stages))} only; "
                           f"'zero_stage' is {args.zero_stage}")
+        elif name == "offload_optimizer_device" and value == "nvme" and args.zero_stage != 3:
+            errors.append(f"option '{name}' nvme needs ZeRO stage 3 (DeepSpeed offloads to NVMe only there); use "
+                          "cpu")
         elif name in NVME_PATH_OF and getattr(args, NVME_PATH_OF[name]) != "nvme":
             errors.append(f"option '{name}' is used only with '{NVME_PATH_OF[name]}' nvme")
         elif name == "fp16_master_weights_and_gradients" and (
