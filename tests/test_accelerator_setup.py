@@ -337,3 +337,19 @@ def test_fsdp_from_accelerate_launch_is_refused_with_the_reason(tmp_path, monkey
     trainer = Trainer(args, NetworkMethod(args))
     with pytest.raises(OptionError, match="FSDP .* is not supported.*'--deepspeed'"):
         trainer.setup_accelerator()
+
+
+def test_deepspeed_or_processes_that_accelerate_did_not_set_up_are_errors(monkeypatch, fresh_accelerate_state):
+    """Never a silent fallback: `--deepspeed` on an accelerator that is not DeepSpeed (e.g. several processes on
+    CPUs, where accelerate sets up MULTI_CPU), or launched processes that each came up alone."""
+    from accelerate import Accelerator
+
+    from sd_scripts.training.accelerator_setup import check_distributed_type
+
+    acc = Accelerator(cpu=True)
+    check_distributed_type(acc, parse_args("network", []))
+    with pytest.raises(OptionError, match="option 'deepspeed': accelerate set the run up as NO, not DeepSpeed"):
+        check_distributed_type(acc, parse_args("network", ["--deepspeed"]))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(OptionError, match="2 processes were launched but accelerate set each up as 1"):
+        check_distributed_type(acc, parse_args("network", []))

@@ -159,9 +159,18 @@ def single_process_rendezvous() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
 
 
-def check_distributed_type(accelerator) -> None:
-    """Refuse what accelerate was asked for but this trainer cannot honour (named, with what to use instead)."""
+def check_distributed_type(accelerator, args: argparse.Namespace) -> None:
+    """Refuse what accelerate was asked for but this trainer cannot honour (named, with what to use instead), and a
+    `deepspeed` that accelerate did not set up (never train without it silently)."""
     from accelerate.utils import DistributedType
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and accelerator.num_processes != world:  # e.g. each process alone: N separate runs
+        raise OptionError(f"{world} processes were launched but accelerate set each up as {accelerator.num_processes} "
+                          f"({accelerator.distributed_type.value}); check the accelerate settings")
+    if args.deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise OptionError(f"option 'deepspeed': accelerate set the run up as {accelerator.distributed_type.value}, "
+                          "not DeepSpeed (several DeepSpeed processes need GPUs; one process also runs on the CPU)")
 
     # accelerate sets DistributedType.FSDP only on GPUs/accelerators; on CPUs an FSDP config would silently run as
     # plain data parallel, so the launcher's flag is checked too.

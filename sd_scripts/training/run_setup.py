@@ -113,7 +113,7 @@ class RunSetup:
         self.accelerator = Accelerator(gradient_accumulation_steps=a.gradient_accumulation_steps,
                                        mixed_precision=a.mixed_precision, log_with=log_with,
                                        project_config=project, cpu=cpu_ddp, **accelerator_kwargs(a))
-        check_distributed_type(self.accelerator)
+        check_distributed_type(self.accelerator, a)
         self.is_main = self.accelerator.is_main_process
         self.events = EventWriter(a.events_file, enabled=self.is_main)
         if a.seed is not None:
