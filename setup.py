@@ -21,6 +21,7 @@ setup(
     package_data={"sd_scripts.models.configs": ["*/*.json", "*/*.txt", "*/*.model", "*/LICENSE", "*/NOTICE"],
                   "": ["*.json", "*.txt", "*.css"]},
     install_requires=requirements,
+    extras_require={"deepspeed": ["deepspeed"]},  # --deepspeed (see requirements.txt)
     python_requires=">=3.10",
     entry_points={"console_scripts": ["kohya-gui=kohya_gui.cli:main", "sd-train-network=sd_scripts.train_network:main"]},
 )

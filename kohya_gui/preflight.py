@@ -397,6 +397,40 @@ def _check_family_run(kind: str, trainer: str, family: str, values: dict[str, An
     return {field}
 
 
+def _check_accelerate_config(accel: AccelerateSettings, checks: list[Check]) -> None:
+    """accelerate.config_file: an existing YAML/JSON file (`accelerate config` writes one); FSDP, there or as
+    --use_fsdp, is refused by the trainers (the reason comes from them)."""
+    from sd_scripts.training.accelerator_setup import FSDP_REFUSED
+
+    if "--use_fsdp" in (accel.extra_args or []):
+        checks.append(Check("error", "accelerate.extra_args", FSDP_REFUSED))
+    path = accel.config_file
+    if not path:
+        return
+    if not os.path.isfile(path):
+        checks.append(Check("error", "accelerate.config_file", f"file {path} does not exist"))
+        return
+    if not path.lower().endswith((".yaml", ".yml", ".json")):
+        checks.append(Check("error", "accelerate.config_file", "must be an accelerate config (.yaml, .yml or "
+                                                               ".json, as `accelerate config` writes)"))
+        return
+    import yaml  # JSON is YAML too
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        checks.append(Check("error", "accelerate.config_file", f"{path} cannot be read as YAML/JSON: {e}"))
+        return
+    if not isinstance(config, dict):
+        checks.append(Check("error", "accelerate.config_file", f"{path} is not an accelerate config (no settings)"))
+    elif str(config.get("distributed_type", "")).upper() == "FSDP":
+        checks.append(Check("error", "accelerate.config_file", FSDP_REFUSED))
+    elif str(config.get("distributed_type", "")).upper() == "DEEPSPEED":
+        checks.append(Check("info", "accelerate.config_file", "DeepSpeed from the accelerate config: ZeRO stage 3 is "
+                                                              "refused by the trainers; stages 1-2 work"))
+
+
 def run_preflight(kind: str, values: dict[str, Any], accel: AccelerateSettings | None = None,
                   gpu_probe: Callable[[], list[GpuInfo]] | None = None, python: str = sys.executable,
                   family: str | None = None, check_trainer: bool = True) -> list[Check]:
@@ -417,6 +451,7 @@ def run_preflight(kind: str, values: dict[str, Any], accel: AccelerateSettings |
         norm = normalize_values(kind, merged)
     except CommandError as e:
         return [Check("error", e.field, str(e))]
+    _check_accelerate_config(accel, checks)
     if accel.extra_args:
         checks.append(Check("warning", "accelerate.extra_args",
                             f"extra `accelerate launch` arguments (from the form, a preset or an imported config): "

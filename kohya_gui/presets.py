@@ -365,6 +365,9 @@ KOHYA_GUI_ONLY = frozenset({"model_list", "save_as_bool", "sd3_checkbox", "flux1
 SUPPORTED_LORA_TYPES = frozenset(KOHYA_LORA_TYPES)
 #: kohya_ss values that mean the same as leaving the option unset (sd-scripts' own defaults): not imported, so that a
 #: family that refuses the option (e.g. clip_skip for FLUX.1) is not given it.
+#: kohya_ss fields that change nothing when they equal another field of the config (T5-XXL's dtype when it is the
+#: run's mixed precision, which is what T5-XXL runs in here)
+KOHYA_SAME_AS_FIELD = {"t5xxl_dtype": "mixed_precision"}
 KOHYA_SAME_AS_UNSET = {"clip_skip": 1, "max_token_length": 75, "min_timestep": 0, "max_timestep": 1000}
 NETWORK_ARGS_PREFIX = "network_args:"
 #: kohya_ss's 'noise_offset_type' -> the noise keys it passes to sd-scripts with it; it saves the other type's keys
@@ -376,7 +379,7 @@ KOHYA_NOISE_OFFSET_TYPES = {
 
 
 def _meaningful(value: Any) -> bool:
-    return value not in (None, "", False, 0, 0.0, [], {}, "none", "None", "0")
+    return value not in (None, "", False, 0, 0.0, [], {}, "none", "None", "0", "False", "false")
 
 
 def _kohya_family(data: dict[str, Any]) -> str:
@@ -446,12 +449,15 @@ def import_kohya_json(path: str, kind: str | None = None,
         if key in unused_noise:
             report[key] = "gui"  # the other noise_offset_type's field: kohya_ss does not pass it
             continue
+        if key in KOHYA_FINETUNE_FIELDS or key in KOHYA_FINETUNE_STEPS or key in ("additional_parameters",
+                                                                                     "template"):
+            continue  # _kohya_finetune_fields / _kohya_additional_parameters / _kohya_ti_template
         if is_secret(key):
             if _meaningful(raw):
                 reported(key, f"{key} (secret, not imported)")
             continue
         if key in spec.kohya_ss_unsupported:
-            if _meaningful(raw):
+            if _meaningful(raw) and raw != data.get(KOHYA_SAME_AS_FIELD.get(key, ""), object()):
                 reported(key, f"{key} (not supported for {spec.label}: {spec.kohya_ss_unsupported[key]})")
             continue
         owners = [s for s in all_families().values() if key in s.kohya_ss_keys or key in s.kohya_ss_unsupported]
@@ -508,10 +514,19 @@ def import_kohya_json(path: str, kind: str | None = None,
             if _meaningful(raw) and raw != opt.default:
                 reported(key, f"{key} (does not apply to {kind})")
             continue
+        if isinstance(raw, bool) and opt.type is not bool and not raw:
+            continue  # kohya_ss writes false for an empty text field
         try:
             value = _coerce(opt, raw)
         except CommandError:
             reported(key, f"{key} (invalid value {raw!r})")
+            continue
+        out_of_range = isinstance(value, (int, float)) and not isinstance(value, bool) and value and (
+            (opt.minimum is not None and value < opt.minimum) or (opt.maximum is not None and value > opt.maximum))
+        if out_of_range:
+            limits = " and ".join(f"{word} {bound:g}" for word, bound in (("at least", opt.minimum),
+                                                                         ("at most", opt.maximum)) if bound is not None)
+            reported(key, f"{key} (invalid value {raw!r}: must be {limits}; sd-scripts refuses it too)")
             continue
         if value is None or opt.type is not bool and not opt.nargs and value == 0 and (
                 opt.default is None or (opt.minimum is not None and opt.minimum >= 1)):
@@ -528,8 +543,113 @@ def import_kohya_json(path: str, kind: str | None = None,
     _kohya_specials(data, values, lora_type, trainer, net_args, report)
     if trainer in (None, "network"):
         _kohya_text_encoder_lrs(data, values, report, reported)
+    _kohya_finetune_fields(data, values, report)
+    _kohya_ti_template(data, values, trainer, report, reported)
+    _kohya_additional_parameters(data, values, trainer, report, reported)
     _family_refusals(spec, values, sources, unknown, report)
     return values, unknown
+
+
+#: kohya_ss's fine-tune tab: where its metadata JSON is (in_json = train_dir / the caption or latent metadata file, as
+#: kohya_ss builds it), and the preparation steps it runs before training (here: python -m
+#: sd_scripts.tools.build_metadata); the steps' own settings are not training options.
+KOHYA_FINETUNE_FIELDS = ("image_folder", "train_dir", "caption_metadata_filename", "latent_metadata_filename",
+                         "use_latent_files")
+KOHYA_FINETUNE_STEPS = ("full_path", "batch_size", "generate_caption_database", "generate_image_buckets",
+                        "create_caption", "create_buckets")
+
+
+def _kohya_finetune_fields(data: dict[str, Any], values: dict[str, Any], report: dict[str, str]) -> None:
+    if _meaningful(data.get("image_folder")) and not values.get("train_data_dir"):
+        values["train_data_dir"] = str(data["image_folder"])
+    train_dir = data.get("train_dir")
+    name = data.get("latent_metadata_filename") if str(data.get("use_latent_files", "")).lower() in ("yes", "true") \
+        else data.get("caption_metadata_filename")
+    if _meaningful(train_dir) and _meaningful(name) and not values.get("in_json"):
+        values["in_json"] = os.path.join(str(train_dir), str(name))
+    for key in KOHYA_FINETUNE_FIELDS:
+        if key in data:
+            report[key] = "imported" if _meaningful(data[key]) else "unset"
+    for key in KOHYA_FINETUNE_STEPS:
+        if key in data:
+            report[key] = "gui"
+
+
+#: kohya_ss textual-inversion tab's "template" -> our flags (kohya_ss passes --use_object_template /
+#: --use_style_template; "caption" uses the captions)
+KOHYA_TI_TEMPLATES = {"object template": "use_object_template", "style template": "use_style_template"}
+
+
+def _kohya_ti_template(data: dict[str, Any], values: dict[str, Any], trainer: str | None,
+                       report: dict[str, str], reported: Any) -> None:
+    if "template" not in data:
+        return
+    template = str(data.get("template") or "caption").strip().lower()
+    if template == "caption":
+        report["template"] = "unset"
+    elif template in KOHYA_TI_TEMPLATES and trainer in (None, "ti"):
+        values[KOHYA_TI_TEMPLATES[template]] = True
+        report["template"] = "imported"
+    else:
+        reported("template", f"template ({data['template']!r}: a textual-inversion setting; does not apply here)")
+
+
+def additional_parameters(text: str, trainer: str | None) -> tuple[dict[str, Any], list[str]]:
+    """kohya_ss's "Additional parameters" free text -> (option values, problems): split as a POSIX shell would (no
+    shell runs), each `--name value...`, `--name=value` or `--flag` checked against the option schema; an unknown
+    or misplaced option is a problem naming it. Later items win, as on sd-scripts' command line."""
+    import shlex
+
+    try:
+        tokens = shlex.split(text or "")
+    except ValueError as e:
+        return {}, [f"cannot be split like a command line ({e}): check the quotes"]
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        i += 1
+        if not token.startswith("--"):
+            problems.append(f"{token!r} is not an option (options start with --)")
+            continue
+        name, eq, inline = token[2:].partition("=")
+        name = schema.ALIASES.get(name, name)
+        opt = schema.BY_NAME.get(name)
+        items = [inline] if eq else []
+        while not eq and i < len(tokens) and not tokens[i].startswith("--"):
+            items.append(tokens[i])
+            i += 1
+        if opt is None or name in JOB_OPTIONS:
+            problems.append(f"--{name} is not an option of these trainers")
+            continue
+        if trainer and not opt.applies_to(trainer):
+            problems.append(f"--{name} does not apply to this trainer")
+            continue
+        if opt.type is bool and not eq and not items:
+            values[name] = True
+            continue
+        if not opt.nargs and len(items) != 1:
+            problems.append(f"--{name} takes one value, got {len(items)}")
+            continue
+        try:
+            values[name] = _coerce(opt, items if opt.nargs else items[0])
+        except CommandError as e:
+            problems.append(f"--{name}: {e}")
+    return values, problems
+
+
+def _kohya_additional_parameters(data: dict[str, Any], values: dict[str, Any], trainer: str | None,
+                                 report: dict[str, str], reported: Any) -> None:
+    text = data.get("additional_parameters")
+    if not _meaningful(text):
+        return
+    extra, problems = additional_parameters(str(text), trainer)
+    values.update(extra)
+    if problems:
+        reported("additional_parameters", f"additional_parameters ({'; '.join(problems)})")
+    else:
+        report["additional_parameters"] = "imported"
 
 
 #: kohya_ss fields that give text encoders their own learning rates: DreamBooth / fine-tune SDXL's te1 / te2 and the

@@ -18,8 +18,8 @@ REDACTED = "***"
 def is_secret(name: str) -> bool:
     """True for schema options marked secret and for credential-like names."""
     opt = schema.BY_NAME.get(name)
-    if opt is not None and opt.secret:
-        return True
+    if opt is not None:  # the schema says (num_vectors_per_token is no credential)
+        return opt.secret
     return bool(_SECRET_NAME.search(name))
 
 

@@ -42,6 +42,7 @@ GROUPS = {
     "sampling": "Sample images",
     "saving": "Saving",
     "metadata": "Metadata",
+    "scaleout": "Compilation, multi-GPU and DeepSpeed",
     "logging": "Logging and control",
     "hub": "Hugging Face Hub",
 }
@@ -227,6 +228,9 @@ def parse_resolution(value: str | int | Sequence[int]) -> tuple[int, int]:
         raise ValueError(f"resolution must be 'SIZE' or 'WIDTH,HEIGHT' with sizes of at least 64, got {value!r}")
     return parts[0], parts[1]
 
+
+DYNAMO_BACKENDS = ("eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
+                   "fx2trt", "onnxrt", "tensort", "ipex", "tvm")  # sd-scripts' list (accelerate lacks some)
 
 NET = frozenset({"network"})
 NOT_TI = frozenset({"network", "db", "finetune"})
@@ -716,6 +720,34 @@ OPTIONS: tuple[Option, ...] = (
        refused="T5-XXL runs on the training device; cache_text_encoder_outputs_to_disk frees it during training"),
     _O("t5xxl_dtype", str, None, "sd-scripts: T5-XXL's dtype.", "model", trainers=NET_FT, advanced=True,
        refused="T5-XXL runs in the mixed precision (fp8_base stores it in float8)"),
+    # ---- compilation, multi-GPU and DeepSpeed (names and defaults as sd-scripts'; training/accelerator_setup.py)
+    _O("torch_compile", bool, False, "Compile the denoiser with torch.compile (the first steps are slow while it "
+       "compiles; then faster).", "scaleout"),
+    _O("dynamo_backend", str, "inductor", "torch.compile backend (with torch_compile).", "scaleout",
+       choices=DYNAMO_BACKENDS, advanced=True),
+    _O("ddp_timeout", int, None, "Minutes processes wait for each other before a multi-GPU run fails (default: "
+       "accelerate's).", "scaleout", minimum=1, check=_positive, advanced=True),
+    _O("ddp_gradient_as_bucket_view", bool, False, "Multi-GPU: gradients are views into the all-reduce buffers "
+       "(no copy in and out; less memory).", "scaleout", advanced=True),
+    _O("ddp_static_graph", bool, False, "Multi-GPU: the trained parameters are the same every step, so the "
+       "all-reduce buffers are laid out once.", "scaleout", advanced=True),
+    _O("deepspeed", bool, False, "Train through DeepSpeed ZeRO (needs the deepspeed package and GPUs).", "scaleout"),
+    _O("zero_stage", int, 2, "DeepSpeed ZeRO stage: 1 shards optimizer states, 2 also gradients, 3 also weights.",
+       "scaleout", choices=(0, 1, 2, 3)),
+    _O("offload_optimizer_device", str, None, "DeepSpeed: keep optimizer states on the CPU or NVMe (ZeRO 2 and 3).",
+       "scaleout", choices=(None, "cpu", "nvme")),
+    _O("offload_optimizer_nvme_path", str, None, "DeepSpeed: NVMe folder for offloaded optimizer states (ZeRO 3).",
+       "scaleout", path="dir", advanced=True),
+    _O("offload_param_device", str, None, "DeepSpeed: keep weights on the CPU or NVMe (ZeRO 3).", "scaleout",
+       choices=(None, "cpu", "nvme")),
+    _O("offload_param_nvme_path", str, None, "DeepSpeed: NVMe folder for offloaded weights (ZeRO 3).", "scaleout",
+       path="dir", advanced=True),
+    _O("zero3_init_flag", bool, False, "DeepSpeed: build models already sharded (deepspeed.zero.Init; ZeRO 3).",
+       "scaleout", advanced=True),
+    _O("zero3_save_16bit_model", bool, False, "DeepSpeed: gather the sharded weights into one 16-bit file when "
+       "saving (ZeRO 3).", "scaleout", advanced=True),
+    _O("fp16_master_weights_and_gradients", bool, False, "DeepSpeed: keep fp16 master weights and gradients (ZeRO 2 "
+       "with offload_optimizer_device cpu and fp16).", "scaleout", advanced=True),
     # ---- logging and control (ours)
     _O("events_file", str, None, "Write JSON-lines progress events here (the GUI reads them).", "logging",
        path="out_file", advanced=True),

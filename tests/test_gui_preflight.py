@@ -245,3 +245,25 @@ def test_flux_part_files_must_exist_and_refused_options_are_errors(tmp_path):
     sd3 = _run("lora", _flux_values(tmp_path, clip_g=str(tmp_path / "nope.safetensors"), ae=None,
                                     network_module="networks.lora_sd3"), family="sd3")
     assert _find(sd3, "clip_g", "error", "does not exist")
+
+
+def test_accelerate_config_file_must_exist_and_fsdp_is_refused_before_launch(tmp_path):
+    values = _values(tmp_path)
+    checks = _run("lora", values, AccelerateSettings(config_file=str(tmp_path / "missing.yaml")))
+    assert _find(checks, "accelerate.config_file", "error", "does not exist")
+    odd = tmp_path / "fsdp.txt"
+    odd.write_text("distributed_type: FSDP\n")
+    assert _find(_run("lora", values, AccelerateSettings(config_file=str(odd))), "accelerate.config_file", "error",
+                 ".yaml")
+    fsdp = tmp_path / "fsdp.yaml"
+    fsdp.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nfsdp_config:\n"
+                    "  fsdp_sharding_strategy: FULL_SHARD\nnum_processes: 2\n")
+    refused = _find(_run("lora", values, AccelerateSettings(config_file=str(fsdp))), "accelerate.config_file",
+                    "error", "FSDP")
+    assert refused and "--deepspeed" in refused[0].message
+    assert _find(_run("lora", values, AccelerateSettings(extra_args=["--use_fsdp"])), "accelerate.extra_args",
+                 "error", "FSDP")
+    ddp = tmp_path / "ddp.yaml"
+    ddp.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\n")
+    assert not _find(_run("lora", values, AccelerateSettings(config_file=str(ddp))), "accelerate.config_file",
+                     "error")

@@ -54,7 +54,7 @@ def test_linear_output_is_base_plus_scaled_update():
         lora.lora_up.weight.normal_()
     x = torch.randn(2, 4, 6)
     expected = base(x) + (x @ lora.lora_down.weight.T @ lora.lora_up.weight.T) * 0.7 * 1.5 / 3
-    lora.apply()
+    lora.apply_to()
     assert torch.allclose(base(x), expected, atol=1e-6)
     lora.restore()
     assert "forward" not in base.__dict__
@@ -71,7 +71,7 @@ def test_conv3x3_keeps_stride_padding_and_matches_merge():
     with torch.no_grad():
         lora.lora_up.weight.normal_()
     x = torch.randn(1, 4, 8, 8)
-    lora.apply()
+    lora.apply_to()
     runtime = base(x)
     lora.merge()
     assert "forward" not in base.__dict__
@@ -83,7 +83,7 @@ def test_init_up_zero_down_nonzero_and_base_untouched():
     weight = base.weight.detach().clone()
     lora = LoRAModule("lora_x", base, rank=4)
     assert torch.count_nonzero(lora.lora_up.weight) == 0 and torch.count_nonzero(lora.lora_down.weight) > 0
-    lora.apply()
+    lora.apply_to()
     x = torch.randn(3, 8)
     assert torch.equal(base(x), nn.functional.linear(x, weight, base.bias))
     assert base.weight is not None and not any(p is base.weight for p in lora.parameters())
@@ -95,7 +95,7 @@ def test_dropouts_only_while_training():
     lora = LoRAModule("lora_x", base, rank=4, dropout=0.5, rank_dropout=0.5, module_dropout=0.5)
     with torch.no_grad():
         lora.lora_up.weight.normal_()
-    lora.apply()
+    lora.apply_to()
     x = torch.randn(4, 8)
     lora.eval()
     assert torch.equal(base(x), base(x))

@@ -177,7 +177,7 @@ class LoRANetwork(nn.Module):
     def apply_to(self) -> None:
         """Route every wrapped layer's forward through its LoRA (the base model is not copied)."""
         for lora in self.all_loras():
-            lora.apply()
+            lora.apply_to()
 
     def unapply(self) -> None:
         """Restore every wrapped layer's original forward; the LoRA modules stay as they are."""

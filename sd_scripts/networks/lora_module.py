@@ -1,6 +1,6 @@
 """One kohya-format LoRA adapter around one nn.Linear or nn.Conv2d of a frozen base model.
 
-Output = org(x) + up(down(x)) * multiplier * alpha / rank. The wrapped module is not copied: `apply()` swaps its
+Output = org(x) + up(down(x)) * multiplier * alpha / rank. The wrapped module is not copied: `apply_to()` swaps its
 `forward` for ours (keeping the original bound forward), so the base weights stay shared and frozen, and `restore()`
 puts the original forward back. `merge()` folds the update into the base weight instead.
 """
@@ -69,7 +69,7 @@ class LoRAModule(nn.Module):
     def applied(self) -> bool:
         return self._org_forward is not None
 
-    def apply(self) -> None:
+    def apply_to(self) -> None:
         """Route the wrapped module's forward through this adapter (idempotent)."""
         if self.applied:
             return

@@ -36,6 +36,80 @@ def allreduce_gradients(params: Iterable[torch.nn.Parameter], bucket_elements: i
         _reduce_bucket(bucket, world)
 
 
+class GradientAverager:
+    """Averages the trained parameters' gradients once per optimizer step, honouring accelerate's DDP settings
+    (`DistributedDataParallelKwargs`, from ddp_gradient_as_bucket_view / ddp_static_graph):
+
+    - default: gradients are copied into flat buckets, all-reduced and copied back (allreduce_gradients);
+    - gradient_as_bucket_view: after the first step every gradient IS a view into a persistent flat buffer, so
+      backward accumulates straight into the buffer and the all-reduce runs in place (no copies, no temporaries);
+      the loop then zeroes gradients in place instead of dropping them;
+    - static_graph: the bucket layout is planned on the first step and reused; a step whose set of gradients
+      differs from the first one's is an error (DDP's static-graph contract).
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], ddp_kwargs=None,
+                 bucket_elements: int = BUCKET_ELEMENTS):
+        self.params = list(params)
+        self.bucket_view = bool(getattr(ddp_kwargs, "gradient_as_bucket_view", False))
+        self.static_graph = bool(getattr(ddp_kwargs, "static_graph", False))
+        self.bucket_elements = bucket_elements
+        self.buckets: list[tuple[torch.Tensor, list[torch.nn.Parameter]]] | None = None  # (flat buffer, params)
+        self.planned: tuple[int, ...] | None = None  # ids of the parameters the layout holds
+
+    def average(self) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        if not self.bucket_view and not self.static_graph:
+            allreduce_gradients(self.params, self.bucket_elements)
+            return
+        with_grad = [p for p in self.params if p.grad is not None]
+        if not with_grad:
+            return
+        ids = tuple(id(p) for p in with_grad)
+        if self.planned is None or (ids != self.planned and not self.static_graph):
+            self._plan(with_grad)
+        elif ids != self.planned:
+            raise RuntimeError("ddp_static_graph: the parameters with gradients changed between steps (e.g. a text "
+                               "encoder stops training); run without ddp_static_graph")
+        world = dist.get_world_size()
+        for flat, params in self.buckets:
+            if not self.bucket_view:  # copy in
+                torch.cat([p.grad.reshape(-1) for p in params], out=flat)
+            dist.all_reduce(flat)
+            flat.div_(world)
+            if not self.bucket_view:  # copy out
+                offset = 0
+                for p in params:
+                    n = p.grad.numel()
+                    p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+                    offset += n
+
+    def _plan(self, params: list[torch.nn.Parameter]) -> None:
+        """Group the gradients by dtype and device into buffers of about bucket_elements; with bucket_view, move
+        each gradient into its buffer and make .grad a view of it."""
+        groups: dict[tuple, list[list[torch.nn.Parameter]]] = {}
+        for p in params:
+            runs = groups.setdefault((p.grad.dtype, p.grad.device), [[]])
+            if runs[-1] and sum(q.grad.numel() for q in runs[-1]) >= self.bucket_elements:
+                runs.append([])
+            runs[-1].append(p)
+        self.buckets = []
+        for (dtype, device), runs in groups.items():
+            for run in runs:
+                flat = torch.empty(sum(p.grad.numel() for p in run), dtype=dtype, device=device)
+                if self.bucket_view:
+                    offset = 0
+                    for p in run:
+                        n = p.grad.numel()
+                        view = flat[offset:offset + n].view_as(p.grad)
+                        view.copy_(p.grad)
+                        p.grad = view
+                        offset += n
+                self.buckets.append((flat, run))
+        self.planned = tuple(id(p) for p in params)
+
+
 def _reduce_bucket(grads: list[torch.Tensor], world: int) -> None:
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for g in grads:

@@ -15,7 +15,6 @@ from collections import deque
 import torch
 
 from .control import RunControl, sync_flags
-from .distributed import allreduce_gradients
 from .events import EventWriter
 from .loss import training_loss
 from .run_outputs import RunOutputs
@@ -134,16 +133,16 @@ class Trainer(RunSetup, RunOutputs):
         self.dataset.set_step(self.global_step)
         self.train_text_encoder = self.method.before_step(self.global_step)
         loss = self.batch_loss(batch, self.noise_rng.generator)
-        acc.backward(loss)
-        if acc.sync_gradients:
-            allreduce_gradients(self.trained_params)
+        acc.backward(loss)  # (under DeepSpeed the engine also averages, clips and steps here)
+        if acc.sync_gradients and not self.deepspeed:
+            self.gradients.average()
             if a.max_grad_norm:
                 acc.clip_grad_norm_(self.trained_params, a.max_grad_norm)
         self.optimizer.step()  # accelerate's optimizer wrapper skips the step inside an accumulation window
         if acc.sync_gradients:
             self.lr_scheduler.step()
             self.method.after_optimizer_step(self.global_step + 1)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.gradients.bucket_view)  # bucket views are zeroed in place
         return loss.detach()
 
     def batch_loss(self, batch: dict, generator: torch.Generator, timesteps: torch.Tensor | None = None

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import UserError
 from ..options import OptionError
-from .distributed import broadcast_parameters
+from .distributed import GradientAverager, broadcast_parameters
 from .events import EventWriter
 from .memory import MemoryFeatures
 from .methods import compute_dtype
@@ -60,6 +60,9 @@ class RunSetup:
         from .fused_backward import check_fused_backward_options
 
         check_fused_backward_options(a)
+        from .accelerator_setup import check_options as check_scaleout_options
+
+        check_scaleout_options(a)
 
         check_te_cache_options(a, trains_text_encoder=self.method.trains_text_encoder, trainer=self.method.name)
         from . import hub, trackers
@@ -116,9 +119,13 @@ class RunSetup:
         # `accelerate launch --multi_gpu --num_processes N` on a machine without GPUs: data parallel on the CPU
         # over gloo (accelerate only picks that up when told to use the CPU).
         cpu_ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+        from .accelerator_setup import accelerator_kwargs, check_distributed_type
+
         self.accelerator = Accelerator(gradient_accumulation_steps=a.gradient_accumulation_steps,
                                        mixed_precision=a.mixed_precision, log_with=self.trackers.log_with,
-                                       project_config=self.trackers.project_config(), cpu=cpu_ddp)
+                                       project_config=self.trackers.project_config(), cpu=cpu_ddp,
+                                       **accelerator_kwargs(a))
+        check_distributed_type(self.accelerator, a)
         self.is_main = self.accelerator.is_main_process
         self.events = EventWriter(a.events_file, enabled=self.is_main)
         self.hub = HubUploader(a, warn=self.warn)
@@ -317,8 +324,20 @@ class RunSetup:
         # across processes by training/distributed.py instead.
         self.module = self.method.trainable_module()
         self.trained_params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        broadcast_parameters(self.trained_params)
-        self.optimizer, self.loader = self.accelerator.prepare(self.optimizer, loader)
+        from .accelerator_setup import compile_denoiser, uses_deepspeed
+
+        self.deepspeed = uses_deepspeed(self.accelerator)
+        if self.deepspeed:  # the engine owns the trained module: it averages, clips and steps (ZeRO sharding)
+            self.engine, self.optimizer, self.loader = self.accelerator.prepare(self.module, self.optimizer, loader)
+            e = self.engine
+            log.info("DeepSpeed engine: ZeRO stage %d, micro batch %d, gradient accumulation %d, clipping %s",
+                     e.zero_optimization_stage(), e.train_micro_batch_size_per_gpu(),
+                     e.gradient_accumulation_steps(), e.gradient_clipping())
+        else:
+            broadcast_parameters(self.trained_params)
+            self.optimizer, self.loader = self.accelerator.prepare(self.optimizer, loader)
+        self.gradients = GradientAverager(self.trained_params, self.accelerator.ddp_handler)
+        compile_denoiser(self.accelerator, self.bundle.denoiser)
         self.plan = self._plan(len(self.loader))
         if a.save_n_epoch_ratio:  # about N saves over the run, whatever its length
             from .saving import epochs_between_saves
@@ -327,7 +346,8 @@ class RunSetup:
         self.lr_scheduler = scheduler_from_args(a, self.optimizer, self.plan.total_steps)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         # The trained weights live outside accelerate.prepare: register them so save_state/resume keep them.
-        self.accelerator.register_for_checkpointing(self.module)
+        if not self.deepspeed:  # (a DeepSpeed engine saves its module itself)
+            self.accelerator.register_for_checkpointing(self.module)
         # Noise and timesteps come from their own generator, saved with the state: a resumed run draws what the
         # uninterrupted run would have drawn (data loader iterators also consume the global RNG).
         seed = a.seed if a.seed is not None else int(torch.randint(0, 2**31 - 1, ()).item())

@@ -48,6 +48,7 @@ _KOHYA_KEYS = {
     "sd3_t5_dropout_rate": "t5_dropout_rate",
     "sd3_t5xxl": "t5xxl",
     "sd3_enable_scaled_pos_embed": "enable_scaled_pos_embed",
+    "sd3_text_encoder_batch_size": "text_encoder_batch_size",
 }
 _REFUSED = {
     "use_t5xxl_cache_only": "caching only T5-XXL's outputs while CLIP-L / CLIP-G train is not implemented; remove it "
@@ -59,7 +60,6 @@ _KOHYA_UNSUPPORTED = {
     "save_t5xxl": "saving T5-XXL into the fine-tuned file is not implemented",
     "t5xxl_device": "T5-XXL runs on the training device here",
     "t5xxl_dtype": "T5-XXL runs in the mixed precision here",
-    "sd3_text_encoder_batch_size": "the text-encoder caching batch size is not configurable here",
     "sd3_disable_mmap_load_safetensors": "not needed: weights are memory-mapped and read lazily here",
 }
 
