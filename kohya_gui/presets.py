@@ -449,15 +449,17 @@ def import_kohya_json(path: str, kind: str | None = None,
         if key in unused_noise:
             report[key] = "gui"  # the other noise_offset_type's field: kohya_ss does not pass it
             continue
-        if key in KOHYA_FINETUNE_FIELDS or key in KOHYA_FINETUNE_STEPS or key in ("additional_parameters",
-                                                                                     "template"):
-            continue  # _kohya_finetune_fields / _kohya_additional_parameters / _kohya_ti_template
+        if key in KOHYA_FINETUNE_FIELDS or key in KOHYA_FINETUNE_STEPS or key in KOHYA_DYNAMO_FLAGS or \
+                key in ("additional_parameters", "template"):
+            continue  # _kohya_finetune_fields / _dynamo / _additional_parameters / _ti_template below
         if is_secret(key):
             if _meaningful(raw):
                 reported(key, f"{key} (secret, not imported)")
             continue
         if key in spec.kohya_ss_unsupported:
-            if _meaningful(raw) and raw != data.get(KOHYA_SAME_AS_FIELD.get(key, ""), object()):
+            if raw == data.get(KOHYA_SAME_AS_FIELD.get(key, ""), object()):
+                report[key] = "gui"  # the same as what happens here anyway
+            elif _meaningful(raw):
                 reported(key, f"{key} (not supported for {spec.label}: {spec.kohya_ss_unsupported[key]})")
             continue
         owners = [s for s in all_families().values() if key in s.kohya_ss_keys or key in s.kohya_ss_unsupported]
@@ -514,8 +516,9 @@ def import_kohya_json(path: str, kind: str | None = None,
             if _meaningful(raw) and raw != opt.default:
                 reported(key, f"{key} (does not apply to {kind})")
             continue
-        if isinstance(raw, bool) and opt.type is not bool and not raw:
-            continue  # kohya_ss writes false for an empty text field
+        if (isinstance(raw, bool) and opt.type is not bool and not raw) or \
+                (opt.type is str and isinstance(raw, str) and raw.strip().lower() == "false"):
+            continue  # kohya_ss writes false (or "False") for an empty text field
         try:
             value = _coerce(opt, raw)
         except CommandError:
@@ -544,6 +547,7 @@ def import_kohya_json(path: str, kind: str | None = None,
     if trainer in (None, "network"):
         _kohya_text_encoder_lrs(data, values, report, reported)
     _kohya_finetune_fields(data, values, report)
+    _kohya_dynamo(data, values, report)
     _kohya_ti_template(data, values, trainer, report, reported)
     _kohya_additional_parameters(data, values, trainer, report, reported)
     _family_refusals(spec, values, sources, unknown, report)
@@ -573,6 +577,26 @@ def _kohya_finetune_fields(data: dict[str, Any], values: dict[str, Any], report:
     for key in KOHYA_FINETUNE_STEPS:
         if key in data:
             report[key] = "gui"
+
+
+#: kohya_ss's accelerate compile settings beside dynamo_backend -> `accelerate launch` flags (they mean nothing
+#: without a backend; "default" is accelerate's own mode)
+KOHYA_DYNAMO_FLAGS = {"dynamo_mode": "--dynamo_mode", "dynamo_use_fullgraph": "--dynamo_use_fullgraph",
+                      "dynamo_use_dynamic": "--dynamo_use_dynamic"}
+
+
+def _kohya_dynamo(data: dict[str, Any], values: dict[str, Any], report: dict[str, str]) -> None:
+    compiling = str(data.get("dynamo_backend") or "no").lower() != "no"
+    for key, flag in KOHYA_DYNAMO_FLAGS.items():
+        if key not in data:
+            continue
+        raw = data[key]
+        if not compiling or not _meaningful(raw) or raw == "default":
+            report[key] = "gui"  # accelerate's compile widgets, with nothing to compile (or its default mode)
+            continue
+        extra = list(values.get(ACCEL_PREFIX + "extra_args") or [])
+        values[ACCEL_PREFIX + "extra_args"] = extra + ([flag] if isinstance(raw, bool) else [flag, str(raw)])
+        report[key] = "imported"
 
 
 #: kohya_ss textual-inversion tab's "template" -> our flags (kohya_ss passes --use_object_template /

@@ -427,7 +427,8 @@ def test_kohya_ss_sd3_finetune_config_imports_with_nothing_dropped(tmp_path):
     assert values["clip_l"].endswith("clip_l.safetensors") and values["clip_g"].endswith("clip_g.safetensors")
     assert values["t5xxl"].endswith("t5xxl_fp8_e4m3fn.safetensors") and values["weighting_scheme"] == "logit_normal"
     assert values["cache_text_encoder_outputs"] is True and values["cache_text_encoder_outputs_to_disk"] is True
-    assert any(u.startswith("t5xxl_dtype (not supported for Stable Diffusion 3") for u in unknown)
+    assert not any(u.startswith("t5xxl_dtype") for u in unknown)  # bf16, the run's mixed precision: no change
+    assert values["text_encoder_batch_size"] == 1  # sd3_text_encoder_batch_size
     assert values["optimizer_type"] == "PagedAdamW8bit"  # every sd-scripts optimizer name is ours too
     rest, accel = split_accelerate(values)
     cmd = build_command("finetune", rest, accel, str(tmp_path / "job"))

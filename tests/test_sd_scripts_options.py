@@ -35,11 +35,6 @@ SAME_MEANING = {
                               "/ 512 dev (flux_* scripts' None)",
 }
 NOT_YET = {
-    # scale-out (in progress)
-    "ddp_gradient_as_bucket_view", "ddp_static_graph", "ddp_timeout", "deepspeed", "dynamo_backend",
-    "fp16_master_weights_and_gradients", "offload_optimizer_device", "offload_optimizer_nvme_path",
-    "offload_param_device", "offload_param_nvme_path", "torch_compile", "zero3_init_flag",
-    "zero3_save_16bit_model", "zero_stage",
 }
 
 
