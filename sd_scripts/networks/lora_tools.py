@@ -3,9 +3,10 @@ module, mapping LoRA module names to a loaded model's layers through the model f
 the metadata sd-scripts' tools write.
 
 The tools (`python -m sd_scripts.networks.<tool>`): merge_lora, svd_merge_lora, extract_lora_from_models,
-resize_lora, check_lora_weights, extract_lora_from_dylora. Each declares its options as a list of `ToolOption`s (the
-argparse parser, and later a GUI form, come from that list) and serves every model family: the family is read from the files through
-the registry (sd_scripts.families), never named here.
+resize_lora, check_lora_weights, extract_lora_from_dylora; for LyCORIS files, through lycoris-lora, merge_lycoris and
+extract_lycoris. Each declares its options as a list of `ToolOption`s (the argparse parser, and later a GUI form, come
+from that list) and serves every model family: the family is read from the files through the registry
+(sd_scripts.families), never named here.
 """
 from __future__ import annotations
 
@@ -224,8 +225,9 @@ def read_lora(path: str | os.PathLike, dtype: torch.dtype | None = None) -> LoRA
         markers = ("hada_", "lokr_", "oft_", "lora_A", "glora_")
         lycoris = next((m for m in markers if any(m in k for k in tensors)), None)
         kind = f" (its '{lycoris}' tensors are another adapter's, e.g. LyCORIS)" if lycoris else ""
+        hint = "; merge LyCORIS files with merge_lycoris" if lycoris else ""
         raise NetworkError(f"{path}: no '<name>.lora_down.weight' / '.lora_up.weight' pairs{kind}: these tools take "
-                           f"kohya-format LoRA / LoCon files")
+                           f"kohya-format LoRA / LoCon files{hint}")
     return LoRAFile(path, modules, metadata, other)
 
 
