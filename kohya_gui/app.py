@@ -223,7 +223,7 @@ class AppContext:
             tail, view = self._views.get(job.id) or (monitor.EventTail(job.events_path), monitor.RunView())
             monitor.update(view, tail.read())
             view.status = job.status
-            if is_tool_kind(job.kind):
+            if is_tool_kind(getattr(job, "kind", "")):
                 self._tool_view(job, view)
             if job.error_message and not view.error_message:
                 view.error_message = job.error_message
