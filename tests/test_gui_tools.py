@@ -242,3 +242,20 @@ def test_registry_lists_installed_torch_free_tools():
             "[tool_options(t.name) for t in TOOLS]; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), timeout=60)
+
+
+def test_the_file_browser_adds_to_a_list_field_and_stays_inside_its_roots(tmp_path):
+    from types import SimpleNamespace
+
+    from kohya_gui.components.path_picker import PathPicker
+
+    (tmp_path / "a b.safetensors").write_bytes(b"")
+    ctx = SimpleNamespace(browser=FileBrowser([str(tmp_path)]))
+    with gr.Blocks():
+        models, save_to = gr.Textbox(), gr.Textbox()
+        picker = PathPicker(ctx, {"models": ("models", models), "save_to": ("save_to", save_to)}, "p",
+                            multiple=("models",))
+    out = picker.choose("models", str(tmp_path), "a b.safetensors", "/x/first.safetensors")
+    assert out[0] == f"/x/first.safetensors '{tmp_path}/a b.safetensors'" and "models" in out[-1]
+    assert picker.choose("save_to", str(tmp_path), "a b.safetensors", "")[1] == f"{tmp_path}/a b.safetensors"
+    assert "Not used" in picker.choose("save_to", "/etc", "passwd", "")[-1]
