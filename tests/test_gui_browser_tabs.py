@@ -179,9 +179,10 @@ def test_a_tool_runs_from_the_utilities_tab_and_a_caption_is_edited(page, app, t
     field(page, "tool-resize_lora-save_to").fill(str(out))
     field(page, "tool-resize_lora-new_rank").fill("2")
     page.locator("#tool-resize_lora-run").click()
-    text = wait_for(lambda: re.search(r"(?:Started|Queued) job `?([0-9]{8}-[0-9]{6}-\S+?-[0-9a-f]{6})\b", page.locator("#tool-message").inner_text())
-                    or "Not started" in page.locator("#tool-message").inner_text() and page.locator(
-                        "#tool-message").inner_text(), 60, "the tool job to start", page, shot="tool")
+    message = page.locator("#tool-message")
+    text = wait_for(lambda: re.search(r"(?:Started|Queued) job `?([0-9]{8}-[0-9]{6}-\S+?-[0-9a-f]{6})\b",
+                                      message.inner_text()) or "Not started" in message.inner_text()
+                    and message.inner_text(), 60, "the tool job to start", page, shot="tool")
     assert not isinstance(text, str), text
     job_id = text.group(1)
     wait_for(lambda: job_id in page.locator("#run-status").inner_text() and progress(page)[0] in (

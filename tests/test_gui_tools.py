@@ -259,3 +259,11 @@ def test_the_file_browser_adds_to_a_list_field_and_stays_inside_its_roots(tmp_pa
     assert out[0] == f"/x/first.safetensors '{tmp_path}/a b.safetensors'" and "models" in out[-1]
     assert picker.choose("save_to", str(tmp_path), "a b.safetensors", "")[1] == f"{tmp_path}/a b.safetensors"
     assert "Not used" in picker.choose("save_to", "/etc", "passwd", "")[-1]
+
+
+def test_a_tools_progress_is_read_from_its_tqdm_bar():
+    from kohya_gui.monitor import log_progress
+
+    log = "INFO loading\n 30%|███       | 3/10 [00:01<00:02, 2.9it/s]\n 70%|███████   | 7/10 [00:02<00:01]\n"
+    assert log_progress(log) == (7, 10)
+    assert log_progress("INFO no bar here 3/10") is None

@@ -49,7 +49,7 @@ class CaptionEditor:
             with gr.Row():
                 for i in range(start, start + COLUMNS):
                     with gr.Column(min_width=160):
-                        self.images.append(gr.Image(height=150, interactive=False, show_label=False,
+                        self.images.append(gr.Image(height=150, interactive=False, show_label=False, buttons=[],
                                                     visible=False, elem_id=f"caption-image-{i}"))
                         self.texts.append(gr.Textbox(lines=2, visible=False, elem_id=f"caption-text-{i}"))
         self.save = gr.Button("Save the changed captions of this page", elem_id="caption-save")
