@@ -13,6 +13,11 @@ for display only and is never executed. The jobs folder must be private (job_fil
 folder runs the queue (file lock), the others are read-only viewers. Every job.json field is type-checked: a bad job
 is listed as unreadable with the reason and never stops the others or the tick.
 
+Tools (kind `tool:<name>`, sd_scripts.tools.registry) are jobs too: their checked values are kept in `tool.json`
+(instead of run.toml) and the argv is rebuilt from them and the tool's declared options at launch; they write no
+events, so their outputs are their `out_file` / `out_dir` paths that exist when they exit 0, and stopping one kills it
+at once (a tool has nothing to save; its output is written atomically or not at all).
+
 Stopping: `stop()` writes the `stop` request file into the job folder (the trainer finishes its step, saves, emits
 `done: stopped` and exits 0); if the process is still alive `grace_s` seconds later, `tick()` kills the whole process
 tree (psutil + the process group). No shell anywhere: processes start from an argument list.
