@@ -13,7 +13,7 @@ from kohya_gui.command import CommandError, format_command
 from kohya_gui.components.path_picker import PathPicker
 from kohya_gui.components.tool_form import ToolForm, tool_summary
 from kohya_gui.jobs import JobError
-from sd_scripts.tools.registry import installed_tools
+from sd_scripts.tools.registry import installed_tools, tool_options
 
 if TYPE_CHECKING:
     from kohya_gui.app import AppContext
@@ -30,7 +30,15 @@ class ToolsPanel:
 
     def __init__(self, ctx: "AppContext", tabs: list["TrainingTab"], watched: gr.State):
         self.ctx, self.watched = ctx, watched
-        self.entries = installed_tools()
+        self.entries, broken = [], []
+        for entry in installed_tools():  # a tool that cannot even declare its options is listed as unavailable
+            try:
+                tool_options(entry.name)
+                self.entries.append(entry)
+            except Exception as e:  # noqa: BLE001 - another engineer's module must not break the whole page
+                broken.append(f"`{entry.module}` ({type(e).__name__}: {html.escape(str(e))[:200]})")
+        if broken:
+            gr.Markdown("⚠️ Tools not available in this build: " + "; ".join(broken), elem_id="tool-unavailable")
         self.forms: dict[str, ToolForm] = {}
         self.columns: dict[str, gr.Column] = {}
         first = self.entries[0].name if self.entries else None
