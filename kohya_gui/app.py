@@ -146,11 +146,15 @@ class AppContext:
 
     def create_tool_job(self, name: str, values: dict[str, Any]) -> Job:
         """Queue a run of tool `name` (sd_scripts.tools.registry) with its form values and start the queue. Every path
-        value must lie inside the file browser's roots (CommandError naming the field otherwise)."""
-        from kohya_gui.tool_command import normalize_tool_values, tool_kind
+        value must lie inside the file browser's roots, inputs must exist and outputs' folders be writable
+        (CommandError naming the field otherwise)."""
+        from kohya_gui.tool_command import normalize_tool_values, path_problems, tool_kind
         from sd_scripts.tools.registry import tool_entry
 
         checked = normalize_tool_values(name, values, resolve=self.browser.resolve)
+        problems = path_problems(name, checked)
+        if problems:
+            raise problems[0]
         job = self.jobs.create(tool_kind(name), checked, None, tool_entry(name).title)
         self.jobs.start_next()
         return self.jobs.get(job.id) or job

@@ -58,6 +58,11 @@ def _one(opt: Any, value: Any) -> Any:
         return number
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise CommandError(opt.name, f"expected text, got {value!r}")
+    if opt.choices and not all(isinstance(c, str) for c in opt.choices):  # e.g. int choices given as text
+        match = [c for c in opt.choices if str(c) == str(value).strip()]
+        if not match:
+            raise CommandError(opt.name, f"{value!r} is not one of {', '.join(map(str, opt.choices))}")
+        return match[0]
     text = str(value).strip() if opt.path else str(value)
     _check_text(opt.name, text, multiline=False)
     if opt.choices and text not in opt.choices:
@@ -168,6 +173,34 @@ def build_tool_command(kind: str, values: dict[str, Any], accel: AccelerateSetti
     return RunCommand(argv=tool_argv(name, normalized, python), toml_text=json.dumps(normalized, indent=2),
                       toml_path=os.path.join(job_dir, VALUES_FILE), prompts_text=None, prompts_path=None,
                       trainer=kind, values=normalized)
+
+
+def path_problems(name: str, values: dict[str, Any]) -> list[CommandError]:
+    """What is wrong with the paths of normalised `values` on this machine, before a job is queued: inputs that do
+    not exist (or are not a file / folder as the option needs), outputs whose folder is missing or not writable.
+    The one function here that looks at the file system (existence and permission checks only)."""
+    problems = []
+    for opt in tool_options(name):
+        value = values.get(opt.name)
+        for path in (value if isinstance(value, list) else [value] if value else []):
+            path = str(path)
+            if opt.path == "file" and not os.path.isfile(path):
+                problems.append(CommandError(opt.name, f"{path} is not a file; check the path"))
+            elif opt.path == "dir" and not os.path.isdir(path):
+                problems.append(CommandError(opt.name, f"{path} is not a folder; check the path"))
+            elif opt.path == "file_or_dir" and not os.path.exists(path):
+                problems.append(CommandError(opt.name, f"{path} does not exist; check the path"))
+            elif opt.path in OUTPUT_PATHS:
+                folder = path if opt.path == "out_dir" and os.path.isdir(path) else os.path.dirname(path)
+                if os.path.isdir(path) and opt.path == "out_file":
+                    problems.append(CommandError(opt.name, f"{path} is a folder; name the file to write"))
+                elif not os.path.isdir(folder):
+                    problems.append(CommandError(opt.name, f"the folder {folder} does not exist; create it or "
+                                                           f"choose another"))
+                elif not os.access(folder, os.W_OK):
+                    problems.append(CommandError(opt.name, f"the folder {folder} is not writable by the GUI's "
+                                                           f"user; choose another"))
+    return problems
 
 
 def read_tool_values(job_dir: str) -> dict[str, Any]:

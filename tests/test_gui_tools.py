@@ -139,11 +139,18 @@ def test_a_tool_job_runs_the_real_tool_and_lists_its_output(tiny_lora, tmp_path)
         assert view.outputs == [str(out)] and view.fraction == 1.0
         assert "retained" in ctx.log_tail(job, 40)  # the tool's own report, in the log the monitor shows
 
-        failing = ctx.create_tool_job("resize_lora", {"model": str(tmp_path / "missing.safetensors"),
+        with pytest.raises(CommandError, match="model: .*missing.safetensors is not a file"):  # checked up front
+            ctx.create_tool_job("resize_lora", {"model": str(tmp_path / "missing.safetensors"),
+                                                "save_to": str(tmp_path / "y.safetensors")})
+        with pytest.raises(CommandError, match="save_to: the folder .*nowhere does not exist"):
+            ctx.create_tool_job("resize_lora", {"model": tiny_lora, "save_to": str(tmp_path / "nowhere" / "y.pt")})
+        not_a_lora = tmp_path / "not_a_lora.safetensors"
+        not_a_lora.write_bytes(b"garbage")
+        failing = ctx.create_tool_job("resize_lora", {"model": str(not_a_lora),
                                                       "save_to": str(tmp_path / "y.safetensors")})
         failing = wait(ctx.jobs, failing.id)
-        assert failing.status == "failed" and failing.exit_code == 1
-        assert "missing.safetensors" in failing.error_message and not failing.outputs
+        assert failing.status == "failed" and failing.exit_code == 1, failing.log_tail
+        assert "not_a_lora.safetensors" in failing.error_message and not failing.outputs
     finally:
         ctx.close()
 
