@@ -169,7 +169,9 @@ def test_a_tool_runs_from_the_utilities_tab_and_a_caption_is_edited(page, app, t
     from test_gui_tools import make_lora
 
     _, folder = app
+    started = time.monotonic()
     lora = make_lora(tiny_sd1, folder / "my lora.safetensors")
+    print(f"tiny LoRA made in {time.monotonic() - started:.1f}s")
     out = folder / "resized.safetensors"
     page.get_by_role("tab", name="Utilities", exact=True).click()
     page.locator("#tool-choice input").click()
@@ -191,6 +193,7 @@ def test_a_tool_runs_from_the_utilities_tab_and_a_caption_is_edited(page, app, t
     wait_for(lambda: "resized.safetensors" in page.locator("#run-outputs").inner_text(), 30, "the output listed",
              page, shot="tool")
     assert out.is_file()
+    print(f"resize_lora ran from the Utilities tab: {time.monotonic() - started:.1f}s since the test started")
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "gui_utilities_tool.png"), full_page=True)
 
@@ -223,3 +226,4 @@ def test_a_tool_runs_from_the_utilities_tab_and_a_caption_is_edited(page, app, t
     wait_for(lambda: "blue 1" in page.locator("#caption-tags").inner_text(), 30, "the new tag counted", page,
              shot="captions")
     page.screenshot(path=str(ARTIFACTS / "gui_caption_editor.png"), full_page=True)
+    print(f"tool and caption editor checked in {time.monotonic() - started:.1f}s")
