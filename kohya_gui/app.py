@@ -28,6 +28,7 @@ from kohya_gui.gui_config import GuiConfig
 from kohya_gui.job_files import JobsDirError
 from kohya_gui.jobs import FINAL_STATUSES, Job, JobError, JobManager
 from kohya_gui.tensorboard import TensorBoard
+from kohya_gui.tool_command import is_tool_kind
 from sd_scripts.options import GROUPS
 
 TICK_S = 0.5
@@ -143,6 +144,29 @@ class AppContext:
         self.jobs.start_next()
         return self.jobs.get(job.id) or job
 
+    def create_tool_job(self, name: str, values: dict[str, Any]) -> Job:
+        """Queue a run of tool `name` (sd_scripts.tools.registry) with its form values and start the queue. Every path
+        value must lie inside the file browser's roots, inputs must exist and outputs' folders be writable
+        (CommandError naming the field otherwise)."""
+        from kohya_gui.tool_command import normalize_tool_values, path_problems, tool_kind
+        from sd_scripts.tools.registry import tool_entry
+
+        checked = normalize_tool_values(name, values, resolve=self.browser.resolve)
+        problems = path_problems(name, checked)
+        if problems:
+            raise problems[0]
+        job = self.jobs.create(tool_kind(name), checked, None, tool_entry(name).title)
+        self.jobs.start_next()
+        return self.jobs.get(job.id) or job
+
+    def tool_results(self) -> list[str]:
+        """The files finished tool jobs wrote that still exist, newest first (to use as a training tab's input)."""
+        out: list[str] = []
+        for job in self.jobs.list():
+            if is_tool_kind(job.kind) and job.status == "completed":
+                out += [p for p in job.outputs if p not in out and os.path.isfile(p)]
+        return out
+
     def control(self, job_id: str | None, what: str) -> str:
         """Stop / save now / sample now for the watched job (or the running one)."""
         job = self.jobs.get(job_id) if job_id else None
@@ -203,11 +227,22 @@ class AppContext:
             tail, view = self._views.get(job.id) or (monitor.EventTail(job.events_path), monitor.RunView())
             monitor.update(view, tail.read())
             view.status = job.status
+            if is_tool_kind(getattr(job, "kind", "")):
+                self._tool_view(job, view)
             if job.error_message and not view.error_message:
                 view.error_message = job.error_message
                 view.error_hint = job.error_hint
             self._views[job.id] = (tail, view)
             return view
+
+    def _tool_view(self, job: Job, view: monitor.RunView) -> None:
+        """A tool writes no events: its progress comes from the tqdm bar in its log, its outputs from the job."""
+        counted = monitor.log_progress(monitor.read_log_tail(job.log_path, 5)) if job.status == "running" else None
+        if counted:
+            view.step, view.total_steps = counted
+        elif job.status == "completed":
+            view.step, view.total_steps = 1, 1
+        view.outputs = list(job.outputs)
 
     def log_tail(self, job: Job, lines: int) -> str:
         """The log's last lines (the stored, secret-free tail for a finished job)."""
@@ -322,7 +357,7 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             with gr.Column(scale=3):
                 with gr.Tabs(selected=ctx.config.gui("default_kind"), elem_id="main-tabs"):
                     tabs = [TrainingTab(ctx, kind, label, watched) for kind, label in TRAINING_TABS]
-                    utilities = UtilitiesTab(ctx, tabs[0])
+                    utilities = UtilitiesTab(ctx, tabs, watched)
                     jobs_tab = JobsTab(ctx, watched)
             with gr.Column(scale=2, min_width=380):
                 RunMonitor(ctx, watched)

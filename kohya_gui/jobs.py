@@ -13,6 +13,11 @@ for display only and is never executed. The jobs folder must be private (job_fil
 folder runs the queue (file lock), the others are read-only viewers. Every job.json field is type-checked: a bad job
 is listed as unreadable with the reason and never stops the others or the tick.
 
+Tools (kind `tool:<name>`, sd_scripts.tools.registry) are jobs too: their checked values are kept in `tool.json`
+(instead of run.toml) and the argv is rebuilt from them and the tool's declared options at launch; they write no
+events, so their outputs are their `out_file` / `out_dir` paths that exist when they exit 0, and stopping one kills it
+at once (a tool has nothing to save; its output is written atomically or not at all).
+
 Stopping: `stop()` writes the `stop` request file into the job folder (the trainer finishes its step, saves, emits
 `done: stopped` and exits 0); if the process is still alive `grace_s` seconds later, `tick()` kills the whole process
 tree (psutil + the process group). No shell anywhere: processes start from an argument list.
@@ -41,6 +46,7 @@ from .command import (FAMILY_KEY, JOB_OPTIONS, AccelerateSettings, CommandError,
                       format_command, trainer_for)
 from .job_files import JobFileError, JobsDirError, QueueLock, check_job_fields, ensure_private_dir
 from .secrets import redact, secret_values, strip_secrets
+from .tool_command import build_tool_command, is_tool_kind, output_paths, read_tool_values, tool_name
 
 log = logging.getLogger(__name__)
 
@@ -324,14 +330,17 @@ class JobManager:
         accel = accel or AccelerateSettings()
         with self._lock:
             self._require_runner()
-            job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{kind}-{_random.token_hex(3)}"
+            label = tool_name(kind) if is_tool_kind(kind) else kind
+            job_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{label}-{_random.token_hex(3)}"
             folder = os.path.join(self.jobs_dir, job_id)
-            cmd = self.build(kind, values, accel, folder, python=self.python)
+            cmd = self._builder(kind)(kind, values, accel, folder, python=self.python)
             os.makedirs(folder, mode=0o700)
             _atomic_write(cmd.toml_path, cmd.toml_text)
             if cmd.prompts_text is not None and cmd.prompts_path:
                 _atomic_write(cmd.prompts_path, cmd.prompts_text)
             index = max([j.queue_index for j in self._all()] + [0]) + 1
+            if is_tool_kind(kind):  # a tool's values as checked (paths resolved): its outputs are read from them
+                values = dict(cmd.values)
             job = Job(id=job_id, kind=kind, name=name or str(values.get("output_name") or kind), argv=cmd.argv,
                       created=time.time(), queue_index=index, values=strip_secrets(dict(values)),
                       accel=strip_secrets(accel.to_dict()), folder=folder)
@@ -358,9 +367,17 @@ class JobManager:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
         return env
 
+    def _builder(self, kind: str) -> Callable[..., RunCommand]:
+        """A tool job's command comes from the tool's declared options, a training job's from `build`."""
+        return build_tool_command if is_tool_kind(kind) else self.build
+
     def _rebuild(self, job: Job) -> RunCommand:
         """The job's command, made now from its kind, run.toml and accelerate settings, all checked again (the files
         may have been edited since they were queued). CommandError / OptionError say what is wrong."""
+        if is_tool_kind(job.kind):
+            cmd = build_tool_command(job.kind, read_tool_values(job.job_dir), None, job.job_dir, python=self.python)
+            _atomic_write(cmd.toml_path, cmd.toml_text)
+            return cmd
         trainer = trainer_for(job.kind)
         values = schema.config_values(job.toml_path, trainer)
         for name in JOB_OPTIONS:
@@ -454,6 +471,8 @@ class JobManager:
         tail = redact(monitor.read_log_tail(job.log_path, LOG_TAIL_LINES), self._secrets.get(job.id, []))
         job.log_tail, job.exit_code, job.ended = tail, rc, time.time()
         job.outputs = view.outputs or [p for _, p in view.saves]
+        if is_tool_kind(job.kind) and not job.outputs and rc == 0:  # tools write no events: their output options
+            job.outputs = _tool_outputs(job)
         done = view.done_status
         message = view.error_message
         if job.killed:
@@ -508,6 +527,11 @@ class JobManager:
                 return self.cancel(job_id)
             if job.status != "running":
                 raise JobError(f"job {job_id} is {job.status}, not running")
+            if is_tool_kind(job.kind):  # a tool has nothing to save: it ends now (its output is written atomically)
+                self._kill(job, "stopped by the user")
+                if not self._alive(job):
+                    self._finish(job)
+                return job
             request(job.job_dir, "stop")
             if use_signal and self._alive(job):
                 try:
@@ -619,6 +643,15 @@ class JobManager:
         if job.error_message and not view.error_message:
             view.error_message = job.error_message
         return view
+
+
+def _tool_outputs(job: Job) -> list[str]:
+    """The files a finished tool job wrote (its output options' paths that exist)."""
+    try:
+        paths = output_paths(tool_name(job.kind), job.values)
+    except (CommandError, ImportError, AttributeError):
+        return []
+    return [p for p in paths if os.path.exists(p)]
 
 
 def _last_line(text: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -215,6 +216,20 @@ def read_log_tail(path: str | os.PathLike, n_lines: int = 40, max_bytes: int = 2
     if lines and lines[-1] == "":
         lines.pop()
     return "\n".join(lines[-n_lines:])
+
+
+#: a tqdm bar's counter: "  40%|████      | 4/10 [00:01<00:02, 2.9it/s]"
+_TQDM_COUNT = re.compile(r"\|\s*(\d+)/(\d+)\s*\[")
+
+
+def log_progress(log_text: str) -> tuple[int, int] | None:
+    """(done, total) of the last tqdm bar in a log, or None: the progress of a tool that writes no events."""
+    found = None
+    for found in _TQDM_COUNT.finditer(log_text):
+        pass
+    if found is None or int(found.group(2)) <= 0:
+        return None
+    return int(found.group(1)), int(found.group(2))
 
 
 def view_from_files(events_path: str, log_path: str | None = None, status: str = "running") -> RunView:

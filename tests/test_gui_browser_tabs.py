@@ -3,10 +3,14 @@ their 'Demo (tiny model, CPU)' preset (the first load makes the tiny model and d
 metadata JSON), Start it, and the run monitor shows the run completed at 100 % with the trained file listed; the LoRA
 tab does the same with 'Demo FLUX (tiny model, CPU)' (a FLUX.1 LoRA through flux_train_network).
 
+The same GUI then runs a tool from the Utilities tab (resize_lora on a tiny LoRA: the run monitor shows it completed
+with its output, which goes into the LoRA tab's network_weights) and edits a caption in the caption editor.
+
 Needs /usr/bin/chromium and Python playwright; skipped without them. Screenshots go to test-artifacts/.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -31,12 +35,15 @@ pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="chromium i
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    """One GUI process (temp jobs, demo and user-preset folders) for the whole module: (port, folder)."""
+    """One GUI process (temp jobs, demo and user-preset folders; the file browser's root is the module's folder) for
+    the whole module: (port, folder)."""
     folder = tmp_path_factory.mktemp("gui_tabs")
+    config = folder / "config.toml"
+    config.write_text(f"[gui]\nbrowse_roots = [{json.dumps(str(folder))}]\n")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KOHYA_GUI_DEMO_DIR", str(folder / "demo"))
         mp.setenv("KOHYA_GUI_USER_PRESETS", str(folder / "user_presets"))
-        proc, port = start_server([], folder)
+        proc, port = start_server(["--config", str(config)], folder)
     try:
         yield port, folder
     finally:
@@ -77,6 +84,77 @@ def progress(page) -> tuple[str, int, str]:
         return "", 0, ""
     return (el.get_attribute("data-status") or "", int(el.get_attribute("data-percent") or 0),
             el.inner_text())
+
+
+def field(page, elem_id: str):
+    return page.locator(f"#{elem_id} input, #{elem_id} textarea").first
+
+
+def test_a_tool_runs_from_the_utilities_tab_and_a_caption_is_edited(page, app, tiny_sd1):
+    """First in the module: it needs no demo run, and a fresh page answers fastest."""
+    from PIL import Image
+
+    from test_gui_tools import make_lora
+
+    _, folder = app
+    started = time.monotonic()
+    lora = make_lora(tiny_sd1, folder / "my lora.safetensors")
+    print(f"tiny LoRA made in {time.monotonic() - started:.1f}s")
+    out = folder / "resized.safetensors"
+    page.get_by_role("tab", name="Utilities", exact=True).click()
+    page.locator("#tool-choice input").click()
+    page.get_by_role("option", name="LoRA: Resize a LoRA (lower rank)").click()
+    page.wait_for_selector("#tool-resize_lora-run", state="visible", timeout=30_000)
+    field(page, "tool-resize_lora-model").fill(lora)
+    field(page, "tool-resize_lora-save_to").fill(str(out))
+    field(page, "tool-resize_lora-new_rank").fill("2")
+    page.locator("#tool-resize_lora-run").click()
+    message = page.locator("#tool-message")
+    text = wait_for(lambda: re.search(r"(?:Started|Queued) job `?([0-9]{8}-[0-9]{6}-\S+?-[0-9a-f]{6})\b",
+                                      message.inner_text()) or "Not started" in message.inner_text()
+                    and message.inner_text(), 60, "the tool job to start", page, shot="tool")
+    assert not isinstance(text, str), text
+    job_id = text.group(1)
+    wait_for(lambda: job_id in page.locator("#run-status").inner_text() and progress(page)[0] in (
+        "completed", "failed"), 120, "the tool job to end", page, interval=0.5, shot="tool")
+    assert progress(page)[:2] == ("completed", 100), page.locator("#run-log textarea").input_value()
+    wait_for(lambda: "resized.safetensors" in page.locator("#run-outputs").inner_text(), 30, "the output listed",
+             page, shot="tool")
+    assert out.is_file()
+    print(f"resize_lora ran from the Utilities tab: {time.monotonic() - started:.1f}s since the test started")
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "gui_utilities_tool.png"), full_page=True)
+
+    # the result becomes the LoRA tab's network_weights
+    page.locator("#tool-result-refresh").click()
+    wait_for(lambda: field(page, "tool-result").input_value() == str(out), 30, "the result in the list", page,
+             shot="tool")
+    page.locator("#tool-result-use").click()
+    wait_for(lambda: field(page, "lora-network_weights").input_value() == str(out), 30, "network_weights filled",
+             page, shot="tool")
+
+    # caption editor: load a folder, edit a caption, save it in place; the tag counts follow
+    data = folder / "captions" / "5_sks"
+    data.mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (32, 32), (80 * i, 0, 0)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text("sks, red")
+    page.get_by_role("tab", name="Caption editor", exact=True).click()
+    field(page, "caption-folder").fill(str(folder / "captions"))
+    page.locator("#caption-load").click()
+    wait_for(lambda: "3 images" in page.locator("#caption-status").inner_text(), 30, "the captions page", page,
+             shot="captions")
+    wait_for(lambda: page.locator("#caption-image-0 img").count() == 1, 30, "a thumbnail", page, shot="captions")
+    assert "red 3" in page.locator("#caption-tags").inner_text()
+    field(page, "caption-text-1").fill("sks, blue")
+    page.locator("#caption-save").click()
+    wait_for(lambda: "Saved 1" in page.locator("#caption-save-message").inner_text(), 30, "the save", page,
+             shot="captions")
+    assert (data / "1.txt").read_text() == "sks, blue"
+    wait_for(lambda: "blue 1" in page.locator("#caption-tags").inner_text(), 30, "the new tag counted", page,
+             shot="captions")
+    page.screenshot(path=str(ARTIFACTS / "gui_caption_editor.png"), full_page=True)
+    print(f"tool and caption editor checked in {time.monotonic() - started:.1f}s")
 
 
 @pytest.mark.parametrize("kind, label, output", TABS, ids=[t[0] for t in TABS])
@@ -150,3 +228,4 @@ def run_demo(page, app, kind, label, output, preset, check=None):
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"gui_tab_{kind}.png"), full_page=True)
     print(f"{label}: demo run completed in {time.monotonic() - started:.1f}s from the tab")
+

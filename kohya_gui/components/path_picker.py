@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import os
+import shlex
 from typing import TYPE_CHECKING, Any
 
 import gradio as gr
@@ -20,14 +21,23 @@ if TYPE_CHECKING:
 UP = ".. (parent folder)"
 
 
-class PathPicker:
-    """The browser widgets of one training tab; `targets` are the form's path fields."""
+def form_targets(form: "TrainingForm") -> dict[str, tuple[str, gr.components.Component]]:
+    """A training form's path fields: {option name: (label, widget)}."""
+    return {opt.name: (opt.title, widget) for opt, widget in form.options.values()
+            if opt.path and opt.name not in ("events_file", "control_dir")}
 
-    def __init__(self, ctx: "AppContext", form: "TrainingForm", prefix: str):
-        self.ctx, self.form = ctx, form
-        self.targets = {opt.name: widget for opt, widget in form.options.values()
-                        if opt.path and opt.name not in ("events_file", "control_dir")}
-        labels = [(form.options[name][0].title, name) for name in self.targets]
+
+class PathPicker:
+    """The browser widgets of one form. `targets`: {field name: (label, widget)} (a TrainingForm: its path fields);
+    the fields named in `multiple` hold a list of paths, and a chosen path is added to the list."""
+
+    def __init__(self, ctx: "AppContext", form: "TrainingForm | dict", prefix: str, multiple: tuple[str, ...] = ()):
+        self.ctx = ctx
+        targets = form if isinstance(form, dict) else form_targets(form)
+        self.targets = {name: widget for name, (_, widget) in targets.items()}
+        self.multiple = {name: self.targets[name] for name in multiple if name in self.targets}
+        labels = [(label + (" (adds to the list)" if name in self.multiple else ""), name)
+                  for name, (label, _) in targets.items()]
         with gr.Accordion("Browse server files (pick paths, upload a dataset zip)", open=False,
                           elem_id=f"{prefix}-browser"):
             with gr.Row(equal_height=True):
@@ -50,7 +60,7 @@ class PathPicker:
         self.go.click(self.show, self.folder, listing, show_progress="hidden")
         self.folder.submit(self.show, self.folder, listing, show_progress="hidden")
         self.open.click(self.enter, [self.folder, self.entries], listing, show_progress="hidden")
-        self.use.click(self.choose, [self.target, self.folder, self.entries],
+        self.use.click(self.choose, [self.target, self.folder, self.entries, *self.multiple.values()],
                        [*self.targets.values(), self.message], show_progress="hidden")
         self.extract.click(self.unzip, [self.upload, self.folder], listing, show_progress="hidden")
 
@@ -71,8 +81,9 @@ class PathPicker:
             return self.show(self.ctx.browser.parent(folder or self.ctx.browser.home))
         return self.show(os.path.join(folder or self.ctx.browser.home, entry.rstrip("/")))
 
-    def choose(self, target: str, folder: str | None, entry: str | None) -> list[Any]:
-        """Write the chosen path (checked to be inside the roots) into the target field."""
+    def choose(self, target: str, folder: str | None, entry: str | None, *lists: str) -> list[Any]:
+        """Write the chosen path (checked to be inside the roots) into the target field (a list field: added to the
+        paths it holds; `lists` are those fields' current values)."""
         skip = [gr.skip() for _ in self.targets]
         if target not in self.targets:
             return [*skip, "Choose the field to fill first."]
@@ -82,7 +93,11 @@ class PathPicker:
                 else base
         except BrowseError as e:
             return [*skip, f"**Not used:** {html.escape(str(e))}"]
-        out = [path if name == target else gr.skip() for name in self.targets]
+        value = path
+        if target in self.multiple:
+            current = dict(zip(self.multiple, lists)).get(target) or ""
+            value = f"{current} {shlex.quote(path)}".strip()
+        out = [value if name == target else gr.skip() for name in self.targets]
         return [*out, f"`{html.escape(target)}` = `{html.escape(path)}`"]
 
     def unzip(self, upload: str | None, folder: str | None):
