@@ -9,6 +9,8 @@ import stat
 import gradio as gr
 import pytest
 
+from sd_scripts.networks.lora_tools import build_parser
+
 from kohya_gui.captions import CaptionError, CaptionFolder, replace_tag
 from kohya_gui.command import CommandError
 from kohya_gui.file_browser import FileBrowser
@@ -51,7 +53,8 @@ def test_every_form_field_reaches_the_tools_own_parser(entry, tmp_path):
     values = normalize_tool_values(entry.name, form.collect(data), resolve=browser.resolve)
     argv = tool_argv(entry.name, values, "python")
     assert argv[:3] == ["python", "-m", entry.module]
-    parsed = vars(importlib.import_module(entry.module).parse_args(argv[3:]))
+    module = importlib.import_module(entry.module)  # its own parser: every registered tool builds it from OPTIONS
+    parsed = vars(build_parser(entry.name, "", module.OPTIONS).parse_args(argv[3:]))
     for opt in form.options:
         got = parsed[opt.name]
         want = values[opt.name]

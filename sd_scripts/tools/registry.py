@@ -37,6 +37,21 @@ TOOLS: tuple[ToolEntry, ...] = (
     ToolEntry("sd_scripts.networks.extract_lora_from_models", "Extract a LoRA from two models"),
     ToolEntry("sd_scripts.networks.resize_lora", "Resize a LoRA (lower rank)"),
     ToolEntry("sd_scripts.networks.check_lora_weights", "Check LoRA weights"),
+    ToolEntry("sd_scripts.networks.extract_lora_from_dylora", "Extract fixed-rank LoRAs from a DyLoRA"),
+    ToolEntry("sd_scripts.networks.merge_lycoris", "Merge LyCORIS into a model"),
+    ToolEntry("sd_scripts.networks.extract_lycoris", "Extract a LyCORIS (LoCon) from two models"),
+    ToolEntry("sd_scripts.tools.convert_diffusers20_original_sd", "Convert a model (single file / diffusers)", "Model"),
+    ToolEntry("sd_scripts.tools.merge_models", "Merge models", "Model"),
+    ToolEntry("sd_scripts.tools.show_metadata", "Show a file's metadata", "Model"),
+    ToolEntry("sd_scripts.finetune.tag_images_by_wd14_tagger", "Tag images (WD14 tagger)", "Captioning"),
+    ToolEntry("sd_scripts.finetune.make_captions", "Caption images (BLIP)", "Captioning"),
+    ToolEntry("sd_scripts.finetune.make_captions_by_git", "Caption images (GIT)", "Captioning"),
+    ToolEntry("sd_scripts.finetune.make_captions_by_florence2", "Caption images (Florence-2)", "Captioning"),
+    ToolEntry("sd_scripts.tools.basic_caption", "Basic captioning (prefix, postfix, find / replace)", "Dataset"),
+    ToolEntry("sd_scripts.tools.group_images", "Group images by aspect ratio", "Dataset"),
+    ToolEntry("sd_scripts.tools.dataset_balancing", "Balance a dataset (repeats)", "Dataset"),
+    ToolEntry("sd_scripts.tools.resize_images_to_resolution", "Resize images", "Dataset"),
+    ToolEntry("sd_scripts.tools.canny", "Canny edge images", "Dataset"),
 )
 
 
