@@ -1,7 +1,8 @@
 """`accelerate launch` settings, one widget per field of `command.AccelerateSettings` (not listed by hand).
 
-A field that shares its name with a schema option (mixed_precision) takes that option's choices, plus "(from the
-run's option)" for None.
+A field whose value defaults to the run's option of the same name (mixed_precision: None = the run's) takes that
+option's choices, plus "(from the run's option)" for None. (dynamo_backend is accelerate's own setting, 'no' by
+default, beside the trainer's option of that name.)
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ class AccelerateLaunch:
         common = dict(label=name.replace("_", " ").capitalize(), info=HELP.get(name),
                       elem_id=f"{elem_prefix}-accelerate-{name}")
         opt = BY_NAME.get(name)
-        if opt is not None and opt.choices:
+        if opt is not None and opt.choices and self.fields[name].default is None:  # None: the run's option
             choices = [(NONE_LABEL + " (from the run's option)", "")] + [(str(c), c) for c in opt.choices if c]
             return gr.Dropdown(choices=choices, value="" if value is None else value, **common)
         if kind.startswith("bool"):
