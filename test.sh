@@ -8,4 +8,6 @@ bash "$here/setup_env.sh" requirements-test.txt
 command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium) >/dev/null 2>&1 || \
     echo "test.sh: chromium not installed; the browser test will be skipped" >&2
 cd "$here"
-exec "$here/.venv/bin/python" -m pytest -q "$@" tests
+# Two workers (the CI box has two cores; much of the suite waits on subprocesses and the browser), each taking
+# whole test modules so that a module's fixtures (tiny models, a GUI server) are built once.
+exec "$here/.venv/bin/python" -m pytest -q -n 2 --dist loadscope "$@" tests
