@@ -555,3 +555,27 @@ def test_diffusers_loads_a_lycoris_locon_file_and_matches_our_forward(tmp_path):
     assert (ours[0] - before[0]).abs().max() > 1e-3
     torch.testing.assert_close(theirs[1], ours[1], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(theirs[0], ours[0], atol=1e-4, rtol=1e-4)
+
+
+def test_lycoris_lokr_through_accelerate_launch_loads_in_lycoris_and_changes_the_output(base, tiny_sd1, demo_data,
+                                                                                         tmp_path):
+    """End to end: `accelerate launch -m sd_scripts.train_network --network_module lycoris.kohya` (LoKr, kohya_ss's
+    default preset), the saved file applied by lycoris-lora's own loader changes the base's outputs."""
+    from conftest import accelerate_cmd
+    from test_train_network_e2e import run_trainer
+
+    out = tmp_path / "out"
+    run_trainer(accelerate_cmd("--pretrained_model_name_or_path", tiny_sd1.single_file, "--train_data_dir",
+                               str(demo_data), "--caption_extension", ".txt", "--output_dir", str(out),
+                               "--output_name", "lokr", "--resolution", "64", "--max_train_steps", "2",
+                               "--learning_rate", "1e-2", "--network_module", "lycoris.kohya", "--network_dim", "4",
+                               "--network_alpha", "4", "--network_args", "algo=lokr", "factor=4", "preset=full",
+                               "--seed", "4"))
+    path = out / "lokr.safetensors"
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya" and any(".lokr_w1" in k for k in f.keys())
+    unet, te = fresh(base)
+    before = outputs(unet, te)
+    assert lycoris_loader(path, unet, te)
+    after = outputs(unet, te)
+    assert not torch.allclose(after[1], before[1])
