@@ -166,7 +166,7 @@ def test_dylora_training_forward_is_sd_scripts_rule():
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.3)
-    module.apply()
+    module.apply_to()
     x = torch.randn(3, 8)
     base = module._org_forward(x)
     lora = (x @ module.down_weight().T @ module.up_weight().T).detach()
@@ -193,7 +193,7 @@ def test_dylora_draw_survives_gradient_checkpointing(reentrant):
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.3)
-    module.apply()
+    module.apply_to()
     module.train()
     x = torch.randn(3, 8, requires_grad=True)
     random.seed(6)  # draws 0 then 3: a recomputation that drew again would differ
@@ -213,7 +213,7 @@ def test_dylora_dropouts_act_in_training(args, dropout):
     with torch.no_grad():
         for p in module.parameters():
             p.normal_(0, 0.3)
-    module.apply()
+    module.apply_to()
     x = torch.randn(4, 8)
     base = module._org_forward(x)
     _, reference = _linear_dylora({"unit": 1})
@@ -223,7 +223,7 @@ def test_dylora_dropouts_act_in_training(args, dropout):
     random.seed(1)
     got = layer(x)
     module.restore()
-    reference.apply()
+    reference.apply_to()
     reference.train()
     torch.manual_seed(0)
     random.seed(1)

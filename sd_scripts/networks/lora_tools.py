@@ -83,7 +83,11 @@ def build_parser(prog: str, description: str, options: Sequence[ToolOption]) -> 
 def run_tool(name: str, parse: Callable[[Sequence[str] | None], argparse.Namespace],
              work: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None) -> int:
     """Parse, run, and turn a user error into one line on stderr and exit status 1 (no traceback)."""
-    if not logging.getLogger().handlers:
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # (called in-process again: a handler of a stream closed since)
+        if getattr(getattr(handler, "stream", None), "closed", False):
+            root.removeHandler(handler)
+    if not root.handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse(argv)
     try:
