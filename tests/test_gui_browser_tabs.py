@@ -59,6 +59,9 @@ def page(app):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync"])
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        # the page holds every option of four trainers plus the Utilities tab: on a loaded 2-core box one action
+        # (a click waiting for the page to settle) can take longer than playwright's default 30 s
+        page.set_default_timeout(120_000)
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_selector("#lora-start", timeout=60_000)
         yield page
