@@ -60,6 +60,7 @@ def test_demo_run_and_stop_from_the_browser(browser, tmp_path, monkeypatch):
     proc, port = start_server([], tmp_path)
     try:
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.set_default_timeout(120_000)  # a big page on a loaded 2-core box (see test_gui_browser_tabs)
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_selector("#lora-start", timeout=60_000)
 

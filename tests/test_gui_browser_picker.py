@@ -26,6 +26,7 @@ def test_pick_the_dataset_with_the_file_browser_and_start_the_demo(browser, tmp_
     proc, port = start_server(["--config", str(config)], tmp_path)
     try:
         page = browser.new_page(viewport={"width": 1500, "height": 1000})
+        page.set_default_timeout(120_000)  # a big page on a loaded 2-core box (see test_gui_browser_tabs)
         page.goto(f"http://127.0.0.1:{port}/")
         page.wait_for_selector("#lora-start", timeout=60_000)
         page.locator("#lora-preset input").click()
