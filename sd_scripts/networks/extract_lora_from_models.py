@@ -22,7 +22,8 @@ import logging
 from typing import Sequence
 
 from ..errors import NetworkError
-from .lora_tools import (PRECISION_CHOICES, LoRAModuleWeights, LowRank, ToolOption, build_parser, check_output_path,
+from .lora_tools import (PART_FILE_OPTIONS,
+                         PRECISION_CHOICES, LoRAModuleWeights, LowRank, ToolOption, build_parser, check_output_path,
                          dtype_of, family_facts, family_flag_options, family_flags, fidelity_line, fidelity_summary,
                          load_base_model, low_rank, model_layers, modelspec, network_metadata, output_title,
                          run_tool, text_encoder_prefixes, torch_device, write_lora)
@@ -51,13 +52,7 @@ OPTIONS: tuple[ToolOption, ...] = (
     ToolOption("v2", bool, False, "the models are SD 2.x (checked against the files)"),
     *family_flag_options(),
     ToolOption("v_parameterization", bool, False, "write v-prediction metadata (default: what the base model says)"),
-    ToolOption("clip_l", str, None, "CLIP-L file, for models whose single file holds only the denoiser",
-               path="file"),
-    ToolOption("clip_g", str, None, "CLIP-G file, for models whose single file holds only the denoiser",
-               path="file"),
-    ToolOption("t5xxl", str, None, "T5-XXL file, for models whose single file holds only the denoiser", path="file"),
-    ToolOption("ae", str, None, "autoencoder file, for models whose single file holds only the denoiser",
-               path="file"),
+    *PART_FILE_OPTIONS,
     ToolOption("mem_eff_safe_open", bool, False, "accepted for sd-scripts command lines: our loader always "
                "memory-maps"),
 )

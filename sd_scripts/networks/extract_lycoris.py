@@ -30,7 +30,8 @@ import logging
 from typing import Sequence
 
 from ..errors import NetworkError
-from .lora_tools import (PRECISION_CHOICES, ToolOption, build_parser, check_output_path, dim_text, dtype_of,
+from .lora_tools import (PART_FILE_OPTIONS,
+                         PRECISION_CHOICES, ToolOption, build_parser, check_output_path, dim_text, dtype_of,
                          family_facts, family_flag_options, family_flags, load_base_model, modelspec,
                          network_metadata, output_title, run_tool, torch_device)
 
@@ -71,13 +72,7 @@ OPTIONS: tuple[ToolOption, ...] = (
     ToolOption("verbose", bool, False, "print each module's relative error"),
     ToolOption("v2", bool, False, "the models are SD 2.x (checked against the files)"),
     *family_flag_options(),
-    ToolOption("clip_l", str, None, "CLIP-L file, for models whose single file holds only the denoiser",
-               path="file"),
-    ToolOption("clip_g", str, None, "CLIP-G file, for models whose single file holds only the denoiser",
-               path="file"),
-    ToolOption("t5xxl", str, None, "T5-XXL file, for models whose single file holds only the denoiser", path="file"),
-    ToolOption("ae", str, None, "autoencoder file, for models whose single file holds only the denoiser",
-               path="file"),
+    *PART_FILE_OPTIONS,
 )
 
 

@@ -80,6 +80,14 @@ def build_parser(prog: str, description: str, options: Sequence[ToolOption]) -> 
     return parser
 
 
+#: the separate part files of the families whose single file holds only the denoiser (FLUX.1 / SD3 / ...), as the
+#: trainers take them; the tools that load a whole model pass them to its loader
+PART_FILE_OPTIONS: tuple[ToolOption, ...] = tuple(
+    ToolOption(name, str, None, f"{what} file, for models whose single file holds only the denoiser", path="file")
+    for name, what in (("clip_l", "CLIP-L text encoder"), ("clip_g", "CLIP-G text encoder"),
+                       ("t5xxl", "T5-XXL text encoder"), ("ae", "autoencoder")))
+
+
 def run_tool(name: str, parse: Callable[[Sequence[str] | None], argparse.Namespace],
              work: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None) -> int:
     """Parse, run, and turn a user error into one line on stderr and exit status 1 (no traceback)."""

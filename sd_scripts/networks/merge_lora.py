@@ -30,7 +30,8 @@ import math
 from typing import Sequence
 
 from ..errors import NetworkError
-from .lora_tools import (PRECISION_CHOICES, PRECISIONS, LoRAModuleWeights, ToolOption, build_parser,
+from .lora_tools import (PART_FILE_OPTIONS,
+                         PRECISION_CHOICES, PRECISIONS, LoRAModuleWeights, ToolOption, build_parser,
                          check_lbws_apply, check_output_path, dim_text, dtype_of, lbw_factor, load_base_model,
                          lora_family, match_layers, model_layers, modelspec, network_metadata, output_title,
                          parse_lbws, read_lora, run_tool, text_encoder_prefixes, title_of, torch_device, write_lora)
@@ -51,14 +52,7 @@ OPTIONS: tuple[ToolOption, ...] = (
     ToolOption("shuffle", bool, False, "LoRA merge: permute each module's rank dimension (the update is unchanged)"),
     ToolOption("no_metadata", bool, False, "write no modelspec metadata (a LoRA keeps the minimal ss_* keys)"),
     ToolOption("v2", bool, False, "the model is SD 2.x (checked against the file; the kind is read from it)"),
-    ToolOption("clip_l", str, None, "CLIP-L text encoder file, for models whose single file holds only the denoiser",
-               path="file"),
-    ToolOption("clip_g", str, None, "CLIP-G text encoder file, for models whose single file holds only the denoiser",
-               path="file"),
-    ToolOption("t5xxl", str, None, "T5-XXL text encoder file, for models whose single file holds only the denoiser",
-               path="file"),
-    ToolOption("ae", str, None, "autoencoder file, for models whose single file holds only the denoiser (our "
-               "loader reads the whole model)", path="file"),
+    *PART_FILE_OPTIONS,
     ToolOption("loading_device", str, "cpu", "device to hold the model on while merging"),
     ToolOption("working_device", str, "cpu", "device to compute the LoRA updates on"),
     ToolOption("mem_eff_load_save", bool, False, "accepted for sd-scripts command lines: our loader always "

@@ -23,7 +23,8 @@ import logging
 from typing import Sequence
 
 from ..errors import NetworkError
-from .lora_tools import (PRECISION_CHOICES, PRECISIONS, ToolOption, build_parser, check_output_path, dtype_of,
+from .lora_tools import (PART_FILE_OPTIONS,
+                         PRECISION_CHOICES, PRECISIONS, ToolOption, build_parser, check_output_path, dtype_of,
                          load_base_model, modelspec, output_title, run_tool, title_of, torch_device)
 
 log = logging.getLogger(__name__)
@@ -42,14 +43,7 @@ OPTIONS: tuple[ToolOption, ...] = (
     ToolOption("device", str, None, "device to merge on (cuda for a GPU; default cpu)"),
     ToolOption("no_metadata", bool, False, "write no modelspec metadata"),
     ToolOption("v2", bool, False, "the model is SD 2.x (checked against the file; the kind is read from it)"),
-    ToolOption("clip_l", str, None, "CLIP-L text encoder file, for models whose single file holds only the denoiser",
-               path="file"),
-    ToolOption("clip_g", str, None, "CLIP-G text encoder file, for models whose single file holds only the denoiser",
-               path="file"),
-    ToolOption("t5xxl", str, None, "T5-XXL text encoder file, for models whose single file holds only the denoiser",
-               path="file"),
-    ToolOption("ae", str, None, "autoencoder file, for models whose single file holds only the denoiser",
-               path="file"),
+    *PART_FILE_OPTIONS,
 )
 MODULE = "lycoris.kohya"  # how the files are labelled in messages
 
