@@ -355,10 +355,11 @@ def build_app(ctx: AppContext) -> gr.Blocks:
             gr.Markdown("\n".join(f"⚠️ {w}" for w in ctx.config_warnings), elem_id="config-warnings")
         with gr.Row():
             with gr.Column(scale=3):
-                with gr.Tabs(selected=ctx.config.gui("default_kind"), elem_id="main-tabs"):
+                with gr.Tabs(selected=ctx.config.gui("default_kind"), elem_id="main-tabs") as main_tabs:
                     tabs = [TrainingTab(ctx, kind, label, watched) for kind, label in TRAINING_TABS]
                     utilities = UtilitiesTab(ctx, tabs, watched)
                     jobs_tab = JobsTab(ctx, watched)
+                jobs_tab.watch_tabs(main_tabs)
             with gr.Column(scale=2, min_width=380):
                 RunMonitor(ctx, watched)
         for tab in tabs:

@@ -104,10 +104,61 @@ def test_validation_loss_is_its_own_line_of_the_loss_chart():
         def gallery(self, job, items):
             return items
 
-    monitor_self = SimpleNamespace(ctx=Ctx(), PARTS=RunMonitor.PARTS, _plot_value=RunMonitor._plot_value)
+    monitor_self = SimpleNamespace(ctx=Ctx(), PARTS=RunMonitor.PARTS, _plot_value=RunMonitor._plot_value,
+                                   _interval=RunMonitor._interval)
     shown = update(RunView(), events[:3])
-    *_, signature = RunMonitor.tick(monitor_self, None, {})
+    *_, signature, _timer = RunMonitor.tick(monitor_self, None, {})
     shown = update(RunView(), events[:4])
     out = RunMonitor.tick(monitor_self, None, signature)
     plot = out[RunMonitor.PARTS.index("plot")]
     assert plot["series"].tolist().count("validation") == 2
+
+
+def test_the_monitor_ticks_fast_only_while_the_shown_job_lives():
+    """Each tick costs the browser work in proportion to the page: the timer runs at TICK_S while the shown job is
+    queued or running, at IDLE_TICK_S otherwise, and is only updated when that changes."""
+    import gradio as gr
+    from types import SimpleNamespace
+
+    from kohya_gui.tabs.run_monitor import IDLE_TICK_S, TICK_S, RunMonitor
+
+    assert TICK_S < IDLE_TICK_S
+    job = SimpleNamespace(id="j", name="run", kind="lora", status="queued", job_dir="/j")
+    shown = {"job": job}
+
+    class Ctx:
+        def job_to_show(self, watched):
+            return shown["job"]
+
+        def view(self, job):
+            return RunView()
+
+        def log_tail(self, job, lines):
+            return ""
+
+        def output_dir(self, job):
+            return None
+
+        def gallery(self, job, items):
+            return items
+
+    monitor_self = SimpleNamespace(ctx=Ctx(), PARTS=RunMonitor.PARTS, _plot_value=RunMonitor._plot_value,
+                                   _interval=RunMonitor._interval)
+
+    def tick(signature):
+        *_, signature, timer = RunMonitor.tick(monitor_self, None, signature)
+        return signature, (None if isinstance(timer, type(gr.skip())) else timer.value)
+
+    signature, interval = tick({})  # the page starts idle-slow: a queued job speeds it up
+    assert interval == TICK_S
+    job.status = "running"
+    signature, interval = tick(signature)
+    assert interval is None  # unchanged: no update sent
+    job.status = "completed"
+    signature, interval = tick(signature)
+    assert interval == IDLE_TICK_S
+    signature, interval = tick(signature)
+    assert interval is None
+    shown["job"] = None
+    signature, interval = tick(signature)
+    assert interval is None and signature["interval"] == IDLE_TICK_S

@@ -1,5 +1,6 @@
 """The Jobs tab: every run (queued, running, finished) with its status; reorder or cancel queued runs, stop or kill
-a running one, and pick any job to show in the run monitor. The list refreshes on its own timer when it changes.
+a running one, and pick any job to show in the run monitor. The list refreshes on its own timer when it changes,
+only while the tab is shown (every tick costs the browser work in proportion to the whole page).
 """
 from __future__ import annotations
 
@@ -18,12 +19,13 @@ if TYPE_CHECKING:
 
 HEADERS = ["id", "name", "kind", "status", "progress", "created", "exit code"]
 REFRESH_S = 2.0
+LABEL = "Jobs"
 
 
 class JobsTab:
     def __init__(self, ctx: "AppContext", watched: gr.State):
         self.ctx, self.watched = ctx, watched
-        with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs"):
+        with gr.Tab(LABEL, id="jobs", elem_id="tab-jobs"):
             self.table = gr.Dataframe(headers=HEADERS, datatype="str", interactive=False, wrap=True,
                                       elem_id="jobs-table", label="Jobs (newest first; click a row to select it)")
             with gr.Row(equal_height=True):
@@ -40,9 +42,9 @@ class JobsTab:
             self.command = gr.Code(label="Command of the selected job", language="shell", interactive=False,
                                    elem_id="jobs-command")
         self.signature = gr.State("")
-        timer = gr.Timer(REFRESH_S)
-        timer.tick(self.refresh_if_changed, [self.signature], [self.table, self.selected, self.signature],
-                   show_progress="hidden", queue=False)
+        self.timer = gr.Timer(REFRESH_S, active=False)  # see `watch_tabs`
+        self.timer.tick(self.refresh_if_changed, [self.signature], [self.table, self.selected, self.signature],
+                        show_progress="hidden", queue=False)
         self.table.select(self._row_selected, [self.table], [self.selected])
         self.selected.change(self._command_of, self.selected, self.command, show_progress="hidden")
         self.view_button.click(lambda job_id: (job_id, f"Showing `{job_id}` in the run monitor." if job_id else
@@ -84,6 +86,16 @@ class JobsTab:
     def refresh(self):
         rows = self._rows()
         return self._table_outputs(rows) + [_digest(rows)]
+
+    def watch_tabs(self, tabs: gr.Tabs) -> None:
+        """Refresh the list when this tab is chosen in `tabs` and keep refreshing only while it is shown."""
+        tabs.select(self._tab_chosen, [self.signature], [self.table, self.selected, self.signature, self.timer],
+                    show_progress="hidden", queue=False)
+
+    def _tab_chosen(self, signature: str, evt: gr.SelectData):
+        if evt.value != LABEL:
+            return gr.skip(), gr.skip(), signature, gr.Timer(active=False)
+        return [*self.refresh_if_changed(signature), gr.Timer(REFRESH_S, active=True)]
 
     @property
     def refresh_outputs(self) -> list:

@@ -2,7 +2,10 @@
 gallery, log tail and outputs of the watched job, refreshed by one gr.Timer.
 
 Each tick reads only what is new in the job's events.jsonl (`AppContext.view`) and sends only the parts that changed
-(`gr.skip()` for the rest), so an idle page costs almost nothing.
+(`gr.skip()` for the rest). A tick still costs the browser work in proportion to the page (it holds every option of
+every trainer: ~0.1 CPU-s per tick in Chromium, measured), so the timer runs fast only while the shown job is queued
+or running and slowly otherwise (to notice runs started from elsewhere); a change of the watched job (Start, Queue,
+a tool, the Jobs tab) wakes it at once.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from . import render
 if TYPE_CHECKING:
     from kohya_gui.app import AppContext
 
-TICK_S = 0.5
+TICK_S = 1.0  # while the shown job is queued or running
+IDLE_TICK_S = 5.0  # otherwise
+LIVE = ("queued", "running")
 LOG_LINES = 40
 EMPTY_TEXT = "No run yet. Configure a training tab and press **Start**; runs of earlier sessions appear under **Jobs**."
 
@@ -53,17 +58,22 @@ class RunMonitor:
         self.tb_tag.input(self.scalars, [self.watched, self.tb_tag], [self.tb_tag, self.tb_plot, self.tb_message],
                           show_progress="hidden")
         self.signature = gr.State({})
-        self.timer = gr.Timer(TICK_S)
-        self.timer.tick(self.tick, [self.watched, self.signature],
-                        [self.status, self.progress, self.plot, self.gallery, self.log, self.outputs,
-                         self.signature], show_progress="hidden", queue=False)
+        self.timer = gr.Timer(IDLE_TICK_S)
+        outputs = [self.status, self.progress, self.plot, self.gallery, self.log, self.outputs, self.signature,
+                   self.timer]
+        self.timer.tick(self.tick, [self.watched, self.signature], outputs, show_progress="hidden", queue=False)
+        # a new watched job (Start, Queue, a tool, the Jobs tab): show it now and tick fast while it lives
+        self.watched.change(self.tick, [self.watched, self.signature], outputs, show_progress="hidden",
+                            queue=False)
 
     def tick(self, watched: str | None, signature: dict):
         job = self.ctx.job_to_show(watched)
         if job is None:
-            return [*(gr.skip() for _ in self.PARTS), signature]
+            timer = self._interval(signature, IDLE_TICK_S)
+            return [*(gr.skip() for _ in self.PARTS), {**signature, "interval": IDLE_TICK_S}, timer]
         view = self.ctx.view(job)
         status = render.job_status(job)
+        interval = TICK_S if status in LIVE else IDLE_TICK_S
         parts = {
             "status": render.status_markdown(job, view),
             "progress": render.progress_html(view, status),
@@ -74,6 +84,8 @@ class RunMonitor:
             "outputs": render.outputs_markdown(view, self.ctx.output_dir(job)),
         }
         new_signature = {name: _digest(value) for name, value in parts.items()}
+        timer = self._interval(signature, interval)
+        new_signature["interval"] = interval
         out = []
         for name in self.PARTS:
             if signature.get(name) == new_signature[name]:
@@ -84,7 +96,12 @@ class RunMonitor:
                 out.append(self.ctx.gallery(job, render.gallery_items(view)))
             else:
                 out.append(parts[name])
-        return [*out, new_signature]
+        return [*out, new_signature, timer]
+
+    @staticmethod
+    def _interval(signature: dict, interval: float):
+        """The timer's update: skipped while its interval stays the same."""
+        return gr.skip() if signature.get("interval", IDLE_TICK_S) == interval else gr.Timer(interval)
 
     def scalars(self, watched: str | None, tag: str | None):
         """The watched job's TensorBoard scalars: tag choices and the chosen tag's curve."""
