@@ -3,7 +3,7 @@ reversed time), the denoiser call, LoRA names, block swap and the sample pipelin
 
 Conditioning (sd-scripts 48d368f `library/strategy_lumina.py`): the caption, after `system_prompt + ' <Prompt Start> '`
 when a system prompt is set (never for negative prompts), in Gemma tokens padded on the right to
-`gemma2_max_token_length` (default 256, rounded up to a multiple of 8) -> Gemma-2's penultimate hidden states
+`gemma2_max_token_length` (default 256; a multiple of 8) -> Gemma-2's penultimate hidden states
 [B, L, 2304] and the attention mask [B, L] (the denoiser sees only the real tokens).
 
 The step (sd-scripts `lumina_train_network.py`, `library/lumina_train_util.get_noisy_model_input_and_timesteps`):
@@ -166,6 +166,10 @@ class LuminaFamily(MemoisedCaptions, Family):
             return default if value is None else value
 
         self.max_length = int(option("gemma2_max_token_length", DEFAULT_MAX_LENGTH))
+        if self.max_length % 8:
+            raise OptionError(f"option 'gemma2_max_token_length': {self.max_length} is not a multiple of 8 (Gemma "
+                              f"tokens are padded to multiples of 8, as sd-scripts does); use e.g. "
+                              f"{-(-self.max_length // 8) * 8}")
         system = str(option("system_prompt", "") or "")
         self.system_prefix = f"{system} {PROMPT_START} " if system else ""
         self.timestep_sampling = option("timestep_sampling", DEFAULT_TIMESTEP_SAMPLING)
@@ -197,7 +201,7 @@ class LuminaFamily(MemoisedCaptions, Family):
     # ---- text
     def tokenize(self, captions: list[str], negative: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, mask) [B, L]: the system prompt before each caption (not before negative prompts), right-padded to
-        max_length rounded up to a multiple of 8 (sd-scripts' LuminaTokenizeStrategy)."""
+        max_length (a multiple of 8) (sd-scripts' LuminaTokenizeStrategy)."""
         texts = list(captions) if negative else [self.system_prefix + c for c in captions]
         out = self.tokenizer(texts, max_length=self.max_length, padding="max_length", truncation=True,
                              pad_to_multiple_of=8, return_tensors="pt")
@@ -225,7 +229,7 @@ class LuminaFamily(MemoisedCaptions, Family):
             hidden, mask, ids = (np.asarray(arrays[k]) for k in ("hidden_state", "attention_mask", "input_ids"))
         except KeyError:
             return None
-        length = -(-self.max_length // 8) * 8
+        length = self.max_length
         width = self.bundle.denoiser.config.cap_feat_dim
         if hidden.shape != (length, width) or mask.shape != (length,) or ids.shape != (length,):
             return None
