@@ -227,3 +227,23 @@ def test_lora_names_are_sd_scripts_lora_lumina_names(tiny_lumina, case, args):
     state = split.lora_state_dict()
     assert state["lora_unet_layers_0_attention_qkv.lora_down.weight"].shape == (6, 48)  # 3 parts x attn_dim 2
     assert not any("adaLN" in k for k in state)
+
+
+def test_denoiser_matches_sd_scripts_nextdit(tiny_lumina):
+    """diffusers' Lumina2Transformer2DModel loaded from the tiny Alpha-VLLM file gives what sd-scripts' own NextDiT
+    gave on the same file and inputs (t in Lumina's time, a caption mask with padding; stored reference)."""
+    from safetensors import safe_open
+
+    from sd_scripts.families.lumina.weights import load_transformer
+
+    with safe_open(str(DATA / "lumina_nextdit_reference.safetensors"), "pt") as f:
+        ref = {k: f.get_tensor(k) for k in f.keys()}
+    model = load_transformer(tiny_lumina["transformer"])
+    with torch.no_grad():
+        out = model(hidden_states=ref["x"], timestep=ref["t"], encoder_hidden_states=ref["cap"],
+                    encoder_attention_mask=ref["mask"].bool(), return_dict=False)[0]
+    assert torch.allclose(out, ref["out"], atol=1e-4)
+    with torch.no_grad():  # the time matters: the other convention (sigma instead of 1 - sigma) gives another output
+        other = model(hidden_states=ref["x"], timestep=1 - ref["t"], encoder_hidden_states=ref["cap"],
+                      encoder_attention_mask=ref["mask"].bool(), return_dict=False)[0]
+    assert not torch.allclose(other, ref["out"], atol=1e-2)
