@@ -247,3 +247,20 @@ def test_denoiser_matches_sd_scripts_nextdit(tiny_lumina):
         other = model(hidden_states=ref["x"], timestep=1 - ref["t"], encoder_hidden_states=ref["cap"],
                       encoder_attention_mask=ref["mask"].bool(), return_dict=False)[0]
     assert not torch.allclose(other, ref["out"], atol=1e-2)
+
+
+def test_cfg_truncation_covers_the_steps_sd_scripts_guides():
+    """sd-scripts guides while Lumina's time 1 - t/1000 < 0.25; diffusers' pipeline guides the first ratio x steps.
+    On the pipeline's own schedule (shift 6), the ratio given covers exactly the steps sd-scripts guides."""
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sd_scripts.families.lumina.model import cfg_step_ratio
+
+    for steps in (4, 10, 36):
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(layout.SCHEDULER_CONFIG)
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps))
+        guided_sd_scripts = [bool(1 - float(t) / 1000 < 0.25) for t in scheduler.timesteps]
+        ratio = cfg_step_ratio(steps, 0.25)
+        guided_diffusers = [not ((i + 1) / steps > ratio) for i in range(steps)]
+        assert guided_diffusers == guided_sd_scripts and any(guided_sd_scripts) and not all(guided_sd_scripts)

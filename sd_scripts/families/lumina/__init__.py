@@ -36,6 +36,8 @@ _REFUSED = {
     "min_timestep": "Lumina 2 samples sigmas with timestep_sampling, not integer timesteps",
     "max_timestep": "Lumina 2 samples sigmas with timestep_sampling, not integer timesteps",
     "vae": "Lumina 2's autoencoder is given with ae",
+    "train_text_encoder": "lumina_train trains the denoiser only (Gemma-2 stays frozen, as in sd-scripts); a LoRA "
+                          "(lumina_train_network) can adapt Gemma-2",
 }
 _SCRIPTS = {"network": "lumina_train_network", "finetune": "lumina_train"}
 _TINY_FILES = {"pretrained_model_name_or_path": "lumina-tiny.safetensors", "gemma2": "gemma2.safetensors",

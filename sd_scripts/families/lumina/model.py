@@ -372,8 +372,9 @@ class LuminaFamily(MemoisedCaptions, Family):
     def sample_pipeline(self, sampler: str | None, *, clip_skip: int | None = None) -> SamplePipeline:
         """diffusers' Lumina2Pipeline around the in-memory modules, given the prompts encoded as training encodes
         them (system prompt, token length). Prompt options: --l the CFG scale (default 3.5), --n the negative prompt,
-        --s steps (default 36), --w/--h, --d; CFG stops after the first 25% of the steps (sd-scripts'
-        cfg_trunc_ratio 0.25) and is renormalised (renorm_cfg 1.0)."""
+        --s steps (default 36), --w/--h, --d; CFG only while Lumina's time is below 0.25 (sd-scripts'
+        cfg_trunc_ratio, given to diffusers as the share of steps it covers: `cfg_step_ratio`), renormalised to the
+        conditional prediction's norm (diffusers' cfg_normalization; sd-scripts' renorm_cfg 1.0 only caps it)."""
         pipeline = self.parts().pipeline(self.scheduler(sampler))
         pipeline.set_progress_bar_config(disable=True)
 
@@ -389,8 +390,9 @@ class LuminaFamily(MemoisedCaptions, Family):
             positive = encode(sample.prompt, False, device)
             args: dict[str, Any] = dict(prompt=None, prompt_embeds=positive.hidden,
                                         prompt_attention_mask=positive.mask, guidance_scale=scale,
-                                        num_inference_steps=steps, cfg_trunc_ratio=DEFAULT_CFG_TRUNC_RATIO,
-                                        cfg_normalization=True)
+                                        num_inference_steps=steps, cfg_normalization=True,
+                                        cfg_trunc_ratio=cfg_step_ratio(steps, DEFAULT_CFG_TRUNC_RATIO,
+                                                                       self.bundle.scheduler_config))
             if scale > 1.0:
                 negative = encode(sample.negative_prompt or "", True, device)
                 args.update(negative_prompt_embeds=negative.hidden,
@@ -398,6 +400,18 @@ class LuminaFamily(MemoisedCaptions, Family):
             return args
 
         return SamplePipeline(pipeline, inputs)
+
+
+def cfg_step_ratio(steps: int, time_ratio: float, scheduler_config: dict | None = None) -> float:
+    """diffusers' Lumina2Pipeline applies CFG to the first `cfg_trunc_ratio` share of the steps; sd-scripts applies
+    it while Lumina's time 1 - sigma is below its cfg_trunc_ratio. The share of steps whose time is below
+    `time_ratio` on the sampling schedule (sigmas linspace(1, 1/N, N) shifted by the scheduler's shift), as the
+    pipeline's ratio (half a step above the count, so the comparison is exact)."""
+    shift = float((scheduler_config or layout.SCHEDULER_CONFIG).get("shift", 6.0))
+    sigmas = np.linspace(1.0, 1.0 / steps, steps)
+    sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+    count = int(((1.0 - sigmas) < time_ratio).sum())
+    return (count + 0.5) / steps
 
 
 def effective_flow_options(metadata: dict[str, str], family) -> dict[str, str]:
