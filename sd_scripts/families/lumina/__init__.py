@@ -56,8 +56,7 @@ SPECS = (
                strict_options=True, text_encoder_cache=True, ti_keys=(),
                tiny_builder="sd_scripts.families.lumina.tiny:build_tiny_model",
                tiny_variants={"lumina": {}}, tiny_files={"lumina": _TINY_FILES},
-               option_values={"network_module": ("networks.lora_lumina",),
-                              "timestep_sampling": TIMESTEP_SAMPLINGS}),
+               option_values={"network_module": ("networks.lora_lumina",)}),
 )
 
 
