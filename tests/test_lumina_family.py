@@ -152,6 +152,15 @@ def test_flash_attention_is_refused_without_its_kernel():
         _family(use_flash_attn=True)
 
 
+def test_block_swap_takes_the_main_blocks():
+    from sd_scripts.families.lumina.tiny import TINY_TRANSFORMER
+    from sd_scripts.families.lumina.weights import build_transformer
+
+    model = build_transformer(dict(TINY_TRANSFORMER, num_layers=4))
+    (group,) = LuminaFamily.block_swap_groups(model, 2)
+    assert group.blocks is model.layers and group.count == 2
+
+
 # ---------------------------------------------------------------- files
 
 

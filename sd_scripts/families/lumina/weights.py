@@ -419,6 +419,10 @@ def save_diffusers_folder(parts: LuminaParts, folder: str, *, dtype: torch.dtype
                     if name.endswith(".safetensors"):
                         file = os.path.join(root, name)
                         save_file(cast_for_save(load_file(file), dtype), file, metadata={"format": "pt"})
+        for root, _dirs, files in os.walk(tmp):  # mkdtemp makes it private; a model folder is readable
+            os.chmod(root, 0o755)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o644)
         if os.path.exists(folder):
             shutil.rmtree(folder)
         os.replace(tmp, folder)
