@@ -47,7 +47,8 @@ def test_real_size_files_are_recognised_and_read():
             "vae.decoder.conv_in.weight": (512, 16, 3, 3), "vae.encoder.conv_in.weight": (128, 3, 3, 3)}
     assert detect_single_file(neta, {}).family == "lumina"
     assert layout.infer_transformer_config(layout.strip_prefix(neta)) == layout.LUMINA2_CONFIG
-    assert layout.gemma_prefix(neta) == "text_encoders.gemma2_2b.transformer.model." and layout.ae_prefix(neta) == "vae."
+    assert layout.gemma_prefix(neta) == "text_encoders.gemma2_2b.transformer.model."
+    assert layout.ae_prefix(neta) == "vae."
     read = gemma_config(gemma, "text_encoders.gemma2_2b.transformer.model.")
     assert {k: read[k] for k in ("head_dim", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
                                  "intermediate_size", "vocab_size")} == \
@@ -69,7 +70,8 @@ def test_key_table_agrees_with_diffusers_converter_at_real_size():
     theirs = convert_lumina2_to_diffusers(dict(tensors))
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    back = {k: (v.make() if hasattr(v, "make") else v) for k, v in diffusers_to_alpha(ours, layout.LUMINA2_CONFIG).items()}
+    back = {k: (v.make() if hasattr(v, "make") else v)
+            for k, v in diffusers_to_alpha(ours, layout.LUMINA2_CONFIG).items()}
     assert back.keys() == tensors.keys()
     assert all(torch.equal(back[k], tensors[k]) for k in tensors if k != layout.UNUSED_NORM)
 
