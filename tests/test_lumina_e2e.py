@@ -57,6 +57,7 @@ def test_lumina_lora_with_samples_and_gemma_lora(tmp_path, tiny_lumina, demo_dat
     assert meta["ss_network_module"] == "networks.lora_lumina"
     assert (meta["ss_timestep_sampling"], meta["ss_model_prediction_type"], meta["ss_discrete_flow_shift"]) == \
         ("shift", "raw", "6.0")  # sd-scripts' Lumina defaults, written as it writes them
+    assert meta["ss_gemma2_max_token_length"] == "32"
     samples = list((tmp_path / "out" / "sample").glob("*.png"))
     assert len(samples) == 1 and Image.open(samples[0]).size == (64, 64)
 

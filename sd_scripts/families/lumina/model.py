@@ -419,7 +419,8 @@ def effective_flow_options(metadata: dict[str, str], family) -> dict[str, str]:
     default, which sd-scripts writes)."""
     for key, value in (("ss_timestep_sampling", family.timestep_sampling),
                        ("ss_model_prediction_type", family.model_prediction_type),
-                       ("ss_discrete_flow_shift", family.discrete_flow_shift)):
+                       ("ss_discrete_flow_shift", family.discrete_flow_shift),
+                       ("ss_gemma2_max_token_length", getattr(family, "max_length", None))):
         if metadata.get(key) == "None":
             metadata[key] = str(value)
     return metadata
