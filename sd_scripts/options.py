@@ -286,6 +286,17 @@ OPTIONS: tuple[Option, ...] = (
        "model", minimum=1, maximum=512, check=_positive, trainers=NET_FT, family_specific=True),
     _O("apply_t5_attn_mask", bool, False, "Mask T5-XXL padding in the text encoder and the denoiser's attention.",
        "model", trainers=NET_FT, family_specific=True),
+    _O("gemma2", str, None, "Gemma-2 2B text encoder file (gemma_2_2b_fp16.safetensors).", "model", path="file",
+       trainers=NET_FT, family_specific=True, label="Gemma-2"),
+    _O("gemma2_max_token_length", int, None, "Gemma-2 tokens per caption (default 256).", "model", minimum=1,
+       check=_positive, trainers=NET_FT, family_specific=True),
+    _O("system_prompt", str, "", "Text put before every caption (with ' <Prompt Start> ') when it is encoded.",
+       "model", trainers=NET_FT, family_specific=True),
+    _O("use_flash_attn", bool, False, "Use the flash-attention kernel in the denoiser (CUDA only; refused where the "
+       "kernel is missing).", "model", trainers=NET_FT, family_specific=True, advanced=True),
+    _O("use_sage_attn", bool, False, "SageAttention (inference-only in sd-scripts).", "model", trainers=NET_FT,
+       family_specific=True, refused="SageAttention is inference-only (sd-scripts says so) and not installed here; "
+       "use use_flash_attn or nothing"),
     # ---- folders
     _O("train_data_dir", str, None, "Parent folder of the concept folders '<repeats>_<class tokens>'.", "folders",
        path="dir", trainers=FOLDER_TRAINERS | {"finetune"}, label="Image folder"),
@@ -584,15 +595,17 @@ OPTIONS: tuple[Option, ...] = (
     # ---- flow matching (DiT families)
     _O("guidance_scale", float, 3.5, "Guidance embedding value while training (guidance-distilled models).",
        "noise", trainers=NET_FT, family_specific=True),
-    _O("timestep_sampling", str, "sigma", "How sigmas are drawn: sigma (the scheduler's, with weighting_scheme), "
-       "uniform, sigmoid, shift, flux_shift.", "noise", choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift"),
-       trainers=NET_FT, family_specific=True),
+    _O("timestep_sampling", str, None, "How sigmas are drawn: sigma (the scheduler's, with weighting_scheme), "
+       "uniform, sigmoid, shift, flux_shift, nextdit_shift (default: the model family's, e.g. sigma for FLUX.1).",
+       "noise", choices=(None, "sigma", "uniform", "sigmoid", "shift", "flux_shift", "nextdit_shift"), trainers=NET_FT, family_specific=True),
     _O("sigmoid_scale", float, 1.0, "Scale of the normal sample in sigmoid/shift/flux_shift sampling.", "noise",
        trainers=NET_FT, family_specific=True),
-    _O("model_prediction_type", str, "sigma_scaled", "How the prediction is compared: raw, additive (+ noisy input) "
-       "or sigma_scaled (x0 estimate, weighted).", "noise", choices=("raw", "additive", "sigma_scaled"),
+    _O("model_prediction_type", str, None, "How the prediction is compared: raw, additive (+ noisy input) "
+       "or sigma_scaled (x0 estimate, weighted); default: the model family's (e.g. sigma_scaled for FLUX.1).",
+       "noise", choices=(None, "raw", "additive", "sigma_scaled"),
        trainers=NET_FT, family_specific=True),
-    _O("discrete_flow_shift", float, 3.0, "Shift of the flow-matching schedule (sigma and shift sampling).", "noise",
+    _O("discrete_flow_shift", float, None, "Shift of the flow-matching schedule (sigma and shift sampling; default: "
+       "the model family's, e.g. 3.0 for FLUX.1).", "noise",
        trainers=NET_FT, family_specific=True),
     _O("weighting_scheme", str, "uniform", "Timestep density / loss weighting.", "noise",
        choices=("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"), trainers=NET_FT,
@@ -616,6 +629,8 @@ OPTIONS: tuple[Option, ...] = (
     _O("sample_every_n_steps", int, None, "Make samples every N steps.", "sampling", minimum=1),
     _O("sample_every_n_epochs", int, None, "Make samples every N epochs.", "sampling", minimum=1),
     _O("sample_at_first", bool, False, "Make samples before the first step.", "sampling"),
+    _O("sample_batch_size", int, None, "Accepted for sd-scripts command lines: samples are made one prompt at a time "
+       "(the same images).", "sampling", minimum=1, trainers=NET_FT, family_specific=True, advanced=True),
     _O("sample_sampler", str, "ddim", "Sampler for sample images.", "sampling",
        choices=("ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
                 "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a")),

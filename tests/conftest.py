@@ -52,3 +52,11 @@ def subprocess_env() -> dict:
     env["HF_HUB_OFFLINE"] = "1"
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_lumina(tiny_root):
+    """The tiny Lumina Image 2.0 model: {'transformer', 'gemma2', 'ae', 'diffusers_dir'} paths."""
+    from sd_scripts.families.lumina.tiny import build_tiny_lumina
+
+    return build_tiny_lumina(str(tiny_root / "lumina"), layout="both", seed=0)

@@ -214,6 +214,11 @@ class FluxFamily(MemoisedCaptions, Family):
         self.apply_t5_attn_mask = self.is_chroma or bool(option("apply_t5_attn_mask", False))
         self.guidance_scale = float(option("guidance_scale", DEFAULT_SAMPLE_GUIDANCE))
         self.timestep_sampling = option("timestep_sampling", fm.DEFAULT_TIMESTEP_SAMPLING)
+        if self.timestep_sampling not in fm.TIMESTEP_SAMPLINGS:  # the schema's choices include other families'
+            from ...options import OptionError
+
+            raise OptionError(f"option 'timestep_sampling': {self.timestep_sampling!r} is not one of "
+                              f"{', '.join(fm.TIMESTEP_SAMPLINGS)} for {self.spec.label} models")
         self.sigmoid_scale = float(option("sigmoid_scale", fm.DEFAULT_SIGMOID_SCALE))
         self.model_prediction_type = option("model_prediction_type", fm.DEFAULT_MODEL_PREDICTION_TYPE)
         self.discrete_flow_shift = float(option("discrete_flow_shift", fm.DEFAULT_DISCRETE_FLOW_SHIFT))
@@ -469,6 +474,11 @@ class FluxFamily(MemoisedCaptions, Family):
             out["ss_model_type"] = CHROMA if self.is_chroma else FLUX
         if out.get("ss_t5xxl_max_token_length") in (None, "None") and "ss_t5xxl_max_token_length" in out:
             out["ss_t5xxl_max_token_length"] = str(self.max_length)
+        for key, value in (("ss_timestep_sampling", self.timestep_sampling),  # unset options: the family's default
+                           ("ss_model_prediction_type", self.model_prediction_type),
+                           ("ss_discrete_flow_shift", self.discrete_flow_shift)):
+            if out.get(key) == "None":
+                out[key] = str(value)
         return out
 
     # ---- sampling
