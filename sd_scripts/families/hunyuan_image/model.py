@@ -216,14 +216,48 @@ class HunyuanImageFamily(MemoisedCaptions, Family):
         self.loss_settings = LossSettings.from_args(loss_options, has_ddpm_schedule=False,
                                                     label=f"a {self.spec.label} model")
         self.split_attn = bool(option("split_attn", False))
+        attn_mode = option("attn_mode", "torch")
+        if attn_mode not in ("torch", "sdpa"):
+            log.warning("attn_mode %s: PyTorch scaled-dot-product attention is used (it picks flash / memory-efficient "
+                        "kernels itself)", attn_mode)
+        self.text_encoder_cpu = bool(option("text_encoder_cpu", False))
+        if self.text_encoder_cpu:
+            for te in bundle.text_encoders:
+                if te is not None:
+                    te.to("cpu")
+        if option("fp8_vl", False) and bundle.text_encoders[0] is not None:
+            self._qwen_in_fp8(option("mixed_precision", "no"))
+        if option("vae_chunk_size", None):  # decode in tiles: the memory saving sd-scripts' chunked convs give
+            bundle.vae.enable_tiling()
         self.byt5_width = int(bundle.denoiser.config.text_embed_2_dim)
         self.vl_width = int(bundle.denoiser.config.text_embed_dim)
         self.qwen_tokenizer, self.byt5_tokenizer = bundle.tokenizers[:2]
         self.init_memo(memo_size)
 
+    def _qwen_in_fp8(self, mixed_precision: str) -> None:
+        """fp8_vl: Qwen2.5-VL's Linear / Embedding weights stored in float8, computed in the mixed precision
+        (training/fp8.py; sd-scripts computes it in bf16)."""
+        from ...options import OptionError
+        from ...training import fp8
+
+        compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+        if compute is None:
+            raise OptionError("option 'fp8_vl' computes the text encoder in the mixed precision: set mixed_precision "
+                              "to bf16 (or fp16), or remove fp8_vl")
+        qwen = self.bundle.text_encoders[0]
+        fp8.check_fp8_device(next(qwen.parameters()).device, compute)
+        qwen.to(compute)
+        fp8.store_in_fp8(qwen, compute)
+
     @property
     def max_length(self) -> int:
         return QWEN_MAX_LENGTH
+
+    def sample_modules(self) -> list[torch.nn.Module]:
+        """The modules sampling puts on the device (text_encoder_cpu: the text encoders stay on the CPU)."""
+        b = self.bundle
+        encoders = [] if self.text_encoder_cpu else list(b.text_encoders)
+        return [m for m in (b.denoiser, b.vae, *encoders) if m is not None]
 
     # ---- latents: the VAE's plain latents (no shift), scaled by 0.75289 (the spec)
     @torch.no_grad()

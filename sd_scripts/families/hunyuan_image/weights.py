@@ -251,8 +251,8 @@ def qwen_config(sizes: Mapping) -> dict:
     the multimodal RoPE sections scaled to the head width (16/24/24 of 128)."""
     head = qwen_head_dim(sizes["hidden_size"])
     section = [head // 8, head * 3 // 16, head * 3 // 16]
-    return dict(layout.QWEN_CONFIG, **sizes, head_dim=head,
-                rope_scaling={"type": "default", "mrope_section": section})
+    return dict(layout.QWEN_CONFIG, **{**sizes, "head_dim": head,
+                                       "rope_scaling": {"type": "default", "mrope_section": section}})
 
 
 def qwen_config_from_shapes(shapes: Mapping[str, tuple], prefix: str) -> dict:
