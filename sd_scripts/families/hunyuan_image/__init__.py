@@ -50,7 +50,8 @@ SPECS = (
                learning_rates={"network": 1e-4}, latent_cache_suffix="_hi", lora_te_prefixes=("lora_te1", "lora_te2"),
                trainers=frozenset({"network"}), options=OPTIONS, scripts=(SCRIPT,),
                trainer_scripts={"network": SCRIPT}, refused_options=_REFUSED, strict_options=True,
-               text_encoder_cache=True, ti_keys=(), tiny_builder="sd_scripts.families.hunyuan_image.tiny:build_tiny_model",
+               text_encoder_cache=True, lora_text_encoders=False, ti_keys=(),
+               tiny_builder="sd_scripts.families.hunyuan_image.tiny:build_tiny_model",
                tiny_variants={"hunyuan-image": {}}, tiny_files={"hunyuan-image": _TINY_FILES},
                option_values={"network_module": ("networks.lora_hunyuan_image",)}),
 )

@@ -227,6 +227,8 @@ class HunyuanImageFamily(MemoisedCaptions, Family):
                     te.to("cpu")
         if option("fp8_vl", False) and bundle.text_encoders[0] is not None:
             self._qwen_in_fp8(option("mixed_precision", "no"))
+        if getattr(bundle.denoiser, "gradient_checkpointing", False):
+            checkpoint_with_keywords(bundle.denoiser)
         if option("vae_chunk_size", None):  # decode in tiles: the memory saving sd-scripts' chunked convs give
             bundle.vae.enable_tiling()
         self.byt5_width = int(bundle.denoiser.config.text_embed_2_dim)
@@ -439,6 +441,24 @@ class HunyuanImageFamily(MemoisedCaptions, Family):
                         guidance_scale=sample.scale if "scale" in given else SAMPLE_SCALE)
 
         return SamplePipeline(sampler_obj, inputs)
+
+
+def checkpoint_with_keywords(dit) -> None:
+    """diffusers 0.42's HunyuanImageTransformer2DModel hands its blocks `attention_mask=` / `image_rotary_emb=` as
+    keywords to the checkpointing function, which takes positional arguments only (a TypeError at the first training
+    step with gradient checkpointing); pass them positionally, in the blocks' forward order."""
+    func = dit._gradient_checkpointing_func
+    if getattr(func, "takes_keywords", False):
+        return
+
+    def call(block, *args, **kwargs):
+        names = ("attention_mask", "image_rotary_emb")
+        if not kwargs or set(kwargs) - set(names) or len(args) != 3:
+            return func(block, *args, **kwargs)
+        return func(block, *args, *(kwargs.get(n) for n in names))
+
+    call.takes_keywords = True
+    dit._gradient_checkpointing_func = call
 
 
 def official_name_map(config: dict):
