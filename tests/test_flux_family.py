@@ -72,7 +72,7 @@ def test_flux_options_parse_with_sd_scripts_defaults():
                                   "--network_module", "networks.lora_flux"])
     assert (args.guidance_scale, args.model_prediction_type, args.discrete_flow_shift, args.weighting_scheme,
             args.sigmoid_scale, args.logit_mean, args.logit_std, args.mode_scale) == \
-        (3.5, "sigma_scaled", 3.0, "uniform", 1.0, 0.0, 1.0, 1.29)
+        (3.5, None, None, "uniform", 1.0, 0.0, 1.0, 1.29)  # None: the family's (FLUX.1: sigma_scaled, 3.0)
     assert args.apply_t5_attn_mask and args.model_type == "chroma" and args.t5xxl_max_token_length is None
     with pytest.raises(OptionError, match="timestep_sampling"):
         parse_args("network", ["--timestep_sampling", "cosine"])
@@ -172,6 +172,10 @@ def test_noised_on_known_inputs(tiny, sampling):
     assert torch.allclose(out.weights, sigmas ** -2.0)
     raw = family_class("flux")(bundle, None, model_prediction_type="raw").noised(latents, None)
     assert raw.weights is None
+    defaults = family_class("flux")(bundle, parse_args("network", []))  # options left unset: FLUX.1's defaults
+    assert (defaults.discrete_flow_shift, defaults.model_prediction_type) == (3.0, "sigma_scaled")
+    meta = defaults.adjust_metadata({"ss_discrete_flow_shift": "None", "ss_model_prediction_type": "None"})
+    assert (meta["ss_discrete_flow_shift"], meta["ss_model_prediction_type"]) == ("3.0", "sigma_scaled")
 
 
 
