@@ -239,3 +239,53 @@ def test_comfy_names_round_trip(lora_file, tmp_path):
     assert comfy_main([str(out), str(back), "--reverse"]) == 0
     original = load_file(str(lora_file))
     assert load_file(str(back)).keys() == original.keys()
+
+
+def test_diffusers_conversion_command(lora_file, tiny, tmp_path):
+    from safetensors.torch import load_file
+
+    from sd_scripts.families.hunyuan_image.lora_files import main, to_diffusers_lora
+
+    out = tmp_path / "peft.safetensors"
+    assert main(["--lora", str(lora_file), "--model", tiny["dit"], "--out", str(out)]) == 0
+    expected = to_diffusers_lora(load_file(str(lora_file)),
+                                 transformer_config=layout.infer_dit_config(read_safetensors_header(tiny["dit"])[0]))
+    written = load_file(str(out))
+    assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+
+
+def test_comfy_named_dit_file_loads_the_same_weights(tiny, tmp_path):
+    """A DiT file with ComfyUI's prefix and FLUX-style module names loads into the same diffusers weights."""
+    from safetensors.torch import load_file, save_file
+
+    renames = {".img_attn_qkv.": ".img_attn.qkv.", ".txt_mlp.fc1.": ".txt_mlp.0.", ".img_mod.linear.": ".img_mod.lin.",
+               ".modulation.linear.": ".modulation.lin.", "time_in.mlp.0.": "time_in.in_layer."}
+    comfy = {}
+    for key, value in load_file(tiny["dit"]).items():
+        for a, b in renames.items():
+            key = key.replace(a, b)
+        key = key.replace("single_blocks.0.q_norm.weight", "single_blocks.0.norm.query_norm.scale")
+        comfy[layout.COMFY_PREFIX + key] = value
+    path = tmp_path / "comfy_dit.safetensors"
+    save_file(comfy, str(path))
+    assert layout.file_kind(read_safetensors_header(str(path))[0]) == "dit"
+    loaded = weights.load_dit(str(path))
+    ours = weights.load_dit(tiny["dit"]).state_dict()
+    assert loaded.state_dict().keys() == ours.keys()
+    assert all(torch.equal(v, ours[k]) for k, v in loaded.state_dict().items())
+
+
+def test_fp8_vl_stores_qwen_in_float8(tiny):
+    from types import SimpleNamespace
+
+    from sd_scripts.models.loading import load_model
+
+    bundle = load_model(tiny["dit"], text_encoder=tiny["text_encoder"], byt5=tiny["byt5"], vae=tiny["vae"])
+    fam = family_class(bundle.family)(bundle, SimpleNamespace(fp8_vl=True, mixed_precision="bf16"))
+    qwen = bundle.text_encoders[0]
+    assert qwen.layers[0].mlp.up_proj.weight.dtype == torch.float8_e4m3fn
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cond = fam.encode_batch(["a photo"])
+    assert torch.isfinite(cond.vl.float()).all() and cond.vl.shape[-1] == 64
+    with pytest.raises(Exception, match="fp8_vl"):
+        family_class(bundle.family)(bundle, SimpleNamespace(fp8_vl=True, mixed_precision="no"))

@@ -97,3 +97,44 @@ def comfy_main(argv: list[str] | None = None) -> int:
     renamed = sum(1 for a, b in zip(sorted(tensors), sorted(converted)) if a != b)
     print(f"{args.dst_path}: {len(converted)} tensors ({renamed} renamed)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m sd_scripts.families.hunyuan_image.lora_files --lora IN --model MODEL --out OUT: the diffusers PEFT
+    form of an sd-scripts HunyuanImage-2.1 LoRA (for `HunyuanImageTransformer2DModel.load_lora_adapter(sd,
+    prefix="transformer")`), the layer layout read from MODEL's header (the DiT file) or its transformer/config.json."""
+    import argparse
+    import json
+    import os
+    import sys
+
+    from ...errors import UserError
+    from ...models.module_io import save_safetensors_atomic
+    from ...networks.weights_file import load_weights_file
+    from .. import read_safetensors_header
+
+    parser = argparse.ArgumentParser(prog="python -m sd_scripts.families.hunyuan_image.lora_files",
+                                     description=main.__doc__)
+    parser.add_argument("--lora", required=True, help="sd-scripts HunyuanImage-2.1 LoRA (.safetensors)")
+    parser.add_argument("--model", required=True, help="the DiT file or diffusers folder it was trained on")
+    parser.add_argument("--out", required=True, help="output .safetensors in diffusers' PEFT LoRA layout")
+    args = parser.parse_args(argv)
+    try:
+        tensors, metadata = load_weights_file(args.lora)
+        if os.path.isdir(args.model):
+            sub = os.path.join(args.model, "transformer", "config.json")
+            with open(sub if os.path.isfile(sub) else os.path.join(args.model, "config.json"), encoding="utf-8") as f:
+                config = json.load(f)
+        else:
+            config = layout.infer_dit_config(read_safetensors_header(args.model)[0])
+        converted = to_diffusers_lora(tensors, transformer_config=config)
+        save_safetensors_atomic(converted, args.out, metadata)
+    except (UserError, OSError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{args.out}: {len(converted)} tensors in diffusers' PEFT LoRA layout")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
