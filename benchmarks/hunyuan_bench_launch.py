@@ -16,6 +16,10 @@ Peer only: run-time adjustments, sd-scripts' files are not modified.
    The names `Qwen2_5_VLConfig` / `T5Config` those loaders call are wrapped so that the sizes come from the files'
    shapes, and `hunyuan_image_models.create_model` keeps only as many blocks as the DiT file has; every load is
    still strict (sd-scripts' own `load_state_dict(strict=True)`).
+4. sd-scripts 48d368f's in-memory text-encoder cache keeps `ocr_mask` as a numpy bool scalar, which its own collate
+   (`torch.FloatTensor(x)`) rejects with "TypeError: new(): data must be a sequence (got numpy.bool)" at the first
+   batch (with --cache_text_encoder_outputs). The shim stores it as a 1-element float array instead; the training
+   step never reads it.
 """
 from __future__ import annotations
 
@@ -76,6 +80,21 @@ def patch_peer(rest: list[str]) -> None:
         return model
 
     hm.create_model = create_model
+
+    import numpy as np
+    import library.strategy_hunyuan_image as sh
+
+    cls = sh.HunyuanImageTextEncoderOutputsCachingStrategy
+    orig_cache = cls.cache_batch_outputs
+
+    def cache_batch_outputs(self, tokenize_strategy, models, text_encoding_strategy, infos):
+        orig_cache(self, tokenize_strategy, models, text_encoding_strategy, infos)
+        for info in infos:  # ocr_mask: a numpy bool scalar, which sd-scripts' own collate cannot convert
+            outputs = getattr(info, "text_encoder_outputs", None)
+            if outputs is not None:
+                info.text_encoder_outputs = (*outputs[:4], np.atleast_1d(outputs[4]).astype(np.float32))
+
+    cls.cache_batch_outputs = cache_batch_outputs
     print(f"[hunyuan_bench_launch] sd-scripts sizes from the files: qwen {text} vision {vision}, byt5 {byt5}, "
           f"DiT {double} double + {single} single blocks", flush=True)
 

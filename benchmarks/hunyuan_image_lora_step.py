@@ -102,7 +102,7 @@ def build_workload(root: str, double: int, single: int, resolution: int, images:
     shutil.copytree(QWEN_TOKENIZER_DIR, qwen_tok, dirs_exist_ok=True)
     os.makedirs(byt5_tok, exist_ok=True)
     with open(os.path.join(byt5_tok, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "ByT5Tokenizer", "extra_ids": 0}, f)
+        json.dump({"tokenizer_class": "ByT5Tokenizer"}, f)  # 384 ids, as google/byt5-small
     if os.path.isdir(paths["train"]):
         shutil.rmtree(paths["train"])
     make_images(paths["train"], images, resolution)

@@ -36,7 +36,7 @@ from ...training.loss import LOSS_OPTIONS, LossSettings
 from ...training.noise import perturbed_noise
 from ..base import Family, NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
-from . import ARCHITECTURE, BASE_MODEL_VERSION, IMPLEMENTATION, layout
+from . import ARCHITECTURE, BASE_MODEL_VERSION, IMPLEMENTATION, NAME, layout
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def load_bundle(path: str, *, dtype: torch.dtype = torch.float32, text_encoder: 
     vae_model = weights.load_vae(vae or path, dtype)
     metadata = dict(getattr(checkpoint, "metadata", None) or {}) if checkpoint is not None else {}
     tokenizers = [load_qwen_tokenizer(), weights.load_byt5_tokenizer()]
-    return ModelBundle("hunyuan_image", dit, vae_model, [qwen, byt5_model], tokenizers, path, False,
+    return ModelBundle(NAME, dit, vae_model, [qwen, byt5_model], tokenizers, path, False,
                        dict(layout.SCHEDULER_CONFIG), {}, compute_vae_id(vae_model), metadata)
 
 
