@@ -2,7 +2,7 @@
 """Launch shim for benchmarks/hunyuan_image_lora_step.py: runs one HunyuanImage-2.1 LoRA trainer UNCHANGED in this
 process and records its peak memory at exit (flux_bench_launch.install_memory_report, env FLUX_BENCH_MEM_OUT).
 
-    python hunyuan_bench_launch.py ours  CHECKOUT   [trainer args...]   # python -m sd_scripts.hunyuan_image_train_network
+    python hunyuan_bench_launch.py ours  CHECKOUT   [trainer args...]   # -m sd_scripts.hunyuan_image_train_network
     python hunyuan_bench_launch.py peer  SD_SCRIPTS [trainer args...]   # sd-scripts' hunyuan_image_train_network.py
 
 Peer only: run-time adjustments, sd-scripts' files are not modified.
@@ -44,7 +44,8 @@ def patch_peer(rest: list[str]) -> None:
     te.BYT5_TOKENIZER_PATH = os.path.join(tokenizers, "byt5")
 
     q = safetensors_shapes(_arg(rest, "--text_encoder"))
-    text = dict(num_hidden_layers=_count(q, "model.layers."), intermediate_size=q["model.layers.0.mlp.gate_proj.weight"][0],
+    text = dict(num_hidden_layers=_count(q, "model.layers."),
+                intermediate_size=q["model.layers.0.mlp.gate_proj.weight"][0],
                 vocab_size=q["model.embed_tokens.weight"][0])
     vision = dict(depth=_count(q, "visual.blocks."), hidden_size=q["visual.blocks.0.norm1.weight"][0],
                   intermediate_size=q["visual.blocks.0.mlp.gate_proj.weight"][0], num_heads=2,

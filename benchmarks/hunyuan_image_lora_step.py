@@ -61,7 +61,8 @@ def build_workload(root: str, double: int, single: int, resolution: int, images:
     from sd_scripts.models.t5 import T5_XXL_CONFIG
 
     spec = dict(version=WORKLOAD_VERSION, double=double, single=single, resolution=resolution, images=images, seed=seed)
-    paths = dict(dit=os.path.join(root, "hunyuanimage2.1-bench.safetensors"), qwen=os.path.join(root, "qwen.safetensors"),
+    paths = dict(dit=os.path.join(root, "hunyuanimage2.1-bench.safetensors"),
+                 qwen=os.path.join(root, "qwen.safetensors"),
                  byt5=os.path.join(root, "byt5.safetensors"), vae=os.path.join(root, "vae.safetensors"),
                  tokenizers=os.path.join(root, "tokenizers"), train=os.path.join(root, "train"))
     marker = os.path.join(root, "workload.json")

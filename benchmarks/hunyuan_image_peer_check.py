@@ -88,7 +88,8 @@ def peer(work: str, sd_scripts: str) -> None:
                            vision_start_token_id=151652, vision_end_token_id=151653, vision_token_id=151654,
                            image_token_id=151655, video_token_id=151656, **text)
     vlm = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    sd = {k[len("model."):]: v.float() for k, v in load_file(os.path.join(model_dir, "qwen_2.5_vl.safetensors")).items()}
+    qwen_file = os.path.join(model_dir, "qwen_2.5_vl.safetensors")
+    sd = {k[len("model."):]: v.float() for k, v in load_file(qwen_file).items()}
     vlm.model.language_model.load_state_dict(sd, strict=True)
     ids, mask = TE.get_qwen_tokens(tok, CAPTIONS)
     out["vl"], out["vl_mask"] = TE.get_qwen_prompt_embeds_from_tokens(vlm.float(), ids, mask)
@@ -135,8 +136,8 @@ def ours(work: str, peer_python: str, sd_scripts: str) -> int:
         res["vae_mean"] = bundle.vae.encode(inp["img"]).latent_dist.mean
         res["vae_decoded"] = bundle.vae.decode(inp["z"]).sample
         cond = family.encode_batch(CAPTIONS)
-    proc = subprocess.run([peer_python, os.path.abspath(__file__), "--peer", "--work", work, "--sd-scripts", sd_scripts],
-                          capture_output=True, text=True)
+    proc = subprocess.run([peer_python, os.path.abspath(__file__), "--peer", "--work", work, "--sd-scripts",
+                           sd_scripts], capture_output=True, text=True)
     if proc.returncode != 0:
         print(proc.stdout[-2000:], proc.stderr[-4000:])
         return 1

@@ -69,6 +69,7 @@ def test_lora_from_single_files_with_samples(tmp_path, tiny):
     assert not any(n.startswith("lora_te") for n in names)  # sd-scripts' HunyuanImage LoRA: the DiT only
     assert all(float(v.abs().max()) > 0 for k, v in tensors.items() if "lora_up" in k)
     assert meta["modelspec.architecture"] == "hunyuan-image-2.1/lora"
+    assert meta["modelspec.implementation"] == "diffusers"  # as sd-scripts' files of this family say
     assert meta["ss_base_model_version"] == "hunyuan-image-2.1"
     assert meta["ss_network_module"] == "networks.lora_hunyuan_image"
     assert meta["ss_timestep_sampling"] == "shift" and meta["ss_discrete_flow_shift"] == "5.0"

@@ -3,8 +3,9 @@ conditioned on Qwen2.5-VL-7B (the caption) and byT5 (quoted glyph text), trained
 sd-scripts 48d368f (`hunyuan_image_train_network.py`).
 
 sd-scripts' names: ss_base_model_version and modelspec.architecture 'hunyuan-image-2.1' (+ '/lora'), implementation
-https://github.com/Tencent-Hunyuan/HunyuanImage-2.1, LoRA module `networks.lora_hunyuan_image` with `lora_unet_` keys,
-latents cached as `_hi.npz`, text-encoder outputs as `_hi_te.npz`; buckets are checked against 32 px steps.
+'diffusers' in its LoRA files (IMPLEMENTATION is the model's own repository), LoRA module
+`networks.lora_hunyuan_image` with `lora_unet_` keys, latents cached as `_hi.npz`, text-encoder outputs as
+`_hi_te.npz`; buckets are checked against 32 px steps.
 
 The torch side: `model.py` (HunyuanImageFamily); file layouts: `layout.py`, `weights.py`; tiny models: `tiny.py`.
 """
@@ -44,7 +45,7 @@ SPECS = (
     FamilySpec(NAME, "HunyuanImage-2.1", "sd_scripts.families.hunyuan_image.model:HunyuanImageFamily",
                bucket_step=32, default_resolution=2048, vae_scaling_factor=layout.VAE_SCALING_FACTOR,
                base_model_version=BASE_MODEL_VERSION, modelspec_architecture=ARCHITECTURE,
-               modelspec_implementation=IMPLEMENTATION,
+               modelspec_implementation="diffusers",  # what sd-scripts' LoRA files of this family say
                # DiT 17B + Qwen2.5-VL-7B 8.3B + byT5 0.2B + VAE 0.4B in bf16 / fp16; LoRA only
                memory=MemoryFacts(weights_gb=52.0, trainable_b=17.0, activations_gb=8.0),
                learning_rates={"network": 1e-4}, latent_cache_suffix="_hi", lora_te_prefixes=("lora_te1", "lora_te2"),

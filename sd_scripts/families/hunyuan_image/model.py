@@ -19,7 +19,6 @@ The step: noise, sigmas from `timestep_sampling` (sigma / uniform / sigmoid / sh
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from ...training.loss import LOSS_OPTIONS, LossSettings
 from ...training.noise import perturbed_noise
 from ..base import Family, NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
-from . import ARCHITECTURE, BASE_MODEL_VERSION, IMPLEMENTATION, NAME, layout
+from . import ARCHITECTURE, BASE_MODEL_VERSION, NAME, layout
 
 log = logging.getLogger(__name__)
 
@@ -403,13 +402,12 @@ class HunyuanImageFamily(MemoisedCaptions, Family):
 
     # ---- metadata
     def adjust_metadata(self, metadata: dict[str, str]) -> dict[str, str]:
-        """sd-scripts' names: ss_base_model_version / modelspec.architecture 'hunyuan-image-2.1', the Tencent
-        implementation, the flow-matching options it records, networks.lora_hunyuan_image."""
+        """sd-scripts' names: ss_base_model_version / modelspec.architecture 'hunyuan-image-2.1' (its LoRA files say
+        implementation 'diffusers': the spec's), the flow-matching options it records, networks.lora_hunyuan_image."""
         out = dict(metadata)
         if "modelspec.architecture" in out:
             _, slash, adapter = out["modelspec.architecture"].partition("/")
             out["modelspec.architecture"] = ARCHITECTURE + (slash + adapter if slash else "")
-            out["modelspec.implementation"] = IMPLEMENTATION
         out.pop("modelspec.prediction_type", None)
         out["ss_base_model_version"] = BASE_MODEL_VERSION
         if out.get("ss_network_module") == "networks.lora":

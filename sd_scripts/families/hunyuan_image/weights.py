@@ -167,7 +167,8 @@ def save_dit(model, path: str, *, dtype: torch.dtype | None = None, metadata: Ma
 def vae_config_from_shapes(shapes: Mapping[str, tuple]) -> dict:
     import re
 
-    levels = sorted({int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight$", k))})
+    rx = re.compile(r"encoder\.down\.(\d+)\.block\.0\.conv1\.weight$")
+    levels = sorted({int(m.group(1)) for k in shapes if (m := rx.match(k))})
     channels = [shapes[f"encoder.down.{lv}.block.0.conv2.weight"][0] for lv in levels]
     per_level = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down.0.block.")})
     samplers = sum(1 for lv in levels if f"encoder.down.{lv}.downsample.conv.weight" in shapes)
