@@ -291,3 +291,13 @@ def test_fp8_vl_stores_qwen_in_float8(tiny):
     assert torch.isfinite(cond.vl.float()).all() and cond.vl.shape[-1] == 64
     with pytest.raises(Exception, match="fp8_vl"):
         family_class(bundle.family)(bundle, SimpleNamespace(fp8_vl=True, mixed_precision="no"))
+
+
+def test_fp8_scaled_is_the_denoisers_float8_base():
+    from types import SimpleNamespace
+
+    from sd_scripts.training.memory import fp8_denoiser, fp8_text_encoders
+
+    args = SimpleNamespace(fp8_scaled=True, fp8_base=False, fp8_base_unet=False)
+    assert fp8_denoiser(args) and not fp8_text_encoders(args)  # the DiT only; Qwen2.5-VL has fp8_vl
+    assert not fp8_denoiser(SimpleNamespace(fp8_scaled=False, fp8_base=False, fp8_base_unet=False))
