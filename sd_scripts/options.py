@@ -280,6 +280,10 @@ OPTIONS: tuple[Option, ...] = (
        trainers=NET_FT, family_specific=True, label="T5-XXL"),
     _O("ae", str, None, "Autoencoder file (ae.safetensors) or a diffusers VAE folder.", "model", path="file_or_dir",
        trainers=NET_FT, family_specific=True, label="Autoencoder"),
+    _O("text_encoder", str, None, "Qwen2.5-VL text encoder file (qwen_2.5_vl_7b.safetensors; HunyuanImage-2.1).",
+       "model", path="file", trainers=NET, family_specific=True, label="Qwen2.5-VL"),
+    _O("byt5", str, None, "byT5 glyph text encoder file (byt5_small_glyphxl_fp16.safetensors; HunyuanImage-2.1).",
+       "model", path="file", trainers=NET, family_specific=True, label="byT5"),
     _O("model_type", str, None, "Model type (told by the model file; given, it must match).", "model",
        choices=(None, *_family_option_choices("model_type")), trainers=NET_FT, family_specific=True),
     _O("t5xxl_max_token_length", int, None, "T5-XXL tokens per caption (default: 256 for schnell, 512 otherwise).",
@@ -621,6 +625,21 @@ OPTIONS: tuple[Option, ...] = (
     _O("fp8_base", bool, False, "Store the frozen base weights in float8 (computed in the mixed precision; LoRA "
        "training).", "precision"),
     _O("fp8_base_unet", bool, False, "Store only the denoiser's base weights in float8.", "precision"),
+    _O("fp8_scaled", bool, False, "Store the DiT's frozen base weights in float8 (sd-scripts' scaled fp8; plain "
+       "float8 storage here, as fp8_base).", "precision", trainers=NET, family_specific=True),
+    _O("fp8_vl", bool, False, "Store the Qwen2.5-VL text encoder's weights in float8 (computed in the mixed "
+       "precision).", "precision", trainers=NET, family_specific=True),
+    _O("text_encoder_cpu", bool, False, "Run the text encoders on the CPU.", "precision", trainers=NET,
+       family_specific=True),
+    _O("vae_chunk_size", int, None, "Decode with the VAE in tiles to save memory (sd-scripts: chunked "
+       "convolutions; 16 recommended there).", "precision", minimum=1, trainers=NET, family_specific=True,
+       advanced=True),
+    _O("attn_mode", str, None, "Attention implementation (torch / sdpa: PyTorch SDPA, always used here; xformers, "
+       "flash, sageattn fall back to it).", "precision", choices=(None, "torch", "xformers", "flash", "sageattn",
+                                                                  "sdpa"),
+       trainers=NET, family_specific=True, advanced=True),
+    _O("split_attn", bool, False, "Run the denoiser one sample at a time (less attention memory).", "precision",
+       trainers=NET, family_specific=True, advanced=True),
     _O("cpu_offload_checkpointing", bool, False, "Offload gradient-checkpointing activations to the CPU.",
        "precision", trainers=NET_FT, family_specific=True),
     # ---- sampling

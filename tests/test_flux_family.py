@@ -177,6 +177,10 @@ def test_noised_on_known_inputs(tiny, sampling):
     assert torch.allclose(out.weights, sigmas ** -2.0)
     raw = family_class("flux")(bundle, None, model_prediction_type="raw").noised(latents, None)
     assert raw.weights is None
+    defaults = family_class("flux")(bundle, parse_args("network", []))  # options left unset: FLUX.1's defaults
+    assert (defaults.discrete_flow_shift, defaults.model_prediction_type) == (3.0, "sigma_scaled")
+    meta = defaults.adjust_metadata({"ss_discrete_flow_shift": "None", "ss_model_prediction_type": "None"})
+    assert (meta["ss_discrete_flow_shift"], meta["ss_model_prediction_type"]) == ("3.0", "sigma_scaled")
 
 
 

@@ -258,7 +258,9 @@ DIT_PRESETS = {"FLUX.1-dev LoRA (24 GB)": ("flux", "sd_scripts.flux_train_networ
                "FLUX.1-dev LoRA (12 GB: block swap + fp8)": ("flux", "sd_scripts.flux_train_network"),
                "SD3.5 LoRA": ("sd3", "sd_scripts.sd3_train_network"),
                "Demo FLUX (tiny model, CPU)": ("flux", "sd_scripts.flux_train_network"),
-               "Demo SD3 (tiny model, CPU)": ("sd3", "sd_scripts.sd3_train_network")}
+               "Demo SD3 (tiny model, CPU)": ("sd3", "sd_scripts.sd3_train_network"),
+               "HunyuanImage-2.1 LoRA": ("hunyuan_image", "sd_scripts.hunyuan_image_train_network"),
+               "Demo HunyuanImage (tiny model, CPU)": ("hunyuan_image", "sd_scripts.hunyuan_image_train_network")}
 
 
 @pytest.mark.parametrize("name", sorted(DIT_PRESETS))

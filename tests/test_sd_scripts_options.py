@@ -18,7 +18,8 @@ DATA = Path(__file__).parent / "data" / "sd_scripts_options"
 KIND = {"train_network": "network", "sdxl_train_network": "network", "flux_train_network": "network",
         "sd3_train_network": "network", "train_db": "db", "fine_tune": "finetune", "sdxl_train": "finetune",
         "flux_train": "finetune", "sd3_train": "finetune", "train_textual_inversion": "ti",
-        "sdxl_train_textual_inversion": "ti", "lumina_train_network": "network", "lumina_train": "finetune"}
+        "sdxl_train_textual_inversion": "ti", "lumina_train_network": "network", "lumina_train": "finetune",
+        "hunyuan_image_train_network": "network"}
 ALIASES = {alias: o.name for o in BY_NAME.values() for alias in o.aliases}
 # (sd-scripts' default, ours): the same meaning
 SAME_MEANING = {
@@ -35,8 +36,10 @@ SAME_MEANING = {
                               "/ 512 dev (flux_* scripts' None)",
     "timestep_sampling": "None here = the family's: sigma for FLUX.1 (flux_* scripts' default), shift for Lumina "
                          "(lumina_* scripts')",
-    "model_prediction_type": "None here = the family's: sigma_scaled for FLUX.1, raw for Lumina (each script's)",
-    "discrete_flow_shift": "None here = the family's: 3.0 for FLUX.1, 6.0 for Lumina (each script's)",
+    "model_prediction_type": "None here = the family's: sigma_scaled for FLUX.1, raw for Lumina and "
+                             "HunyuanImage-2.1 (each script's)",
+    "discrete_flow_shift": "None here = the family's: 3.0 for FLUX.1, 6.0 for Lumina, 5.0 for HunyuanImage-2.1 "
+                           "(each script's)",
 }
 NOT_YET = {
 }

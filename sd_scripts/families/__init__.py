@@ -32,6 +32,7 @@ PACKAGES = (
     "sd_scripts.families.sd3",  # SD3 medium, SD3.5 medium / large
     "sd_scripts.families.flux",  # FLUX.1 dev / schnell, Chroma
     "sd_scripts.families.lumina",  # Lumina Image 2.0 (Neta Lumina)
+    "sd_scripts.families.hunyuan_image",  # HunyuanImage-2.1
 )
 
 

@@ -60,6 +60,9 @@ class FamilySpec:
     options: frozenset = frozenset()  # the family-specific options (schema: family_specific=True) it accepts
     scripts: tuple[str, ...] = ()  # sd-scripts script names made for this family only (e.g. sdxl_train_network)
     text_encoder_cache: bool = False  # supports cache_text_encoder_outputs
+    # False: the family's LoRA never adapts its text encoders (sd-scripts' text-encoder train flags all off); the
+    # network trainer then runs as with network_train_unet_only (frozen encoders: memoised, cacheable)
+    lora_text_encoders: bool = True
     clip_skip: bool = False  # clip_skip means something for it
     ti_keys: tuple[str, ...] = ("emb_params",)  # textual-inversion file keys, one per text encoder
     kohya_ss_flags: tuple[str, ...] = ()  # kohya_ss config checkboxes that mean this family (e.g. 'sdxl')

@@ -44,7 +44,9 @@ def _swap(args: argparse.Namespace) -> int:
 
 
 def fp8_denoiser(args: argparse.Namespace) -> bool:
-    return bool(getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False))
+    """fp8_base / fp8_base_unet, or fp8_scaled (the float8 base under its name in some sd-scripts scripts)."""
+    return bool(getattr(args, "fp8_base", False) or getattr(args, "fp8_base_unet", False)
+                or getattr(args, "fp8_scaled", False))
 
 
 def fp8_text_encoders(args: argparse.Namespace) -> bool:

@@ -103,6 +103,10 @@ class RunSetup:
                             source=a.pretrained_model_name_or_path, variant=probe.variant)
         if message:
             raise OptionError(message)
+        from ..families import family_spec
+
+        if not family_spec(probe.family).lora_text_encoders and hasattr(a, "network_train_unet_only"):
+            a.network_train_unet_only = True  # its LoRA never adapts the text encoders (frozen: memoised, cacheable)
 
     def _default_control_dir(self) -> str | None:
         return os.path.dirname(os.path.abspath(self.args.events_file)) if self.args.events_file else None
