@@ -286,6 +286,37 @@ OPTIONS: tuple[Option, ...] = (
        "model", minimum=1, maximum=512, check=_positive, trainers=NET_FT, family_specific=True),
     _O("apply_t5_attn_mask", bool, False, "Mask T5-XXL padding in the text encoder and the denoiser's attention.",
        "model", trainers=NET_FT, family_specific=True),
+    # ---- Anima (sd-scripts' anima_train_network / anima_train)
+    _O("qwen3", str, None, "Qwen3 text encoder: a single file (qwen_3_06b_base.safetensors) or a transformers folder.",
+       "model", path="file_or_dir", trainers=NET_FT, family_specific=True, label="Qwen3"),
+    _O("llm_adapter_path", str, None, "LLM adapter weights in a separate file (default: the adapter inside the DiT "
+       "file).", "model", path="file", trainers=NET_FT, family_specific=True, advanced=True),
+    _O("t5_tokenizer_path", str, None, "T5 tokenizer folder for the LLM adapter's token ids (default: the bundled "
+       "google/t5-v1_1-xxl tokenizer).", "model", path="dir", trainers=NET_FT, family_specific=True, advanced=True),
+    _O("qwen3_max_token_length", int, 512, "Qwen3 tokens per caption.", "model", minimum=1, check=_positive,
+       trainers=NET_FT, family_specific=True),
+    _O("t5_max_token_length", int, 512, "T5 tokens per caption (the LLM adapter's target tokens).", "model",
+       minimum=1, check=_positive, trainers=NET_FT, family_specific=True),
+    *(_O(f"{part}_lr", float, None, f"Learning rate of the {what} (default: learning_rate; 0 freezes them).",
+         "optimizer", minimum=0, trainers=NET_FT, family_specific=True, advanced=True)
+      for part, what in (("llm_adapter", "LLM adapter"), ("self_attn", "self-attention layers"),
+                         ("cross_attn", "cross-attention layers"), ("mlp", "MLP layers"),
+                         ("mod", "adaLN modulation layers"))),
+    _O("vae_chunk_size", int, None, "sd-scripts' spatial chunking of the Qwen-Image VAE.", "precision",
+       trainers=NET_FT, family_specific=True,
+       refused="not implemented: diffusers' AutoencoderKLQwenImage encodes whole images; use cache_latents (each "
+               "image is encoded once) to keep the VAE's memory out of training"),
+    _O("vae_disable_cache", bool, False, "Disable the Qwen-Image VAE's causal frame cache (no effect on single "
+       "images, which are one frame).", "precision", trainers=NET_FT, family_specific=True, advanced=True),
+    _O("unsloth_offload_checkpointing", bool, False, "sd-scripts' asynchronous activation offload.", "precision",
+       trainers=NET_FT, family_specific=True,
+       refused="not implemented: use cpu_offload_checkpointing (gradient-checkpointing activations on the CPU) "
+               "with gradient_checkpointing"),
+    _O("attn_mode", str, None, "Attention implementation (torch = PyTorch scaled-dot-product attention, the only "
+       "one here).", "precision", choices=(None, "torch", "xformers", "flash", "sageattn", "sdpa"),
+       trainers=NET_FT, family_specific=True, advanced=True),
+    _O("split_attn", bool, False, "Split attention by batch (no effect: scaled-dot-product attention picks "
+       "memory-efficient kernels itself).", "precision", trainers=NET_FT, family_specific=True, advanced=True),
     # ---- folders
     _O("train_data_dir", str, None, "Parent folder of the concept folders '<repeats>_<class tokens>'.", "folders",
        path="dir", trainers=FOLDER_TRAINERS | {"finetune"}, label="Image folder"),
@@ -584,16 +615,16 @@ OPTIONS: tuple[Option, ...] = (
     # ---- flow matching (DiT families)
     _O("guidance_scale", float, 3.5, "Guidance embedding value while training (guidance-distilled models).",
        "noise", trainers=NET_FT, family_specific=True),
-    _O("timestep_sampling", str, "sigma", "How sigmas are drawn: sigma (the scheduler's, with weighting_scheme), "
-       "uniform, sigmoid, shift, flux_shift.", "noise", choices=("sigma", "uniform", "sigmoid", "shift", "flux_shift"),
-       trainers=NET_FT, family_specific=True),
+    _O("timestep_sampling", str, None, "How sigmas are drawn: sigma (the scheduler's, with weighting_scheme), "
+       "uniform, sigmoid, shift, flux_shift (default: the family's: sigma for FLUX.1, sigmoid for Anima).", "noise",
+       choices=(None, "sigma", "uniform", "sigmoid", "shift", "flux_shift"), trainers=NET_FT, family_specific=True),
     _O("sigmoid_scale", float, 1.0, "Scale of the normal sample in sigmoid/shift/flux_shift sampling.", "noise",
        trainers=NET_FT, family_specific=True),
     _O("model_prediction_type", str, "sigma_scaled", "How the prediction is compared: raw, additive (+ noisy input) "
        "or sigma_scaled (x0 estimate, weighted).", "noise", choices=("raw", "additive", "sigma_scaled"),
        trainers=NET_FT, family_specific=True),
-    _O("discrete_flow_shift", float, 3.0, "Shift of the flow-matching schedule (sigma and shift sampling).", "noise",
-       trainers=NET_FT, family_specific=True),
+    _O("discrete_flow_shift", float, None, "Shift of the flow-matching schedule (sigma and shift sampling; default: "
+       "the family's: 3.0 for FLUX.1, 1.0 for Anima).", "noise", trainers=NET_FT, family_specific=True),
     _O("weighting_scheme", str, "uniform", "Timestep density / loss weighting.", "noise",
        choices=("sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"), trainers=NET_FT,
        family_specific=True),

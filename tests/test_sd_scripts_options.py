@@ -18,7 +18,7 @@ DATA = Path(__file__).parent / "data" / "sd_scripts_options"
 KIND = {"train_network": "network", "sdxl_train_network": "network", "flux_train_network": "network",
         "sd3_train_network": "network", "train_db": "db", "fine_tune": "finetune", "sdxl_train": "finetune",
         "flux_train": "finetune", "sd3_train": "finetune", "train_textual_inversion": "ti",
-        "sdxl_train_textual_inversion": "ti"}
+        "sdxl_train_textual_inversion": "ti", "anima_train_network": "network", "anima_train": "finetune"}
 ALIASES = {alias: o.name for o in BY_NAME.values() for alias in o.aliases}
 # (sd-scripts' default, ours): the same meaning
 SAME_MEANING = {
@@ -31,6 +31,10 @@ SAME_MEANING = {
     "model_type": "None here = what the model file says (flux or chroma); given, it must match",
     "network_dim": "None there = 4 in create_network",
     "network_module": "required there; networks.lora (or the family's own LoRA) here",
+    "timestep_sampling": "None here = the family's: sigma for FLUX.1 (flux_* scripts' default), sigmoid for Anima "
+                         "(anima_* scripts' default)",
+    "discrete_flow_shift": "None here = the family's: 3.0 for FLUX.1 (flux_* scripts' default), 1.0 for Anima "
+                           "(anima_* scripts' default)",
     "t5xxl_max_token_length": "None here = the family's: 256 for SD3 (sd3_* scripts' default), FLUX.1 256 schnell "
                               "/ 512 dev (flux_* scripts' None)",
 }

@@ -31,6 +31,7 @@ PACKAGES = (
     "sd_scripts.families.sd",  # SD 1.x, SD 2.x (incl. 768-v), SDXL
     "sd_scripts.families.sd3",  # SD3 medium, SD3.5 medium / large
     "sd_scripts.families.flux",  # FLUX.1 dev / schnell, Chroma
+    "sd_scripts.families.anima",  # Anima (Cosmos-Predict2 DiT + LLM adapter)
 )
 
 
