@@ -72,7 +72,7 @@ def test_flux_options_parse_with_sd_scripts_defaults():
                                   "--network_module", "networks.lora_flux"])
     assert (args.guidance_scale, args.model_prediction_type, args.discrete_flow_shift, args.weighting_scheme,
             args.sigmoid_scale, args.logit_mean, args.logit_std, args.mode_scale) == \
-        (3.5, "sigma_scaled", 3.0, "uniform", 1.0, 0.0, 1.0, 1.29)
+        (3.5, "sigma_scaled", None, "uniform", 1.0, 0.0, 1.0, 1.29)  # discrete_flow_shift None: FLUX.1's 3.0
     assert args.apply_t5_attn_mask and args.model_type == "chroma" and args.t5xxl_max_token_length is None
     with pytest.raises(OptionError, match="timestep_sampling"):
         parse_args("network", ["--timestep_sampling", "cosine"])

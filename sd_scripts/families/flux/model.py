@@ -469,6 +469,10 @@ class FluxFamily(MemoisedCaptions, Family):
             out["ss_model_type"] = CHROMA if self.is_chroma else FLUX
         if out.get("ss_t5xxl_max_token_length") in (None, "None") and "ss_t5xxl_max_token_length" in out:
             out["ss_t5xxl_max_token_length"] = str(self.max_length)
+        for key, value in (("ss_timestep_sampling", self.timestep_sampling),  # unset options: FLUX.1's defaults
+                           ("ss_discrete_flow_shift", self.discrete_flow_shift)):
+            if out.get(key) in (None, "None") and key in out:
+                out[key] = str(value)
         return out
 
     # ---- sampling
