@@ -347,3 +347,25 @@ def test_metadata_names(bundle):
     assert meta["modelspec.implementation"] == "https://huggingface.co/circlestone-labs/Anima"
     assert meta["ss_network_module"] == "networks.lora_anima" and meta["ss_timestep_sampling"] == "sigmoid"
     assert fam.spec.base_model_version == "anima"
+
+
+def test_comfy_conversion_round_trip(bundle, tmp_path):
+    """sd-scripts' convert_anima_lora_to_comfy names, and back (--reverse), tensors unchanged."""
+    from safetensors.torch import load_file
+
+    from sd_scripts.errors import NetworkError
+    from sd_scripts.families.anima import comfy_lora
+
+    net = _network(bundle, network_args=["train_llm_adapter=True"])
+    src = str(tmp_path / "l.safetensors")
+    net.save_weights(src)
+    assert comfy_lora.main([src, str(tmp_path / "c.safetensors")]) == 0
+    comfy = load_file(str(tmp_path / "c.safetensors"))
+    assert "diffusion_model.blocks.1.mlp.layer2.lora_B.weight" in comfy
+    assert "diffusion_model.llm_adapter.blocks.0.self_attn.o_proj.lora_A.weight" in comfy
+    assert "text_encoders.qwen3_06b.transformer.model.layers.0.mlp.gate_proj.alpha" in comfy
+    assert comfy_lora.main([str(tmp_path / "c.safetensors"), str(tmp_path / "b.safetensors"), "--reverse"]) == 0
+    a, b = load_file(src), load_file(str(tmp_path / "b.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(NetworkError, match="--reverse"):
+        comfy_lora.to_comfy(comfy)
