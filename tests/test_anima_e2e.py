@@ -23,7 +23,8 @@ def tiny(tmp_path_factory):
     from sd_scripts.tools.tiny_model import make_demo_dataset
 
     root = tmp_path_factory.mktemp("anima_e2e")
-    return build_tiny_anima(str(root / "model")), make_demo_dataset(str(root / "data"))
+    # 3 DiT blocks: block swap may move all but two of them
+    return build_tiny_anima(str(root / "model"), blocks=3), make_demo_dataset(str(root / "data"))
 
 
 def _run(*args, module="sd_scripts.anima_train_network"):
@@ -89,14 +90,15 @@ def test_anima_lora_with_adapter_text_encoder_and_samples(tmp_path, tiny):
 
 
 def test_anima_lora_cached_outputs_to_disk(tmp_path, tiny):
-    """Qwen3 outputs and latents cached to disk in sd-scripts' files and keys, DiT-only LoRA."""
+    """Qwen3 outputs and latents cached to disk in sd-scripts' files and keys, DiT-only LoRA, block swap."""
     paths, data = tiny
     out = tmp_path / "out"
     _run(*_model(paths), "--train_data_dir", data, "--output_dir", str(out), "--output_name", "cached",
          "--resolution", "64", "--max_train_steps", "2", "--network_module", "networks.lora_anima",
          "--learning_rate", "1e-2", "--seed", "2", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
          "--cache_text_encoder_outputs_to_disk", "--cache_latents", "--cache_latents_to_disk", "--network_train_unet_only",
-         "--timestep_sampling", "shift", "--discrete_flow_shift", "3.0", "--weighting_scheme", "cosmap")
+         "--timestep_sampling", "shift", "--discrete_flow_shift", "3.0", "--weighting_scheme", "cosmap",
+         "--blocks_to_swap", "1", "--gradient_checkpointing")  # one frozen DiT block on the CPU between its turns
     te = sorted(p for p in Path(data).glob("*/*_anima_te.npz"))
     assert len(te) == 13
     with np.load(te[0]) as npz:
