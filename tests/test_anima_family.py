@@ -287,6 +287,14 @@ def test_lora_names_and_network_args(bundle):
     sd = custom.lora_state_dict()
     assert sd["lora_unet_blocks_0_self_attn_q_proj.lora_down.weight"].shape[0] == 8
     assert sd["lora_unet_blocks_0_cross_attn_k_proj.lora_down.weight"].shape[0] == 4
+    # network_reg_lrs: a group per rate, the rest at the network's
+    rated = _network(bundle, network_args=["network_reg_lrs=.*self_attn.*=5e-5,.*cross_attn.*=0"])
+    groups, names = rated.prepare_optimizer_params(1e-4, None, 1e-4)
+    by_name = dict(zip(names, groups))
+    assert by_name["unet_reg_lr0"]["lr"] == 5e-5 and len(by_name["unet_reg_lr0"]["params"]) == 2 * 4 * 2
+    assert by_name["unet"]["lr"] == 1e-4 and len(by_name["unet"]["params"]) == 2 * 2 * 2  # the MLPs
+    assert not any(p.requires_grad for lora in rated.unet_loras if "cross_attn" in lora.lora_name
+                   for p in lora.parameters())  # rate 0: frozen
 
 
 def _forward(bundle, seed=0):

@@ -290,7 +290,7 @@ class AnimaFamily(MemoisedCaptions, Family):
 
     # ---- adapters
     LORA_NETWORK_ARGS = {"train_llm_adapter": _flag_arg, "exclude_patterns": str, "include_patterns": str,
-                         "network_reg_dims": str, "verbose": _flag_arg}
+                         "network_reg_dims": str, "network_reg_lrs": str, "verbose": _flag_arg}
 
     @classmethod
     def lora_naming(cls, family: str, denoiser: torch.nn.Module | None = None,
@@ -301,13 +301,15 @@ class AnimaFamily(MemoisedCaptions, Family):
         (`lora_te_layers_0_self_attn_q_proj`). Targets: every Linear of the DiT blocks except those the default
         pattern `.*(_modulation|_norm|_embedder|final_layer).*` or `exclude_patterns` match in the full name
         (`include_patterns` win; they also reach the embedders and the final layer); `network_reg_dims`
-        "regex=rank,..." (full match on the full name) sets ranks."""
+        "regex=rank,..." and `network_reg_lrs` "regex=lr,..." (full match on the full name) set the DiT modules'
+        ranks and learning rates (a group per rate)."""
         naming = super().lora_naming(family, denoiser)
         args = dict(network_args or {})
         exclude = [re.compile(DEFAULT_EXCLUDE)] + [re.compile(p) for p in _patterns(args.get("exclude_patterns"),
                                                                                       "exclude_patterns")]
         include = [re.compile(p) for p in _patterns(args.get("include_patterns"), "include_patterns")]
         reg_dims = _reg_dims(args.get("network_reg_dims"))
+        reg_lrs = _reg_dims(args.get("network_reg_lrs"), float, "network_reg_lrs", "learning rate")
         originals: dict[str, str] = {}
 
         def remembered(path: str) -> str | None:
@@ -333,12 +335,18 @@ class AnimaFamily(MemoisedCaptions, Family):
             name = originals.get(file_name)
             return next((d for p, d in reg_dims if name is not None and p.fullmatch(name)), None)
 
+        def rate(file_name: str) -> float | None:
+            name = originals.get(file_name)
+            return next((r for p, r in reg_lrs if name is not None and p.fullmatch(name)), None)
+
         train_adapter = flag(args.get("train_llm_adapter", False))
         naming.update(unet_name_map=in_blocks, unet_block_classes=DIT_BLOCKS + (ADAPTER_BLOCKS if train_adapter
                                                                                else ()),
                       te_block_classes=TE_BLOCKS, unet_extra_name_map=outside if include else None,
                       unet_file_name_map=remembered, module_rank=rank if reg_dims else None,
                       verbose=flag(args.get("verbose", False)))
+        if reg_lrs:
+            naming["module_lr"] = rate
         return naming
 
     # ---- full fine-tuning
@@ -425,7 +433,8 @@ def _patterns(text, key: str) -> list[str]:
     return [str(i) for i in items]
 
 
-def _reg_dims(text) -> list[tuple[re.Pattern, int]]:
+def _reg_dims(text, kind=int, key: str = "network_reg_dims", what: str = "rank") -> list[tuple[re.Pattern, Any]]:
+    """sd-scripts' "regex=value,regex=value" (network_reg_dims: ranks, network_reg_lrs: learning rates)."""
     if not text:
         return []
     out = []
@@ -434,8 +443,8 @@ def _reg_dims(text) -> list[tuple[re.Pattern, int]]:
             continue
         pattern, eq, value = pair.strip().rpartition("=")
         try:
-            out.append((re.compile(pattern), int(value)))
+            out.append((re.compile(pattern), kind(value)))
         except (re.error, ValueError):
-            raise NetworkError(f"option 'network_args': network_reg_dims: {pair.strip()!r} is not 'regular "
-                               f"expression=rank'") from None
+            raise NetworkError(f"option 'network_args': {key}: {pair.strip()!r} is not 'regular expression="
+                               f"{what}'") from None
     return out
