@@ -372,6 +372,11 @@ class AnimaFamily(MemoisedCaptions, Family):
         return [(part, params, base if rates.get(part) is None else float(rates[part]))
                 for part, params in groups.items() if params]
 
+    @classmethod
+    def trainable_text_encoders(cls, args) -> tuple[bool, ...]:
+        """Qwen3 stays frozen: sd-scripts' anima_train trains the DiT and its LLM adapter only."""
+        return (False,)
+
     # ---- memory features
     @classmethod
     def block_swap_groups(cls, denoiser: torch.nn.Module, blocks_to_swap: int) -> list:
