@@ -377,3 +377,25 @@ def test_comfy_conversion_round_trip(bundle, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(NetworkError, match="--reverse"):
         comfy_lora.to_comfy(comfy)
+
+
+def test_sampling_schedule_and_prompt_flow_shift(bundle):
+    """sd-scripts' do_sample: sigmas linspace(1, 0, steps + 1) shifted (3.0, or the prompt's --fs), Euler steps;
+    the sampler makes an image from a prompt (CFG with the negative prompt)."""
+    import numpy as np
+
+    from sd_scripts.training.sampling import parse_prompt_line
+
+    fam = family_class("anima")(bundle, None, qwen3_max_token_length=8, t5_max_token_length=8)
+    scheduler = fam.scheduler(None)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, 5)[:-1])
+    lin = torch.linspace(1, 0, 5)
+    assert torch.allclose(scheduler.sigmas.float(), 3 * lin / (1 + 2 * lin), atol=1e-6)
+    sample = parse_prompt_line("a dog --fs 5 --s 2 --l 2 --n cat")
+    assert sample.flow_shift == 5.0 and "flow_shift" in sample.given
+    pipe = fam.sample_pipeline(None)
+    args = dict(width=64, height=64, num_inference_steps=2, guidance_scale=2.0,
+                generator=torch.Generator().manual_seed(1), **pipe.inputs(sample, "cpu"))
+    with torch.no_grad():
+        image = pipe.pipeline(**args).images[0]
+    assert image.size == (64, 64) and pipe.pipeline.scheduler.config.shift == 5.0

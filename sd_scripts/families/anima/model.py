@@ -12,7 +12,7 @@ weights of `weighting_scheme` (sigma_sqrt, cosmap; 1 otherwise). Latents are the
 ((z - mean) / std), as sd-scripts caches them.
 
 Sampling (sd-scripts `anima_train_utils.do_sample`): Euler steps over sigmas linspace(1, 0, steps + 1) shifted by 3.0
-(FlowMatchEulerDiscreteScheduler with those sigmas), classifier-free guidance with the negative prompt when the
+or the prompt's --fs (FlowMatchEulerDiscreteScheduler with those sigmas), classifier-free guidance with the negative prompt when the
 scale is above 1 (prompt defaults: 30 steps, scale 7.5), noise drawn on the CPU from the prompt's seed.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ class AnimaSampler:
 
     def __call__(self, *, prompt: str, negative_prompt: str = "", width: int = 512, height: int = 512,
                  num_inference_steps: int = 30, guidance_scale: float = 7.5, generator=None, output_type="pil",
-                 **_ignored):
+                 flow_shift: float | None = None, **_ignored):
         from PIL import Image
 
         family = self.family
@@ -119,6 +119,10 @@ class AnimaSampler:
         shape = (1, vae.config.z_dim, height // 8, width // 8)
         x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
         steps = int(num_inference_steps)
+        if flow_shift is not None:  # the prompt's --fs
+            from diffusers import FlowMatchEulerDiscreteScheduler
+
+            self.scheduler = FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config, shift=flow_shift)
         self.scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=device)
         for t in self.scheduler.timesteps:
             sigma = (t / fm.NUM_TRAIN_TIMESTEPS).reshape(1).to(device)
@@ -415,8 +419,9 @@ class AnimaFamily(MemoisedCaptions, Family):
 
     def sample_pipeline(self, sampler: str | None, *, clip_skip: int | None = None) -> SamplePipeline:
         sampler_ = AnimaSampler(self, self.scheduler(sampler))
-        return SamplePipeline(sampler_, lambda sample, device: dict(prompt=sample.prompt,
-                                                                    negative_prompt=sample.negative_prompt or ""))
+        return SamplePipeline(sampler_, lambda sample, device: dict(
+            prompt=sample.prompt, negative_prompt=sample.negative_prompt or "",
+            flow_shift=getattr(sample, "flow_shift", None)))
 
 
 def _patterns(text, key: str) -> list[str]:
