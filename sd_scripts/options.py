@@ -302,18 +302,16 @@ OPTIONS: tuple[Option, ...] = (
       for part, what in (("llm_adapter", "LLM adapter"), ("self_attn", "self-attention layers"),
                          ("cross_attn", "cross-attention layers"), ("mlp", "MLP layers"),
                          ("mod", "adaLN modulation layers"))),
-    _O("vae_chunk_size", int, None, "sd-scripts' spatial chunking of the Qwen-Image VAE.", "precision",
-       trainers=NET_FT, family_specific=True,
-       refused="not implemented: diffusers' AutoencoderKLQwenImage encodes whole images; use cache_latents (each "
-               "image is encoded once) to keep the VAE's memory out of training"),
+    _O("vae_chunk_size", int, None, "Spatial chunk size of the VAE's convolutions, to save memory (sd-scripts).",
+       "precision", minimum=1, trainers=NET_FT, family_specific=True, advanced=True),
     _O("vae_disable_cache", bool, False, "Disable the Qwen-Image VAE's causal frame cache (no effect on single "
        "images, which are one frame).", "precision", trainers=NET_FT, family_specific=True, advanced=True),
     _O("unsloth_offload_checkpointing", bool, False, "sd-scripts' asynchronous activation offload.", "precision",
        trainers=NET_FT, family_specific=True,
        refused="not implemented: use cpu_offload_checkpointing (gradient-checkpointing activations on the CPU) "
                "with gradient_checkpointing"),
-    _O("attn_mode", str, None, "Attention implementation: only torch (PyTorch's scaled-dot-product attention) runs "
-       "here.", "precision", choices=(None, "torch", "xformers", "flash", "sageattn", "sdpa"),
+    _O("attn_mode", str, None, "Attention implementation: torch (PyTorch's scaled-dot-product attention) runs "
+       "here; the others fall back to it.", "precision", choices=(None, "torch", "xformers", "flash", "sageattn", "sdpa"),
        trainers=NET_FT, family_specific=True, advanced=True),
     _O("split_attn", bool, False, "Split attention by batch (no effect: scaled-dot-product attention picks "
        "memory-efficient kernels itself).", "precision", trainers=NET_FT, family_specific=True, advanced=True),

@@ -215,6 +215,8 @@ def test_options_defaults_and_refusals():
         and "fp8" in check_run("anima", trainer="network", script="anima_train_network", values={"fp8_base": True})
     assert "clip_l" in (check_run("anima", trainer="network", script="anima_train_network",
                                   values={"clip_l": "x"}) or "")
+    assert "cache_latents" in (check_run("anima", trainer="network", script="anima_train_network",
+                                         values={"vae_chunk_size": 16}) or "")
     assert "anima_train_network" in (check_run("anima", trainer="network", script="train_network", values={}) or "")
     assert "anima" not in (check_run("flux", trainer="network", script="flux_train_network",
                                      values={"qwen3": "x"}) or "anima")  # refused for FLUX.1, naming the option

@@ -30,7 +30,7 @@ NETWORK_MODULE = "networks.lora_anima"
 # sd-scripts' Anima options (anima_train_network / anima_train); every one is declared in sd_scripts/options.py
 OPTIONS = frozenset({
     "qwen3", "llm_adapter_path", "t5_tokenizer_path", "qwen3_max_token_length", "t5_max_token_length",
-    "llm_adapter_lr", "self_attn_lr", "cross_attn_lr", "mlp_lr", "mod_lr", "vae_chunk_size", "vae_disable_cache",
+    "llm_adapter_lr", "self_attn_lr", "cross_attn_lr", "mlp_lr", "mod_lr", "vae_disable_cache",
     "unsloth_offload_checkpointing", "attn_mode", "split_attn",
     "timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "weighting_scheme", "logit_mean", "logit_std",
     "mode_scale", "blocks_to_swap", "cpu_offload_checkpointing", "cache_text_encoder_outputs",
@@ -42,6 +42,8 @@ _REFUSED = {
     "max_token_length": "Anima's token lengths are qwen3_max_token_length and t5_max_token_length",
     "min_timestep": "Anima samples sigmas with timestep_sampling, not integer timesteps",
     "max_timestep": "Anima samples sigmas with timestep_sampling, not integer timesteps",
+    "vae_chunk_size": "not implemented for Anima: diffusers' AutoencoderKLQwenImage encodes whole images; use "
+                      "cache_latents (each image is encoded once) to keep the VAE's memory out of training",
     "fp8_base": "sd-scripts does not support fp8 for Anima (it turns fp8_base off); remove it",
     "fp8_base_unet": "sd-scripts does not support fp8 for Anima (it turns fp8_base_unet off); remove it",
 }

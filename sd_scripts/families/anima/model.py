@@ -204,8 +204,8 @@ class AnimaFamily(MemoisedCaptions, Family):
         self.ip_noise_gamma_random_strength = bool(option("ip_noise_gamma_random_strength", False))
         attn = option("attn_mode", "torch")
         if attn not in ("torch", "sdpa"):
-            raise OptionError(f"option 'attn_mode' {attn!r}: attention runs through PyTorch's scaled-dot-product "
-                              f"attention here (it picks flash / memory-efficient kernels itself): use torch")
+            log.warning("option 'attn_mode' %s: attention runs through PyTorch's scaled-dot-product attention here "
+                        "(it picks flash / memory-efficient kernels itself)", attn)
         loss_options = SimpleNamespace(**{n: option(n, None) for n in LOSS_OPTIONS})
         self.loss_settings = LossSettings.from_args(loss_options, has_ddpm_schedule=False, label="an Anima model")
         self.init_memo(memo_size)
