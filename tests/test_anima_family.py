@@ -401,3 +401,17 @@ def test_sampling_schedule_and_prompt_flow_shift(bundle):
     with torch.no_grad():
         image = pipe.pipeline(**args).images[0]
     assert image.size == (64, 64) and pipe.pipeline.scheduler.config.shift == 5.0
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_prefixed_dit_files_load(tiny, bundle, tmp_path, prefix):
+    """The DiT without `net.` (as sd-scripts also reads it) and under ComfyUI's checkpoint prefix."""
+    from safetensors.torch import load_file, save_file
+
+    from sd_scripts.families.anima.weights import load_transformer
+
+    tensors = load_file(tiny["pretrained_model_name_or_path"])
+    path = str(tmp_path / "dit.safetensors")
+    save_file({prefix + k[len("net."):]: v for k, v in tensors.items()}, path)
+    model, _, _ = load_transformer(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), bundle.denoiser.state_dict().values()))

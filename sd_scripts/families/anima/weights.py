@@ -80,7 +80,8 @@ def build_transformer(config: Mapping, adapter: Mapping | None, *, meta: bool = 
 
 
 def _adapter_prefix(shapes: Mapping[str, tuple]) -> str | None:
-    for prefix in ("net.llm_adapter.", "llm_adapter.", "model.diffusion_model.net.llm_adapter.", ""):
+    for prefix in ("net.llm_adapter.", "llm_adapter.", "model.diffusion_model.net.llm_adapter.",
+                   "model.diffusion_model.llm_adapter.", ""):
         if f"{prefix}out_proj.weight" in shapes and f"{prefix}blocks.0.cross_attn.q_proj.weight" in shapes:
             return prefix
     return None
