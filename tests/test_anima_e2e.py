@@ -90,7 +90,8 @@ def test_anima_lora_with_adapter_text_encoder_and_samples(tmp_path, tiny):
 
 
 def test_anima_lora_cached_outputs_to_disk(tmp_path, tiny):
-    """Qwen3 outputs and latents cached to disk in sd-scripts' files and keys, DiT-only LoRA, block swap."""
+    """Qwen3 outputs and latents cached to disk in sd-scripts' files and keys with caption dropout, DiT-only LoRA,
+    block swap."""
     paths, data = tiny
     out = tmp_path / "out"
     _run(*_model(paths), "--train_data_dir", data, "--output_dir", str(out), "--output_name", "cached",
@@ -98,7 +99,8 @@ def test_anima_lora_cached_outputs_to_disk(tmp_path, tiny):
          "--learning_rate", "1e-2", "--seed", "2", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
          "--cache_text_encoder_outputs_to_disk", "--cache_latents", "--cache_latents_to_disk", "--network_train_unet_only",
          "--timestep_sampling", "shift", "--discrete_flow_shift", "3.0", "--weighting_scheme", "cosmap",
-         "--blocks_to_swap", "1", "--gradient_checkpointing")  # one frozen DiT block on the CPU between its turns
+         "--blocks_to_swap", "1", "--gradient_checkpointing",  # one frozen DiT block on the CPU between its turns
+         "--caption_dropout_rate", "0.5")  # cached too (as sd-scripts' Anima): a dropped caption is "" encoded
     te = sorted(p for p in Path(data).glob("*/*_anima_te.npz"))
     assert len(te) == 13
     with np.load(te[0]) as npz:

@@ -228,7 +228,9 @@ def test_conditioning_and_step_maths(bundle):
     cond = fam.encode_captions(["a photo of sks dog", ""], train_text_encoder=False)
     assert cond.qwen.shape == (2, 8, 16) and cond.t5_ids.shape == (2, 6)
     assert cond.qwen_mask[0].sum() == len(fam.qwen_tokenizer("a photo of sks dog").input_ids)
-    assert float(cond.qwen[1].abs().sum()) == 0  # "" has no Qwen tokens: every row is padding, zeroed
+    # "" has no Qwen tokens (every row padding, zeroed) and T5's </s> alone: sd-scripts' dropped-caption conditioning
+    assert float(cond.qwen[1].abs().sum()) == 0 and int(cond.qwen_mask[1].sum()) == 0
+    assert cond.t5_ids[1].tolist() == [1, 0, 0, 0, 0, 0]
     assert cond.t5_ids[0].tolist()[:4] == [3, 9, 1202, 13] and cond.t5_mask[1].tolist() == [1, 0, 0, 0, 0, 0]
     assert fam.timestep_sampling == "sigmoid" and fam.discrete_flow_shift == 1.0
     latents = torch.randn(2, 16, 4, 4)

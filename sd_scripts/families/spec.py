@@ -60,6 +60,9 @@ class FamilySpec:
     options: frozenset = frozenset()  # the family-specific options (schema: family_specific=True) it accepts
     scripts: tuple[str, ...] = ()  # sd-scripts script names made for this family only (e.g. sdxl_train_network)
     text_encoder_cache: bool = False  # supports cache_text_encoder_outputs
+    # the text-encoder output cache takes whole-caption dropout (caption_dropout_rate / _every_n_epochs): a dropped
+    # caption is "" and "" is encoded once more (sd-scripts' Anima; its dropped conditioning is what "" encodes to)
+    te_cache_caption_dropout: bool = False
     clip_skip: bool = False  # clip_skip means something for it
     ti_keys: tuple[str, ...] = ("emb_params",)  # textual-inversion file keys, one per text encoder
     kohya_ss_flags: tuple[str, ...] = ()  # kohya_ss config checkboxes that mean this family (e.g. 'sdxl')

@@ -60,7 +60,7 @@ SPECS = (
                learning_rates={"network": 1e-4, "finetune": 1e-5}, latent_cache_suffix="_anima",
                lora_te_prefixes=("lora_te",), trainers=frozenset(_SCRIPTS), options=OPTIONS,
                scripts=tuple(_SCRIPTS.values()), trainer_scripts=_SCRIPTS, refused_options=_REFUSED,
-               strict_options=True, text_encoder_cache=True, ti_keys=(),
+               strict_options=True, text_encoder_cache=True, te_cache_caption_dropout=True, ti_keys=(),
                tiny_builder="sd_scripts.families.anima.tiny:build_tiny_model", tiny_variants={NAME: {}},
                tiny_files={NAME: _TINY}, option_values={"network_module": (NETWORK_MODULE,)}),
 )
