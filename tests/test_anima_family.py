@@ -359,6 +359,12 @@ def test_metadata_names(bundle):
     assert meta["modelspec.implementation"] == "https://huggingface.co/circlestone-labs/Anima"
     assert meta["ss_network_module"] == "networks.lora_anima" and meta["ss_timestep_sampling"] == "sigmoid"
     assert fam.spec.base_model_version == "anima"
+    from types import SimpleNamespace
+
+    from sd_scripts.options import OptionError
+
+    with pytest.raises(OptionError, match="save_model_as"):  # refused at load, before any step
+        family_class("anima")(bundle, SimpleNamespace(save_model_as="diffusers", trainer_kind="finetune"))
 
 
 def test_comfy_conversion_round_trip(bundle, tmp_path):

@@ -202,6 +202,10 @@ class AnimaFamily(MemoisedCaptions, Family):
         self.mode_scale = float(option("mode_scale", fm.DEFAULT_MODE_SCALE))
         self.ip_noise_gamma = option("ip_noise_gamma", None)
         self.ip_noise_gamma_random_strength = bool(option("ip_noise_gamma_random_strength", False))
+        if str(option("save_model_as", "")).startswith("diffusers") and \
+                getattr(args, "trainer_kind", None) in ("finetune", "db"):
+            raise OptionError("option 'save_model_as': diffusers has no Anima pipeline, so Anima is saved as a "
+                              "single .safetensors file: use save_model_as safetensors")
         attn = option("attn_mode", "torch")
         if attn not in ("torch", "sdpa"):
             log.warning("option 'attn_mode' %s: attention runs through PyTorch's scaled-dot-product attention here "
