@@ -63,11 +63,11 @@ def build_workload(root: str, spec: dict, log=print) -> dict:
     from transformers import Qwen3Config, Qwen3Model
 
     from sd_scripts.families.anima import layout
-    from sd_scripts.families.anima.weights import (build_transformer, save_qwen3, save_transformer, save_vae,
-                                                   transformer_state)
+    from sd_scripts.families.anima.weights import build_transformer, save_qwen3, save_transformer, save_vae
 
     paths = dict(transformer=os.path.join(root, "anima-bench.safetensors"),
-                 qwen3=os.path.join(root, "qwen3-bench.safetensors"), vae=os.path.join(root, "qwen_image_vae.safetensors"),
+                 qwen3=os.path.join(root, "qwen3-bench.safetensors"),
+                 vae=os.path.join(root, "qwen_image_vae.safetensors"),
                  train_data_dir=os.path.join(root, "train"))
     marker = os.path.join(root, "workload.json")
     if os.path.isfile(marker):

@@ -311,7 +311,8 @@ OPTIONS: tuple[Option, ...] = (
        refused="not implemented: use cpu_offload_checkpointing (gradient-checkpointing activations on the CPU) "
                "with gradient_checkpointing"),
     _O("attn_mode", str, None, "Attention implementation: torch (PyTorch's scaled-dot-product attention) runs "
-       "here; the others fall back to it.", "precision", choices=(None, "torch", "xformers", "flash", "sageattn", "sdpa"),
+       "here; the others fall back to it.", "precision",
+       choices=(None, "torch", "xformers", "flash", "sageattn", "sdpa"),
        trainers=NET_FT, family_specific=True, advanced=True),
     _O("split_attn", bool, False, "Split attention by batch (no effect: scaled-dot-product attention picks "
        "memory-efficient kernels itself).", "precision", trainers=NET_FT, family_specific=True, advanced=True),

@@ -97,7 +97,8 @@ def test_anima_lora_cached_outputs_to_disk(tmp_path, tiny):
     _run(*_model(paths), "--train_data_dir", data, "--output_dir", str(out), "--output_name", "cached",
          "--resolution", "64", "--max_train_steps", "2", "--network_module", "networks.lora_anima",
          "--learning_rate", "1e-2", "--seed", "2", "--caption_extension", ".txt", "--max_data_loader_n_workers", "0",
-         "--cache_text_encoder_outputs_to_disk", "--cache_latents", "--cache_latents_to_disk", "--network_train_unet_only",
+         "--cache_text_encoder_outputs_to_disk", "--cache_latents", "--cache_latents_to_disk",
+         "--network_train_unet_only",
          "--timestep_sampling", "shift", "--discrete_flow_shift", "3.0", "--weighting_scheme", "cosmap",
          "--blocks_to_swap", "1", "--gradient_checkpointing",  # one frozen DiT block on the CPU between its turns
          "--caption_dropout_rate", "0.5")  # cached too (as sd-scripts' Anima): a dropped caption is "" encoded

@@ -330,7 +330,8 @@ def test_adapter_files_load_back_through_our_loader(bundle, tmp_path, module):
     net.save_weights(path)
     net.unapply()
     assert torch.allclose(_forward(bundle), base)
-    again = entry.create_network_from_weights(path, unet=bundle.denoiser, text_encoders=bundle.text_encoders, family="anima")
+    again = entry.create_network_from_weights(path, unet=bundle.denoiser, text_encoders=bundle.text_encoders,
+                                              family="anima")
     again.apply_to()
     assert torch.allclose(_forward(bundle), want, atol=1e-5)
     again.unapply()

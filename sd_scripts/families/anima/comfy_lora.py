@@ -4,7 +4,7 @@ loads (and back with --reverse).
     lora_unet_blocks_0_self_attn_q_proj.lora_down.weight -> diffusion_model.blocks.0.self_attn.q_proj.lora_A.weight
     lora_unet_blocks_0_self_attn_q_proj.lora_up.weight   -> diffusion_model.blocks.0.self_attn.q_proj.lora_B.weight
     lora_unet_blocks_0_self_attn_q_proj.alpha            -> diffusion_model.blocks.0.self_attn.q_proj.alpha
-    lora_te_layers_0_mlp_up_proj.*                       -> text_encoders.qwen3_06b.transformer.model.layers.0.mlp.up_proj.*
+    lora_te_layers_0_mlp_up_proj.*  -> text_encoders.qwen3_06b.transformer.model.layers.0.mlp.up_proj.*
 
 sd-scripts rebuilds the dotted module path by string replacements; here it comes from the model's own module names
 (Anima-Preview's DiT with its LLM adapter, and Qwen3-0.6B, built on the meta device), so every Linear a LoRA can

@@ -12,8 +12,8 @@ weights of `weighting_scheme` (sigma_sqrt, cosmap; 1 otherwise). Latents are the
 ((z - mean) / std), as sd-scripts caches them.
 
 Sampling (sd-scripts `anima_train_utils.do_sample`): Euler steps over sigmas linspace(1, 0, steps + 1) shifted by 3.0
-or the prompt's --fs (FlowMatchEulerDiscreteScheduler with those sigmas), classifier-free guidance with the negative prompt when the
-scale is above 1 (prompt defaults: 30 steps, scale 7.5), noise drawn on the CPU from the prompt's seed.
+or the prompt's --fs (FlowMatchEulerDiscreteScheduler with those sigmas), classifier-free guidance with the negative
+prompt when the scale is above 1 (prompt defaults: 30 steps, scale 7.5), noise drawn on the CPU from the prompt's seed.
 """
 from __future__ import annotations
 
