@@ -301,6 +301,28 @@ OPTIONS: tuple[Option, ...] = (
     _O("use_sage_attn", bool, False, "SageAttention (inference-only in sd-scripts).", "model", trainers=NET_FT,
        family_specific=True, refused="SageAttention is inference-only (sd-scripts says so) and not installed here; "
        "use use_flash_attn or nothing"),
+    # ---- Anima (sd-scripts' anima_train_network / anima_train)
+    _O("qwen3", str, None, "Qwen3 text encoder: a single file (qwen_3_06b_base.safetensors) or a transformers folder.",
+       "model", path="file_or_dir", trainers=NET_FT, family_specific=True, label="Qwen3"),
+    _O("llm_adapter_path", str, None, "LLM adapter weights in a separate file (default: the adapter inside the DiT "
+       "file).", "model", path="file", trainers=NET_FT, family_specific=True, advanced=True),
+    _O("t5_tokenizer_path", str, None, "T5 tokenizer folder for the LLM adapter's token ids (default: the bundled "
+       "google/t5-v1_1-xxl tokenizer).", "model", path="dir", trainers=NET_FT, family_specific=True, advanced=True),
+    _O("qwen3_max_token_length", int, 512, "Qwen3 tokens per caption.", "model", minimum=1, check=_positive,
+       trainers=NET_FT, family_specific=True),
+    _O("t5_max_token_length", int, 512, "T5 tokens per caption (the LLM adapter's target tokens).", "model",
+       minimum=1, check=_positive, trainers=NET_FT, family_specific=True),
+    *(_O(f"{part}_lr", float, None, f"Learning rate of the {what} (default: learning_rate; 0 freezes them).",
+         "optimizer", minimum=0, trainers=NET_FT, family_specific=True, advanced=True)
+      for part, what in (("llm_adapter", "LLM adapter"), ("self_attn", "self-attention layers"),
+                         ("cross_attn", "cross-attention layers"), ("mlp", "MLP layers"),
+                         ("mod", "adaLN modulation layers"))),
+    _O("vae_disable_cache", bool, False, "Disable the Qwen-Image VAE's causal frame cache (no effect on single "
+       "images, which are one frame).", "precision", trainers=NET_FT, family_specific=True, advanced=True),
+    _O("unsloth_offload_checkpointing", bool, False, "sd-scripts' asynchronous activation offload.", "precision",
+       trainers=NET_FT, family_specific=True,
+       refused="not implemented: use cpu_offload_checkpointing (gradient-checkpointing activations on the CPU) "
+               "with gradient_checkpointing"),
     # ---- folders
     _O("train_data_dir", str, None, "Parent folder of the concept folders '<repeats>_<class tokens>'.", "folders",
        path="dir", trainers=FOLDER_TRAINERS | {"finetune"}, label="Image folder"),
@@ -601,7 +623,8 @@ OPTIONS: tuple[Option, ...] = (
        "noise", trainers=NET_FT, family_specific=True),
     _O("timestep_sampling", str, None, "How sigmas are drawn: sigma (the scheduler's, with weighting_scheme), "
        "uniform, sigmoid, shift, flux_shift, nextdit_shift (default: the model family's, e.g. sigma for FLUX.1).",
-       "noise", choices=(None, "sigma", "uniform", "sigmoid", "shift", "flux_shift", "nextdit_shift"), trainers=NET_FT, family_specific=True),
+       "noise", choices=(None, "sigma", "uniform", "sigmoid", "shift", "flux_shift", "nextdit_shift"), trainers=NET_FT,
+       family_specific=True),
     _O("sigmoid_scale", float, 1.0, "Scale of the normal sample in sigmoid/shift/flux_shift sampling.", "noise",
        trainers=NET_FT, family_specific=True),
     _O("model_prediction_type", str, None, "How the prediction is compared: raw, additive (+ noisy input) "
@@ -632,14 +655,14 @@ OPTIONS: tuple[Option, ...] = (
     _O("text_encoder_cpu", bool, False, "Run the text encoders on the CPU.", "precision", trainers=NET,
        family_specific=True),
     _O("vae_chunk_size", int, None, "Decode with the VAE in tiles to save memory (sd-scripts: chunked "
-       "convolutions; 16 recommended there).", "precision", minimum=1, trainers=NET, family_specific=True,
+       "convolutions; 16 recommended there).", "precision", minimum=1, trainers=NET_FT, family_specific=True,
        advanced=True),
     _O("attn_mode", str, None, "Attention implementation (torch / sdpa: PyTorch SDPA, always used here; xformers, "
        "flash, sageattn fall back to it).", "precision", choices=(None, "torch", "xformers", "flash", "sageattn",
                                                                   "sdpa"),
-       trainers=NET, family_specific=True, advanced=True),
+       trainers=NET_FT, family_specific=True, advanced=True),
     _O("split_attn", bool, False, "Run the denoiser one sample at a time (less attention memory).", "precision",
-       trainers=NET, family_specific=True, advanced=True),
+       trainers=NET_FT, family_specific=True, advanced=True),
     _O("cpu_offload_checkpointing", bool, False, "Offload gradient-checkpointing activations to the CPU.",
        "precision", trainers=NET_FT, family_specific=True),
     # ---- sampling

@@ -19,7 +19,8 @@ KIND = {"train_network": "network", "sdxl_train_network": "network", "flux_train
         "sd3_train_network": "network", "train_db": "db", "fine_tune": "finetune", "sdxl_train": "finetune",
         "flux_train": "finetune", "sd3_train": "finetune", "train_textual_inversion": "ti",
         "sdxl_train_textual_inversion": "ti", "lumina_train_network": "network", "lumina_train": "finetune",
-        "hunyuan_image_train_network": "network"}
+        "hunyuan_image_train_network": "network", "anima_train_network": "network",
+        "anima_train": "finetune"}
 ALIASES = {alias: o.name for o in BY_NAME.values() for alias in o.aliases}
 # (sd-scripts' default, ours): the same meaning
 SAME_MEANING = {
@@ -34,12 +35,12 @@ SAME_MEANING = {
     "network_module": "required there; networks.lora (or the family's own LoRA) here",
     "t5xxl_max_token_length": "None here = the family's: 256 for SD3 (sd3_* scripts' default), FLUX.1 256 schnell "
                               "/ 512 dev (flux_* scripts' None)",
-    "timestep_sampling": "None here = the family's: sigma for FLUX.1 (flux_* scripts' default), shift for Lumina "
-                         "(lumina_* scripts')",
+    "timestep_sampling": "None here = the family's: sigma for FLUX.1 and HunyuanImage-2.1, shift for Lumina, "
+                         "sigmoid for Anima (each script's default)",
     "model_prediction_type": "None here = the family's: sigma_scaled for FLUX.1, raw for Lumina and "
                              "HunyuanImage-2.1 (each script's)",
-    "discrete_flow_shift": "None here = the family's: 3.0 for FLUX.1, 6.0 for Lumina, 5.0 for HunyuanImage-2.1 "
-                           "(each script's)",
+    "discrete_flow_shift": "None here = the family's: 3.0 for FLUX.1, 6.0 for Lumina, 5.0 for HunyuanImage-2.1, "
+                           "1.0 for Anima (each script's)",
 }
 NOT_YET = {
 }

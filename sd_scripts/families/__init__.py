@@ -33,6 +33,7 @@ PACKAGES = (
     "sd_scripts.families.flux",  # FLUX.1 dev / schnell, Chroma
     "sd_scripts.families.lumina",  # Lumina Image 2.0 (Neta Lumina)
     "sd_scripts.families.hunyuan_image",  # HunyuanImage-2.1
+    "sd_scripts.families.anima",  # Anima (Cosmos-Predict2 DiT + LLM adapter)
 )
 
 

@@ -147,6 +147,14 @@ class Family:
         return None
 
     @classmethod
+    def denoiser_param_groups(cls, denoiser: torch.nn.Module, args) -> list[tuple[str, list, float]] | None:
+        """Full fine-tuning's per-part learning rates of the family's own options (e.g. anima_train's
+        self_attn_lr): (group name, trainable parameters, rate) covering every trainable denoiser parameter, a rate
+        of 0 freezing the group; None (the default, or when none of those options is set): one group at
+        learning_rate."""
+        return None
+
+    @classmethod
     def trainable_text_encoders(cls, args) -> tuple[bool, ...] | None:
         """Which text encoders a full fine-tune with train_text_encoder may train (each still needs a non-zero
         learning rate); None: all of them."""

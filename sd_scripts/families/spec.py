@@ -63,6 +63,9 @@ class FamilySpec:
     # False: the family's LoRA never adapts its text encoders (sd-scripts' text-encoder train flags all off); the
     # network trainer then runs as with network_train_unet_only (frozen encoders: memoised, cacheable)
     lora_text_encoders: bool = True
+    # the text-encoder output cache takes whole-caption dropout (caption_dropout_rate / _every_n_epochs): a dropped
+    # caption is "" and "" is encoded once more (sd-scripts' Anima; its dropped conditioning is what "" encodes to)
+    te_cache_caption_dropout: bool = False
     clip_skip: bool = False  # clip_skip means something for it
     ti_keys: tuple[str, ...] = ("emb_params",)  # textual-inversion file keys, one per text encoder
     kohya_ss_flags: tuple[str, ...] = ()  # kohya_ss config checkboxes that mean this family (e.g. 'sdxl')

@@ -314,7 +314,11 @@ def network_on_targets(*, unet: nn.Module | None, text_encoders: Sequence[nn.Mod
     from .targets import text_encoder_targets, unet_targets
 
     naming = family_naming(family, unet)
-    if naming.get("unet_block_classes") is not None:
+    block_classes = naming.get("unet_block_classes")
+    if block_classes is not None and unet is not None and any(
+            t.part is not None or t.swap_halves
+            for t in unet_targets(unet, naming["unet_prefix"], name_map=naming.get("unet_name_map"),
+                                  block_classes=block_classes)):
         raise NetworkError(f"{module}: this model family's LoRA file layout fuses several layers into one module "
                            f"(e.g. qkv), which LyCORIS-format files cannot express; use the family's own "
                            f"network_module")
@@ -351,12 +355,13 @@ def network_on_targets(*, unet: nn.Module | None, text_encoders: Sequence[nn.Mod
         for te, prefix, on in zip(text_encoders, naming["te_prefixes"], enabled):
             if te is not None and on:
                 te_map = text_encoder_name_map(te)
-                te_loras += build(text_encoder_targets(te, prefix), prefix, te_map or (lambda p: p))
+                te_loras += build(text_encoder_targets(te, prefix, naming.get("te_block_classes")), prefix,
+                                  te_map or (lambda p: p))
     unet_loras: list[nn.Module] = []
     if unet is not None and train_unet:
         name_map = naming.get("unet_name_map") or (lambda p: p)
         targets = unet_targets(unet, naming["unet_prefix"], include_conv=conv_dim is not None,
-                               name_map=naming.get("unet_name_map"))
+                               name_map=naming.get("unet_name_map"), block_classes=block_classes)
         unet_loras = build(targets, naming["unet_prefix"], name_map)
     return AdapterNetwork(te_loras, unet_loras, multiplier=multiplier, module=module)
 
@@ -370,6 +375,8 @@ def network_from_file(path: str | os.PathLike, *, unet: nn.Module | None, text_e
     from .lora import family_naming
 
     naming_dict = family_naming(family, unet)
+    if naming is None and naming_dict.get("unet_file_name_map"):  # every layer a file of the family may name
+        naming_dict["unet_name_map"] = naming_dict["unet_file_name_map"]
     naming = naming(naming_dict) if naming else naming_dict
     names = LayerNames(unet, text_encoders, naming)
     parts = (["unet"] if train_unet else []) + (["te"] if train_text_encoder else [])

@@ -58,7 +58,8 @@ class LoRANetwork(nn.Module):
                  te_enabled: Sequence[bool] | None = None, shared_down: bool = True,
                  unet_extra_name_map: Callable[[str], Any] | None = None,
                  module_rank: Callable[[str], int | None] | None = None, verbose: bool = False,
-                 unet_blocks: UNetBlocks | None = None, block_ranks: BlockRanks | None = None):
+                 unet_blocks: UNetBlocks | None = None, block_ranks: BlockRanks | None = None,
+                 module_lr: Callable[[str], float | None] | None = None):
         super().__init__()
         self.shared_down = bool(shared_down) or modules_dim is not None  # a file's fused modules load as shared
         if len(te_prefixes) < len(text_encoders):
@@ -71,6 +72,7 @@ class LoRANetwork(nn.Module):
                                     module_dropout=module_dropout)
         self._modules_dim, self._modules_alpha = modules_dim, modules_alpha or {}
         self._module_rank = module_rank  # file name -> rank (0: leave the layer out) or None (the default rule)
+        self._module_lr = module_lr  # file name -> the U-Net module's own learning rate, or None (network_reg_lrs)
         # sd-scripts' block-wise network_args: the family's U-Net block numbering, ranks per block, lr weights
         self.unet_blocks, self._block_ranks = unet_blocks, block_ranks
         if block_ranks is not None and unet_blocks is None:
@@ -242,14 +244,26 @@ class LoRANetwork(nn.Module):
                 groups.append({"params": list(params.values()), "lr": group_lr})
                 names.append(group_name)
 
-        if self.unet_loras:
+        unet_loras = self.unet_loras
+        if unet_loras and self._module_lr is not None:  # modules with their own rate: a group per rate
+            ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+            by_rate: dict[float, list[LoRAModule]] = {}
+            for lora in unet_loras:
+                rate = self._module_lr(lora.lora_name)
+                if rate is not None:
+                    by_rate.setdefault(float(rate), []).append(lora)
+            for i, (rate, loras) in enumerate(by_rate.items()):
+                add(loras, rate, f"unet_reg_lr{i}", ratio)
+            chosen = {id(lora) for loras in by_rate.values() for lora in loras}
+            unet_loras = [lora for lora in unet_loras if id(lora) not in chosen]
+        if unet_loras:
             lr = default_lr if unet_lr is None else unet_lr
             ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
             if self.block_lr_weight is None:
-                add(self.unet_loras, lr, "unet", ratio)
+                add(unet_loras, lr, "unet", ratio)
             else:
                 by_block: dict[int, list[LoRAModule]] = {}
-                for lora in self.unet_loras:
+                for lora in unet_loras:
                     by_block.setdefault(self.unet_blocks.index(lora.lora_name), []).append(lora)
                 for block in sorted(by_block):
                     inside = 0 <= block < len(self.block_lr_weight)

@@ -139,10 +139,23 @@ class FullModelMethod(TrainingMethod):
         """The U-Net's parameter group at learning_rate; with block_lr (sdxl_train) one group per block at its own
         rate ('block<N>', as sd-scripts logs them), and the blocks at 0 frozen."""
         a = self.args
+        from ..families import family_class
+
         if not getattr(a, "block_lr", None):
+            parts = family_class(family).denoiser_param_groups(denoiser, a)
+            if parts is not None:  # the family's per-part rates (0 = frozen)
+                groups, names = [], []
+                for name, params, lr in parts:
+                    if lr == 0:
+                        for param in params:
+                            param.requires_grad_(False)
+                        log.info("denoiser part %s frozen (%d tensors)", name, len(params))
+                        continue
+                    groups.append({"params": params, "lr": lr})
+                    names.append(f"unet_{name}")
+                return groups, names
             trained = [p for p in denoiser.parameters() if p.requires_grad]  # (num_last_block_to_freeze)
             return [{"params": trained, "lr": a.learning_rate}], ["unet"]
-        from ..families import family_class
 
         numbering = family_class(family).denoiser_blocks(denoiser)
         if numbering is None:

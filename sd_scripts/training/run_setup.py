@@ -64,7 +64,8 @@ class RunSetup:
 
         check_scaleout_options(a)
 
-        check_te_cache_options(a, trains_text_encoder=self.method.trains_text_encoder, trainer=self.method.name)
+        check_te_cache_options(a, trains_text_encoder=self.method.trains_text_encoder, trainer=self.method.name,
+                               caption_dropout=self._probed_te_cache_caption_dropout)
         from . import hub, trackers
         from .metadata import check_metadata_options
 
@@ -91,12 +92,16 @@ class RunSetup:
         from ..options import BY_NAME
 
         a = self.args
+        self._probed_te_cache_caption_dropout = False
         try:
             probe = probe_model(a.pretrained_model_name_or_path)
         except ModelLoadError:
             return  # the loader reports it with the whole story
         if probe.family is None:
             return
+        from ..families import family_spec
+
+        self._probed_te_cache_caption_dropout = family_spec(probe.family).te_cache_caption_dropout
         message = check_run(probe.family, trainer=getattr(a, "trainer_kind", None),
                             script=getattr(a, "trainer_script", None), values=vars(a),
                             defaults={name: o.default for name, o in BY_NAME.items()},

@@ -53,7 +53,7 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 SAMPLER_ALIASES = {"k_lms": "lms", "k_euler": "euler", "k_euler_a": "euler_a", "k_dpm_2": "dpm_2",
                    "k_dpm_2_a": "dpm_2_a"}
 SAMPLER_NAMES = tuple(SAMPLERS) + tuple(SAMPLER_ALIASES)
-IGNORED_OPTIONS = ("cn", "ctr", "rcfg", "fs")  # sd-scripts options for other model families / ControlNet
+IGNORED_OPTIONS = ("cn", "ctr", "rcfg")  # sd-scripts options for other model families / ControlNet
 
 
 class SamplePromptError(UserError):
@@ -73,6 +73,7 @@ class SamplePrompt:
     scale: float = 7.5
     sampler: str | None = None
     guidance: float | None = None  # --g: the guidance embedding (guidance-distilled models)
+    flow_shift: float | None = None  # --fs: the sampling schedule's shift (flow-matching families that take it)
     given: frozenset = field(default=frozenset(), compare=False)  # the fields the prompt set itself
 
 
@@ -128,25 +129,28 @@ def parse_prompt_line(line: str, where: str = "prompt", default_sampler: str | N
             sample.sampler = _sampler_name(value, where)
         elif flag == "g":
             sample.guidance = _number(float, value, where, flag)
+        elif flag == "fs":
+            sample.flow_shift = _number(float, value, where, flag)
         elif flag in IGNORED_OPTIONS:
             log.warning("%s: option --%s does not apply here and is ignored", where, flag)
         else:
             raise SamplePromptError(f"{where}: unknown option --{flag}; options are --n --w --h --d --s --l --ss "
-                                    f"--g")
+                                    f"--g --fs")
         given.add(_FLAG_FIELDS.get(flag, flag))
     sample.given = frozenset(given)
     return sample
 
 
 _FLAG_FIELDS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "s": "steps", "l": "scale",
-                "ss": "sampler", "g": "guidance"}
+                "ss": "sampler", "g": "guidance", "fs": "flow_shift"}
 
 
 # sd-scripts' keys in .toml/.json prompt files -> SamplePrompt fields
 _DICT_KEYS = {"prompt": "prompt", "negative_prompt": "negative_prompt", "width": "width", "height": "height",
               "seed": "seed", "sample_steps": "steps", "steps": "steps", "scale": "scale",
-              "sample_sampler": "sampler", "sampler": "sampler", "guidance_scale": "guidance"}
-_DICT_IGNORED = {"enum", "subset", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg", "flow_shift"}
+              "sample_sampler": "sampler", "sampler": "sampler", "guidance_scale": "guidance",
+              "flow_shift": "flow_shift"}
+_DICT_IGNORED = {"enum", "subset", "controlnet_image", "cfg_trunc_ratio", "renorm_cfg"}
 
 
 def _prompt_from_dict(entry: dict, where: str, default_sampler: str | None) -> SamplePrompt:
@@ -165,9 +169,9 @@ def _prompt_from_dict(entry: dict, where: str, default_sampler: str | None) -> S
         elif field == "sampler":
             sample.sampler = _sampler_name(str(value), where)
         elif value is not None:
-            kind = float if field in ("scale", "guidance") else int
+            kind = float if field in ("scale", "guidance", "flow_shift") else int
             number = _number(kind, str(value), where, {"width": "w", "height": "h", "seed": "d", "steps": "s",
-                                                       "guidance": "g"}.get(field, "l"))
+                                                       "guidance": "g", "flow_shift": "fs"}.get(field, "l"))
             if field in ("width", "height"):
                 number = round_size(number)
             elif field == "steps":

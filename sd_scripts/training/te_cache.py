@@ -56,15 +56,22 @@ def wanted(args) -> bool:
                 or getattr(args, "cache_text_encoder_outputs_to_disk", False))
 
 
-def _varying(values: Any, source: str) -> str | None:
+#: whole-caption dropout: a family whose cache takes it (FamilySpec.te_cache_caption_dropout) encodes "" once more
+CAPTION_DROPOUT_OPTIONS = ("caption_dropout_rate", "caption_dropout_every_n_epochs")
+
+
+def _varying(values: Any, source: str, caption_dropout: bool = False) -> str | None:
     for option, attribute, effect in VARYING_CAPTION_OPTIONS:
+        if caption_dropout and option in CAPTION_DROPOUT_OPTIONS:
+            continue
         if getattr(values, option if source == "args" else attribute, None):
             return f"{option} {effect}"
     return None
 
 
-def check_options(args, *, trains_text_encoder: bool, trainer: str = "network") -> None:
-    """Refuse caching up front when the command line makes captions vary or trains a text encoder."""
+def check_options(args, *, trains_text_encoder: bool, trainer: str = "network", caption_dropout: bool = False) -> None:
+    """Refuse caching up front when the command line makes captions vary or trains a text encoder
+    (`caption_dropout`: the model's family caches whole-caption dropout, see CAPTION_DROPOUT_OPTIONS)."""
     if not wanted(args):
         return
     option = _option_name(args)
@@ -73,17 +80,17 @@ def check_options(args, *, trains_text_encoder: bool, trainer: str = "network") 
                else "stop training the text encoder")
         raise OptionError(f"option '{option}' needs frozen text encoders, but this run trains them: {fix}, or "
                           f"turn {option} off")
-    reason = _varying(args, "args")
+    reason = _varying(args, "args", caption_dropout)
     if reason:
         raise OptionError(f"option '{option}' needs captions that are the same on every draw, but {reason}: turn "
                           f"{reason.split()[0]} off, or turn {option} off")
 
 
-def check_dataset(dataset, args) -> None:
+def check_dataset(dataset, args, caption_dropout: bool = False) -> None:
     """The same check for subsets of a dataset TOML, which can set caption options of their own."""
     option = _option_name(args)
     for _, subset in dataset.subsets:
-        reason = _varying(subset.caption, "subset")
+        reason = _varying(subset.caption, "subset", caption_dropout)
         if reason:
             where = subset.image_dir or subset.metadata_file
             raise OptionError(f"option '{option}' needs captions that are the same on every draw, but {reason} in "
@@ -110,14 +117,22 @@ def text_encoder_id(text_encoders, tokenizers, max_length: int) -> str:
 
 
 def image_captions(dataset) -> list[tuple[str, str]]:
-    """(image path, the caption every draw gives) for each image of the dataset (captions must be fixed)."""
+    """(image path, the caption every draw gives when not dropped) for each image of the dataset (captions must be
+    fixed but for whole-caption dropout, whose "" is encoded apart)."""
+    import dataclasses
+
     from ..data.captions import process_caption
 
     out = []
     for rec in dataset.records:
-        options = dataset.subsets[rec.subset_index][1].caption
+        options = dataclasses.replace(dataset.subsets[rec.subset_index][1].caption, dropout_rate=0.0,
+                                      dropout_every_n_epochs=0)
         out.append((rec.path, process_caption(rec.caption, options, random.Random(0), 1, 0, 0)))
     return out
+
+
+def _drops_captions(dataset) -> bool:
+    return any(s.caption.dropout_rate or s.caption.dropout_every_n_epochs for _, s in dataset.subsets)
 
 
 def _read(path: str, caption: str, te_id: str, skip_check: bool) -> dict[str, np.ndarray] | None:
@@ -198,7 +213,8 @@ def cache_text_encoder_outputs(family, dataset, args, accelerator) -> TECacheRep
     if not family.spec.text_encoder_cache:
         raise OptionError(f"option '{option}' is not available for {family.spec.label} models (they already encode "
                           f"each fixed caption only once): turn {option} off")
-    check_dataset(dataset, args)
+    caption_dropout = bool(getattr(family.spec, "te_cache_caption_dropout", False))
+    check_dataset(dataset, args, caption_dropout)
     bundle = family.bundle
     to_disk = bool(getattr(args, "cache_text_encoder_outputs_to_disk", False))
     items = image_captions(dataset)
@@ -216,6 +232,8 @@ def cache_text_encoder_outputs(family, dataset, args, accelerator) -> TECacheRep
                 report = _cache(family, items, write=False, **kwargs)
         else:
             report = _cache(family, items, write=False, **kwargs)
+        if caption_dropout and _drops_captions(dataset):  # a dropped caption's conditioning: "" encoded
+            family.encode_all([""])
     for te in bundle.text_encoders:  # off the accelerator; sampling moves them back for a moment
         te.to("cpu")
     log.info("text-encoder outputs: %d captions, %d encoded, %d files reused, %d written", report.captions,

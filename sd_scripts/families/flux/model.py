@@ -477,7 +477,7 @@ class FluxFamily(MemoisedCaptions, Family):
         for key, value in (("ss_timestep_sampling", self.timestep_sampling),  # unset options: the family's default
                            ("ss_model_prediction_type", self.model_prediction_type),
                            ("ss_discrete_flow_shift", self.discrete_flow_shift)):
-            if out.get(key) == "None":
+            if out.get(key) in (None, "None") and key in out:
                 out[key] = str(value)
         return out
 
