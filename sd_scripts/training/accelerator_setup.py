@@ -69,8 +69,23 @@ def check_options(args: argparse.Namespace) -> None:
         raise OptionError("; ".join(errors))
 
 
+def fsdp_without_devices() -> bool:
+    """An FSDP launch (ACCELERATE_USE_FSDP, set by `accelerate launch` from an FSDP config or --use_fsdp) on a
+    machine without GPUs / accelerators: accelerate would fail building its FSDP plugin, or run plain data
+    parallel."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    from accelerate.utils import is_cuda_available, is_hpu_available, is_mlu_available, is_musa_available, \
+        is_npu_available, is_xpu_available
+
+    return not any(found() for found in (is_cuda_available, is_xpu_available, is_npu_available, is_mlu_available,
+                                         is_musa_available, is_hpu_available))
+
+
 def accelerator_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for `Accelerator(...)` from the scale-out options (empty when none is set)."""
+    if fsdp_without_devices():
+        raise OptionError(FSDP_ON_CPU)
     out: dict = {}
     handlers = kwargs_handlers(args)
     if handlers:
@@ -179,10 +194,6 @@ def check_distributed_type(accelerator, args: argparse.Namespace) -> None:
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
     if plugin is not None and plugin.zero_stage == 3 and plugin.zero3_init_flag:  # from an accelerate config file
         raise OptionError(ZERO3_INIT_REFUSED)
-    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin.cpu_ram_efficient_loading:
-        raise OptionError("FSDP's cpu_ram_efficient_loading is not supported: it loads transformers models on the "
-                          "main process only, but these trainers read the checkpoint themselves on every process; "
-                          "set fsdp_cpu_ram_efficient_loading false")
 
 def uses_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType

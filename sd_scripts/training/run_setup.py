@@ -421,6 +421,7 @@ class RunSetup:
         if not os.path.isfile(state_file):
             raise UserError(f"resume folder {a.resume!r} has no train_state.json: give a '<name>-state' folder "
                             "written with save_state")
+        self.sharded.before_load_state(self.optimizer, self.trained_params)
         self.accelerator.load_state(resume_dir)
         from .optim import set_train_mode
 
@@ -441,17 +442,34 @@ def initial_step_of(args, steps_per_epoch: int) -> int | None:
 
 
 class NoiseRNG:
-    """A torch.Generator on the training device with the state_dict interface accelerate checkpoints."""
+    """A torch.Generator on the training device with the state_dict interface accelerate checkpoints.
+
+    accelerate writes a registered object's state from the main process only, and every process loads that file:
+    so the state holds every process's generator (each draws its own noise), and each process takes its own back."""
 
     def __init__(self, device, seed: int):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
     def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
+        import torch.distributed as dist
+
+        state = self.generator.get_state()
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {"state": state}
+        states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)  # (every process saves its state: a collective)
+        return {"state": state, "process_states": states}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
+        import torch.distributed as dist
+
+        states = state.get("process_states")
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if states and len(states) == (dist.get_world_size() if dist.is_initialized() else 1):
+            self.generator.set_state(states[rank])
+        else:  # a state saved with another number of processes (or before this was kept): the main one's
+            self.generator.set_state(state["state"])
 
 
 def _first(items):

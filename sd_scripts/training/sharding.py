@@ -110,6 +110,8 @@ class ShardedRun:
         """accelerator.prepare of the wrapper with the optimizer and loader; returns (optimizer, loader)."""
         acc = self.accelerator
         self.wrapper = wrapper
+        total = _count(wrapper.parameters())
+        trained = _count(p for p in wrapper.parameters() if p.requires_grad)
         if self.kind == FSDP:
             plugin = acc.state.fsdp_plugin
             if plugin.fsdp_version == 1 and not plugin.use_orig_params:
@@ -122,8 +124,9 @@ class ShardedRun:
             register_external_weights(wrapper)
         if self.kind == FSDP:
             check_fsdp_units(self.model, getattr(wrapper, "trained", None))
-        log.info("sharded model (%s): %d parameters, %d trained", describe(acc), _count(wrapper.parameters()),
-                 _count(p for p in wrapper.parameters() if p.requires_grad))
+        if acc.is_main_process:
+            log.info("sharded model (%s, %s): %d parameters, %d of them trained", describe(acc),
+                     type(self.model).__name__, total, trained)
         return optimizer, loader
 
     def trained_parameters(self, optimizer) -> list[nn.Parameter]:
@@ -140,6 +143,27 @@ class ShardedRun:
             self.model.clip_grad_norm_(max_norm)
         else:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def before_load_state(self, optimizer, params: list[nn.Parameter]) -> None:
+        """FSDP's sharded checkpoints (torch.distributed.checkpoint) load the optimizer state into a template made
+        from the optimizer's current state, which is empty before its first step, so nothing would be loaded.
+        Make the state exist: one step with zero gradients at learning rate 0 (load_state then replaces the
+        weights and the state)."""
+        if self.kind != FSDP or "FULL_STATE_DICT" in str(self.accelerator.state.fsdp_plugin.state_dict_type):
+            return
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if inner.state:
+            return
+        rates = [group["lr"] for group in inner.param_groups]
+        for group in inner.param_groups:
+            group["lr"] = 0.0
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        inner.step()
+        for group, lr in zip(inner.param_groups, rates):
+            group["lr"] = lr
+        for p in params:
+            p.grad = None
 
     @contextlib.contextmanager
     def full_weights(self, module: nn.Module) -> Iterator[None]:
@@ -160,20 +184,28 @@ class ShardedRun:
             with FullyShardedDataParallel.summon_full_params(self.model, writeback=False):
                 yield
             return
-        units = fsdp2_units(self.model)
-        for unit in units:
-            unit.unshard()
-        try:
+        with _full_dtensors(module):  # FSDP2: parameters are DTensors
             yield
-        finally:
-            for unit in units:
-                unit.reshard()
 
 
-def fsdp2_units(model: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
+@contextlib.contextmanager
+def _full_dtensors(module: nn.Module) -> Iterator[None]:
+    """Swap every DTensor parameter of `module` for a plain one holding its full value (an all-gather per
+    parameter, in the same order on every process); the sharded ones are put back afterwards."""
+    from torch.distributed.tensor import DTensor
 
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    swapped = []
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
+            if isinstance(param, DTensor):
+                full = nn.Parameter(param.full_tensor().detach().clone(), requires_grad=False)
+                owner._parameters[name] = full
+                swapped.append((owner, name, param))
+    try:
+        yield
+    finally:
+        for owner, name, param in swapped:
+            owner._parameters[name] = param
 
 
 def adapted_layers(module: nn.Module) -> list[nn.Module]:
