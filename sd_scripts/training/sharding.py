@@ -79,9 +79,13 @@ class ShardedModel(nn.Module):
         inside = {id(p) for p in self.denoiser.parameters()} | {id(p) for p in self.text_encoders.parameters()}
         if any(id(p) not in inside for p in trained.parameters()):
             self.trained = trained
-        # accelerate's TRANSFORMER_BASED_WRAP without class names wraps the classes the parts list here
-        self._no_split_modules = sorted({name for part in (denoiser, *text_encoders)
-                                         for name in (getattr(part, "_no_split_modules", None) or [])})
+        # accelerate's TRANSFORMER_BASED_WRAP without class names wraps the classes listed here: those the parts
+        # name as their blocks (diffusers' and transformers' `_no_split_modules`) that they really contain
+        # (transformers' CLIP text model also names its vision tower's classes)
+        named = {name for part in (denoiser, *text_encoders) for name in (getattr(part, "_no_split_modules", None)
+                                                                           or [])}
+        present = {type(m).__name__ for m in self.modules()}
+        self._no_split_modules = sorted(named & present)
 
     def forward(self, call: Callable[..., Any], *args, **kwargs) -> Any:
         return call(*args, **kwargs)
@@ -184,7 +188,12 @@ class ShardedRun:
             with FullyShardedDataParallel.summon_full_params(self.model, writeback=False):
                 yield
             return
-        with _full_dtensors(module):  # FSDP2: parameters are DTensors
+        from torch.distributed.fsdp import FSDPModule
+
+        for unit in self.model.modules():  # FSDP2: after a forward without backward (validation) the root
+            if isinstance(unit, FSDPModule):  # may still hold its unsharded parameters: shard them back first
+                unit.reshard()
+        with _full_dtensors(module):  # then the parameters are DTensors
             yield
 
 
