@@ -158,7 +158,7 @@ def _zero3_run(tmp_path, *extra) -> subprocess.CompletedProcess:
 def test_zero3_lora_trains_what_the_plain_trainer_trains_and_resumes(tmp_path):
     golden = load_file(os.path.join(REPO, "tests", "data", "golden", "sd1_lora.safetensors"))
     first = tmp_path / "first"
-    proc = _zero3_run(first, "--save_every_n_steps", "2", "--save_state")
+    proc = _zero3_run(first, "--save_every_n_steps", "2", "--save_state", "--zero3_save_16bit_model")
     assert "sharded model (DeepSpeed ZeRO stage 3, DeepSpeedEngine)" in proc.stderr
     assert "DeepSpeed engine: ZeRO stage 3" in proc.stderr
     made = load_file(str(first / "out" / "z3.safetensors"))
@@ -168,7 +168,128 @@ def test_zero3_lora_trains_what_the_plain_trainer_trains_and_resumes(tmp_path):
     assert max(t.abs().max().item() for k, t in made.items() if "lora_up" in k) > 1e-4  # (trained)
     state = first / "out" / "z3-step00000002-state"
     assert (state / "pytorch_model").is_dir()  # DeepSpeed's partitioned checkpoint
+    # zero3_save_16bit_model: DeepSpeed's consolidated weights of the whole sharded model beside it, full shapes
+    consolidated = torch.load(state / "zero3_16bit_model.bin", weights_only=True)
+    step2 = load_file(str(first / "out" / "z3-step00000002.safetensors"))
+    ups = {k: v for k, v in consolidated.items() if k.startswith("trained.") and k.endswith("lora_up.weight")}
+    assert len(ups) == len([k for k in step2 if k.endswith("lora_up.weight")])
+    assert any(k.startswith("denoiser.") and v.numel() > 0 for k, v in consolidated.items())
+    assert sorted(v.abs().sum().item() for v in ups.values()) == pytest.approx(
+        sorted(v.abs().sum().item() for k, v in step2.items() if k.endswith("lora_up.weight")))
     resumed = tmp_path / "resumed"
     proc = _zero3_run(resumed, "--resume", str(state))
     assert "resumed from" in proc.stderr
     assert _max_difference(load_file(str(resumed / "out" / "z3.safetensors")), made) < 1e-7  # (one process: exact)
+
+
+# ---------------------------------------------------------------- the pieces, in-process
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class _Denoiser(torch.nn.Module):
+    _no_split_modules = ["_Block", "NotInThisModel"]
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class _Network(torch.nn.Module):
+    """LoRA modules on the denoiser's layers, held apart from it (as networks/lora.py does)."""
+
+    def __init__(self, denoiser):
+        super().__init__()
+        from sd_scripts.networks.lora_module import LoRAModule
+
+        self.loras = torch.nn.ModuleList([LoRAModule(f"lora_{i}", b.proj, rank=2) for i, b in
+                                          enumerate(denoiser.blocks)])
+        for lora in self.loras:
+            lora.apply_to()
+
+
+def test_sharded_model_holds_each_part_once_and_lists_only_block_classes_it_has():
+    from sd_scripts.training.sharding import ShardedModel, adapted_layers
+
+    denoiser = _Denoiser()
+    network = _Network(denoiser)
+    wrapper = ShardedModel(denoiser, [], network)
+    assert wrapper.trained is network  # a LoRA's weights live outside the denoiser
+    assert wrapper._no_split_modules == ["_Block"]  # (a class the model does not contain would stop accelerate)
+    full = ShardedModel(denoiser, [], denoiser)  # full fine-tuning: the trained module is the denoiser
+    assert not hasattr(full, "trained")
+    assert len(list(full.parameters())) == len(list(denoiser.parameters()))
+    assert adapted_layers(network.loras[0]) == [denoiser.blocks[0].proj]
+    x = torch.randn(3, 8)
+    assert torch.equal(wrapper(denoiser, x), denoiser(x))  # forward runs the given call
+
+    class _LycorisLike(torch.nn.Module):  # lycoris-lora keeps its layer in a one-element list
+        def __init__(self, layer):
+            super().__init__()
+            self.org_module = [layer]
+
+    assert adapted_layers(_LycorisLike(denoiser.blocks[1].proj)) == [denoiser.blocks[1].proj]
+    assert adapted_layers(denoiser.blocks[0]) == []
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--blocks_to_swap", "2"], ["'blocks_to_swap'", "cannot be used with FSDP / DeepSpeed ZeRO-3"]),
+    (["--torch_compile"], ["'torch_compile'", "ZeRO stage 2"]),
+])
+def test_what_a_sharded_run_cannot_do_is_refused_by_name(argv, words):
+    from sd_scripts.options import OptionError, parse_args
+    from sd_scripts.training.methods import NetworkMethod
+    from sd_scripts.training.sharding import check_sharded_run
+
+    args = parse_args("network", argv)
+    with pytest.raises(OptionError) as e:
+        check_sharded_run(args, NetworkMethod(args))
+    assert all(w in str(e.value) for w in words), str(e.value)
+    check_sharded_run(parse_args("network", []), NetworkMethod(parse_args("network", [])))  # plain LoRA: fine
+
+
+def test_textual_inversion_is_not_sharded():
+    from sd_scripts.options import OptionError, parse_args
+    from sd_scripts.training.sharding import check_sharded_run
+    from sd_scripts.training.ti_method import TextualInversionMethod
+
+    args = parse_args("ti", ["--token_string", "sks", "--init_word", "dog"])
+    with pytest.raises(OptionError, match="textual inversion .* nothing worth sharding"):
+        check_sharded_run(args, TextualInversionMethod(args))
+
+
+def test_an_fsdp_unit_inside_the_network_is_refused(tmp_path):
+    """A size-based wrap policy small enough to make the LoRA network an FSDP unit of its own: its forward never
+    runs as a call (the patched layer's does), so its weights would stay sharded. Refused, naming the policy."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from sd_scripts.options import OptionError
+    from sd_scripts.training.sharding import ShardedModel, check_fsdp_units
+
+    dist.init_process_group("gloo", init_method="file://" + str(tmp_path / "rendezvous"), rank=0, world_size=1)
+    try:
+        denoiser = _Denoiser()
+        network = _Network(denoiser)
+        good = FullyShardedDataParallel(ShardedModel(denoiser, [], network), use_orig_params=True,
+                                        auto_wrap_policy=ModuleWrapPolicy({_Block}), device_id=torch.device("cpu"))
+        check_fsdp_units(good, good.module.trained)
+        denoiser = _Denoiser()
+        network = _Network(denoiser)
+        bad = FullyShardedDataParallel(ShardedModel(denoiser, [], network), use_orig_params=True,
+                                       auto_wrap_policy=ModuleWrapPolicy({_Network}), device_id=torch.device("cpu"))
+        with pytest.raises(OptionError, match=r"FSDP unit\(s\) inside the trained _Network.*TRANSFORMER_BASED_WRAP"):
+            check_fsdp_units(bad, bad.module.trained)
+    finally:
+        dist.destroy_process_group()

@@ -101,6 +101,7 @@ class RunOutputs:
             state_dir = os.path.join(a.output_dir, state_dir_name(a.output_name, epoch=None if final else epoch,
                                                                   step=None if final else step))
             self.accelerator.save_state(state_dir)
+            self.sharded.after_save_state(state_dir)
             if self.is_main:
                 state = {"current_epoch": self.epoch, "current_step": self.global_step}
                 atomic_write(os.path.join(state_dir, "train_state.json"), lambda temp: _write_json(temp, state))

@@ -13,7 +13,9 @@ the base model's layers while its own weights live in the network module. So a s
   an adapter's weights with the layer it patches, and embedding tables with their parent (transformers' CLIP reads
   `position_embedding.weight.shape` before calling the table);
 - gathers the full weights around saving (`full_weights`: DeepSpeed's `GatheredParameters`, FSDP1's
-  `summon_full_params`, FSDP2's `unshard`), on every process, while the main process writes the file.
+  `summon_full_params`, FSDP2's DTensor `full_tensor`), on every process, while the main process writes the file;
+  state folders are accelerate's `save_state` (DeepSpeed's partitioned checkpoint, FSDP's sharded or full state
+  dict as the accelerate config says), plus DeepSpeed's consolidated 16-bit weights with zero3_save_16bit_model.
 
 The single-process and data-parallel paths do not use any of this (`ShardedRun.kind` is None).
 """
@@ -32,6 +34,7 @@ log = logging.getLogger("sd_scripts.train")
 
 FSDP = "fsdp"
 ZERO3 = "zero3"
+ZERO3_16BIT_FILE = "zero3_16bit_model.bin"  # (zero3_save_16bit_model, in state folders)
 
 
 def sharding_kind(accelerator) -> str | None:
@@ -147,6 +150,13 @@ class ShardedRun:
             self.model.clip_grad_norm_(max_norm)
         else:
             torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def after_save_state(self, state_dir: str) -> None:
+        """zero3_save_16bit_model (DeepSpeed's stage3_gather_16bit_weights_on_model_save): the state folder also
+        gets DeepSpeed's consolidated 16-bit weights of the whole sharded model (`save_16bit_model`, usable
+        without DeepSpeed). Every process takes part."""
+        if self.kind == ZERO3 and self.model.zero_gather_16bit_weights_on_model_save():
+            self.model.save_16bit_model(state_dir, ZERO3_16BIT_FILE)
 
     def before_load_state(self, optimizer, params: list[nn.Parameter]) -> None:
         """FSDP's sharded checkpoints (torch.distributed.checkpoint) load the optimizer state into a template made
@@ -266,11 +276,12 @@ def check_fsdp_units(model: nn.Module, trained: nn.Module | None) -> None:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     wrapped = [m for m in trained.modules() if isinstance(m, (FullyShardedDataParallel, FSDPModule))]
-    inner = [m for m in trained.modules() if isinstance(m, FullyShardedDataParallel)]
-    if wrapped or inner:
-        raise OptionError(f"FSDP's auto wrap policy made {len(wrapped)} FSDP units inside the trained "
-                          f"{type(trained).__name__}, whose modules are never called themselves: use "
-                          "fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP (or NO_WRAP), or a larger fsdp_min_num_params")
+    if wrapped:
+        name = type(trained.module if isinstance(trained, FullyShardedDataParallel) else trained).__name__
+        raise OptionError(f"FSDP's auto wrap policy made {len(wrapped)} FSDP unit(s) inside the trained {name}, "
+                          "whose modules are never called themselves (an adapter runs as the layer it patches): "
+                          "use fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP (or NO_WRAP), or a larger "
+                          "fsdp_min_num_params")
 
 
 def describe(accelerator) -> str:
