@@ -22,6 +22,7 @@ The single-process and data-parallel paths do not use any of this (`ShardedRun.k
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any, Callable, Iterator
 
@@ -111,7 +112,9 @@ class ShardedRun:
         """fn(*args) inside the sharded model's forward; a plain call when nothing is sharded."""
         if self.model is None:
             return fn(*args, **kwargs)
-        return self.model(fn, *args, **kwargs)
+        # one argument, the bound call: FSDP and DeepSpeed would otherwise move, cast or rename our arguments
+        # (FSDP1's input casting takes a `dtype` of its own)
+        return self.model(functools.partial(fn, *args, **kwargs))
 
     def prepare(self, wrapper: ShardedModel, optimizer, loader):
         """accelerator.prepare of the wrapper with the optimizer and loader; returns (optimizer, loader)."""
