@@ -250,6 +250,7 @@ def test_sharded_model_holds_each_part_once_and_lists_only_block_classes_it_has(
 @pytest.mark.parametrize("argv, words", [
     (["--blocks_to_swap", "2"], ["'blocks_to_swap'", "cannot be used with FSDP / DeepSpeed ZeRO-3"]),
     (["--torch_compile"], ["'torch_compile'", "ZeRO stage 2"]),
+    (["--scale_weight_norms", "1.0"], ["'scale_weight_norms'", "only its shard"]),
 ])
 def test_what_a_sharded_run_cannot_do_is_refused_by_name(argv, words):
     from sd_scripts.options import OptionError, parse_args

@@ -195,6 +195,7 @@ def check_distributed_type(accelerator, args: argparse.Namespace) -> None:
     if plugin is not None and plugin.zero_stage == 3 and plugin.zero3_init_flag:  # from an accelerate config file
         raise OptionError(ZERO3_INIT_REFUSED)
 
+
 def uses_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 

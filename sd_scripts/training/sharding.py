@@ -64,12 +64,15 @@ def check_sharded_run(args, method) -> None:
         "cpu_offload_checkpointing": bool(getattr(args, "cpu_offload_checkpointing", False)),
         "fused_backward_pass": bool(getattr(args, "fused_backward_pass", False)),
         "torch_compile": bool(getattr(args, "torch_compile", False)),
+        "use_ema": bool(getattr(args, "use_ema", False)),
+        "scale_weight_norms": bool(getattr(args, "scale_weight_norms", None)),
     }
     named = [name for name, on in clashes.items() if on]
     if named:
         raise OptionError(f"option {', '.join(repr(n) for n in named)} cannot be used with FSDP / DeepSpeed ZeRO-3: "
-                          "they move, cast, step or compile the denoiser's weights themselves, while the sharded "
-                          "run owns them; remove it or use data parallel / ZeRO stage 2")
+                          "they move, cast, step, compile or read the trained weights themselves between the "
+                          "sharded model's calls, where each process holds only its shard; remove it or use data "
+                          "parallel / ZeRO stage 2")
 
 
 class ShardedModel(nn.Module):
