@@ -195,7 +195,8 @@ class ShardedRun:
         if self.kind == ZERO3:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            params = list(module.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None), _fp32_masters(params):
                 yield
             return
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -211,6 +212,27 @@ class ShardedRun:
                 unit.reshard()
         with _full_dtensors(module):  # then the parameters are DTensors
             yield
+
+
+@contextlib.contextmanager
+def _fp32_masters(params: list[nn.Parameter]) -> Iterator[None]:
+    """Under DeepSpeed bf16 / fp16 the module holds 16-bit copies of the trained weights and the optimizer the
+    float32 ones: while entered, trained parameters hold their float32 values (as the plain trainer saves them);
+    DeepSpeed's `safe_get_full_fp32_param` gathers them, a collective in the same order on every process."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    swapped = []
+    for param in params:
+        if param.requires_grad and param.dtype != torch.float32:
+            full = safe_get_full_fp32_param(param)
+            if full is not None:
+                swapped.append((param, param.data))
+                param.data = full.detach().to(param.device).view_as(param.data)
+    try:
+        yield
+    finally:
+        for param, data in swapped:
+            param.data = data
 
 
 @contextlib.contextmanager
