@@ -397,23 +397,20 @@ def _check_family_run(kind: str, trainer: str, family: str, values: dict[str, An
     return {field}
 
 
-def _check_accelerate_config(accel: AccelerateSettings, checks: list[Check]) -> None:
-    """accelerate.config_file: an existing YAML/JSON file (`accelerate config` writes one); FSDP, there or as
-    --use_fsdp, is refused by the trainers (the reason comes from them)."""
-    from sd_scripts.training.accelerator_setup import FSDP_REFUSED
-
-    if "--use_fsdp" in (accel.extra_args or []):
-        checks.append(Check("error", "accelerate.extra_args", FSDP_REFUSED))
+def _check_accelerate_config(accel: AccelerateSettings, checks: list[Check]) -> str | None:
+    """accelerate.config_file: an existing YAML/JSON file (`accelerate config` writes one). Returns the field that
+    asks for FSDP (the config's distributed_type, or --use_fsdp), which needs GPUs (checked with them)."""
+    fsdp_field = "accelerate.extra_args" if "--use_fsdp" in (accel.extra_args or []) else None
     path = accel.config_file
     if not path:
-        return
+        return fsdp_field
     if not os.path.isfile(path):
         checks.append(Check("error", "accelerate.config_file", f"file {path} does not exist"))
-        return
+        return fsdp_field
     if not path.lower().endswith((".yaml", ".yml", ".json")):
         checks.append(Check("error", "accelerate.config_file", "must be an accelerate config (.yaml, .yml or "
                                                                ".json, as `accelerate config` writes)"))
-        return
+        return fsdp_field
     import yaml  # JSON is YAML too
 
     try:
@@ -421,14 +418,29 @@ def _check_accelerate_config(accel: AccelerateSettings, checks: list[Check]) -> 
             config = yaml.safe_load(f)
     except (OSError, yaml.YAMLError) as e:
         checks.append(Check("error", "accelerate.config_file", f"{path} cannot be read as YAML/JSON: {e}"))
-        return
+        return fsdp_field
     if not isinstance(config, dict):
         checks.append(Check("error", "accelerate.config_file", f"{path} is not an accelerate config (no settings)"))
     elif str(config.get("distributed_type", "")).upper() == "FSDP":
-        checks.append(Check("error", "accelerate.config_file", FSDP_REFUSED))
+        fsdp_field = "accelerate.config_file"
     elif str(config.get("distributed_type", "")).upper() == "DEEPSPEED":
-        checks.append(Check("info", "accelerate.config_file", "DeepSpeed from the accelerate config: ZeRO stage 3 is "
-                                                              "refused by the trainers; stages 1-2 work"))
+        checks.append(Check("info", "accelerate.config_file", "DeepSpeed from the accelerate config: ZeRO stage 3 "
+                                                              "shards the denoiser and the trained weights; "
+                                                              "zero3_init_flag is refused by the trainers"))
+    return fsdp_field
+
+
+def _check_fsdp(field: str | None, accel: AccelerateSettings, gpus: list[GpuInfo], checks: list[Check]) -> None:
+    """FSDP needs GPUs (the reason comes from the trainers: without them accelerate runs it as data parallel)."""
+    from sd_scripts.training.accelerator_setup import FSDP_ON_CPU
+
+    if field is None:
+        return
+    if accel.cpu or not _selected(gpus, accel.gpu_ids):
+        checks.append(Check("error", field, FSDP_ON_CPU))
+    else:
+        checks.append(Check("info", field, "FSDP: the denoiser, trained text encoders and trained weights are "
+                                           "sharded over the processes; model files are saved with full weights"))
 
 
 def run_preflight(kind: str, values: dict[str, Any], accel: AccelerateSettings | None = None,
@@ -451,7 +463,7 @@ def run_preflight(kind: str, values: dict[str, Any], accel: AccelerateSettings |
         norm = normalize_values(kind, merged)
     except CommandError as e:
         return [Check("error", e.field, str(e))]
-    _check_accelerate_config(accel, checks)
+    fsdp_field = _check_accelerate_config(accel, checks)
     if accel.extra_args:
         checks.append(Check("warning", "accelerate.extra_args",
                             f"extra `accelerate launch` arguments (from the form, a preset or an imported config): "
@@ -477,6 +489,7 @@ def run_preflight(kind: str, values: dict[str, Any], accel: AccelerateSettings |
     _check_family(trainer, fam, norm, checks, skip=refused)
     gpus = (gpu_probe or probe_gpus)()
     _check_hardware(trainer, fam, norm, accel, gpus, checks)
+    _check_fsdp(fsdp_field, accel, gpus, checks)
     sampling = norm.get("sample_every_n_steps") or norm.get("sample_every_n_epochs") or norm.get("sample_at_first")
     if sampling and not (values.get("sample_prompts_text") or "").strip() and not norm.get("sample_prompts"):
         checks.append(Check("warning", "sample_prompts_text", "samples are scheduled but there are no prompts"))

@@ -799,10 +799,12 @@ OPTIONS: tuple[Option, ...] = (
        choices=(None, "cpu", "nvme")),
     _O("offload_param_nvme_path", str, None, "DeepSpeed: NVMe folder for offloaded weights (ZeRO 3).", "scaleout",
        path="dir", advanced=True),
-    _O("zero3_init_flag", bool, False, "DeepSpeed: build models already sharded (deepspeed.zero.Init; ZeRO 3).",
+    _O("zero3_init_flag", bool, False, "DeepSpeed: build models already sharded (deepspeed.zero.Init; ZeRO 3). "
+       "Refused: the trainers read checkpoints into whole models, ZeRO-3 shards them when training starts.",
        "scaleout", advanced=True),
-    _O("zero3_save_16bit_model", bool, False, "DeepSpeed: gather the sharded weights into one 16-bit file when "
-       "saving (ZeRO 3).", "scaleout", advanced=True),
+    _O("zero3_save_16bit_model", bool, False, "DeepSpeed: state folders also get the sharded model's weights "
+       "gathered into one 16-bit file (ZeRO 3; model files always hold the full weights).", "scaleout",
+       advanced=True),
     _O("fp16_master_weights_and_gradients", bool, False, "DeepSpeed: keep fp16 master weights and gradients (ZeRO 2 "
        "with offload_optimizer_device cpu and fp16).", "scaleout", advanced=True),
     # ---- logging and control (ours)

@@ -58,7 +58,8 @@ def test_names_defaults_and_choices_are_sd_scripts(script, trainer):
     (["--deepspeed", "--zero_stage", "1", "--offload_param_nvme_path", "/nvme"],
      ["offload_param_nvme_path", "ZeRO stage 3"]),
     (["--deepspeed", "--zero3_save_16bit_model"], ["zero3_save_16bit_model", "ZeRO stage 3"]),
-    (["--deepspeed", "--zero_stage", "3"], ["zero_stage' 3 is not supported", "zero_stage 2"]),
+    (["--deepspeed", "--zero_stage", "3", "--zero3_init_flag"], ["zero3_init_flag' is not supported",
+                                                                 "deepspeed.zero.Init", "remove it"]),
     (["--deepspeed", "--offload_optimizer_device", "nvme"], ["offload_optimizer_device' nvme needs ZeRO stage 3"]),
     (["--deepspeed", "--fp16_master_weights_and_gradients"], ["fp16_master_weights_and_gradients", "cpu"]),
     (["--ddp_timeout", "0"], ["ddp_timeout"]),
@@ -324,10 +325,11 @@ def test_deepspeed_zero2_lora_run_on_the_cpu(tmp_path, tiny_sd1, demo_data):
 
 
 # ---------------------------------------------------------------- FSDP (from an accelerate config file)
-def test_fsdp_from_accelerate_launch_is_refused_with_the_reason(tmp_path, monkeypatch, fresh_accelerate_state):
+def test_fsdp_without_gpus_is_refused_with_the_reason(tmp_path, monkeypatch, fresh_accelerate_state):
     """`accelerate launch --config_file fsdp.yaml` (distributed_type: FSDP) sets ACCELERATE_USE_FSDP for the
-    process; accelerate 1.x makes the accelerator FSDP only on GPUs (on CPUs it silently becomes plain data
-    parallel), so the trainer refuses the request itself, naming what to use instead."""
+    process; accelerate 1.x sets FSDP up only for GPU / accelerator processes (without them its plugin raises, or
+    the run silently becomes plain data parallel), so the trainer refuses it first, naming what to use instead.
+    (FSDP itself runs on the trainers: tests/test_sharding.py.)"""
     from sd_scripts.training.loop import Trainer
     from sd_scripts.training.methods import NetworkMethod
 
@@ -335,7 +337,7 @@ def test_fsdp_from_accelerate_launch_is_refused_with_the_reason(tmp_path, monkey
     args = parse_args("network", ["--pretrained_model_name_or_path", str(tmp_path / "none.safetensors"),
                                   "--train_data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
     trainer = Trainer(args, NetworkMethod(args))
-    with pytest.raises(OptionError, match="FSDP .* is not supported.*'--deepspeed'"):
+    with pytest.raises(OptionError, match="FSDP .* needs GPUs.*--multi_gpu"):
         trainer.setup_accelerator()
 
 

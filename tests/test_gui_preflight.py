@@ -247,7 +247,7 @@ def test_flux_part_files_must_exist_and_refused_options_are_errors(tmp_path):
     assert _find(sd3, "clip_g", "error", "does not exist")
 
 
-def test_accelerate_config_file_must_exist_and_fsdp_is_refused_before_launch(tmp_path):
+def test_accelerate_config_file_must_exist_and_fsdp_without_gpus_is_refused_before_launch(tmp_path):
     values = _values(tmp_path)
     checks = _run("lora", values, AccelerateSettings(config_file=str(tmp_path / "missing.yaml")))
     assert _find(checks, "accelerate.config_file", "error", "does not exist")
@@ -260,9 +260,13 @@ def test_accelerate_config_file_must_exist_and_fsdp_is_refused_before_launch(tmp
                     "  fsdp_sharding_strategy: FULL_SHARD\nnum_processes: 2\n")
     refused = _find(_run("lora", values, AccelerateSettings(config_file=str(fsdp))), "accelerate.config_file",
                     "error", "FSDP")
-    assert refused and "--deepspeed" in refused[0].message
+    assert refused and "needs GPUs" in refused[0].message and "--multi_gpu" in refused[0].message
     assert _find(_run("lora", values, AccelerateSettings(extra_args=["--use_fsdp"])), "accelerate.extra_args",
                  "error", "FSDP")
+    gpu = GpuInfo(0, "NVIDIA H100", 9.0, 81559, 80000)
+    with_gpu = _run("lora", values, AccelerateSettings(config_file=str(fsdp)), gpus=[gpu])
+    assert not _find(with_gpu, "accelerate.config_file", "error")
+    assert _find(with_gpu, "accelerate.config_file", "info", "sharded")
     ddp = tmp_path / "ddp.yaml"
     ddp.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\n")
     assert not _find(_run("lora", values, AccelerateSettings(config_file=str(ddp))), "accelerate.config_file",

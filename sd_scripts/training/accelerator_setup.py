@@ -19,12 +19,11 @@ from ..options import OptionError
 if TYPE_CHECKING:
     import torch
 
-# torch-free at import: the GUI's pre-flight shows FSDP_REFUSED for an FSDP accelerate config before launching.
-FSDP_REFUSED = ("FSDP (the accelerate config's distributed_type: FSDP, or --use_fsdp) is not supported: FSDP "
-                "shards the modules given to accelerator.prepare, and this trainer calls the denoiser directly (a "
-                "LoRA lives inside it), so nothing would be sharded. Use '--deepspeed' (ZeRO 1-2, accelerate's "
-                "DeepSpeedPlugin) to shard optimizer states and gradients, or plain multi-GPU data parallel "
-                "('accelerate launch --multi_gpu')")
+# torch-free at import: the GUI's pre-flight shows FSDP_ON_CPU for an FSDP accelerate config on a machine without
+# GPUs before launching.
+FSDP_ON_CPU = ("FSDP (the accelerate config's distributed_type: FSDP, or --use_fsdp) needs GPUs: accelerate sets FSDP "
+               "up only for GPU / accelerator processes, and without GPUs it would silently run the config as plain "
+               "data parallel. Use 'accelerate launch --multi_gpu --num_processes N' for data parallel on the CPU")
 
 log = logging.getLogger("sd_scripts.train")
 
@@ -35,9 +34,9 @@ DEEPSPEED_STAGES = {  # DeepSpeed setting -> the ZeRO stages that have it (sd-sc
 }
 NVME_PATH_OF = {"offload_optimizer_nvme_path": "offload_optimizer_device",
                 "offload_param_nvme_path": "offload_param_device"}
-ZERO3_REFUSED = ("option 'zero_stage' 3 is not supported: ZeRO-3 partitions weights that these trainers read outside "
-                 "the module calls DeepSpeed hooks (a LoRA's layers, the text encoder's position table); use "
-                 "zero_stage 2, with offload_optimizer_device cpu to save more memory")
+ZERO3_INIT_REFUSED = ("option 'zero3_init_flag' is not supported: it makes transformers build models inside "
+                      "deepspeed.zero.Init, but these trainers read a checkpoint into the whole model (memory-mapped) "
+                      "and ZeRO-3 partitions it when training starts, so the flag would change nothing; remove it")
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -46,8 +45,8 @@ def check_options(args: argparse.Namespace) -> None:
     from ..options import BY_NAME
 
     errors = []
-    if args.deepspeed and args.zero_stage == 3:
-        errors.append(ZERO3_REFUSED)
+    if args.deepspeed and args.zero_stage == 3 and args.zero3_init_flag:
+        errors.append(ZERO3_INIT_REFUSED)
     for name, stages in DEEPSPEED_STAGES.items():
         value = getattr(args, name)
         if value in (None, False) or value == BY_NAME[name].default:
@@ -70,8 +69,23 @@ def check_options(args: argparse.Namespace) -> None:
         raise OptionError("; ".join(errors))
 
 
+def fsdp_without_devices() -> bool:
+    """An FSDP launch (ACCELERATE_USE_FSDP, set by `accelerate launch` from an FSDP config or --use_fsdp) on a
+    machine without GPUs / accelerators: accelerate would fail building its FSDP plugin, or run plain data
+    parallel."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return False
+    from accelerate.utils import is_cuda_available, is_hpu_available, is_mlu_available, is_musa_available, \
+        is_npu_available, is_xpu_available
+
+    return not any(found() for found in (is_cuda_available, is_xpu_available, is_npu_available, is_mlu_available,
+                                         is_musa_available, is_hpu_available))
+
+
 def accelerator_kwargs(args: argparse.Namespace) -> dict:
     """Keyword arguments for `Accelerator(...)` from the scale-out options (empty when none is set)."""
+    if fsdp_without_devices():
+        raise OptionError(FSDP_ON_CPU)
     out: dict = {}
     handlers = kwargs_handlers(args)
     if handlers:
@@ -175,11 +189,11 @@ def check_distributed_type(accelerator, args: argparse.Namespace) -> None:
     # accelerate sets DistributedType.FSDP only on GPUs/accelerators; on CPUs an FSDP config would silently run as
     # plain data parallel, so the launcher's flag is checked too.
     asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if accelerator.distributed_type == DistributedType.FSDP or asked:
-        raise OptionError(FSDP_REFUSED)
+    if asked and accelerator.distributed_type != DistributedType.FSDP:
+        raise OptionError(FSDP_ON_CPU)
     plugin = accelerator.state.deepspeed_plugin if accelerator.distributed_type == DistributedType.DEEPSPEED else None
-    if plugin is not None and plugin.zero_stage == 3:  # from an accelerate config file (--zero_stage is checked early)
-        raise OptionError(ZERO3_REFUSED)
+    if plugin is not None and plugin.zero_stage == 3 and plugin.zero3_init_flag:  # from an accelerate config file
+        raise OptionError(ZERO3_INIT_REFUSED)
 
 
 def uses_deepspeed(accelerator) -> bool:

@@ -19,6 +19,7 @@ from .events import EventWriter
 from .loss import training_loss
 from .run_outputs import RunOutputs
 from .run_setup import RunSetup
+from .sharding import ShardedRun
 
 log = logging.getLogger("sd_scripts.train")
 
@@ -37,6 +38,7 @@ class Trainer(RunSetup, RunOutputs):
         self.global_step = 0
         self.epoch = 0
         self.validation = None  # training/validation.py, when images are held out
+        self.sharded = ShardedRun(None)  # FSDP / ZeRO-3 (training/sharding.py), set with the accelerator
         self._check_args()
 
     # ------------------------------------------------------------------ the run
@@ -135,9 +137,13 @@ class Trainer(RunSetup, RunOutputs):
         loss = self.batch_loss(batch, self.noise_rng.generator)
         acc.backward(loss)  # (under DeepSpeed the engine also averages, clips and steps here)
         if acc.sync_gradients and not self.deepspeed:
-            self.gradients.average()
-            if a.max_grad_norm:
-                acc.clip_grad_norm_(self.trained_params, a.max_grad_norm)
+            if self.sharded.active:  # FSDP reduced the gradients in backward
+                if a.max_grad_norm:
+                    self.sharded.clip_grad_norm_(self.trained_params, a.max_grad_norm)
+            else:
+                self.gradients.average()
+                if a.max_grad_norm:
+                    acc.clip_grad_norm_(self.trained_params, a.max_grad_norm)
         self.optimizer.step()  # accelerate's optimizer wrapper skips the step inside an accumulation window
         if acc.sync_gradients:
             self.lr_scheduler.step()
@@ -149,17 +155,24 @@ class Trainer(RunSetup, RunOutputs):
                    ) -> torch.Tensor:
         """The loss of one batch: noise (and timesteps, unless given: validation) from `generator`, the family's
         prediction and target. Under torch.no_grad (validation) nothing keeps a graph."""
-        acc = self.accelerator
         latents = self.batch_latents(batch)
         captions = self.method.captions(batch["captions"])
+        pred, noised = self.sharded.call(self.predict, latents, captions, batch, generator, timesteps)
+        return training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights,
+                             loss_type=noised.loss_type, huber_c=noised.huber_c, mask=batch.get("loss_masks"))
+
+    def predict(self, latents: torch.Tensor, captions: list[str], batch: dict, generator: torch.Generator,
+                timesteps: torch.Tensor | None):
+        """The family's text encoding, noising and prediction: (prediction, NoisedLatents). A sharded run calls this
+        inside its model's forward (training/sharding.py)."""
+        acc = self.accelerator
         with torch.set_grad_enabled(self.train_text_encoder and torch.is_grad_enabled()), acc.autocast():
             cond = self.family.encode_captions(captions, train_text_encoder=self.train_text_encoder)
         noised = self.family.noised(latents, generator, timesteps)
         noised.noisy = noised.noisy.to(self.weight_dtype)
         with acc.autocast():
             pred = self.family.predict(noised, cond.to(self.weight_dtype), batch)
-        return training_loss(pred, noised.target, batch["loss_weights"].to(latents.device), noised.weights,
-                             loss_type=noised.loss_type, huber_c=noised.huber_c, mask=batch.get("loss_masks"))
+        return pred, noised
 
     def batch_latents(self, batch: dict) -> torch.Tensor:
         device = self.accelerator.device

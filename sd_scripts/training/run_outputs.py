@@ -30,16 +30,19 @@ class RunOutputs:
 
     def _sample_images(self, epoch: int | None) -> None:
         a = self.args
-        if self.is_main:
+        # A sharded model gathers its weights collectively: every process generates, the main one writes.
+        if self.is_main or self.sharded.active:
             from .sampling import generate_samples, parse_prompt_file
 
             prompts = self.method.sample_prompts(parse_prompt_file(a.sample_prompts,
                                                                    default_sampler=a.sample_sampler))
             with self.method.output_weights():
-                paths = generate_samples(self.family, prompts=prompts, out_dir=os.path.join(a.output_dir, "sample"),
-                                         output_name=a.output_name, epoch=epoch,
-                                         step=None if epoch else self.global_step, device=self.accelerator.device,
-                                         dtype=self.weight_dtype, clip_skip=a.clip_skip, eval_modules=[self.module])
+                paths = self.sharded.call(
+                    generate_samples, self.family, prompts=prompts, out_dir=os.path.join(a.output_dir, "sample"),
+                    output_name=a.output_name, epoch=epoch, step=None if epoch else self.global_step,
+                    device=self.accelerator.device, dtype=self.weight_dtype, clip_skip=a.clip_skip,
+                    eval_modules=[self.module], write=self.is_main)
+        if self.is_main:
             self.events.sample(step=self.global_step, epoch=self.epoch, paths=paths,
                                prompts=[p.prompt for p in prompts])
             self.trackers.log_samples(paths, [p.prompt for p in prompts])
@@ -52,7 +55,8 @@ class RunOutputs:
         from .optim import eval_weights
 
         with eval_weights(getattr(self, "optimizer", None)):  # a schedule-free optimizer's averaged weights
-            loss = self.validation.loss_at(self.global_step, self.batch_loss, self.module, self.accelerator)
+            loss = self.validation.loss_at(self.global_step, self.batch_loss, self.module, self.accelerator,
+                                           split=not self.sharded.active)
         recent = sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None
         divergence = loss - recent if recent is not None else None
         log.info("validation loss %.6g (%s %d)", loss, kind, self.global_step if kind == "step" else self.epoch)
@@ -81,9 +85,10 @@ class RunOutputs:
         ext = self.method.file_extension()
         name = model_file_name(a.output_name, ext, epoch=None if final else epoch, step=None if final else step)
         path = os.path.join(a.output_dir, name)
+        with self.sharded.full_weights(self.module):  # (every process takes part in gathering sharded weights)
+            if self.is_main:
+                self.method.save(self.module, path, dtype=self.save_dtype, metadata=self.metadata())
         if self.is_main:
-            module = self.module
-            self.method.save(module, path, dtype=self.save_dtype, metadata=self.metadata())
             self.outputs.append(path)
             kind = "final" if final else ("epoch" if epoch else "step")
             self.events.emit("save", path=path, kind=kind, step=self.global_step, epoch=self.epoch)
@@ -96,6 +101,7 @@ class RunOutputs:
             state_dir = os.path.join(a.output_dir, state_dir_name(a.output_name, epoch=None if final else epoch,
                                                                   step=None if final else step))
             self.accelerator.save_state(state_dir)
+            self.sharded.after_save_state(state_dir)
             if self.is_main:
                 state = {"current_epoch": self.epoch, "current_step": self.global_step}
                 atomic_write(os.path.join(state_dir, "train_state.json"), lambda temp: _write_json(temp, state))
@@ -126,7 +132,8 @@ class RunOutputs:
         return minimal_metadata(metadata) if a.no_metadata else metadata
 
     def save_final(self, status: str) -> None:
-        if self.accelerator.num_processes > 1 and not parameters_agree(self.trained_params):
+        if self.accelerator.num_processes > 1 and not self.sharded.active \
+                and not parameters_agree(self.trained_params):
             self.warn("processes hold different trained weights: gradients were not averaged; the file saved "
                       "is the main process's")
         self.save_model(epoch=self.epoch, step=self.global_step, final=True)

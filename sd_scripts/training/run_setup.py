@@ -135,6 +135,11 @@ class RunSetup:
                                        project_config=self.trackers.project_config(), cpu=cpu_ddp,
                                        **accelerator_kwargs(a))
         check_distributed_type(self.accelerator, a)
+        from .sharding import ShardedRun, check_sharded_run, sharding_kind
+
+        self.sharded = ShardedRun(sharding_kind(self.accelerator), self.accelerator)
+        if self.sharded.active:
+            check_sharded_run(a, self.method)
         self.is_main = self.accelerator.is_main_process
         self.events = EventWriter(a.events_file, enabled=self.is_main)
         self.hub = HubUploader(a, warn=self.warn)
@@ -155,15 +160,18 @@ class RunSetup:
 
         a = self.args
         log.info("loading %s", a.pretrained_model_name_or_path)
-        bundle = load_model(a.pretrained_model_name_or_path,
-                            dtype=load_dtype(self.weight_dtype, self.method, bool(getattr(a, "no_half_vae", False))),
-                            **self._load_options())
+        # FSDP keeps the weights it shards in float32 and casts them for compute (accelerate's mixed precision
+        # policy); FSDP1 also needs one dtype per unit, where frozen and trained weights meet.
+        fsdp = self.sharded.kind == "fsdp"
+        dtype = torch.float32 if fsdp else load_dtype(self.weight_dtype, self.method,
+                                                       bool(getattr(a, "no_half_vae", False)))
+        bundle = load_model(a.pretrained_model_name_or_path, dtype=dtype, **self._load_options())
         self.method.prepare_model(bundle, family=bundle.family)  # e.g. base_weights merged, before any cast
         device = self.accelerator.device
         family_cls = family_class(bundle.family)
         # Frozen parts in the compute dtype; trained weights stay float32 (mixed precision autocasts).
-        denoiser_dtype = self.method.module_dtype("denoiser", self.weight_dtype)
-        text_encoder_dtype = self.method.module_dtype("text_encoder", self.weight_dtype)
+        denoiser_dtype = torch.float32 if fsdp else self.method.module_dtype("denoiser", self.weight_dtype)
+        text_encoder_dtype = torch.float32 if fsdp else self.method.module_dtype("text_encoder", self.weight_dtype)
         self.memory = MemoryFeatures.from_args(a)
         if self.memory.any:  # fp8 storage, block swap: checked on the CPU copy, then placed
             self.memory.place(bundle, family_cls, device, denoiser_dtype=denoiser_dtype,
@@ -336,15 +344,25 @@ class RunSetup:
         from .accelerator_setup import compile_denoiser, uses_deepspeed
 
         self.deepspeed = uses_deepspeed(self.accelerator)
-        if self.deepspeed:  # the engine owns the trained module: it averages, clips and steps (ZeRO sharding)
+        if self.sharded.active:  # FSDP / ZeRO-3: the denoiser, trained text encoders and trained module as one
+            from .sharding import ShardedModel
+
+            broadcast_parameters(self.trained_params)
+            encoders = list(self.bundle.text_encoders) if self.method.trains_text_encoder else []
+            wrapper = ShardedModel(self.bundle.denoiser, encoders, self.module)
+            self.optimizer, self.loader = self.sharded.prepare(wrapper, self.optimizer, loader)
+            if self.sharded.kind == "fsdp":  # (FSDP2 swaps in sharded parameters)
+                self.trained_params = self.sharded.trained_parameters(self.optimizer)
+        elif self.deepspeed:  # the engine owns the trained module: it averages, clips and steps (ZeRO sharding)
             self.engine, self.optimizer, self.loader = self.accelerator.prepare(self.module, self.optimizer, loader)
-            e = self.engine
-            log.info("DeepSpeed engine: ZeRO stage %d, micro batch %d, gradient accumulation %d, clipping %s",
-                     e.zero_optimization_stage(), e.train_micro_batch_size_per_gpu(),
-                     e.gradient_accumulation_steps(), e.gradient_clipping())
         else:
             broadcast_parameters(self.trained_params)
             self.optimizer, self.loader = self.accelerator.prepare(self.optimizer, loader)
+        if self.deepspeed:
+            e = self.sharded.model if self.sharded.active else self.engine
+            log.info("DeepSpeed engine: ZeRO stage %d, micro batch %d, gradient accumulation %d, clipping %s",
+                     e.zero_optimization_stage(), e.train_micro_batch_size_per_gpu(),
+                     e.gradient_accumulation_steps(), e.gradient_clipping())
         self.gradients = GradientAverager(self.trained_params, self.accelerator.ddp_handler)
         compile_denoiser(self.accelerator, self.bundle.denoiser)
         self.plan = self._plan(len(self.loader))
@@ -355,7 +373,7 @@ class RunSetup:
         self.lr_scheduler = scheduler_from_args(a, self.optimizer, self.plan.total_steps)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
         # The trained weights live outside accelerate.prepare: register them so save_state/resume keep them.
-        if not self.deepspeed:  # (a DeepSpeed engine saves its module itself)
+        if not self.deepspeed and not self.sharded.active:  # (a DeepSpeed engine / FSDP saves its module itself)
             self.accelerator.register_for_checkpointing(self.module)
         # Noise and timesteps come from their own generator, saved with the state: a resumed run draws what the
         # uninterrupted run would have drawn (data loader iterators also consume the global RNG).
@@ -412,6 +430,7 @@ class RunSetup:
         if not os.path.isfile(state_file):
             raise UserError(f"resume folder {a.resume!r} has no train_state.json: give a '<name>-state' folder "
                             "written with save_state")
+        self.sharded.before_load_state(self.optimizer, self.trained_params)
         self.accelerator.load_state(resume_dir)
         from .optim import set_train_mode
 
@@ -432,17 +451,34 @@ def initial_step_of(args, steps_per_epoch: int) -> int | None:
 
 
 class NoiseRNG:
-    """A torch.Generator on the training device with the state_dict interface accelerate checkpoints."""
+    """A torch.Generator on the training device with the state_dict interface accelerate checkpoints.
+
+    accelerate writes a registered object's state from the main process only, and every process loads that file:
+    so the state holds every process's generator (each draws its own noise), and each process takes its own back."""
 
     def __init__(self, device, seed: int):
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
 
     def state_dict(self) -> dict:
-        return {"state": self.generator.get_state()}
+        import torch.distributed as dist
+
+        state = self.generator.get_state()
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {"state": state}
+        states: list = [None] * dist.get_world_size()
+        dist.all_gather_object(states, state)  # (every process saves its state: a collective)
+        return {"state": state, "process_states": states}
 
     def load_state_dict(self, state: dict) -> None:
-        self.generator.set_state(state["state"])
+        import torch.distributed as dist
+
+        states = state.get("process_states")
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if states and len(states) == (dist.get_world_size() if dist.is_initialized() else 1):
+            self.generator.set_state(states[rank])
+        else:  # a state saved with another number of processes (or before this was kept): the main one's
+            self.generator.set_state(state["state"])
 
 
 def _first(items):

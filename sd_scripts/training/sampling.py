@@ -310,19 +310,21 @@ def eval_mode(modules: Sequence[Any], device: Any) -> Iterator[None]:
 
 def generate_samples(family, *, prompts: list[SamplePrompt], out_dir: str, output_name: str | None,
                      epoch: int | None = None, step: int | None = None, device: Any, dtype: Any,
-                     clip_skip: int | None = None, eval_modules: Sequence[Any] = ()) -> list[str]:
+                     clip_skip: int | None = None, eval_modules: Sequence[Any] = (), write: bool = True) -> list[str]:
     """Generate one PNG per prompt with the family's sample pipeline into `out_dir` (created); returns the paths.
 
     Runs under torch.no_grad (not inference_mode: tensors cached by adapters must stay usable for training) and
     autocast to `dtype` on half precision, with the family's modules (plus `eval_modules`, e.g. a LoRA network with
     dropout) in eval mode on `device`. The caller's random states, train/eval modes and module devices are restored
     afterwards. Each prompt's sampler, steps, size, seed, negative prompt and guidance scale are used as given;
-    `clip_skip` follows sd-scripts where the family has it (2 = the penultimate text-encoder layer).
+    `clip_skip` follows sd-scripts where the family has it (2 = the penultimate text-encoder layer). With
+    `write=False` (the other processes of a sharded run) the images are generated but not written.
     """
     import torch
 
     device = torch.device(device)
-    os.makedirs(out_dir, exist_ok=True)
+    if write:
+        os.makedirs(out_dir, exist_ok=True)
     modules = [*family.sample_modules(), *eval_modules]
     use_autocast = dtype in (torch.float16, torch.bfloat16)
     autocast = torch.autocast(device.type, dtype=dtype) if use_autocast else nullcontext()
@@ -341,6 +343,8 @@ def generate_samples(family, *, prompts: list[SamplePrompt], out_dir: str, outpu
             name = sample_file_name(output_name, epoch=epoch, step=step if step is not None else 0, index=index,
                                     seed=sample.seed)
             path = os.path.join(out_dir, name)
+            if not write:
+                continue
             tmp = path + ".tmp"
             image.save(tmp, format="PNG")
             os.replace(tmp, path)

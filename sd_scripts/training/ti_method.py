@@ -101,6 +101,8 @@ class TextualInversionMethod(TrainingMethod):
     """Textual inversion (train_textual_inversion): the new token's vectors are the only trained weights."""
 
     name = "ti"
+    not_shardable = ("textual inversion trains a few embedding vectors that a hook puts into a frozen table: "
+                     "nothing worth sharding; use data parallel ('accelerate launch --multi_gpu')")
 
     def __init__(self, args: argparse.Namespace):
         super().__init__(args)

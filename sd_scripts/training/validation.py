@@ -86,19 +86,21 @@ class Validation:
         """Every epoch unless validate_every_n_epochs says otherwise (sd-scripts)."""
         return self.every_n_epochs is None or epoch % self.every_n_epochs == 0
 
-    def loss_at(self, step: int, batch_loss: BatchLoss, module: torch.nn.Module, accelerator) -> float:
+    def loss_at(self, step: int, batch_loss: BatchLoss, module: torch.nn.Module, accelerator,
+                split: bool = True) -> float:
         """`evaluate`, computed once per global step (an epoch's end right after a step validation has the same
         weights, so the same loss)."""
         if self.last is None or self.last[0] != step:
-            self.last = (step, self.evaluate(batch_loss, module, accelerator))
+            self.last = (step, self.evaluate(batch_loss, module, accelerator, split=split))
         return self.last[1]
 
     @torch.no_grad()
-    def evaluate(self, batch_loss: BatchLoss, module: torch.nn.Module, accelerator) -> float:
+    def evaluate(self, batch_loss: BatchLoss, module: torch.nn.Module, accelerator, split: bool = True) -> float:
         """Mean loss over the validation batches (this process's share of them) and timesteps, averaged over the
-        processes. One host sync."""
+        processes. One host sync. `split=False` (a sharded model, whose forward passes every process must make
+        together): every process scores every batch."""
         device = accelerator.device
-        rank, world = accelerator.process_index, accelerator.num_processes
+        rank, world = (accelerator.process_index, accelerator.num_processes) if split else (0, 1)
         total = torch.zeros((), device=device, dtype=torch.float32)
         count = 0
         generator = torch.Generator(device=device)
