@@ -24,7 +24,7 @@ __all__ = ["FamilySpec", "MemoryFacts", "Detected", "ModelProbe", "all_families"
            "family_class", "detect_single_file", "detect_folder", "probe_model", "read_safetensors_header",
            "family_for_script", "tiny_builder", "tiny_variants", "default_family", "guess_family",
            "family_of_path", "families_for_script", "option_choices", "check_run", "tiny_files",
-           "script_for", "kohya_ss_owner"]
+           "script_for", "kohya_ss_owner", "part_file_options"]
 
 #: one line per family package
 PACKAGES = (
@@ -249,6 +249,12 @@ def tiny_files(variant: str) -> dict[str, str]:
     spec = family_spec(tiny_variants()[variant][0])
     files = spec.tiny_files.get(variant)
     return dict(files) if files else {"pretrained_model_name_or_path": f"tiny-{variant}.safetensors"}
+
+
+def part_file_options() -> tuple[str, ...]:
+    """Every family's part-file loading options (FamilySpec.part_files), once each, in registry order: what the tools
+    that load a whole model offer (each option is declared in sd_scripts/options.py)."""
+    return tuple(dict.fromkeys(o for spec in all_families().values() for o in spec.part_files))
 
 
 def script_for(family: str, trainer: str) -> str | None:

@@ -86,6 +86,10 @@ class FamilySpec:
     # (the denoiser under 'pretrained_model_name_or_path', part files under their options); variants left out
     # write one file, `tiny-<variant>.safetensors` (see `families.tiny_files`)
     tiny_files: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    # the loading options (declared in sd_scripts/options.py) naming separate files of a whole model that the
+    # family's loader reads (text encoders, autoencoder, adapters its single file may not hold): the tools that load
+    # a whole model (merge_lora, extract_lora_from_models, ...) offer them and pass the given ones to the loader
+    part_files: tuple[str, ...] = ()
     # kohya_ss GUI config keys that kohya_ss uses only when this family's checkbox (kohya_ss_flags) is on ->
     # our option, or 'network_args:<key>' for a key that becomes a network_args item
     kohya_ss_keys: Mapping[str, str] = field(default_factory=dict)

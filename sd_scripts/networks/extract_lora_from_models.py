@@ -22,7 +22,7 @@ import logging
 from typing import Sequence
 
 from ..errors import NetworkError
-from .lora_tools import (PART_FILE_OPTIONS,
+from .lora_tools import (PART_FILE_OPTIONS, part_files,
                          PRECISION_CHOICES, LoRAModuleWeights, LowRank, ToolOption, build_parser, check_output_path,
                          dtype_of, family_facts, family_flag_options, family_flags, fidelity_line, fidelity_summary,
                          load_base_model, low_rank, model_layers, modelspec, network_metadata, output_title,
@@ -69,7 +69,7 @@ def _load(args: argparse.Namespace, option: str, device_option: str):
     return load_base_model(getattr(args, option), option, dtype=dtype,
                            device=torch_device(getattr(args, device_option), device_option),
                            flags=family_flags(args, "v2", "v_parameterization"),
-                           clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, ae=args.ae)
+                           **part_files(args))
 
 
 def weight_differences(org, tuned, *, include_conv: bool, min_diff: float, source: str,

@@ -30,7 +30,7 @@ import logging
 from typing import Sequence
 
 from ..errors import NetworkError
-from .lora_tools import (PART_FILE_OPTIONS,
+from .lora_tools import (PART_FILE_OPTIONS, part_files,
                          PRECISION_CHOICES, ToolOption, build_parser, check_output_path, dim_text, dtype_of,
                          family_facts, family_flag_options, family_flags, load_base_model, modelspec,
                          network_metadata, output_title, run_tool, torch_device)
@@ -171,8 +171,7 @@ def _load(args: argparse.Namespace, option: str, device):
 
     return load_base_model(getattr(args, option), option,
                            dtype=dtype_of(args.load_precision, "load_precision") or torch.float32, device=device,
-                           flags=family_flags(args, "v2"), clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
-                           ae=args.ae)
+                           flags=family_flags(args, "v2"), **part_files(args))
 
 
 def extract(args: argparse.Namespace) -> dict[str, float]:

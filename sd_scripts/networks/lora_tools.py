@@ -80,12 +80,26 @@ def build_parser(prog: str, description: str, options: Sequence[ToolOption]) -> 
     return parser
 
 
-#: the separate part files of the families whose single file holds only the denoiser (FLUX.1 / SD3 / ...), as the
-#: trainers take them; the tools that load a whole model pass them to its loader
-PART_FILE_OPTIONS: tuple[ToolOption, ...] = tuple(
-    ToolOption(name, str, None, f"{what} file, for models whose single file holds only the denoiser", path="file")
-    for name, what in (("clip_l", "CLIP-L text encoder"), ("clip_g", "CLIP-G text encoder"),
-                       ("t5xxl", "T5-XXL text encoder"), ("ae", "autoencoder")))
+def _part_file_options() -> tuple[ToolOption, ...]:
+    """One ToolOption per part-file loading option of any family (the registry's FamilySpec.part_files: FLUX.1's
+    clip_l / t5xxl / ae, SD3's clip_g, Lumina's gemma2, ...), its help and path kind as sd_scripts/options.py
+    declares it."""
+    from ..families import part_file_options
+    from ..options import BY_NAME
+
+    return tuple(ToolOption(name, str, None, BY_NAME[name].help, path=BY_NAME[name].path or "file",
+                            aliases=tuple(BY_NAME[name].aliases))
+                 for name in part_file_options())
+
+
+#: the separate files of a whole model that the families' loaders read (text encoders, autoencoder, ...), for the
+#: tools that load a whole model: they offer these and pass the given ones to the loader (`part_files`)
+PART_FILE_OPTIONS: tuple[ToolOption, ...] = _part_file_options()
+
+
+def part_files(args: argparse.Namespace) -> dict[str, str]:
+    """The part files a tool's command line gives: {loading option: path}."""
+    return {o.name: getattr(args, o.name) for o in PART_FILE_OPTIONS if getattr(args, o.name, None)}
 
 
 def run_tool(name: str, parse: Callable[[Sequence[str] | None], argparse.Namespace],
@@ -524,6 +538,26 @@ def check_family_flags(family: str, flags: Mapping[str, bool], source: str) -> N
                                f"{spec.label} model: remove --{flag} (the model kind is read from the file)")
 
 
+def _check_part_files(path: str, loading: Mapping[str, Any]) -> None:
+    """NetworkError when a part-file option is given for a model whose family does not read it (it would be
+    ignored); each given part file must exist. Unknown families (e.g. a .ckpt) are left to the loader."""
+    from ..families import family_of_path, family_spec
+
+    given = [o.name for o in PART_FILE_OPTIONS if loading.get(o.name)]
+    for name in given:
+        if not os.path.exists(loading[name]):
+            raise NetworkError(f"option '--{name}': {loading[name]} does not exist; check the path")
+    family = family_of_path(path) if given else None
+    if family is None:
+        return
+    spec = family_spec(family)
+    foreign = [name for name in given if name not in spec.part_files]
+    if foreign:
+        takes = ", ".join(f"--{o}" for o in spec.part_files) or "none"
+        raise NetworkError(f"{path} is a {spec.label} model, which does not read "
+                           f"{', '.join(f'--{o}' for o in foreign)}; remove it (its part-file options: {takes})")
+
+
 def load_base_model(path: str, option: str, *, dtype: torch.dtype | None = None, device: torch.device | None = None,
                     flags: Mapping[str, bool] | None = None, **options):
     """A model (single file or diffusers folder) through the registry, with sd-scripts' kind flags checked."""
@@ -536,6 +570,7 @@ def load_base_model(path: str, option: str, *, dtype: torch.dtype | None = None,
     if not os.path.exists(path):
         raise NetworkError(f"option '--{option}': {path} does not exist; check the path")
     loading = {k: v for k, v in options.items() if v is not None}
+    _check_part_files(path, loading)
     bundle = load_model(path, dtype=dtype or torch.float32, **loading)
     check_family_flags(bundle.family, flags or {}, path)
     if device is not None and device.type != "cpu":

@@ -30,7 +30,7 @@ import math
 from typing import Sequence
 
 from ..errors import NetworkError
-from .lora_tools import (PART_FILE_OPTIONS,
+from .lora_tools import (PART_FILE_OPTIONS, part_files,
                          PRECISION_CHOICES, PRECISIONS, LoRAModuleWeights, ToolOption, build_parser,
                          check_lbws_apply, check_output_path, dim_text, dtype_of, lbw_factor, load_base_model,
                          lora_family, match_layers, model_layers, modelspec, network_metadata, output_title,
@@ -81,7 +81,7 @@ def merge_into_model(args: argparse.Namespace, ratios: list[float], lbws: list |
     worker = torch_device(args.working_device, "working_device")
     save_to = check_output_path(args.save_to)
     bundle = load_base_model(args.sd_model, "sd_model", dtype=merge_dtype, device=holder, flags={"v2": args.v2},
-                             clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, ae=args.ae)
+                             **part_files(args))
     layers = model_layers(bundle)
     te_prefixes = tuple(p + "_" for p in text_encoder_prefixes(bundle.family))
     text_encoder_merged = False
@@ -96,11 +96,11 @@ def merge_into_model(args: argparse.Namespace, ratios: list[float], lbws: list |
                 layer.add(lora.modules[name].delta(merge_dtype, worker) * factor, dtype=merge_dtype)
             text_encoder_merged |= any(n.startswith(te_prefixes) for n in matched)
             log.info("merged %s (ratio %s): %d modules", path, ratio, len(matched))
-    part_files = [f"--{o}" for o in ("clip_l", "clip_g", "t5xxl") if getattr(args, o)]
-    if text_encoder_merged and part_files:
-        log.warning("the LoRAs change the text encoders read from %s, but this tool saves only the checkpoint "
-                    "--save_to: those changes are not saved (separate text-encoder outputs are not supported yet)",
-                    " / ".join(part_files))
+    given = [f"--{o}" for o in part_files(args)]
+    if text_encoder_merged and given:
+        log.warning("the LoRAs change the text encoders, and part files were given (%s), but this tool saves only "
+                    "the checkpoint --save_to: changes to text encoders read from part files are not saved "
+                    "(separate text-encoder outputs are not supported yet)", " / ".join(given))
 
     metadata = None
     if not args.no_metadata:

@@ -23,7 +23,7 @@ import logging
 from typing import Sequence
 
 from ..errors import NetworkError
-from .lora_tools import (PART_FILE_OPTIONS,
+from .lora_tools import (PART_FILE_OPTIONS, part_files,
                          PRECISION_CHOICES, PRECISIONS, ToolOption, build_parser, check_output_path, dtype_of,
                          load_base_model, modelspec, output_title, run_tool, title_of, torch_device)
 
@@ -121,7 +121,7 @@ def merge(args: argparse.Namespace) -> None:
     device = torch_device(args.device, "device")
     save_to = check_output_path(args.save_to)
     bundle = load_base_model(args.sd_model, "sd_model", dtype=merge_dtype, device=device, flags={"v2": args.v2},
-                             clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, ae=args.ae)
+                             **part_files(args))
     for path, ratio in zip(args.models, ratios):
         count = merge_file_into(bundle, path, ratio, args.sd_model)
         log.info("merged %s (ratio %s): %d modules", path, ratio, count)

@@ -62,7 +62,8 @@ SPECS = (
                scripts=tuple(_SCRIPTS.values()), trainer_scripts=_SCRIPTS, refused_options=_REFUSED,
                strict_options=True, text_encoder_cache=True, te_cache_caption_dropout=True, ti_keys=(),
                tiny_builder="sd_scripts.families.anima.tiny:build_tiny_model", tiny_variants={NAME: {}},
-               tiny_files={NAME: _TINY}, option_values={"network_module": (NETWORK_MODULE,)}),
+               tiny_files={NAME: _TINY}, part_files=("qwen3", "vae", "llm_adapter_path"),
+               option_values={"network_module": (NETWORK_MODULE,)}),
 )
 
 

@@ -89,7 +89,7 @@ SPECS = (
                trainer_scripts=_SCRIPTS, refused_options=_REFUSED, strict_options=True, text_encoder_cache=True,
                ti_keys=(), kohya_ss_flags=("flux1_checkbox",), tiny_builder=_TINY,
                tiny_variants={"flux": {"model_type": "flux_dev"}, "flux-schnell": {"model_type": "flux_schnell"}},
-               tiny_files={"flux": _TINY_FLUX, "flux-schnell": _TINY_FLUX},
+               tiny_files={"flux": _TINY_FLUX, "flux-schnell": _TINY_FLUX}, part_files=("clip_l", "t5xxl", "ae"),
                kohya_ss_keys=_KOHYA_KEYS, kohya_ss_unsupported=_KOHYA_UNSUPPORTED,
                variant_refused_options={"flux_schnell": {
                    "guidance_scale": "FLUX.1-schnell has no guidance embedding (only dev is guidance-distilled), so "
@@ -107,6 +107,7 @@ SPECS = (
                                     guidance_scale="Chroma has no guidance embedding: remove guidance_scale"),
                strict_options=True, text_encoder_cache=True, ti_keys=(), tiny_builder=_TINY,
                tiny_variants={"chroma": {"model_type": "chroma"}}, tiny_files={"chroma": _TINY_CHROMA},
+               part_files=("t5xxl", "ae"),
                option_values={"model_type": MODEL_TYPES, "network_module": _NETWORK_MODULES}),
 )
 

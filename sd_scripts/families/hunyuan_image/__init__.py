@@ -54,6 +54,7 @@ SPECS = (
                text_encoder_cache=True, lora_text_encoders=False, ti_keys=(),
                tiny_builder="sd_scripts.families.hunyuan_image.tiny:build_tiny_model",
                tiny_variants={"hunyuan-image": {}}, tiny_files={"hunyuan-image": _TINY_FILES},
+               part_files=("text_encoder", "byt5", "vae"),
                option_values={"network_module": ("networks.lora_hunyuan_image",)}),
 )
 

@@ -55,7 +55,7 @@ SPECS = (
                scripts=tuple(_SCRIPTS.values()), trainer_scripts=_SCRIPTS, refused_options=_REFUSED,
                strict_options=True, text_encoder_cache=True, ti_keys=(),
                tiny_builder="sd_scripts.families.lumina.tiny:build_tiny_model",
-               tiny_variants={"lumina": {}}, tiny_files={"lumina": _TINY_FILES},
+               tiny_variants={"lumina": {}}, tiny_files={"lumina": _TINY_FILES}, part_files=("gemma2", "ae"),
                option_values={"network_module": ("networks.lora_lumina",)}),
 )
 

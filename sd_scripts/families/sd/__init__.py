@@ -18,13 +18,15 @@ SGM = "https://github.com/Stability-AI/generative-models"
 _TINY = "sd_scripts.families.sd.tiny:build_tiny_model"
 _SD_LR = {"network": 1e-4, "db": 1e-6, "finetune": 1e-6, "ti": 5e-3}
 
+PART_FILES = ("vae",)  # a VAE file / folder that replaces the checkpoint's (the loader's `vae`)
+
 SPECS = (
     FamilySpec("sd1", "Stable Diffusion 1.x", "sd_scripts.families.sd.sd:SDFamily", bucket_step=64,
                default_resolution=512, vae_scaling_factor=0.18215, base_model_version="sd_v1",
                modelspec_architecture="stable-diffusion-v1", modelspec_implementation="diffusers",
                memory=MemoryFacts(2.0, 0.98, 1.6), learning_rates=_SD_LR, clip_skip=True, tiny_builder=_TINY,
                options=frozenset({"weighted_captions"}),
-               tiny_variants={"sd1": {}}),
+               tiny_variants={"sd1": {}}, part_files=PART_FILES),
     FamilySpec("sd2", "Stable Diffusion 2.x", "sd_scripts.families.sd.sd:SDFamily", bucket_step=64,
                default_resolution=512, vae_scaling_factor=0.18215, base_model_version="sd_v2",
                modelspec_architecture="stable-diffusion-v2-512", modelspec_implementation="diffusers",
@@ -32,7 +34,7 @@ SPECS = (
                supports_v_prediction=True, v_default_resolution=768, v_base_model_version="sd_v2_v",
                v_modelspec_architecture="stable-diffusion-v2-768-v",
                options=frozenset({"v2", "v_parameterization", "weighted_captions"}), tiny_builder=_TINY,
-               tiny_variants={"sd2": {}, "sd2-v": {"v_prediction": True}}),
+               tiny_variants={"sd2": {}, "sd2-v": {"v_prediction": True}}, part_files=PART_FILES),
     FamilySpec("sdxl", "Stable Diffusion XL", "sd_scripts.families.sd.sdxl:SDXLFamily", bucket_step=32,
                default_resolution=1024, vae_scaling_factor=0.13025, base_model_version="sdxl_base_v1-0",
                modelspec_architecture="stable-diffusion-xl-v1-base", modelspec_implementation=SGM,
@@ -42,6 +44,7 @@ SPECS = (
                                   "learning_rate_te1", "learning_rate_te2", "weighted_captions", "block_lr"}),
                scripts=("sdxl_train_network", "sdxl_train", "sdxl_train_textual_inversion"),
                text_encoder_cache=True, ti_keys=("clip_l", "clip_g"), kohya_ss_flags=("sdxl", "sdxl_checkbox"), tiny_builder=_TINY, tiny_variants={"sdxl": {}},
+               part_files=PART_FILES,
                # kohya_ss config keys it passes only for SDXL (bmaltais/kohya_ss kohya_gui/class_sdxl_parameters.py)
                kohya_ss_keys={"sdxl_cache_text_encoder_outputs": "cache_text_encoder_outputs",
                               "sdxl_no_half_vae": "no_half_vae"}),

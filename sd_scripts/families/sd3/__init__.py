@@ -83,7 +83,8 @@ SPECS = (
                            "sd35-medium": dict(_TINY_PARTS,
                                                pretrained_model_name_or_path="tiny-sd35_medium.safetensors")},
                kohya_ss_keys=_KOHYA_KEYS, kohya_ss_unsupported=_KOHYA_UNSUPPORTED,
-               option_values={"network_module": ("networks.lora_sd3",)}),
+               option_values={"network_module": ("networks.lora_sd3",)},
+               part_files=("clip_l", "clip_g", "t5xxl", "vae")),
 )
 
 
