@@ -45,6 +45,12 @@ def test_part_file_options_come_from_the_registry_and_the_schema():
     from sd_scripts.options import BY_NAME
 
     wanted = {o for spec in all_families().values() for o in spec.part_files}
+    for spec in all_families().values():  # each is a declared loading option the family takes, its tiny files too
+        for name in spec.part_files:
+            assert name in BY_NAME and (spec.accepts_option(name) or not BY_NAME[name].family_specific), \
+                (spec.name, name)
+        for files in spec.tiny_files.values():
+            assert set(files) - {"pretrained_model_name_or_path"} <= set(spec.part_files), spec.name
     assert {"clip_l", "clip_g", "t5xxl", "ae", "gemma2", "qwen3", "byt5", "text_encoder", "vae"} <= wanted
     assert set(part_file_options()) == wanted
     for tool in (merge_lora, extract_lora_from_models, merge_lycoris, extract_lycoris):
