@@ -32,9 +32,9 @@ from ...networks.network_args import flag
 from ...options import OptionError
 from ...training import flow_matching as fm
 from ...training.loss import LOSS_OPTIONS, LossSettings
-from ...training.noise import perturbed_noise
 from ..base import Family, NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
+from ..flow_step import FlowMatchingNoise
 from . import ARCHITECTURE, IMPLEMENTATION, NAME, NETWORK_MODULE, layout
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def _flag_arg(value) -> bool:
     return flag(value)
 
 
-class AnimaFamily(MemoisedCaptions, Family):
+class AnimaFamily(FlowMatchingNoise, MemoisedCaptions, Family):
     """Anima (see the module docstring)."""
 
     te_cache_suffix = TE_CACHE_SUFFIX
@@ -267,28 +267,6 @@ class AnimaFamily(MemoisedCaptions, Family):
                                  torch.from_numpy(t5_mask.astype(np.int64)).to(device))
 
     # ---- the training step
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None,
-               timesteps: torch.Tensor | None = None) -> NoisedLatents:
-        device = latents.device
-        gen_device = generator.device if generator is not None else device
-        noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=torch.float32)
-        noise = noise.to(device, latents.dtype)
-        if timesteps is not None:
-            sigmas, timesteps = fm.sigmas_of_timesteps(timesteps, device=device)
-        else:
-            sigmas, timesteps = fm.sample_flux_sigmas(
-                self.timestep_sampling, latents.shape[0], latent_height=latents.shape[2],
-                latent_width=latents.shape[3], sigmoid_scale=self.sigmoid_scale,
-                discrete_flow_shift=self.discrete_flow_shift, weighting_scheme=self.weighting_scheme,
-                logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale,
-                generator=generator, device=device)
-        model_input_noise = perturbed_noise(noise, self.ip_noise_gamma, self.ip_noise_gamma_random_strength,
-                                            generator=generator)
-        noisy = fm.add_flow_noise(latents, model_input_noise, sigmas)
-        return NoisedLatents(noisy, timesteps, fm.flux_target(latents, noise),
-                             fm.loss_weighting(self.weighting_scheme, sigmas), self.loss_settings.loss_type,
-                             self.loss_settings.thresholds(timesteps, fm.NUM_TRAIN_TIMESTEPS))
-
     def predict(self, noised: NoisedLatents, conditioning: AnimaConditioning, batch: dict) -> torch.Tensor:
         noisy = noised.noisy
         cond = conditioning.to(noisy.device)

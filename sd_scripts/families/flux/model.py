@@ -28,9 +28,9 @@ from ...networks.network_args import flag
 from ...networks.targets import T5_CLASSES, TEXT_ENCODER_CLASSES
 from ...training import flow_matching as fm
 from ...training.loss import LOSS_OPTIONS, LossSettings
-from ...training.noise import perturbed_noise
 from ..base import Family, NoisedLatents, SamplePipeline
 from ..conditioning import MemoisedCaptions
+from ..flow_step import FlowMatchingNoise
 from . import CHROMA, FLUX, layout
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,7 @@ def _model_config(model) -> dict:
 
 
 # ------------------------------------------------------------------ the family
-class FluxFamily(MemoisedCaptions, Family):
+class FluxFamily(FlowMatchingNoise, MemoisedCaptions, Family):
     """FLUX.1-dev / schnell and Chroma (see the module docstring)."""
 
     te_cache_suffix = TE_CACHE_SUFFIX
@@ -310,31 +310,9 @@ class FluxFamily(MemoisedCaptions, Family):
         return t5.device if t5 is not None else next(self.bundle.denoiser.parameters()).device
 
     # ---- the training step
-    def noised(self, latents: torch.Tensor, generator: torch.Generator | None,
-               timesteps: torch.Tensor | None = None) -> NoisedLatents:
-        """Noise, then sigmas (training/flow_matching.py with the run's options; given timesteps: t / 1000), then
-        the input perturbation (ip_noise_gamma: the noisy input only); target = noise - latents; the weighting
-        scheme's loss weights when model_prediction_type is sigma_scaled; the loss type and Huber thresholds."""
-        device = latents.device
-        gen_device = generator.device if generator is not None else device
-        noise = torch.randn(latents.shape, generator=generator, device=gen_device, dtype=torch.float32)
-        noise = noise.to(device, latents.dtype)
-        if timesteps is not None:
-            sigmas, timesteps = fm.sigmas_of_timesteps(timesteps, device=device)
-        else:
-            sigmas, timesteps = fm.sample_flux_sigmas(
-                self.timestep_sampling, latents.shape[0], latent_height=latents.shape[2],
-                latent_width=latents.shape[3], sigmoid_scale=self.sigmoid_scale,
-                discrete_flow_shift=self.discrete_flow_shift, weighting_scheme=self.weighting_scheme,
-                logit_mean=self.logit_mean, logit_std=self.logit_std, mode_scale=self.mode_scale,
-                generator=generator, device=device)
-        model_input_noise = perturbed_noise(noise, self.ip_noise_gamma, self.ip_noise_gamma_random_strength,
-                                            generator=generator)
-        noisy = fm.add_flow_noise(latents, model_input_noise, sigmas)
-        weights = fm.loss_weighting(self.weighting_scheme, sigmas) \
-            if self.model_prediction_type == "sigma_scaled" else None
-        return NoisedLatents(noisy, timesteps, fm.flux_target(latents, noise), weights, self.loss_settings.loss_type,
-                             self.loss_settings.thresholds(timesteps, fm.NUM_TRAIN_TIMESTEPS))
+    def loss_weighted(self) -> bool:
+        """The weighting scheme's loss weights apply to the sigma_scaled prediction only."""
+        return self.model_prediction_type == "sigma_scaled"
 
     def predict(self, noised: NoisedLatents, conditioning: FluxConditioning, batch: dict) -> torch.Tensor:
         """The transformer on packed tokens, unpacked, with model_prediction_type applied (see the docstring)."""
