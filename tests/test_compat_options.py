@@ -45,11 +45,15 @@ def _mapped(path: str) -> bool:
         return any(line.rstrip().endswith(path) for line in f)
 
 
-def test_disable_mmap_load_safetensors_reads_without_mapping_the_file(tiny_sd1):
-    """The same weights either way; with the option the file is never memory-mapped (sd-scripts' WSL speed-up)."""
+def test_disable_mmap_load_safetensors_reads_without_mapping_the_file(tiny_sd1, tmp_path):
+    """The same weights either way; with the option the file is never memory-mapped (sd-scripts' WSL speed-up).
+    A private copy: the shared tiny model may still be mapped by an earlier test in this worker."""
+    import shutil
+
     from sd_scripts.models.loading import load_model
 
-    path = tiny_sd1.single_file
+    path = str(tmp_path / "own-copy.safetensors")
+    shutil.copyfile(tiny_sd1.single_file, path)
     plain = load_model(path, disable_mmap_load_safetensors=True)
     assert not _mapped(path)
     mapped = load_model(path)
